@@ -1,0 +1,126 @@
+"""Fold each (user, item) pair's events into its state as of a cut-off time.
+
+Columns of a pair table (documented in the README):
+  user_idx, item_idx    dense ids (see users.parquet / items.parquet)
+  level                 deepest positive level still active at the cut-off (0 = none);
+                        cancelled events (refunded purchase, unliked like) do not count,
+                        a cancellation with a fallback level lifts the pair to that level
+  negative              an explicit negative (dislike/hate not undone, or a refund whose
+                        fallback is 'negative') newer than the newest active positive event
+  label                 -1 if negative else level: the ordinal training label
+  matured               no more feedback is expected for this label: negatives; purchases
+                        older than the refund window; other levels whose last positive event
+                        is older than the click->purchase window (all relative to the cut-off)
+  weight                level weight from the signal map (negative_weight for negatives),
+                        times immature_weight when not matured
+  n_<signal>            events of each signal in the window
+  first_ts, last_ts     first and last event in the window
+  click_to_purchase_s   delay of the pair's first purchase since the latest clock event
+  purchase_to_refund_s  delay of the pair's first linked refund since its purchase
+  seen_before           the pair had events in an earlier split window
+  <feature>             pass-through columns: the value on the pair's last event
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from recfb.etl.signals import SignalMap
+
+PAIR = ["user_idx", "item_idx"]
+_HOUR_MS = 3_600_000
+
+
+def signal_column(name: str) -> str:
+    return f"n_{name}"
+
+
+def aggregate_pairs(
+    events: pl.LazyFrame | pl.DataFrame,
+    smap: SignalMap,
+    cutoff_ms: int,
+    features: list[str],
+) -> pl.LazyFrame:
+    """Pair states of `events` (already restricted to one window) as of `cutoff_ms`."""
+    lf = events.lazy()
+    active = pl.col("cancelled_at").is_null() | (pl.col("cancelled_at") >= cutoff_ms)
+    positive = (pl.col("level") > 0) & active
+    neg_evidence = (pl.col("is_negative") & active) | pl.col("fallback_negative")
+    refunds = pl.col("cancels").is_in(smap.purchase_signals) & pl.col("linked_ts").is_not_null()
+    aggs = [
+        pl.col("level").filter(positive).max().fill_null(0).alias("_level"),
+        pl.col("fallback_level").max().fill_null(0).alias("_fallback_level"),
+        pl.col("ts").filter(positive).max().alias("_last_pos"),
+        pl.col("ts").filter(neg_evidence).max().alias("_last_neg"),
+        pl.col("ts").filter(pl.col("is_purchase") & active).max().alias("_last_purchase"),
+        pl.col("ts").min().alias("first_ts"),
+        pl.col("ts").max().alias("last_ts"),
+        pl.col("clock_delay_ms")
+        .filter(pl.col("is_purchase"))
+        .sort_by(pl.col("ts").filter(pl.col("is_purchase")))
+        .first()
+        .alias("_c2p_ms"),
+        (pl.col("ts") - pl.col("linked_ts")).filter(refunds).min().alias("_p2r_ms"),
+        *[
+            (pl.col("event") == name).sum().cast(pl.UInt32).alias(signal_column(name))
+            for name in smap.signals
+        ],
+        *[pl.col(f).last().alias(f) for f in features],
+    ]
+    att = smap.attribution
+    click_window = int(att.click_to_purchase_hours * _HOUR_MS)
+    refund_window = int(att.purchase_to_refund_hours * _HOUR_MS)
+    level_weight = {i + 1: lv.weight for i, lv in enumerate(smap.levels)} | {0: 1.0}
+    negative = pl.col("_last_neg").is_not_null() & (
+        pl.col("_last_pos").is_null() | (pl.col("_last_neg") >= pl.col("_last_pos"))
+    )
+    matured = (
+        pl.when(pl.col("negative"))
+        .then(True)
+        .when(pl.col("_last_purchase").is_not_null())
+        .then(pl.col("_last_purchase") + refund_window <= cutoff_ms)
+        .when(pl.col("_last_pos").is_not_null())
+        .then(pl.col("_last_pos") + click_window <= cutoff_ms)
+        .otherwise(True)
+    )
+    weight = pl.when(pl.col("negative")).then(smap.negative_weight).otherwise(
+        pl.col("level").replace_strict(level_weight, return_dtype=pl.Float64)
+    ) * pl.when(pl.col("matured")).then(1.0).otherwise(smap.immature_weight)
+    return (
+        lf.sort("ts")
+        .group_by(PAIR)
+        .agg(aggs)
+        .with_columns(
+            pl.max_horizontal("_level", "_fallback_level").cast(pl.Int8).alias("level"),
+            negative.alias("negative"),
+        )
+        .with_columns(
+            pl.when(pl.col("negative"))
+            .then(-1)
+            .otherwise(pl.col("level"))
+            .cast(pl.Int8)
+            .alias("label"),
+            matured.alias("matured"),
+        )
+        .with_columns(
+            weight.cast(pl.Float32).alias("weight"),
+            pl.col("first_ts").cast(pl.Datetime("ms")),
+            pl.col("last_ts").cast(pl.Datetime("ms")),
+            (pl.col("_c2p_ms") / 1000).alias("click_to_purchase_s"),
+            (pl.col("_p2r_ms") / 1000).alias("purchase_to_refund_s"),
+        )
+        .select(
+            *PAIR,
+            "label",
+            "level",
+            "negative",
+            "matured",
+            "weight",
+            *[signal_column(n) for n in smap.signals],
+            "first_ts",
+            "last_ts",
+            "click_to_purchase_s",
+            "purchase_to_refund_s",
+            *features,
+        )
+    )

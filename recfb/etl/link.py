@@ -1,0 +1,117 @@
+"""Cancellation linking (refund -> purchase, unlike -> like, ...) and conversion delays.
+
+A cancelling event cancels one earlier event of its target type on the same (user, item):
+first by `order_id` when both carry one, else the latest not-yet-cancelled target at or
+before it. The second rule is bracket matching (targets open, cancellations close), done
+vectorised: with x = +1 for a target and -1 for a cancellation, the running depth reflected
+at zero, D_t = S_t - min(0, min_{s<=t} S_s), a cancellation whose depth before it is d > 0
+matches the latest earlier target whose depth after it is d (an as-of join); d = 0 means
+nothing is left to cancel (an orphan, e.g. the purchase predates the data).
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+PAIR = ["user_idx", "item_idx"]
+
+
+def _bracket_match(targets: pl.DataFrame, cancels: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """Match cancellations to targets within `keys` groups; returns (cancel_row, target_row)."""
+    if targets.height == 0 or cancels.height == 0:
+        return pl.DataFrame(schema={"cancel_row": pl.UInt32, "target_row": pl.UInt32})
+    seq = pl.concat(
+        [
+            targets.select(*keys, "ts", "row", pl.lit(1, pl.Int32).alias("x")),
+            cancels.select(*keys, "ts", "row", pl.lit(-1, pl.Int32).alias("x")),
+        ]
+    ).sort([*keys, "ts", "x"], descending=[False] * len(keys) + [False, True])
+    # x descending at equal ts: a purchase and its refund in the same millisecond pair up
+    seq = seq.with_columns(pl.col("x").cum_sum().over(keys).alias("s"))
+    seq = seq.with_columns(
+        (pl.col("s") - pl.min_horizontal(pl.lit(0), pl.col("s").cum_min().over(keys))).alias("d"),
+        pl.int_range(pl.len()).alias("pos"),
+    )
+    seq = seq.with_columns((pl.col("d") - pl.col("x")).alias("d_before"))
+    opens = seq.filter(pl.col("x") == 1).select(
+        *keys, pl.col("d").alias("depth"), "pos", pl.col("row").alias("target_row")
+    )
+    closes = seq.filter((pl.col("x") == -1) & (pl.col("d_before") > 0)).select(
+        *keys, pl.col("d_before").alias("depth"), "pos", pl.col("row").alias("cancel_row")
+    )
+    matched = closes.sort("pos").join_asof(
+        opens.sort("pos"),
+        on="pos",
+        by=[*keys, "depth"],
+        strategy="backward",
+        check_sortedness=False,
+    )
+    return matched.filter(pl.col("target_row").is_not_null()).select("cancel_row", "target_row")
+
+
+def link_cancellations(events: pl.DataFrame, cancel_map: dict[str, str]) -> pl.DataFrame:
+    """Add `cancelled_at` (ts of the event that cancelled this one), `linked_ts` (for a
+    cancellation: ts of the event it cancelled) and `link` ('order_id' | 'sequence' | null).
+
+    `events` needs a unique `row` column, PAIR, `event`, `ts`, `order_id`.
+    """
+    links = []
+    for cancel_name, target_name in cancel_map.items():
+        targets = events.filter(pl.col("event") == target_name).select(
+            *PAIR, "ts", "row", "order_id"
+        )
+        cancels = events.filter(pl.col("event") == cancel_name).select(
+            *PAIR, "ts", "row", "order_id"
+        )
+        if cancels.height == 0:
+            continue
+        by_order = _bracket_match(
+            targets.filter(pl.col("order_id").is_not_null()),
+            cancels.filter(pl.col("order_id").is_not_null()),
+            [*PAIR, "order_id"],
+        ).with_columns(pl.lit("order_id").alias("link"))
+        rest_targets = targets.filter(~pl.col("row").is_in(by_order["target_row"].implode()))
+        by_seq = _bracket_match(
+            rest_targets, cancels.filter(pl.col("order_id").is_null()), PAIR
+        ).with_columns(pl.lit("sequence").alias("link"))
+        links += [by_order, by_seq]
+    if not links:
+        return events.with_columns(
+            pl.lit(None, pl.Int64).alias("cancelled_at"),
+            pl.lit(None, pl.Int64).alias("linked_ts"),
+            pl.lit(None, pl.String).alias("link"),
+        )
+    link = pl.concat(links)
+    ts = events.select("row", "ts")
+    link = link.join(ts.rename({"row": "cancel_row", "ts": "cancel_ts"}), on="cancel_row").join(
+        ts.rename({"row": "target_row", "ts": "target_ts"}), on="target_row"
+    )
+    out = events.join(
+        link.select(pl.col("target_row").alias("row"), pl.col("cancel_ts").alias("cancelled_at")),
+        on="row",
+        how="left",
+    ).join(
+        link.select(
+            pl.col("cancel_row").alias("row"), pl.col("target_ts").alias("linked_ts"), "link"
+        ),
+        on="row",
+        how="left",
+    )
+    return out
+
+
+def conversion_delays(events: pl.DataFrame) -> pl.DataFrame:
+    """Add `clock_delay_ms` to purchase rows: time since the latest clock event (e.g. a click)
+    of the same pair at or before the purchase; null when there is none."""
+    purchases = events.filter(pl.col("is_purchase")).select(*PAIR, "ts", "row").sort("ts")
+    clocks = (
+        events.filter(pl.col("is_clock"))
+        .select(*PAIR, "ts", pl.col("ts").alias("clock_ts"))
+        .sort("ts")
+    )
+    if purchases.height == 0 or clocks.height == 0:
+        return events.with_columns(pl.lit(None, pl.Int64).alias("clock_delay_ms"))
+    joined = purchases.join_asof(
+        clocks, on="ts", by=PAIR, strategy="backward", check_sortedness=False
+    ).select("row", (pl.col("ts") - pl.col("clock_ts")).alias("clock_delay_ms"))
+    return events.join(joined, on="row", how="left")

@@ -1,0 +1,88 @@
+"""Splits: global temporal, leave-last-out per user, or none. Never a random shuffle.
+
+Temporal: events before the valid cut train, events between the cuts validate, later
+events test; each split's pair table folds only that window's events, as of the window's
+end, so a pair that first appears in the future lands in the future and a label in train
+never peeks past the train cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from recfb.etl.config import SplitConfig
+from recfb.etl.validate import to_ms
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Half-open windows [start, end) in epoch ms per split; `end` is the cut-off."""
+
+    start: int
+    valid_ms: int
+    test_ms: int
+    end: int
+
+    def bounds(self, split: str) -> tuple[int, int]:
+        return {
+            "train": (self.start, self.valid_ms),
+            "valid": (self.valid_ms, self.test_ms),
+            "test": (self.test_ms, self.end),
+        }[split]
+
+
+def temporal_windows(ts: pl.Series, cfg: SplitConfig) -> Windows:
+    """Cut points from explicit datetimes, else from quantiles of event time."""
+    start, end = int(ts.min()), int(ts.max()) + 1
+
+    def cut(explicit, frac_after: float) -> int:
+        if explicit is not None:
+            return min(max(to_ms(explicit), start), end)
+        if frac_after <= 0:
+            return end
+        return int(ts.quantile(1.0 - frac_after, interpolation="lower"))
+
+    valid_ms = cut(cfg.valid_start, cfg.valid_frac + cfg.test_frac)
+    test_ms = cut(cfg.test_start, cfg.test_frac)
+    if cfg.valid_start is None and cfg.valid_frac == 0:
+        valid_ms = test_ms
+    return Windows(start, min(valid_ms, test_ms), test_ms, end)
+
+
+def assign_temporal(events: pl.DataFrame, windows: Windows) -> pl.DataFrame:
+    return events.with_columns(
+        pl.when(pl.col("ts") < windows.valid_ms)
+        .then(pl.lit("train"))
+        .when(pl.col("ts") < windows.test_ms)
+        .then(pl.lit("valid"))
+        .otherwise(pl.lit("test"))
+        .alias("split")
+    )
+
+
+def leave_last_out(pairs: pl.DataFrame) -> pl.DataFrame:
+    """Per user: the latest positive pair -> test, the one before -> valid (when the user has
+    at least 3 positive pairs), everything else (negatives, exposures) -> train."""
+    candidates = pairs.filter(pl.col("label") > 0).sort(
+        ["user_idx", "last_ts", "item_idx"], descending=[False, True, False]
+    )
+    ranked = candidates.with_columns(
+        (pl.int_range(pl.len()).over("user_idx") + 1).alias("_rank"),
+        pl.len().over("user_idx").alias("_n"),
+    ).select(
+        "user_idx",
+        "item_idx",
+        pl.when((pl.col("_rank") == 1) & (pl.col("_n") >= 2))
+        .then(pl.lit("test"))
+        .when((pl.col("_rank") == 2) & (pl.col("_n") >= 3))
+        .then(pl.lit("valid"))
+        .otherwise(pl.lit("train"))
+        .alias("split"),
+    )
+    return pairs.join(ranked, on=["user_idx", "item_idx"], how="left").with_columns(
+        pl.col("split").fill_null("train")
+    )
