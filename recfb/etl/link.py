@@ -32,7 +32,8 @@ def _bracket_match(targets: pl.DataFrame, cancels: pl.DataFrame, keys: list[str]
         (pl.col("s") - pl.min_horizontal(pl.lit(0), pl.col("s").cum_min().over(keys))).alias("d"),
         pl.int_range(pl.len()).alias("pos"),
     )
-    seq = seq.with_columns((pl.col("d") - pl.col("x")).alias("d_before"))
+    # depth before an event: the previous row's depth (not d - x: an orphan leaves d at 0)
+    seq = seq.with_columns(pl.col("d").shift(1, fill_value=0).over(keys).alias("d_before"))
     opens = seq.filter(pl.col("x") == 1).select(
         *keys, pl.col("d").alias("depth"), "pos", pl.col("row").alias("target_row")
     )

@@ -59,7 +59,8 @@ class SimConfig(BaseModel):
     prefs_per_user: int = Field(default=3, ge=1)  # categories a user's taste is mixed from
     item_noise: float = Field(default=0.5, ge=0)  # item spread around its category centroid
     user_noise: float = Field(default=0.5, ge=0)  # user spread around their preferred mix
-    item_bias_sd: float = Field(default=0.5, ge=0)  # item quality, shared by every user
+    item_bias_mean: float = -1.0  # item quality, shared by every user: most pairs are not a match
+    item_bias_sd: float = Field(default=0.5, ge=0)
     affinity_scale: float = Field(default=3.0, ge=0)  # logit a = scale * <u, v> + item_bias
 
     # --- time ----------------------------------------------------------------------------
@@ -77,12 +78,12 @@ class SimConfig(BaseModel):
     targeted_share: float = Field(default=0.5, ge=0, le=1)  # recommender views from user prefs
 
     # --- funnel --------------------------------------------------------------------------
-    click_logit: float = -3.0
-    like_logit: float = -2.0
-    cart_logit: float = -1.5
-    purchase_logit: float = -3.0
+    click_logit: float = -3.5
+    like_logit: float = -3.5
+    cart_logit: float = -3.0
+    purchase_logit: float = -5.0
     cvr_logit_sd: float = Field(default=0.5, ge=0)  # per-item spread of the conversion logit
-    refund_logit: float = -2.5  # mean per-item refund logit
+    refund_logit: float = -1.0  # mean per-item refund logit
     refund_logit_sd: float = Field(default=0.7, ge=0)
     refund_affinity: float = Field(default=0.5, ge=0)  # k in sigmoid(item_refund_logit - k*a)
     dislike_logit: float = -5.0

@@ -89,7 +89,7 @@ def build_world(cfg: SimConfig) -> World:
         (n_items, dim)
     )
     z_bias = ri.standard_normal(n_items)
-    item_bias = cfg.item_bias_sd * z_bias
+    item_bias = cfg.item_bias_mean + cfg.item_bias_sd * z_bias
     rho = cfg.popularity_quality_corr
     z_pop = rho * z_bias + np.sqrt(1.0 - rho * rho) * ri.standard_normal(n_items)
     weight = np.exp(cfg.popularity_exponent * cfg.popularity_sigma * z_pop)

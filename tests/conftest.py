@@ -1,0 +1,38 @@
+"""Shared fixtures: paths of the real datasets and a helper that runs the ETL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from recfb.config import build_model
+from recfb.etl import EtlConfig, run_etl
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CONF = ROOT / "conf"
+
+
+def shared_file(name: str) -> Path:
+    """A file of ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the real datasets live in ../shared/data/ beside the repo")
+    return path
+
+
+def run(tmp_path: Path, paths: list[Path | str], signals: Path | str, **sections) -> dict:
+    """Run the ETL on `paths` into tmp_path/'out' and return its stats."""
+    data = {
+        "input": {"paths": [str(p) for p in paths]} | sections.pop("input", {}),
+        "signals": str(signals),
+        "out": str(tmp_path / "out"),
+    } | sections
+    cfg = build_model(EtlConfig, data, "test")
+    return run_etl(cfg, quiet=True).stats
+
+
+def read_out(tmp_path: Path, name: str) -> pl.DataFrame:
+    return pl.read_parquet(tmp_path / "out" / f"{name}.parquet")

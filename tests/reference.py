@@ -1,0 +1,128 @@
+"""An independent, plain-Python fold of events into pair states, to check the ETL against.
+
+Written from the specification in recfb/etl/aggregate.py and link.py, with loops instead of
+dataframes, so that a shared mistake is unlikely.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+HOUR_MS = 3_600_000
+
+
+@dataclass
+class Ev:
+    eid: int
+    user: int
+    item: int
+    event: str
+    ts: int
+    value: float | None = None
+    order_id: str | None = None
+
+
+def link(events: list[Ev], cancel_map: dict[str, str]) -> dict[int, int]:
+    """event id of a cancelled event -> ts of the event that cancelled it."""
+    cancelled: dict[int, int] = {}
+    for cancel_name, target_name in cancel_map.items():
+        by_pair: dict[tuple, list[Ev]] = defaultdict(list)
+        for e in events:
+            if e.event in (cancel_name, target_name):
+                by_pair[(e.user, e.item)].append(e)
+        for evs in by_pair.values():
+            evs.sort(key=lambda e: (e.ts, e.event == cancel_name))
+            targets = [e for e in evs if e.event == target_name]
+            cancels = [e for e in evs if e.event == cancel_name]
+            claimed: set[int] = set()
+            # pass 1: by order id, each cancel (in time order) takes the latest unclaimed
+            for c in cancels:
+                if c.order_id is None:
+                    continue
+                options = [
+                    t
+                    for t in targets
+                    if t.order_id == c.order_id and t.ts <= c.ts and t.eid not in claimed
+                ]
+                if options:
+                    claimed.add(options[-1].eid)
+                    cancelled[options[-1].eid] = c.ts
+            # pass 2: cancels without order id take the latest target not claimed at all
+            for c in cancels:
+                if c.order_id is not None:
+                    continue
+                options = [t for t in targets if t.ts <= c.ts and t.eid not in claimed]
+                if options:
+                    claimed.add(options[-1].eid)
+                    cancelled[options[-1].eid] = c.ts
+    return cancelled
+
+
+def fold(
+    events: list[Ev],
+    signal_map: dict,
+    cutoff: int,
+    window: tuple[int, int] | None = None,
+) -> dict[tuple[int, int], dict]:
+    """Pair states as of `cutoff` from the events inside `window` (default: all)."""
+    levels = [lv["name"] for lv in signal_map["levels"]]
+    sigs = signal_map["signals"]
+    att = signal_map.get("attribution", {})
+    deepest = levels[-1]
+    kept = [
+        e
+        for e in events
+        if not (
+            sigs[e.event].get("min_dwell_s") is not None
+            and e.value is not None
+            and e.value < sigs[e.event]["min_dwell_s"]
+        )
+    ]
+    cancel_map = {n: s["cancels"] for n, s in sigs.items() if "cancels" in s}
+    cancelled = link(kept, cancel_map)
+    lo, hi = window if window else (-(2**62), 2**62)
+    pairs: dict[tuple[int, int], list[Ev]] = defaultdict(list)
+    for e in kept:
+        if lo <= e.ts < hi:
+            pairs[(e.user, e.item)].append(e)
+    out = {}
+    for key, evs in pairs.items():
+
+        def active(e: Ev) -> bool:
+            return e.eid not in cancelled or cancelled[e.eid] >= cutoff
+
+        level = 0
+        last_pos = last_neg = last_purchase = None
+        for e in evs:
+            s = sigs[e.event]
+            if s.get("level") and active(e):
+                level = max(level, levels.index(s["level"]) + 1)
+                last_pos = e.ts if last_pos is None else max(last_pos, e.ts)
+                if s["level"] == deepest:
+                    last_purchase = e.ts if last_purchase is None else max(last_purchase, e.ts)
+            if (s.get("negative") and active(e)) or s.get("fallback") == "negative":
+                last_neg = e.ts if last_neg is None else max(last_neg, e.ts)
+            fb = s.get("fallback")
+            if fb and fb != "negative":
+                level = max(level, levels.index(fb) + 1)
+        negative = last_neg is not None and (last_pos is None or last_neg >= last_pos)
+        if negative:
+            matured = True
+        elif last_purchase is not None:
+            matured = last_purchase + att.get("purchase_to_refund_hours", 0) * HOUR_MS <= cutoff
+        elif last_pos is not None:
+            matured = last_pos + att.get("click_to_purchase_hours", 0) * HOUR_MS <= cutoff
+        else:
+            matured = True
+        counts = {n: sum(e.event == n for e in evs) for n in sigs}
+        out[key] = {
+            "level": level,
+            "negative": negative,
+            "label": -1 if negative else level,
+            "matured": matured,
+            "counts": counts,
+            "first_ts": min(e.ts for e in evs),
+            "last_ts": max(e.ts for e in evs),
+        }
+    return out
