@@ -122,7 +122,8 @@ def simulate(
     Example: `recfb simulate --set n_events=10000000 --set noise_positive_share=0.2 -o data/sim10m`
     """
     from recfb.config import load_config
-    from recfb.simulate import SimConfig, simulate as run_simulation
+    from recfb.simulate import SimConfig
+    from recfb.simulate import simulate as run_simulation
 
     try:
         cfg = load_config(SimConfig, config if config and config.exists() else None, overrides)
@@ -145,7 +146,8 @@ def demo(
     """
     from recfb.config import load_config
     from recfb.etl import EtlConfig, run_etl
-    from recfb.simulate import SimConfig, simulate as run_simulation
+    from recfb.simulate import SimConfig
+    from recfb.simulate import simulate as run_simulation
 
     try:
         sim_dir = output / "sim"

@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 import yaml
 
-from reference import HOUR_MS, Ev, fold, link
 from conftest import read_out, run
+from reference import HOUR_MS, Ev, fold, link
 
 T0 = int(datetime(2026, 3, 1, tzinfo=UTC).timestamp() * 1000)
 

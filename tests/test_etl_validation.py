@@ -8,9 +8,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from conftest import CONF, read_out, run
 from recfb.errors import ConfigError, InputError
 from recfb.etl import load_signal_map
+
+from conftest import CONF, read_out, run
 
 SIGNALS = CONF / "signals" / "simulator.yaml"
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import polars as pl
 
-from conftest import CONF, read_out, run, shared_file
 from recfb.config import read_yaml
+
+from conftest import CONF, read_out, run, shared_file
 
 
 def _dataset(name: str) -> dict:
