@@ -23,9 +23,13 @@ class Ev:
     order_id: str | None = None
 
 
-def link(events: list[Ev], cancel_map: dict[str, str]) -> dict[int, int]:
-    """event id of a cancelled event -> ts of the event that cancelled it."""
+def link(
+    events: list[Ev], cancel_map: dict[str, str], targets_of: dict[int, int] | None = None
+) -> dict[int, int]:
+    """event id of a cancelled event -> ts of the event that cancelled it; fills
+    `targets_of` (cancelling event id -> ts of the event it cancelled) when given."""
     cancelled: dict[int, int] = {}
+    targets_of = {} if targets_of is None else targets_of
     for cancel_name, target_name in cancel_map.items():
         by_pair: dict[tuple, list[Ev]] = defaultdict(list)
         for e in events:
@@ -48,6 +52,7 @@ def link(events: list[Ev], cancel_map: dict[str, str]) -> dict[int, int]:
                 if options:
                     claimed.add(options[-1].eid)
                     cancelled[options[-1].eid] = c.ts
+                    targets_of[c.eid] = options[-1].ts
             # pass 2: cancels without order id take the latest target not claimed at all
             for c in cancels:
                 if c.order_id is not None:
@@ -56,6 +61,7 @@ def link(events: list[Ev], cancel_map: dict[str, str]) -> dict[int, int]:
                 if options:
                     claimed.add(options[-1].eid)
                     cancelled[options[-1].eid] = c.ts
+                    targets_of[c.eid] = options[-1].ts
     return cancelled
 
 
@@ -80,7 +86,14 @@ def fold(
         )
     ]
     cancel_map = {n: s["cancels"] for n, s in sigs.items() if "cancels" in s}
-    cancelled = link(kept, cancel_map)
+    target_ts: dict[int, int] = {}
+    cancelled = link(kept, cancel_map, target_ts)
+    purchase_names = {n for n, s in sigs.items() if s.get("level") == deepest}
+    clock_names = set(att.get("clock_signals", []))
+    clocks: dict[tuple, list[int]] = defaultdict(list)
+    for e in kept:
+        if e.event in clock_names:
+            clocks[(e.user, e.item)].append(e.ts)
     lo, hi = window if window else (-(2**62), 2**62)
     pairs: dict[tuple[int, int], list[Ev]] = defaultdict(list)
     for e in kept:
@@ -116,6 +129,17 @@ def fold(
         else:
             matured = True
         counts = {n: sum(e.event == n for e in evs) for n in sigs}
+        c2p = None
+        for e in sorted(evs, key=lambda e: e.ts):
+            before = [t for t in clocks[key] if t <= e.ts]
+            if e.event in purchase_names and before:
+                c2p = (e.ts - max(before)) / 1000
+                break
+        p2r = [
+            (e.ts - target_ts[e.eid]) / 1000
+            for e in evs
+            if e.eid in target_ts and sigs[sigs[e.event]["cancels"]].get("level") == deepest
+        ]
         out[key] = {
             "level": level,
             "negative": negative,
@@ -124,5 +148,7 @@ def fold(
             "counts": counts,
             "first_ts": min(e.ts for e in evs),
             "last_ts": max(e.ts for e in evs),
+            "click_to_purchase_s": c2p,
+            "purchase_to_refund_s": min(p2r) if p2r else None,
         }
     return out

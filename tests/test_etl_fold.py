@@ -115,6 +115,8 @@ def assert_same(ours: dict, ref: dict, signals: list[str]) -> None:
             r["matured"],
         ), key
         assert {n: o[f"n_{n}"] for n in signals} == r["counts"], key
+        for delay in ("click_to_purchase_s", "purchase_to_refund_s"):
+            assert o[delay] == r[delay], (key, delay)
         assert int(o["first_ts"].replace(tzinfo=UTC).timestamp() * 1000) == r["first_ts"]
         assert int(o["last_ts"].replace(tzinfo=UTC).timestamp() * 1000) == r["last_ts"]
 
@@ -131,7 +133,14 @@ def test_pair_states_match_reference(tmp_path: Path, seed: int, fallback: str | 
     src = write_events(tmp_path / "events.parquet", events)
     run(tmp_path, [src], write_map(tmp_path / "map.yaml", smap), split={"method": "none"})
     end = max(e.ts for e in events) + 1
-    assert_same(etl_pairs(tmp_path, "train"), fold(events, smap, end), list(smap["signals"]))
+    ref = fold(events, smap, end)
+    assert_same(etl_pairs(tmp_path, "train"), ref, list(smap["signals"]))
+    # the random case exercises delays, negatives and immature labels
+    assert sum(r["click_to_purchase_s"] is not None for r in ref.values()) >= 3
+    assert sum(r["purchase_to_refund_s"] is not None for r in ref.values()) >= 3
+    assert not all(r["matured"] for r in ref.values())
+    if fallback == "negative":
+        assert any(r["negative"] for r in ref.values())
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -15,7 +15,8 @@ Columns of a pair table (documented in the README):
                         times immature_weight when not matured
   n_<signal>            events of each signal in the window
   first_ts, last_ts     first and last event in the window
-  click_to_purchase_s   delay of the pair's first purchase since the latest clock event
+  click_to_purchase_s   delay of the pair's first purchase (that followed a clock event, e.g.
+                        a click) since the latest clock event before it
   purchase_to_refund_s  delay of the pair's first linked refund since its purchase
   seen_before           the pair had events in an earlier split window
   <feature>             pass-through columns: the value on the pair's last event
@@ -41,31 +42,36 @@ def aggregate_pairs(
     cutoff_ms: int,
     features: list[str],
 ) -> pl.LazyFrame:
-    """Pair states of `events` (already restricted to one window) as of `cutoff_ms`."""
-    lf = events.lazy()
+    """Pair states of `events` (already restricted to one window) as of `cutoff_ms`.
+
+    Per-row conditions are evaluated once as masked columns before the group-by, so the
+    aggregation itself is plain min/max/sum, which the streaming engine runs fast.
+    """
     active = pl.col("cancelled_at").is_null() | (pl.col("cancelled_at") >= cutoff_ms)
     positive = (pl.col("level") > 0) & active
     neg_evidence = (pl.col("is_negative") & active) | pl.col("fallback_negative")
-    refunds = pl.col("cancels").is_in(smap.purchase_signals) & pl.col("linked_ts").is_not_null()
+    refund = pl.col("is_refund") & pl.col("linked_ts").is_not_null()
+    masked = events.lazy().with_columns(
+        pl.when(positive).then(pl.col("level")).alias("_pos_level"),
+        pl.when(positive).then(pl.col("ts")).alias("_pos_ts"),
+        pl.when(neg_evidence).then(pl.col("ts")).alias("_neg_ts"),
+        pl.when(pl.col("is_purchase") & active).then(pl.col("ts")).alias("_purchase_ts"),
+        pl.when(refund).then(pl.col("ts") - pl.col("linked_ts")).alias("_p2r_ms"),
+    )
     aggs = [
-        pl.col("level").filter(positive).max().fill_null(0).alias("_level"),
+        pl.col("_pos_level").max().fill_null(0).alias("_level"),
         pl.col("fallback_level").max().fill_null(0).alias("_fallback_level"),
-        pl.col("ts").filter(positive).max().alias("_last_pos"),
-        pl.col("ts").filter(neg_evidence).max().alias("_last_neg"),
-        pl.col("ts").filter(pl.col("is_purchase") & active).max().alias("_last_purchase"),
+        pl.col("_pos_ts").max().alias("_last_pos"),
+        pl.col("_neg_ts").max().alias("_last_neg"),
+        pl.col("_purchase_ts").max().alias("_last_purchase"),
         pl.col("ts").min().alias("first_ts"),
         pl.col("ts").max().alias("last_ts"),
-        pl.col("clock_delay_ms")
-        .filter(pl.col("is_purchase"))
-        .sort_by(pl.col("ts").filter(pl.col("is_purchase")))
-        .first()
-        .alias("_c2p_ms"),
-        (pl.col("ts") - pl.col("linked_ts")).filter(refunds).min().alias("_p2r_ms"),
+        pl.col("_p2r_ms").min(),
         *[
-            (pl.col("event") == name).sum().cast(pl.UInt32).alias(signal_column(name))
-            for name in smap.signals
+            (pl.col("code") == code).sum().cast(pl.UInt32).alias(signal_column(name))
+            for code, name in enumerate(smap.signals)
         ],
-        *[pl.col(f).last().alias(f) for f in features],
+        *[pl.col(f).sort_by("ts").last().alias(f) for f in features],
     ]
     att = smap.attribution
     click_window = int(att.click_to_purchase_hours * _HOUR_MS)
@@ -86,10 +92,17 @@ def aggregate_pairs(
     weight = pl.when(pl.col("negative")).then(smap.negative_weight).otherwise(
         pl.col("level").replace_strict(level_weight, return_dtype=pl.Float64)
     ) * pl.when(pl.col("matured")).then(1.0).otherwise(smap.immature_weight)
-    return (
-        lf.sort("ts")
+    # only purchases carry a clock delay (a small subset): the first one that followed a clock
+    # event, folded apart from the main group-by where a per-group sort would be costly
+    first_delay = (
+        masked.filter(pl.col("clock_delay_ms").is_not_null())
         .group_by(PAIR)
+        .agg(pl.col("clock_delay_ms").sort_by("ts").first().alias("_c2p_ms"))
+    )
+    return (
+        masked.group_by(PAIR)
         .agg(aggs)
+        .join(first_delay, on=PAIR, how="left")
         .with_columns(
             pl.max_horizontal("_level", "_fallback_level").cast(pl.Int8).alias("level"),
             negative.alias("negative"),

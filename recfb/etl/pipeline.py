@@ -101,16 +101,23 @@ def _stage_validation(
 
 
 def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
-    """Drop repeated event_ids, then repeated (user, item, event, ts); first copy wins."""
+    """Drop repeated event_ids, then repeated (user, item, event, ts); the first copy wins.
+
+    Also numbers the surviving rows (`row`) in input order: later joins may reorder rows, and
+    `row` keeps every tie-break (equal timestamps) deterministic.
+    """
     n0 = events.height
-    with_id = events.filter(pl.col("event_id").is_not_null()).unique(
-        subset=["event_id"], keep="first", maintain_order=True
+    events = (
+        events.lazy()
+        .filter(pl.col("event_id").is_null() | pl.col("event_id").is_first_distinct())
+        .collect(engine="streaming")
     )
-    without_id = events.filter(pl.col("event_id").is_null())
-    events = pl.concat([with_id, without_id])
     n1 = events.height
-    events = events.unique(
-        subset=["user_id", "item_id", "event", "ts"], keep="first", maintain_order=True
+    events = (
+        events.lazy()
+        .filter(pl.struct("user_id", "item_id", "event", "ts").is_first_distinct())
+        .with_row_index("row")
+        .collect(engine="streaming")
     )
     return events, {"same_event_id": n0 - n1, "same_user_item_event_ts": n1 - events.height}
 
@@ -151,6 +158,7 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
 
         with timer.stage("canonicalise"):
             table = pl.DataFrame(smap.signal_table()).with_columns(
+                pl.col("code").cast(pl.UInt8),
                 pl.col("level").cast(pl.Int8),
                 pl.col("fallback_level").cast(pl.Int8),
                 pl.col("min_dwell_s").cast(pl.Float64),
@@ -182,7 +190,6 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
             items_vocab = extend_vocab(items_vocab, events, "item")
             events = attach_index(events, users_vocab, "user")
             events = attach_index(events, items_vocab, "item")
-            events = events.with_columns(pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"))
 
         with timer.stage("link cancellations + delays"):
             cancel_map = {n: s.cancels for n, s in smap.signals.items() if s.cancels}
@@ -195,21 +202,25 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
         with timer.stage("write"):
             for name, table_ in pair_tables.items():
                 table_.write_parquet(tmp / f"{name}.parquet")
-            seq = events.sort(["user_idx", "ts", "row"]).select(
-                "user_idx",
-                "item_idx",
-                "event",
-                pl.col("level").cast(pl.Int8),
-                pl.col("ts").cast(pl.Datetime("ms")),
-                "value",
-                "split",
-                pl.col("cancelled_at").cast(pl.Datetime("ms")),
-                (pl.col("clock_delay_ms") / 1000).alias("click_to_purchase_s"),
-                "event_id",
-                "order_id",
-                *extras,
+            seq = (
+                events.lazy()
+                .sort(["user_idx", "ts", "row"])
+                .select(
+                    "user_idx",
+                    "item_idx",
+                    "event",
+                    pl.col("level").cast(pl.Int8),
+                    pl.col("ts").cast(pl.Datetime("ms")),
+                    "value",
+                    "split",
+                    pl.col("cancelled_at").cast(pl.Datetime("ms")),
+                    (pl.col("clock_delay_ms") / 1000).alias("click_to_purchase_s"),
+                    "event_id",
+                    "order_id",
+                    *extras,
+                )
             )
-            seq.write_parquet(tmp / "events.parquet")
+            seq.sink_parquet(tmp / "events.parquet", engine="streaming")
             users_vocab.write_parquet(tmp / VOCAB_FILES["user"])
             items_vocab.write_parquet(tmp / VOCAB_FILES["item"])
             quarantine.write_parquet(tmp / "quarantine.parquet")
@@ -236,6 +247,11 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
     return EtlResult(out=out, stats=stats)
 
 
+def _pair_key() -> pl.Expr:
+    """(user_idx, item_idx) packed into one UInt64: cheap set membership."""
+    return (pl.col("user_idx").cast(pl.UInt64) * (1 << 32) + pl.col("item_idx")).alias("key")
+
+
 def _split_and_fold(
     events: pl.DataFrame, smap: SignalMap, cfg: EtlConfig, features: list[str]
 ) -> tuple[dict[str, pl.DataFrame], Windows | None, pl.DataFrame]:
@@ -245,19 +261,20 @@ def _split_and_fold(
         windows = temporal_windows(events["ts"], cfg.split)
         events = assign_temporal(events, windows)
         tables: dict[str, pl.DataFrame] = {}
-        seen = pl.DataFrame(schema={"user_idx": pl.UInt32, "item_idx": pl.UInt32})
+        earlier: list[pl.Series] = []  # pair keys of the earlier windows
         for split in SPLITS:
             _, cutoff = windows.bounds(split)
-            part = events.filter(pl.col("split") == split)
-            pairs = aggregate_pairs(part, smap, cutoff, features).collect()
-            pairs = pairs.join(
-                seen.with_columns(pl.lit(True).alias("seen_before")), on=PAIR, how="left"
-            ).with_columns(pl.col("seen_before").fill_null(False))
-            seen = pl.concat([seen, pairs.select(PAIR)]).unique()
-            tables[split] = pairs.sort(PAIR)
+            part = events.lazy().filter(pl.col("split") == split)
+            pairs = aggregate_pairs(part, smap, cutoff, features).collect(engine="streaming")
+            keys = pairs.select(_pair_key()).to_series()
+            seen = pl.repeat(False, pairs.height, eager=True)
+            for previous in earlier:
+                seen = seen | keys.is_in(previous.implode())
+            earlier.append(keys)
+            tables[split] = pairs.with_columns(seen.alias("seen_before")).sort(PAIR)
         return tables, windows, events
     end = int(events["ts"].max()) + 1
-    pairs = aggregate_pairs(events, smap, end, features).collect()
+    pairs = aggregate_pairs(events, smap, end, features).collect(engine="streaming")
     pairs = pairs.with_columns(pl.lit(False).alias("seen_before"))
     if method == "none":
         empty = pairs.clear()
@@ -304,7 +321,7 @@ def _stats(
             "matured_share": float(pairs["matured"].mean()) if pairs.height else None,
             "seen_before_share": float(pairs["seen_before"].mean()) if pairs.height else None,
         }
-    refunds = events.filter(pl.col("cancels").is_in(smap.purchase_signals))
+    refunds = events.filter(pl.col("is_refund"))
     linked = events.filter(pl.col("cancels").is_not_null())
     stats: dict[str, Any] = {
         "signal_map": smap.name,

@@ -124,6 +124,7 @@ class SignalMap(BaseModel):
         """Columns of a lookup table: one row per raw event name with its meaning as ints."""
         rows: dict[str, list] = {
             "event": [],
+            "code": [],
             "level": [],
             "is_negative": [],
             "is_exposure": [],
@@ -133,10 +134,12 @@ class SignalMap(BaseModel):
             "min_dwell_s": [],
             "is_clock": [],
             "is_purchase": [],
+            "is_refund": [],
         }
         purchases = set(self.purchase_signals)
-        for name, sig in self.signals.items():
+        for code, (name, sig) in enumerate(self.signals.items()):
             rows["event"].append(name)
+            rows["code"].append(code)
             rows["level"].append(self.level_index(sig.level) if sig.level else 0)
             rows["is_negative"].append(sig.negative)
             rows["is_exposure"].append(sig.exposure)
@@ -147,6 +150,7 @@ class SignalMap(BaseModel):
             rows["min_dwell_s"].append(sig.min_dwell_s)
             rows["is_clock"].append(name in self.attribution.clock_signals)
             rows["is_purchase"].append(name in purchases)
+            rows["is_refund"].append(sig.cancels in purchases)
         return rows
 
 

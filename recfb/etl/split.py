@@ -16,6 +16,7 @@ from recfb.etl.config import SplitConfig
 from recfb.etl.validate import to_ms
 
 SPLITS = ("train", "valid", "test")
+SPLIT_DTYPE = pl.Enum(SPLITS)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ def assign_temporal(events: pl.DataFrame, windows: Windows) -> pl.DataFrame:
         .when(pl.col("ts") < windows.test_ms)
         .then(pl.lit("valid"))
         .otherwise(pl.lit("test"))
+        .cast(SPLIT_DTYPE)
         .alias("split")
     )
 

@@ -132,11 +132,11 @@ def validate(
         _id_expr("item_id", schema["item_id"]),
         pl.col("event").cast(pl.String).str.strip_chars().alias("event"),
         _ts_expr(schema["ts"], cfg.ts_unit).alias("ts_ms"),
-        pl.col("ts").cast(pl.String).alias("ts_raw"),
+        pl.col("ts").alias("ts_raw"),  # cast to text only for quarantined rows
         *(
             [
                 pl.col("value").cast(pl.Float64, strict=False).alias("value_num"),
-                pl.col("value").cast(pl.String).alias("value_raw"),
+                pl.col("value").alias("value_raw"),
             ]
             if has_value
             else [
@@ -144,11 +144,19 @@ def validate(
                 pl.lit(None, pl.String).alias("value_raw"),
             ]
         ),
-        *[
-            (pl.col(c).cast(pl.String) if c in schema else pl.lit(None, pl.String)).alias(c)
-            for c in ("event_id", "order_id")
-        ],
+        # integer event ids stay integers (cheap to de-duplicate); anything else is text
+        (
+            pl.col("event_id").cast(pl.Int64 if schema["event_id"].is_integer() else pl.String)
+            if "event_id" in schema
+            else pl.lit(None, pl.String)
+        ).alias("event_id"),
+        (
+            pl.col("order_id").cast(pl.String) if "order_id" in schema else pl.lit(None, pl.String)
+        ).alias("order_id"),
     )
+    ts_missing = pl.col("ts_raw").is_null()
+    if schema["ts"] == pl.String:
+        ts_missing = ts_missing | (pl.col("ts_raw").str.strip_chars() == "")
     value_bad = pl.col("value_raw").is_not_null() & (
         pl.col("value_num").is_null() | ~pl.col("value_num").is_finite() | (pl.col("value_num") < 0)
     )
@@ -159,7 +167,7 @@ def validate(
         .then(pl.lit("null_item_id"))
         .when(pl.col("event").is_null() | (pl.col("event") == ""))
         .then(pl.lit("null_event"))
-        .when(pl.col("ts_raw").is_null() | (pl.col("ts_raw").str.strip_chars() == ""))
+        .when(ts_missing)
         .then(pl.lit("null_ts"))
         .when(pl.col("ts_ms").is_null())
         .then(pl.lit("bad_ts"))
@@ -199,9 +207,9 @@ def bad_rows(validated: pl.LazyFrame, extras: list[str]) -> pl.LazyFrame:
         pl.col("user_id").cast(pl.String),
         pl.col("item_id").cast(pl.String),
         "event",
-        pl.col("ts_raw").alias("ts"),
-        pl.col("value_raw").alias("value"),
-        "event_id",
+        pl.col("ts_raw").cast(pl.String).alias("ts"),
+        pl.col("value_raw").cast(pl.String).alias("value"),
+        pl.col("event_id").cast(pl.String),
         "order_id",
         *[pl.col(c).cast(pl.String) for c in extras],
     )

@@ -127,9 +127,17 @@ class SimConfig(BaseModel):
         """Window end (exclusive) as epoch milliseconds: events at or after it are censored."""
         return self.start_ms() + round(self.days * MS_PER_DAY)
 
+    def start_iso(self) -> str:
+        """Window start as a naive UTC ISO string with milliseconds."""
+        return _iso_ms(self.start_ms())
+
     def end_iso(self) -> str:
-        """Window end as a naive UTC ISO string, matching ``start``."""
-        return (_EPOCH + timedelta(milliseconds=self.end_ms())).isoformat(timespec="milliseconds")
+        """Window end (exclusive) as a naive UTC ISO string with milliseconds."""
+        return _iso_ms(self.end_ms())
+
+
+def _iso_ms(epoch_ms: int) -> str:
+    return (_EPOCH + timedelta(milliseconds=epoch_ms)).isoformat(timespec="milliseconds")
 
 
 def parse_utc(value: str) -> datetime:

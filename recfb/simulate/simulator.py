@@ -375,6 +375,7 @@ def _generate_chunk(ctx: _Context, chunk: int, u0: int, u1: int, id_offset: int)
 
     # Sort by time, number events in that order, resolve order ids, split off the censored.
     cols = seg.concat()
+    del seg
     order = np.argsort(cols["ts"], kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
@@ -383,7 +384,8 @@ def _generate_chunk(ctx: _Context, chunk: int, u0: int, u1: int, id_offset: int)
     order_num = np.full(ref_rows.size, -1, dtype=np.int64)
     order_num[has_order] = id_offset + rank[ref_rows[has_order]]
     cols["order"] = order_num
-    cols = {k: v[order] for k, v in cols.items()}
+    for key in list(cols):  # one column at a time: peak memory grows by one column only
+        cols[key] = cols[key][order]
     cols["event_id"] = id_offset + np.arange(order.size, dtype=np.int64)
     view_rows = cols.pop("view")
     cols["user_row"] = vu[view_rows]
@@ -584,7 +586,7 @@ def simulate(
         pq.write_table(_items_table(world, sums), truth_dir / "items.parquet")
         meta = {
             "config": cfg.model_dump(mode="json"),
-            "start": cfg.start,
+            "start": cfg.start_iso(),
             "end": cfg.end_iso(),
             "start_ms": ctx.start_ms,
             "end_ms": ctx.end_ms,
@@ -615,6 +617,6 @@ def simulate(
         n_censored=n_censored,
         event_counts={name: int(c) for name, c in zip(EVENT_TYPES, counts, strict=True)},
         noise_counts={name: int(c) for name, c in zip(NOISE_LABELS, noise_counts[1:], strict=True)},
-        start=cfg.start,
+        start=cfg.start_iso(),
         end=cfg.end_iso(),
     )
