@@ -31,7 +31,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress displ
 
 
 def _fail(exc: Exception) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -48,21 +48,24 @@ def print_etl_summary(stats: dict[str, Any]) -> None:
             t.add_row(f"{kind}: {reason}", f"{n:,}")
     t.add_row("balanced", "yes" if rec["balanced"] else "[red]NO[/]")
     out.print(t)
+    splits = stats["splits"]
     s = Table(title=f"Splits ({stats['split']['method']})")
-    for col in ("split", "events", "pairs", "users", "items", "labels", "matured"):
-        s.add_column(col, justify="right" if col not in ("split", "labels") else "left")
-    for name, d in stats["splits"].items():
-        labels = ", ".join(f"{k} {v:,}" for k, v in d["pairs_per_label"].items())
-        matured = f"{d['matured_share']:.0%}" if d["matured_share"] is not None else "-"
+    s.add_column("")
+    for name in splits:
+        s.add_column(name, justify="right")
+    for key in ("events", "pairs", "users", "items"):
+        s.add_row(key, *(f"{d[key]:,}" for d in splits.values()))
+    for label in stats["levels"].values():
         s.add_row(
-            name,
-            f"{d['events']:,}",
-            f"{d['pairs']:,}",
-            f"{d['users']:,}",
-            f"{d['items']:,}",
-            labels,
-            matured,
+            f"pairs: {label}", *(f"{d['pairs_per_label'].get(label, 0):,}" for d in splits.values())
         )
+    s.add_row(
+        "matured",
+        *(
+            f"{d['matured_share']:.0%}" if d["matured_share"] is not None else "-"
+            for d in splits.values()
+        ),
+    )
     out.print(s)
     d = stats["delays_s"]
     for name, q in d.items():
