@@ -46,8 +46,16 @@ def test_bad_override_names_the_key(tmp_path: Path):
 def test_simulate_then_etl_from_the_command_line(tmp_path: Path):
     sim = tmp_path / "sim"
     result = recfb(
-        "simulate", "-o", str(sim), "--set", "n_events=50000", "--set", "n_users=500",
-        "--set", "n_items=200", "-q",
+        "simulate",
+        "-o",
+        str(sim),
+        "--set",
+        "n_events=50000",
+        "--set",
+        "n_users=500",
+        "--set",
+        "n_items=200",
+        "-q",
     )
     assert result.returncode == 0, result.stderr
     out = tmp_path / "etl"
@@ -57,6 +65,13 @@ def test_simulate_then_etl_from_the_command_line(tmp_path: Path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["reconciliation"]["balanced"]
     assert {p.name for p in out.iterdir()} >= {
-        "train.parquet", "valid.parquet", "test.parquet", "events.parquet", "users.parquet",
-        "items.parquet", "quarantine.parquet", "filtered.parquet", "stats.json",
+        "train.parquet",
+        "valid.parquet",
+        "test.parquet",
+        "events.parquet",
+        "users.parquet",
+        "items.parquet",
+        "quarantine.parquet",
+        "filtered.parquet",
+        "stats.json",
     }

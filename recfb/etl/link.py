@@ -14,6 +14,7 @@ from __future__ import annotations
 import polars as pl
 
 PAIR = ["user_idx", "item_idx"]
+LINK_TYPE = pl.Enum(["order_id", "sequence"])
 
 
 def _bracket_match(targets: pl.DataFrame, cancels: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
@@ -70,17 +71,17 @@ def link_cancellations(events: pl.DataFrame, cancel_map: dict[str, str]) -> pl.D
             targets.filter(pl.col("order_id").is_not_null()),
             cancels.filter(pl.col("order_id").is_not_null()),
             [*PAIR, "order_id"],
-        ).with_columns(pl.lit("order_id").alias("link"))
+        ).with_columns(pl.lit("order_id", LINK_TYPE).alias("link"))
         rest_targets = targets.filter(~pl.col("row").is_in(by_order["target_row"].implode()))
         by_seq = _bracket_match(
             rest_targets, cancels.filter(pl.col("order_id").is_null()), PAIR
-        ).with_columns(pl.lit("sequence").alias("link"))
+        ).with_columns(pl.lit("sequence", LINK_TYPE).alias("link"))
         links += [by_order, by_seq]
     if not links:
         return events.with_columns(
             pl.lit(None, pl.Int64).alias("cancelled_at"),
             pl.lit(None, pl.Int64).alias("linked_ts"),
-            pl.lit(None, pl.String).alias("link"),
+            pl.lit(None, LINK_TYPE).alias("link"),
         )
     link = pl.concat(links)
     ts = events.select("row", "ts")

@@ -124,11 +124,12 @@ def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
 
 def _filtered_frame(reason: str, rows: pl.DataFrame) -> pl.DataFrame:
     return rows.select(
-        *PROVENANCE,
+        pl.col("source_file").cast(pl.String),
+        "source_row",
         pl.lit(reason).alias("reason"),
         pl.col("user_id").cast(pl.String),
         pl.col("item_id").cast(pl.String),
-        "event",
+        pl.col("event").cast(pl.String),
         pl.col("ts").cast(pl.Datetime("ms")),
         "value",
         "event_id",
@@ -157,21 +158,29 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
             events, duplicates = _dedupe(events)
 
         with timer.stage("canonicalise"):
-            table = pl.DataFrame(smap.signal_table()).with_columns(
-                pl.col("code").cast(pl.UInt8),
-                pl.col("level").cast(pl.Int8),
-                pl.col("fallback_level").cast(pl.Int8),
-                pl.col("min_dwell_s").cast(pl.Float64),
-                pl.col("cancels").cast(pl.String),
+            # every event is known after validation: an Enum holds it in one byte, not a string
+            event_type = pl.Enum(list(smap.signals))
+            table = (
+                pl.DataFrame(smap.signal_table())
+                .drop("cancels", "is_exposure")
+                .with_columns(
+                    pl.col("event").cast(event_type),
+                    pl.col("code").cast(pl.UInt8),
+                    pl.col("level").cast(pl.Int8),
+                    pl.col("fallback_level").cast(pl.Int8),
+                    pl.col("min_dwell_s").cast(pl.Float64),
+                )
             )
-            events = events.join(table, on="event", how="left")
+            events = events.with_columns(pl.col("event").cast(event_type)).join(
+                table, on="event", how="left"
+            )
             noise = (
                 pl.col("min_dwell_s").is_not_null()
                 & pl.col("value").is_not_null()
                 & (pl.col("value") < pl.col("min_dwell_s"))
             )
             removed = [("noise_dwell", events.filter(noise))]
-            events = events.filter(~noise)
+            events = events.filter(~noise).drop("min_dwell_s")
             events, more = apply_filters(events, cfg.filters)
             removed += more
             filtered = pl.concat(
@@ -190,6 +199,8 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
             items_vocab = extend_vocab(items_vocab, events, "item")
             events = attach_index(events, users_vocab, "user")
             events = attach_index(events, items_vocab, "item")
+            # from here on rows are addressed by index; provenance only served the reports
+            events = events.drop("user_id", "item_id", *PROVENANCE)
 
         with timer.stage("link cancellations + delays"):
             cancel_map = {n: s.cancels for n, s in smap.signals.items() if s.cancels}
@@ -322,7 +333,7 @@ def _stats(
             "seen_before_share": float(pairs["seen_before"].mean()) if pairs.height else None,
         }
     refunds = events.filter(pl.col("is_refund"))
-    linked = events.filter(pl.col("cancels").is_not_null())
+    linked = events.filter(pl.col("is_cancel"))
     stats: dict[str, Any] = {
         "signal_map": smap.name,
         "inputs": [str(f) for f in files],

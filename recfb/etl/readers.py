@@ -99,7 +99,8 @@ def _scan_one(path: Path, cfg: InputConfig, string_cols: tuple[str, ...]) -> pl.
             )
         lf = lf.rename(dict(zip(schema.names(), names, strict=True)))
     return lf.with_row_index("source_row", offset=1).with_columns(
-        pl.lit(str(path)).alias("source_file"), pl.col("source_row").cast(pl.Int64)
+        pl.lit(str(path)).cast(pl.Categorical).alias("source_file"),
+        pl.col("source_row").cast(pl.Int64),
     )
 
 

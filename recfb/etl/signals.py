@@ -135,6 +135,7 @@ class SignalMap(BaseModel):
             "is_clock": [],
             "is_purchase": [],
             "is_refund": [],
+            "is_cancel": [],
         }
         purchases = set(self.purchase_signals)
         for code, (name, sig) in enumerate(self.signals.items()):
@@ -151,6 +152,7 @@ class SignalMap(BaseModel):
             rows["is_clock"].append(name in self.attribution.clock_signals)
             rows["is_purchase"].append(name in purchases)
             rows["is_refund"].append(sig.cancels in purchases)
+            rows["is_cancel"].append(sig.cancels is not None)
         return rows
 
 

@@ -200,7 +200,7 @@ def good_rows(validated: pl.LazyFrame, extras: list[str]) -> pl.LazyFrame:
 def bad_rows(validated: pl.LazyFrame, extras: list[str]) -> pl.LazyFrame:
     """Rows with a reason, every field as the text that arrived, plus where it came from."""
     return validated.filter(pl.col("reason").is_not_null()).select(
-        "source_file",
+        pl.col("source_file").cast(pl.String),
         "source_row",
         "reason",
         pl.col("reason").replace_strict(REASON_FIELD, default=None).alias("field"),
