@@ -7,8 +7,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from conftest import CONF, read_out, run
 from recfb.simulate import SimConfig, simulate
+
+from conftest import CONF, read_out, run
 
 SIGNALS = CONF / "signals" / "simulator.yaml"
 
