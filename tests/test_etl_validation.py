@@ -181,3 +181,34 @@ def test_failed_run_leaves_previous_output_untouched(tmp_path: Path, bad_csv: Pa
         run(tmp_path, [empty], SIGNALS)
     assert (tmp_path / "out" / "stats.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_outlier_users_and_k_core_filters(tmp_path: Path):
+    rows = []
+    # 30 ordinary users: 4 items each over 10 days; one bot: 2,000 views in one day
+    for u in range(30):
+        for k in range(4):
+            rows.append((f"u{u}", f"i{(u + k) % 12}", "view", 1767225600 + u * 3600 + k * 86400))
+    for k in range(2000):
+        rows.append(("bot", f"i{k % 12}", "view", 1767225600 + k * 30))
+    # a user with a single item, and an item only that user touched: both leave a 2-core
+    rows.append(("loner", "rare", "view", 1767225600))
+    path = tmp_path / "events.csv"
+    path.write_text(
+        "user_id,item_id,event,ts\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n"
+    )
+    stats = run(
+        tmp_path,
+        [path],
+        SIGNALS,
+        split={"method": "none"},
+        filters={"outlier_users": True, "min_user_items": 2, "min_item_users": 2},
+    )
+    filtered = read_out(tmp_path, "filtered")
+    assert set(filtered.filter(pl.col("reason") == "outlier_user")["user_id"]) == {"bot"}
+    assert filtered.filter(pl.col("reason") == "outlier_user").height == 2000
+    assert set(filtered.filter(pl.col("reason") == "kcore")["user_id"]) == {"loner"}
+    assert stats["reconciliation"]["filtered"] == {"outlier_user": 2000, "kcore": 1}
+    train = read_out(tmp_path, "train")
+    assert train.group_by("user_idx").len()["len"].min() >= 2
+    assert train.group_by("item_idx").len()["len"].min() >= 2

@@ -354,3 +354,12 @@ def test_config_is_strict_and_delays_have_their_median() -> None:
         med = np.median(spec.sample_seconds(rng, 200_000)) / 3600
         assert abs(med - 5.0) < 0.1, dist
     assert SimConfig(start="2026-01-01T01:00:00+01:00").start_iso() == "2026-01-01T00:00:00.000"
+
+
+def test_failure_leaves_nothing_behind(tmp_path: Path) -> None:
+    def boom(_: int) -> None:
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        simulate(SimConfig(**TINY), tmp_path / "x", progress=boom)
+    assert list(tmp_path.iterdir()) == []  # neither out_dir nor a temp dir

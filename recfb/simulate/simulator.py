@@ -272,7 +272,6 @@ class _Context:
     clock: _Clock
     start_ms: int
     end_ms: int
-    sums: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _generate_chunk(ctx: _Context, chunk: int, u0: int, u1: int, id_offset: int) -> _Chunk:
@@ -493,6 +492,87 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclass
+class _Totals:
+    """Running counts over chunks (events, noise, per-item sums behind the true rates)."""
+
+    n_items: int
+    parts: list[str] = field(default_factory=list)
+    n_rows: int = 0
+    n_duplicates: int = 0
+    n_censored: int = 0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(len(EVENT_TYPES), np.int64))
+    noise: np.ndarray = field(default_factory=lambda: np.zeros(len(NOISE_LABELS) + 1, np.int64))
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in ("clicks", "p_buy", "buys", "p_ref"):
+            self.sums[key] = np.zeros(self.n_items)
+
+    def add_truth(self, ch: _Chunk) -> None:
+        """Accumulate everything simulated, censored included (the truth keeps it)."""
+        for key, items, weights in (
+            ("clicks", ch.click_items, None),
+            ("p_buy", ch.click_items, ch.click_p_buy),
+            ("buys", ch.buy_items, None),
+            ("p_ref", ch.buy_items, ch.buy_p_ref),
+        ):
+            self.sums[key] += np.bincount(items, weights=weights, minlength=self.n_items)
+
+
+def _write_chunks(
+    ctx: _Context,
+    bounds: list[tuple[int, int]],
+    events_dir: Path,
+    truth_dir: Path,
+    progress: Callable[[int], None] | None,
+) -> _Totals:
+    """Generate and write chunk after chunk, so only one chunk is ever in memory."""
+    world = ctx.world
+    tot = _Totals(n_items=world.n_items)
+    with (
+        pq.ParquetWriter(
+            truth_dir / "events.parquet", TRUTH_EVENTS_SCHEMA, compression=_COMPRESSION
+        ) as truth_writer,
+        pq.ParquetWriter(
+            truth_dir / "censored.parquet", CENSORED_SCHEMA, compression=_COMPRESSION
+        ) as censored_writer,
+    ):
+        next_id = 1
+        for chunk, (u0, u1) in enumerate(bounds):
+            ch = _generate_chunk(ctx, chunk, u0, u1, next_id)
+            n_simulated = ch.cols["event_id"].size
+            next_id += n_simulated
+            tot.add_truth(ch)
+            emitted = np.arange(ch.n_emitted)
+            censored = np.arange(ch.n_emitted, n_simulated)
+            tot.counts += np.bincount(ch.cols["code"][emitted], minlength=len(EVENT_TYPES))
+            tot.noise += np.bincount(ch.cols["noise"][emitted], minlength=tot.noise.size)
+            tot.n_censored += censored.size
+            if ch.n_emitted:
+                rows = np.concatenate([emitted, ch.duplicates])  # re-sent rows come last
+                name = f"part-{len(tot.parts):05d}.parquet"
+                table = pa.table(_events_columns(world, ch.cols, rows), schema=EVENTS_SCHEMA)
+                pq.write_table(table, events_dir / name, compression=_COMPRESSION)
+                tot.parts.append(name)
+                truth = {"event_id": pa.array(ch.cols["event_id"][emitted])}
+                truth.update(_truth_columns(ch.cols, emitted))
+                truth_writer.write_table(pa.table(truth, schema=TRUTH_EVENTS_SCHEMA))
+                tot.n_rows += rows.size
+                tot.n_duplicates += ch.duplicates.size
+            if censored.size:
+                cens = _events_columns(world, ch.cols, censored)
+                cens.update(_truth_columns(ch.cols, censored))
+                censored_writer.write_table(pa.table(cens, schema=CENSORED_SCHEMA))
+            del ch
+            if progress is not None:
+                progress(tot.n_rows)
+    if not tot.parts:  # keep events/ readable as a dataset even when nothing was emitted
+        tot.parts.append("part-00000.parquet")
+        pq.write_table(EVENTS_SCHEMA.empty_table(), events_dir / tot.parts[0])
+    return tot
+
+
 def simulate(
     config: SimConfig,
     out_dir: str | Path,
@@ -523,11 +603,6 @@ def simulate(
         end_ms=cfg.end_ms(),
     )
     bounds = _chunk_bounds(cfg, world, plan)
-    sums = {k: np.zeros(world.n_items) for k in ("clicks", "p_buy", "buys", "p_ref")}
-    counts = np.zeros(len(EVENT_TYPES), dtype=np.int64)
-    noise_counts = np.zeros(len(NOISE_LABELS) + 1, dtype=np.int64)
-    n_rows = n_dups = n_censored = 0
-    part_names: list[str] = []
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -536,54 +611,9 @@ def simulate(
         truth_dir = tmp / "truth"
         events_dir.mkdir()
         truth_dir.mkdir()
-        truth_writer = pq.ParquetWriter(
-            truth_dir / "events.parquet", TRUTH_EVENTS_SCHEMA, compression=_COMPRESSION
-        )
-        censored_writer = pq.ParquetWriter(
-            truth_dir / "censored.parquet", CENSORED_SCHEMA, compression=_COMPRESSION
-        )
-        next_id = 1
-        for chunk, (u0, u1) in enumerate(bounds):
-            ch = _generate_chunk(ctx, chunk, u0, u1, next_id)
-            next_id += ch.cols["event_id"].size
-            for key, items, weights in (
-                ("clicks", ch.click_items, None),
-                ("p_buy", ch.click_items, ch.click_p_buy),
-                ("buys", ch.buy_items, None),
-                ("p_ref", ch.buy_items, ch.buy_p_ref),
-            ):
-                sums[key] += np.bincount(items, weights=weights, minlength=world.n_items)
-            emitted = np.arange(ch.n_emitted)
-            censored = np.arange(ch.n_emitted, ch.cols["event_id"].size)
-            counts += np.bincount(ch.cols["code"][emitted], minlength=len(EVENT_TYPES))
-            noise_counts += np.bincount(ch.cols["noise"][emitted], minlength=noise_counts.size)
-            n_censored += censored.size
-            if ch.n_emitted:
-                rows = np.concatenate([emitted, ch.duplicates])
-                name = f"part-{len(part_names):05d}.parquet"
-                table = pa.table(_events_columns(world, ch.cols, rows), schema=EVENTS_SCHEMA)
-                pq.write_table(table, events_dir / name, compression=_COMPRESSION)
-                part_names.append(name)
-                truth = {"event_id": pa.array(ch.cols["event_id"][emitted])}
-                truth.update(_truth_columns(ch.cols, emitted))
-                truth_writer.write_table(pa.table(truth, schema=TRUTH_EVENTS_SCHEMA))
-                n_rows += rows.size
-                n_dups += ch.duplicates.size
-            if censored.size:
-                cens = _events_columns(world, ch.cols, censored)
-                cens.update(_truth_columns(ch.cols, censored))
-                censored_writer.write_table(pa.table(cens, schema=CENSORED_SCHEMA))
-            del ch
-            if progress is not None:
-                progress(n_rows)
-        truth_writer.close()
-        censored_writer.close()
-        if not part_names:  # keep events/ readable as a dataset even when nothing was emitted
-            part_names.append("part-00000.parquet")
-            pq.write_table(EVENTS_SCHEMA.empty_table(), events_dir / part_names[0])
-
+        tot = _write_chunks(ctx, bounds, events_dir, truth_dir, progress)
         pq.write_table(users_table(world), truth_dir / "users.parquet", compression=_COMPRESSION)
-        pq.write_table(_items_table(world, sums), truth_dir / "items.parquet")
+        pq.write_table(_items_table(world, tot.sums), truth_dir / "items.parquet")
         meta = {
             "config": cfg.model_dump(mode="json"),
             "start": cfg.start_iso(),
@@ -610,13 +640,13 @@ def simulate(
         out_dir=out,
         events_dir=out / "events",
         truth_dir=out / "truth",
-        parts=tuple(out / "events" / n for n in part_names),
-        n_rows=n_rows,
-        n_events=int(counts.sum()),
-        n_duplicates=n_dups,
-        n_censored=n_censored,
-        event_counts={name: int(c) for name, c in zip(EVENT_TYPES, counts, strict=True)},
-        noise_counts={name: int(c) for name, c in zip(NOISE_LABELS, noise_counts[1:], strict=True)},
+        parts=tuple(out / "events" / n for n in tot.parts),
+        n_rows=tot.n_rows,
+        n_events=int(tot.counts.sum()),
+        n_duplicates=tot.n_duplicates,
+        n_censored=tot.n_censored,
+        event_counts={k: int(c) for k, c in zip(EVENT_TYPES, tot.counts, strict=True)},
+        noise_counts={k: int(c) for k, c in zip(NOISE_LABELS, tot.noise[1:], strict=True)},
         start=cfg.start_iso(),
         end=cfg.end_iso(),
     )
