@@ -172,5 +172,102 @@ def demo(
     out.print(f"training data in {result.out}: train/valid/test.parquet, events.parquet, ...")
 
 
+def print_metrics(metrics: dict[str, float], title: str) -> None:
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if "/" in key.split("/", 1)[-1] or key.endswith("n_users"):
+            continue  # per-level and counts: in MLflow; keep the terminal short
+        t.add_row(key, f"{value:.4f}")
+    out.print(t)
+
+
+@app.command()
+def train(
+    config: ConfigOpt = Path("conf/models/mf.yaml"),
+    overrides: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a model (mf, lightgcn, gnolr) or fit a baseline (popularity, itemknn, als,
+    bpr_implicit) on an ETL output; evaluate it; record the run in MLflow.
+
+    Example: `recfb train -c conf/models/gnolr.yaml --set data=data/etl --set trainer.max_epochs=5`
+    """
+    from recfb.config import load_config
+    from recfb.train.config import TrainConfig
+    from recfb.train.loop import train as run_training
+
+    try:
+        cfg = load_config(TrainConfig, config, overrides, env_prefix="RECFB_TRAIN")
+        result = run_training(cfg, quiet=quiet)
+    except RecfbError as exc:
+        _fail(exc)
+        return
+    print_metrics(result.metrics, f"{cfg.model.family}: run {result.run_id}")
+    out.print(f"MLflow run id: {result.run_id}")
+
+
+@app.command()
+def evaluate(
+    run_id: Annotated[str, typer.Option("--run-id", help="MLflow run id of a trained model.")],
+    split: Annotated[str, typer.Option(help="valid or test.")] = "test",
+    overrides: SetOpt = None,
+) -> None:
+    """Evaluate a trained run again (e.g. with another exclusion rule); logs a new MLflow run.
+
+    Example: `recfb evaluate --run-id 0123abcd --set eval.exclude=min_level --set eval.exclude_min_level=4`
+    """
+    from recfb.train.evaluate_run import evaluate_run
+
+    try:
+        new_run, metrics = evaluate_run(run_id, split, list(overrides or []))
+    except RecfbError as exc:
+        _fail(exc)
+        return
+    print_metrics(metrics, f"{split}: evaluation run {new_run} of {run_id}")
+
+
+@app.command()
+def recommend(
+    run_id: Annotated[str, typer.Option("--run-id", help="MLflow run id of a trained model.")],
+    output: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")] = Path(
+        "data/recommendations.parquet"
+    ),
+    users: Annotated[
+        Path | None, typer.Option(help="Text file with one external user id per line; default all.")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="Items per user.")] = 20,
+    overrides: SetOpt = None,
+) -> None:
+    """Top-k items per user from a trained run, with the run's exclusion rule; unknown users
+    get the most popular items.
+
+    Example: `recfb recommend --run-id 0123abcd --users users.txt -k 50 -o recs.parquet`
+    """
+    from recfb.config import build_model, set_dotted, parse_override
+    from recfb.train.config import TrainConfig
+    from recfb.train.data import Interactions
+    from recfb.train.loop import eval_config
+    from recfb.train.recommend import recommend as run_recommend, write_recommendations
+    from recfb.train.runs import load_run
+
+    try:
+        cfg, scorer = load_run(run_id)
+        data_dict = cfg.model_dump(mode="json")
+        for key, value in (parse_override(o) for o in overrides or []):
+            set_dotted(data_dict, key, value)
+        cfg = build_model(TrainConfig, data_dict, f"run {run_id}")
+        ids = [line.strip() for line in users.read_text().splitlines() if line.strip()] if users else None
+        frame = run_recommend(scorer, Interactions.load(cfg.data), ids, k, eval_config(cfg))
+        write_recommendations(frame, output)
+    except RecfbError as exc:
+        _fail(exc)
+        return
+    fallback = frame.filter(frame["source"] == "popularity")["user_id"].n_unique()
+    out.print(f"wrote {frame.height:,} rows for {frame['user_id'].n_unique():,} users "
+              f"({fallback:,} by popularity fallback) to {output}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())

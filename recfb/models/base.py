@@ -1,0 +1,207 @@
+"""The training loop every embedding model shares: sampling, losses, denoising, debiasing.
+
+A model only says how it turns ids into vectors (`encode`) and, if it needs to, how a batch
+becomes per-example losses (`example_losses`). Everything else lives here once:
+- batched negative sampling on the device (uniform, with a user's explicit negatives swapped
+  in as hard negatives), so sampling never dominates a step;
+- losses: BPR, sampled softmax (in-batch + uniform negatives with log-q correction), BCE;
+- PLD: after warm-up, each positive is resampled from a pool of the user's own positives with
+  probability softmax(-loss/tau), so the user's noisy positives (high loss) are drawn less;
+- T-CE: the highest-loss share of positives is dropped, the share ramped up over epochs;
+- IPS (Rel-MF): propensity theta_i = (pop_i / max pop)^eta, clipped; with the BCE loss the
+  unbiased estimator (y/theta) l(s,1) + (1 - y/theta) l(s,0), otherwise 1/theta weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from recfb.train.config import TrainConfig
+
+
+class EmbeddingRecommender(L.LightningModule):
+    """Base class: inner-product recommenders trained on positive pairs."""
+
+    family = "base"
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        n_levels: int,
+        config: dict[str, Any],
+        train_pairs: dict[str, torch.Tensor] | None = None,
+        item_popularity: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["train_pairs", "item_popularity"])
+        self.cfg = TrainConfig.model_validate(config)
+        self.n_users, self.n_items, self.n_levels = n_users, n_items, n_levels
+        pairs = train_pairs or _empty_pairs()
+        for name, tensor in pairs.items():
+            self.register_buffer(name, tensor, persistent=False)
+        pop = item_popularity if item_popularity is not None else torch.ones(n_items)
+        pop = pop.float().clamp(min=0)
+        self.register_buffer("log_q", torch.log((pop + 1) / (pop + 1).sum()), persistent=False)
+        theta = (pop / pop.max().clamp(min=1)).pow(self.cfg.debias.eta)
+        self.register_buffer("propensity", theta.clamp(min=self.cfg.debias.clip), persistent=False)
+        self.evaluator: Callable[[EmbeddingRecommender], dict[str, float]] | None = None
+        self.history: list[dict[str, float]] = []
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # --- what a model provides ----------------------------------------------------------
+    def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query vectors of all users, vectors of all items); score = inner product."""
+        raise NotImplementedError
+
+    def example_losses(
+        self,
+        users_vec: torch.Tensor,
+        pos_vec: torch.Tensor,
+        neg_vec: torch.Tensor,
+        pos: torch.Tensor,
+        labels: torch.Tensor,
+        neg_vecs_all: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-positive loss (B,) from the query, positive (B,D) and negative (B,N,D) vectors."""
+        s_pos = (users_vec * pos_vec).sum(-1)
+        s_neg = torch.einsum("bd,bnd->bn", users_vec, neg_vec)
+        loss = self.cfg.model.loss
+        if loss == "bpr":
+            out = F.softplus(-(s_pos.unsqueeze(1) - s_neg)).mean(1)
+            return out / self.propensity[pos] if self.cfg.debias.ips else out
+        if loss == "bce":
+            neg_term = F.softplus(s_neg).mean(1)
+            if self.cfg.debias.ips:
+                inv = 1.0 / self.propensity[pos]
+                return inv * F.softplus(-s_pos) + (1 - inv) * F.softplus(s_pos) + neg_term
+            return F.softplus(-s_pos) + neg_term
+        # sampled softmax: the other positives of the batch plus uniform negatives, log-q
+        # corrected (in-batch items are drawn by popularity, uniform ones with q = 1/n)
+        t = self.cfg.model.temperature
+        in_batch = users_vec @ pos_vec.T - self.log_q[pos].unsqueeze(0)
+        same = pos.unsqueeze(0) == pos.unsqueeze(1)
+        eye = torch.eye(len(pos), dtype=torch.bool, device=pos.device)
+        in_batch = in_batch.masked_fill(same & ~eye, float("-inf"))
+        uniform = s_neg + torch.log(torch.tensor(float(self.n_items), device=s_neg.device))
+        logits = torch.cat([in_batch, uniform], dim=1) / t
+        out = F.cross_entropy(logits, torch.arange(len(pos), device=pos.device), reduction="none")
+        return out / self.propensity[pos] if self.cfg.debias.ips else out
+
+    # --- sampling ------------------------------------------------------------------------
+    def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
+        n = self.cfg.model.n_negatives
+        neg = torch.randint(0, self.n_items, (len(users), n), device=users.device)
+        start, end = self.neg_indptr[users], self.neg_indptr[users + 1]
+        has = end > start
+        if has.any() and self.cfg.model.hard_negative_prob > 0:
+            pick = start + (torch.rand(len(users), device=users.device) * (end - start)).long()
+            pick = pick.clamp(max=max(len(self.neg_items) - 1, 0))
+            swap = has & (torch.rand(len(users), device=users.device) < self.cfg.model.hard_negative_prob)
+            if len(self.neg_items):
+                neg[:, 0] = torch.where(swap, self.neg_items[pick], neg[:, 0])
+        return neg
+
+    def _pld_resample(
+        self, uvec: torch.Tensor, items_all: torch.Tensor, users: torch.Tensor,
+        pos: torch.Tensor, neg: torch.Tensor,
+    ) -> torch.Tensor:
+        """Resample each positive from a pool of the user's positives by softmax(-loss/tau)."""
+        k, tau = self.cfg.denoise.pool, self.cfg.denoise.tau
+        start, end = self.pos_indptr[users], self.pos_indptr[users + 1]
+        pick = start.unsqueeze(1) + (
+            torch.rand(len(users), k, device=users.device) * (end - start).unsqueeze(1)
+        ).long()
+        pool = self.pos_by_user[pick]  # (B, k)
+        pool[:, 0] = pos  # the drawn positive stays a candidate
+        with torch.no_grad():
+            s_pool = torch.einsum("bd,bkd->bk", uvec, items_all[pool])
+            s_neg = torch.einsum("bd,bnd->bn", uvec, items_all[neg]).mean(1, keepdim=True)
+            pool_loss = F.softplus(-(s_pool - s_neg))
+            choice = torch.multinomial(torch.softmax(-pool_loss / tau, dim=1), 1).squeeze(1)
+        return pool.gather(1, choice.unsqueeze(1)).squeeze(1)
+
+    def _pos_labels(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.pos_labels[idx]
+
+    # --- Lightning hooks -----------------------------------------------------------------
+    def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self._cache = None
+        users, pos = self.pos_users[idx], self.pos_items[idx]
+        labels, weights = self.pos_labels[idx], self.pos_weights[idx]
+        neg = self.sample_negatives(users)
+        users_all, items_all = self.encode()
+        uvec = users_all[users]
+        dn = self.cfg.denoise
+        if dn.method == "pld" and self.current_epoch >= dn.warmup_epochs:
+            new_pos = self._pld_resample(uvec, items_all, users, pos, neg)
+            changed = new_pos != pos
+            # a resampled positive carries the label of its own pair
+            labels = torch.where(changed, self._label_of(users, new_pos, labels), labels)
+            pos = new_pos
+        losses = self.example_losses(uvec, items_all[pos], items_all[neg], pos, labels)
+        if dn.method == "tce":
+            drop = dn.max_drop * min(1.0, (self.current_epoch + 1) / dn.ramp_epochs)
+            keep = max(1, int(round(len(losses) * (1 - drop))))
+            kept = torch.topk(losses.detach(), keep, largest=False).indices
+            losses, weights = losses[kept], weights[kept]
+        loss = (losses * weights).sum() / weights.sum().clamp(min=1e-8)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(idx))
+        return loss
+
+    def _label_of(self, users: torch.Tensor, items: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """Label of (user, item) train pairs via the sorted pair keys (fallback if absent)."""
+        keys = users * self.n_items + items
+        where = torch.searchsorted(self.pair_keys, keys).clamp(max=len(self.pair_keys) - 1)
+        found = self.pair_keys[where] == keys
+        return torch.where(found, self.pair_labels[where], fallback)
+
+    def on_train_epoch_end(self) -> None:
+        self._cache = None
+        row: dict[str, float] = {"epoch": float(self.current_epoch)}
+        loss = self.trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            row["train/loss"] = float(loss)
+        if self.evaluator is not None:
+            was_training = self.training
+            self.eval()
+            metrics = self.evaluator(self)
+            self.train(was_training)
+            for key, value in metrics.items():
+                self.log(f"valid/{key}", value, prog_bar=key == self.cfg.trainer.monitor)
+                row[f"valid/{key}"] = value
+        self.history.append(row)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            self.parameters(), lr=self.cfg.trainer.lr, weight_decay=self.cfg.trainer.weight_decay
+        )
+
+    # --- inference -----------------------------------------------------------------------
+    @torch.no_grad()
+    def vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached (user query vectors, item vectors) for scoring and export."""
+        if self._cache is None or self.training:
+            self._cache = tuple(t.detach() for t in self.encode())  # type: ignore[assignment]
+        return self._cache  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def score(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for each user (B, n_items); higher is better."""
+        users_all, items_all = self.vectors()
+        return users_all[users.to(users_all.device)] @ items_all.T
+
+
+def _empty_pairs() -> dict[str, torch.Tensor]:
+    """Buffers of a model rebuilt for inference (no training data needed)."""
+    long = torch.zeros(0, dtype=torch.long)
+    return {
+        "pos_users": long, "pos_items": long, "pos_labels": long,
+        "pos_weights": torch.zeros(0), "neg_indptr": long, "neg_items": long,
+        "pos_indptr": long, "pos_by_user": long, "pair_keys": long, "pair_labels": long,
+    }

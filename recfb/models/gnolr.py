@@ -1,0 +1,72 @@
+"""GNOLR: nested ordinal logistic regression in one embedding space.
+
+For T positive levels each tower emits T L2-normalised sub-vectors. Level-t logit
+l_t = s_t cos(u_t, i_t); nested cumulative score z_t = sum_{j<=t} l_j - a_t with closed-form
+thresholds a_t = -log m_t (m_t: share of training examples at level >= t, sampled negatives
+included); P(label >= t) = sigmoid(z_t); the loss is the negative log-likelihood of the
+ordinal label from P(>= y) - P(>= y+1), clamped positive. Explicit negatives and sampled
+items are level 0. Serving uses one inner-product index: query = concat(s_t u_t),
+item = concat(i_t), whose inner product is z_T + a_T, monotone in P(deepest level).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recfb.models.base import EmbeddingRecommender
+
+_EPS = 1e-6
+
+
+class GNOLR(EmbeddingRecommender):
+    family = "gnolr"
+
+    def __init__(self, *args, level_rates: torch.Tensor | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        d, t = self.cfg.model.dim, self.n_levels
+        self.user_embedding = nn.Embedding(self.n_users, d * t)
+        self.item_embedding = nn.Embedding(self.n_items, d * t)
+        nn.init.normal_(self.user_embedding.weight, std=0.1)
+        nn.init.normal_(self.item_embedding.weight, std=0.1)
+        self.log_scale = nn.Parameter(torch.full((t,), float(self.cfg.model.scale_init)).log())
+        rates = level_rates if level_rates is not None else torch.full((t,), 0.5)
+        self.register_buffer("thresholds", -torch.log(rates.clamp(min=_EPS)))
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.view(*x.shape[:-1], self.n_levels, -1), dim=-1)
+
+    def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.log_scale.exp().unsqueeze(-1)
+        users = (self._split(self.user_embedding.weight) * scale).flatten(1)
+        items = self._split(self.item_embedding.weight).flatten(1)
+        return users, items
+
+    def cumulative_logits(self, users_vec: torch.Tensor, items_vec: torch.Tensor) -> torch.Tensor:
+        """z (..., T) from query and item vectors of the same leading shape."""
+        per_level = (users_vec * items_vec).view(*users_vec.shape[:-1], self.n_levels, -1).sum(-1)
+        return per_level.cumsum(-1) - self.thresholds
+
+    def ordinal_nll(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """-log P(label) with P(>= t) = sigmoid(z_t); labels in 0..T."""
+        ones = torch.ones_like(z[..., :1])
+        zeros = torch.zeros_like(z[..., :1])
+        at_least = torch.cat([ones, torch.sigmoid(z), zeros], dim=-1)  # P(>=0..T+1)
+        y = labels.clamp(0, self.n_levels).long().unsqueeze(-1)
+        p = at_least.gather(-1, y) - at_least.gather(-1, y + 1)
+        return -torch.log(p.squeeze(-1).clamp(min=_EPS))
+
+    def example_losses(self, users_vec, pos_vec, neg_vec, pos, labels, neg_vecs_all=None):
+        z_pos = self.cumulative_logits(users_vec, pos_vec)
+        z_neg = self.cumulative_logits(users_vec.unsqueeze(1).expand_as(neg_vec), neg_vec)
+        pos_loss = self.ordinal_nll(z_pos, labels)
+        neg_loss = self.ordinal_nll(z_neg, torch.zeros(z_neg.shape[:-1], device=z_neg.device))
+        loss = pos_loss + neg_loss.sum(1)
+        return loss / self.propensity[pos] if self.cfg.debias.ips else loss
+
+    @torch.no_grad()
+    def level_scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """z_t for given (user, item) pairs: the score of P(label >= t), shape (N, T)."""
+        users_all, items_all = self.vectors()
+        return self.cumulative_logits(users_all[users], items_all[items])

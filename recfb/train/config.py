@@ -1,0 +1,90 @@
+"""Typed training configuration (`conf/models/*.yaml`; every key overridable with --set)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """Which model family and its shape."""
+
+    family: Literal["mf", "lightgcn", "gnolr"] = "mf"
+    dim: int = Field(64, ge=2, description="embedding size (GNOLR: per level)")
+    loss: Literal["bpr", "softmax", "bce"] = Field(
+        "bpr", description="bpr pairwise; softmax = in-batch + uniform negatives with log-q; bce"
+    )
+    n_negatives: int = Field(4, ge=1, description="uniform negatives per positive")
+    hard_negative_prob: float = Field(
+        0.5, ge=0, le=1, description="chance a user's explicit negative replaces a sampled one"
+    )
+    temperature: float = Field(0.1, gt=0, description="softmax loss temperature")
+    layers: int = Field(3, ge=1, description="LightGCN propagation layers")
+    edge_min_label: int = Field(1, description="LightGCN: train pairs with label >= this are edges")
+    edge_weight_by_level: bool = Field(False, description="LightGCN: weight edges by level")
+    scale_init: float = Field(5.0, gt=0, description="GNOLR: initial per-level logit scale s_t")
+
+
+class DenoiseConfig(_Strict):
+    """PLD resampling or truncated loss; both switchable on any model."""
+
+    method: Literal["none", "pld", "tce"] = "none"
+    warmup_epochs: int = Field(1, ge=0, description="PLD: plain epochs before resampling")
+    pool: int = Field(5, ge=2, description="PLD: positives drawn per user for resampling")
+    tau: float = Field(0.1, gt=0, description="PLD: softmax temperature over -loss")
+    max_drop: float = Field(0.2, ge=0, lt=1, description="T-CE: final share of positives dropped")
+    ramp_epochs: int = Field(5, ge=1, description="T-CE: epochs to reach max_drop")
+
+
+class DebiasConfig(_Strict):
+    """Inverse-propensity weighting for missing-not-at-random feedback (Rel-MF)."""
+
+    ips: bool = False
+    eta: float = Field(0.5, gt=0, description="propensity theta_i = (pop_i / max pop)^eta")
+    clip: float = Field(0.05, gt=0, le=1, description="lower bound on theta")
+
+
+class TrainerConfig(_Strict):
+    """Passed to Lightning: DDP or multi-node needs config only (strategy, devices...)."""
+
+    max_epochs: int = Field(20, ge=0)
+    batch_size: int = Field(4096, ge=1)
+    lr: float = Field(0.005, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(3, ge=1, description="early stopping on the monitored metric")
+    monitor: str = Field("ndcg@20", description="validation metric to maximise")
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+
+
+class EvalSettings(_Strict):
+    """Full-ranking evaluation settings (see recfb.evaluate)."""
+
+    ks: list[int] = Field(default_factory=lambda: [10, 20, 50])
+    exclude: Literal["none", "any", "min_level"] = "any"
+    exclude_min_level: int = 1
+    relevant_min_level: int = 1
+
+
+class TrainConfig(_Strict):
+    """Everything one training run needs."""
+
+    data: str = Field("data/etl", description="ETL output directory")
+    train_min_label: int = Field(1, description="train pairs with label >= this are positives")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
+    debias: DebiasConfig = Field(default_factory=DebiasConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    seed: int = 0
+    experiment: str = "recfb"
+    run_name: str | None = None
+    checkpoint_dir: str = Field("checkpoints", description="where checkpoints are kept locally")

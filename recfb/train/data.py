@@ -1,0 +1,88 @@
+"""Training data read from an ETL output directory (the stage contract, not its internals)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from recfb.errors import InputError
+
+PAIR_COLUMNS = ["user_idx", "item_idx", "label", "weight"]
+
+
+@dataclass
+class Interactions:
+    """Pair tables of one ETL run with the catalogue sizes and level names."""
+
+    directory: Path
+    n_users: int
+    n_items: int
+    level_names: dict[int, str]
+    train: pl.DataFrame
+    valid: pl.DataFrame
+    test: pl.DataFrame
+    stats: dict
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Interactions:
+        directory = Path(directory)
+        needed = ["train.parquet", "valid.parquet", "test.parquet", "users.parquet",
+                  "items.parquet", "stats.json"]
+        missing = [n for n in needed if not (directory / n).is_file()]
+        if missing:
+            raise InputError(
+                f"not an ETL output directory (missing {missing}); run `recfb etl` first",
+                file=str(directory),
+            )
+        stats = json.loads((directory / "stats.json").read_text())
+        levels = {int(k): v for k, v in stats["levels"].items() if int(k) > 0}
+
+        def pairs(name: str) -> pl.DataFrame:
+            return pl.read_parquet(directory / f"{name}.parquet", columns=PAIR_COLUMNS)
+
+        return cls(
+            directory=directory,
+            n_users=pl.scan_parquet(directory / "users.parquet").select(pl.len()).collect().item(),
+            n_items=pl.scan_parquet(directory / "items.parquet").select(pl.len()).collect().item(),
+            level_names=levels,
+            train=pairs("train"),
+            valid=pairs("valid"),
+            test=pairs("test"),
+            stats=stats,
+        )
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.level_names)
+
+    def fingerprint(self) -> str:
+        """A short content hash of the data (stats + pair tables' sizes) for run tags."""
+        h = hashlib.sha256((self.directory / "stats.json").read_bytes())
+        for name in ("train", "valid", "test", "users", "items"):
+            h.update(str((self.directory / f"{name}.parquet").stat().st_size).encode())
+        return h.hexdigest()[:16]
+
+    def item_popularity(self, min_label: int = 1) -> np.ndarray:
+        """Train pairs with label >= min_label per item."""
+        counts = (
+            self.train.filter(pl.col("label") >= min_label)
+            .group_by("item_idx")
+            .len()
+        )
+        out = np.zeros(self.n_items, dtype=np.float64)
+        out[counts["item_idx"].to_numpy()] = counts["len"].to_numpy()
+        return out
+
+
+def csr_by_user(users: np.ndarray, items: np.ndarray, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indptr, items sorted by user): each user's items, for per-user sampling."""
+    order = np.argsort(users, kind="stable")
+    counts = np.bincount(users, minlength=n_users)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    return torch.as_tensor(indptr, dtype=torch.long), torch.as_tensor(items[order], dtype=torch.long)

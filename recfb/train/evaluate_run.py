@@ -1,0 +1,33 @@
+"""`recfb evaluate`: re-evaluate a trained run's vectors, logged as a new MLflow run."""
+
+from __future__ import annotations
+
+from recfb import tracking
+from recfb.config import build_model, parse_override, set_dotted
+from recfb.errors import ConfigError
+from recfb.train.config import TrainConfig
+from recfb.train.data import Interactions
+from recfb.train.loop import evaluate_scorer
+from recfb.train.runs import load_run
+
+
+def evaluate_run(run_id: str, split: str, overrides: list[str]) -> tuple[str, dict[str, float]]:
+    if split not in ("valid", "test"):
+        raise ConfigError(f"--split: expected valid or test, got '{split}'")
+    cfg, scorer = load_run(run_id)
+    data_dict = cfg.model_dump(mode="json")
+    for key, value in (parse_override(o) for o in overrides):
+        set_dotted(data_dict, key, value)
+    cfg = build_model(TrainConfig, data_dict, f"run {run_id} + overrides")
+    data = Interactions.load(cfg.data)
+    metrics = evaluate_scorer(scorer, data, getattr(data, split), cfg)
+    tags = {
+        "model_family": cfg.model.family,
+        "source_run_id": run_id,
+        "data_fingerprint": data.fingerprint(),
+        "stage": "evaluate",
+    }
+    with tracking.run(cfg.experiment, f"evaluate-{run_id[:8]}", tags) as new_run:
+        tracking.log_params(cfg.model_dump(mode="json"))
+        tracking.log_metrics(metrics, prefix=f"{split}/")
+    return new_run, {f"{split}/{k}": v for k, v in metrics.items()}

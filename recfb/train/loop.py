@@ -1,0 +1,255 @@
+"""`recfb train`: fit a model on an ETL output, evaluate it, record everything in MLflow."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import polars as pl
+import torch
+import yaml
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from recfb import tracking
+from recfb.evaluate import EvalConfig, full_ranking_metrics, level_auc
+from recfb.models import MODELS, EmbeddingRecommender
+from recfb.models.gnolr import GNOLR
+from recfb.models.lightgcn import LightGCN, normalized_adjacency
+from recfb.train.config import TrainConfig
+from recfb.train.data import Interactions, csr_by_user
+
+BASELINE_FAMILIES = ("popularity", "itemknn", "als", "bpr_implicit")
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    metrics: dict[str, float]
+    model: Any
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def eval_config(cfg: TrainConfig) -> EvalConfig:
+    e = cfg.eval
+    return EvalConfig(
+        ks=tuple(e.ks),
+        exclude=e.exclude,
+        exclude_min_level=e.exclude_min_level,
+        relevant_min_level=e.relevant_min_level,
+    )
+
+
+def training_tensors(data: Interactions, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Positives, explicit negatives and per-user lookups as tensors for the model's buffers."""
+    train = data.train
+    pos = train.filter(pl.col("label") >= cfg.train_min_label)
+    if pos.height == 0:
+        raise ValueError(f"no train pairs with label >= {cfg.train_min_label} in {data.directory}")
+    users = pos["user_idx"].to_numpy().astype(np.int64)
+    items = pos["item_idx"].to_numpy().astype(np.int64)
+    neg = train.filter(pl.col("label") == -1)
+    neg_indptr, neg_items = csr_by_user(
+        neg["user_idx"].to_numpy().astype(np.int64),
+        neg["item_idx"].to_numpy().astype(np.int64),
+        data.n_users,
+    )
+    pos_indptr, pos_by_user = csr_by_user(users, items, data.n_users)
+    keys = users * data.n_items + items
+    order = np.argsort(keys)
+    return {
+        "pos_users": torch.as_tensor(users),
+        "pos_items": torch.as_tensor(items),
+        "pos_labels": torch.as_tensor(pos["label"].to_numpy().astype(np.int64)),
+        "pos_weights": torch.as_tensor(pos["weight"].to_numpy().astype(np.float32)),
+        "neg_indptr": neg_indptr,
+        "neg_items": neg_items,
+        "pos_indptr": pos_indptr,
+        "pos_by_user": pos_by_user,
+        "pair_keys": torch.as_tensor(keys[order]),
+        "pair_labels": torch.as_tensor(pos["label"].to_numpy().astype(np.int64)[order]),
+    }
+
+
+def build_model(cfg: TrainConfig, data: Interactions) -> EmbeddingRecommender:
+    tensors = training_tensors(data, cfg)
+    popularity = torch.as_tensor(data.item_popularity(), dtype=torch.float32)
+    kwargs: dict[str, Any] = {}
+    if cfg.model.family == "lightgcn":
+        edges = data.train.filter(pl.col("label") >= cfg.model.edge_min_label)
+        weights = (
+            torch.as_tensor(edges["label"].to_numpy().astype(np.float32))
+            if cfg.model.edge_weight_by_level
+            else torch.ones(edges.height)
+        )
+        kwargs["adjacency"] = normalized_adjacency(
+            torch.as_tensor(edges["user_idx"].to_numpy().astype(np.int64)),
+            torch.as_tensor(edges["item_idx"].to_numpy().astype(np.int64)),
+            weights,
+            data.n_users,
+            data.n_items,
+        )
+    if cfg.model.family == "gnolr":
+        labels = tensors["pos_labels"]
+        total = len(labels) * (1 + cfg.model.n_negatives)
+        rates = torch.stack([(labels >= t).sum() for t in range(1, data.n_levels + 1)]) / total
+        kwargs["level_rates"] = rates.float()
+    cls = MODELS[cfg.model.family]
+    return cls(
+        data.n_users,
+        data.n_items,
+        data.n_levels,
+        cfg.model_dump(mode="json"),
+        train_pairs=tensors,
+        item_popularity=popularity,
+        **kwargs,
+    )
+
+
+def evaluate_scorer(
+    scorer: Any, data: Interactions, heldout: pl.DataFrame, cfg: TrainConfig
+) -> dict[str, float]:
+    """Full-ranking metrics of any object with `score(users)` on a held-out table."""
+    if heldout.height == 0:
+        return {}
+    return full_ranking_metrics(
+        scorer.score, data.n_items, heldout, data.train, data.level_names, eval_config(cfg)
+    )
+
+
+def gnolr_level_auc(model: GNOLR, heldout: pl.DataFrame, levels: dict[int, str]) -> dict[str, float]:
+    """AUC of z_t separating held-out pairs with label >= t from the rest, per level."""
+    if heldout.height == 0:
+        return {}
+    users = torch.as_tensor(heldout["user_idx"].to_numpy().astype(np.int64))
+    items = torch.as_tensor(heldout["item_idx"].to_numpy().astype(np.int64))
+    z = model.level_scores(users, items).cpu().numpy()
+    labels = heldout["label"].to_numpy()
+    out = {}
+    for t, name in levels.items():
+        auc = level_auc(z[:, t - 1], labels, [t])
+        if t in auc:
+            out[f"auc/{name}"] = float(auc[t])
+    return out
+
+
+def _fit_baseline(cfg: TrainConfig, data: Interactions) -> Any:
+    from recfb.models.baselines import make_baseline
+
+    params: dict[str, Any] = {"min_label": cfg.train_min_label}
+    if cfg.model.family in ("als", "bpr_implicit"):
+        params["factors"] = cfg.model.dim
+    return make_baseline(cfg.model.family, **params).fit(data.train, data.n_users, data.n_items)
+
+
+def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
+    """Train (or fit a baseline), evaluate on valid and test, and log one MLflow run."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = Interactions.load(cfg.data)
+    family = cfg.model.family
+    tags = {"model_family": family, "data_fingerprint": data.fingerprint(), "data": str(cfg.data)}
+    with tracking.run(cfg.experiment, cfg.run_name, tags) as run_id:
+        tracking.log_params(cfg.model_dump(mode="json"))
+        tracking.log_text(yaml.safe_dump(cfg.model_dump(mode="json")), "config.yaml")
+        tracking.log_json(data.stats, "dataset_stats.json")
+        if family in BASELINE_FAMILIES:
+            model: Any = _fit_baseline(cfg, data)
+            history: list[dict[str, float]] = []
+        else:
+            model, history = _fit_embedding(cfg, data, quiet)
+        metrics = {f"valid/{k}": v for k, v in evaluate_scorer(model, data, data.valid, cfg).items()}
+        metrics |= {f"test/{k}": v for k, v in evaluate_scorer(model, data, data.test, cfg).items()}
+        if isinstance(model, GNOLR):
+            metrics |= {f"test/{k}": v for k, v in gnolr_level_auc(model, data.test, data.level_names).items()}
+        tracking.log_metrics(metrics)
+        if isinstance(model, EmbeddingRecommender):
+            _log_model_artifacts(model, data, cfg, history, metrics)
+    return TrainResult(run_id=run_id, metrics=metrics, model=model, history=history)
+
+
+def _fit_embedding(
+    cfg: TrainConfig, data: Interactions, quiet: bool
+) -> tuple[EmbeddingRecommender, list[dict[str, float]]]:
+    model = build_model(cfg, data)
+    monitor = f"valid/{cfg.trainer.monitor}"
+    callbacks: list[Any] = []
+    checkpoint = None
+    if data.valid.height:
+        model.evaluator = lambda m: evaluate_scorer(m, data, data.valid, cfg)
+        callbacks.append(
+            EarlyStopping(monitor=monitor, mode="max", patience=cfg.trainer.patience,
+                          check_on_train_epoch_end=True)
+        )
+        ckpt_dir = Path(cfg.checkpoint_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = ModelCheckpoint(
+            dirpath=tempfile.mkdtemp(dir=ckpt_dir), monitor=monitor, mode="max", save_top_k=1,
+            save_on_train_epoch_end=True,
+        )
+        callbacks.append(checkpoint)
+    t = cfg.trainer
+    trainer = L.Trainer(
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=checkpoint is not None,
+        enable_progress_bar=not quiet,
+        enable_model_summary=False,
+        deterministic=True,
+        num_sanity_val_steps=0,
+    )
+    loader = DataLoader(
+        torch.arange(len(model.pos_users)), batch_size=t.batch_size, shuffle=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    if t.max_epochs > 0:
+        trainer.fit(model, loader)
+    history = list(model.history)
+    for row in history:
+        tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+    if checkpoint is not None and checkpoint.best_model_path:
+        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["state_dict"], strict=False)
+        import mlflow
+
+        mlflow.log_artifact(checkpoint.best_model_path, artifact_path="checkpoint")
+    model.eval()
+    model._cache = None
+    return model, history
+
+
+def _log_model_artifacts(
+    model: EmbeddingRecommender,
+    data: Interactions,
+    cfg: TrainConfig,
+    history: list[dict[str, float]],
+    metrics: dict[str, float],
+) -> None:
+    from recfb.tracking import plots
+
+    users, items = (t.cpu().numpy().astype(np.float32) for t in model.vectors())
+    tracking.log_frame(
+        pl.DataFrame({"user_idx": np.arange(len(users), dtype=np.uint32), "vector": users}),
+        "user_vectors.parquet", "embeddings",
+    )
+    tracking.log_frame(
+        pl.DataFrame({"item_idx": np.arange(len(items), dtype=np.uint32), "vector": items}),
+        "item_vectors.parquet", "embeddings",
+    )
+    if history:
+        tracking.log_figure(plots.learning_curves(history, cfg.trainer.monitor), "learning_curves.png")
+    k = cfg.eval.ks[0]
+    test_metrics = {k_[5:]: v for k_, v in metrics.items() if k_.startswith("test/")}
+    tracking.log_figure(
+        plots.metrics_by_level(test_metrics, list(data.level_names.values()), k),
+        "metrics_by_level.png",
+    )
