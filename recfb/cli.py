@@ -177,8 +177,9 @@ def print_metrics(metrics: dict[str, float], title: str) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     for key, value in metrics.items():
-        if "/" in key.split("/", 1)[-1] or key.endswith("n_users"):
-            continue  # per-level and counts: in MLflow; keep the terminal short
+        split, _, name = key.partition("/")
+        if split == "valid" or "/" in name and not name.startswith("auc/") or "n_users" in name:
+            continue  # validation, per-level and counts are in MLflow: keep the terminal short
         t.add_row(key, f"{value:.4f}")
     out.print(t)
 

@@ -39,7 +39,9 @@ class EmbeddingRecommender(L.LightningModule):
         item_popularity: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["train_pairs", "item_popularity"])
+        self.save_hyperparameters(
+            ignore=["train_pairs", "item_popularity", "adjacency", "level_rates"]
+        )
         self.cfg = TrainConfig.model_validate(config)
         self.n_users, self.n_items, self.n_levels = n_users, n_items, n_levels
         pairs = train_pairs or _empty_pairs()

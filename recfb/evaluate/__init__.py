@@ -1,0 +1,21 @@
+"""Evaluation: full-ranking top-k metrics, per-level AUC and the top-k lists themselves."""
+
+from recfb.evaluate.metrics import (
+    EvalConfig,
+    ScoreFn,
+    full_ranking_metrics,
+    item_popularity,
+    level_auc,
+    popularity_percentile,
+    topk_items,
+)
+
+__all__ = [
+    "EvalConfig",
+    "ScoreFn",
+    "full_ranking_metrics",
+    "item_popularity",
+    "level_auc",
+    "popularity_percentile",
+    "topk_items",
+]

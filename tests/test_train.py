@@ -1,0 +1,159 @@
+"""Training, evaluation, MLflow runs and batch recommendations, end to end on small data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from conftest import CONF, run
+from recfb.config import build_model
+from recfb.simulate import SimConfig, simulate
+from recfb.train.config import TrainConfig
+from recfb.train.data import Interactions
+from recfb.train.loop import evaluate_scorer, train
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small simulated shop run through the ETL (temporal split)."""
+    base = tmp_path_factory.mktemp("shop")
+    simulate(SimConfig(seed=3, n_users=1_500, n_items=400, n_events=150_000), base / "sim")
+    run(base, [base / "sim" / "events"], CONF / "signals" / "simulator.yaml")
+    return base / "out"
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test writes to its own SQLite store and artifact folder."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+def config(data: Path, family: str, **overrides) -> TrainConfig:
+    base = {
+        "data": str(data),
+        "model": {"family": family, "dim": 16},
+        "trainer": {"max_epochs": 4, "batch_size": 1024, "lr": 0.01, "patience": 5},
+        "eval": {"ks": [10, 20]},
+    }
+    for key, value in overrides.items():
+        base[key] = base.get(key, {}) | value if isinstance(value, dict) else value
+    return build_model(TrainConfig, base, "test")
+
+
+class RandomScorer:
+    def __init__(self, n_items: int) -> None:
+        self.n_items = n_items
+        self.gen = torch.Generator().manual_seed(0)
+
+    def score(self, users: torch.Tensor) -> torch.Tensor:
+        return torch.rand(len(users), self.n_items, generator=self.gen)
+
+
+@pytest.mark.parametrize("family", ["mf", "lightgcn", "gnolr"])
+def test_models_learn_better_than_random(shop: Path, family: str):
+    result = train(config(shop, family), quiet=True)
+    data = Interactions.load(shop)
+    cfg = config(shop, family)
+    random = evaluate_scorer(RandomScorer(data.n_items), data, data.test, cfg)
+    assert result.metrics["test/ndcg@20"] > 2 * random["ndcg@20"], (result.metrics, random)
+    assert len(result.history) >= 1 and "train/loss" in result.history[0]
+
+
+def test_training_is_deterministic_by_seed(shop: Path):
+    a = train(config(shop, "mf", trainer={"max_epochs": 2}), quiet=True)
+    b = train(config(shop, "mf", trainer={"max_epochs": 2}), quiet=True)
+    assert a.metrics["test/ndcg@20"] == b.metrics["test/ndcg@20"]
+    ua, _ = a.model.vectors()
+    ub, _ = b.model.vectors()
+    assert torch.equal(ua, ub)
+
+
+def test_gnolr_ranks_by_the_deepest_level_and_reports_level_auc(shop: Path):
+    result = train(config(shop, "gnolr"), quiet=True)
+    model = result.model
+    levels = Interactions.load(shop).level_names
+    for name in levels.values():
+        assert 0.5 < result.metrics[f"test/auc/{name}"] <= 1.0
+    # one inner product equals z_T + a_T for every pair
+    users, items = torch.arange(5), torch.arange(5)
+    z = model.level_scores(users, items)
+    q, v = model.vectors()
+    inner = (q[users] * v[items]).sum(-1)
+    assert torch.allclose(inner, z[:, -1] + model.thresholds[-1], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        {"denoise": {"method": "pld", "warmup_epochs": 1}},
+        {"denoise": {"method": "tce", "max_drop": 0.3, "ramp_epochs": 2}},
+        {"debias": {"ips": True}},
+        {"model": {"family": "mf", "dim": 16, "loss": "softmax"}},
+        {"model": {"family": "mf", "dim": 16, "loss": "bce"}, "debias": {"ips": True}},
+    ],
+)
+def test_denoising_and_debiasing_switches_train(shop: Path, switch: dict):
+    result = train(config(shop, "mf", **switch), quiet=True)
+    assert np.isfinite(result.history[-1]["train/loss"])
+    assert result.metrics["test/ndcg@20"] > 0
+
+
+def test_run_is_recorded_in_mlflow_and_reloads_for_recommend(shop: Path, tmp_path: Path):
+    from recfb.evaluate import EvalConfig
+    from recfb.train.recommend import recommend
+    from recfb.train.runs import load_run
+
+    result = train(config(shop, "mf", run_name="recorded"), quiet=True)
+    client = mlflow.MlflowClient()
+    recorded = client.get_run(result.run_id)
+    assert recorded.data.params["model.family"] == "mf"
+    assert recorded.data.tags["model_family"] == "mf"
+    assert "data_fingerprint" in recorded.data.tags
+    assert "test/ndcg_at_20" in recorded.data.metrics
+    history = client.get_metric_history(result.run_id, "train/loss")
+    assert len(history) == len(result.history)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "dataset_stats.json", "embeddings", "learning_curves.png",
+            "metrics_by_level.png", "checkpoint"} <= artifacts
+
+    cfg, scorer = load_run(result.run_id)
+    assert cfg.model.family == "mf"
+    data = Interactions.load(shop)
+    users = pl.read_parquet(shop / "users.parquet")["user_id"].head(3).to_list()
+    recs = recommend(scorer, data, users + ["never-seen"], 10, EvalConfig(exclude="any"))
+    assert recs.columns == ["user_id", "rank", "item_id", "score", "source"]
+    assert recs.filter(pl.col("user_id") == "never-seen")["source"].unique().to_list() == [
+        "popularity"
+    ]
+    assert recs.group_by("user_id").len()["len"].to_list() == [10] * 4
+    # masked: no recommended item is one the user already interacted with in train
+    seen = data.train.join(pl.read_parquet(shop / "users.parquet"), on="user_idx").join(
+        pl.read_parquet(shop / "items.parquet"), on="item_idx"
+    )
+    clash = recs.join(seen.select("user_id", "item_id"), on=["user_id", "item_id"])
+    assert clash.height == 0
+
+
+@pytest.mark.parametrize("family", ["popularity", "itemknn", "als"])
+def test_baselines_run_in_the_same_harness(shop: Path, family: str):
+    pytest.importorskip("implicit")
+    result = train(config(shop, family), quiet=True)
+    assert result.metrics["test/ndcg@20"] > 0
+    assert mlflow.MlflowClient().get_run(result.run_id).data.tags["model_family"] == family
+
+
+def test_unknown_etl_dir_is_a_clear_error(tmp_path: Path):
+    from recfb.errors import InputError
+
+    with pytest.raises(InputError, match="recfb etl"):
+        train(config(tmp_path / "nope", "mf"), quiet=True)
+    assert os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite")
