@@ -312,6 +312,17 @@ def test_topk_items_small_k_matches_scores() -> None:
     assert (top_scores[:, 0] >= top_scores[:, 1]).all()
 
 
+def test_scores_held_by_the_model_are_not_overwritten() -> None:
+    """score() may return a tensor it keeps; masking must work on a copy."""
+    table = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    kept = table.clone()
+    items, _ = topk_items(
+        lambda users: table, 4, [0, 1, 2], frame([(0, 3, 1), (2, 0, 0)]), EvalConfig(), 2
+    )
+    assert torch.equal(table, kept)
+    assert items.tolist() == [[2, 1], [3, 2], [3, 2]]
+
+
 # --------------------------------------------------------------------------------------------
 # batching, configuration, popularity, AUC
 

@@ -50,7 +50,7 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 """User indices (LongTensor (B,)) -> scores of every item (float tensor (B, n_items))."""
 
 _TARGET_BATCH_CELLS = 2**25  # floats per score batch when batch_users is not given
-_NO_PAIR = -128  # label-matrix value of an item without a usable held-out pair
+_NO_PAIR = -128  # label given to a top-k slot whose item has no usable held-out pair
 _PAIR_COLUMNS = ("user_idx", "item_idx", "label")
 
 
@@ -236,13 +236,13 @@ def full_ranking_metrics(
         out[f"n_users{suffix}"] = float(n)
         if n == 0:
             continue
-        means = np.concatenate(per_user[g]).mean(0)  # (3, len(ks))
+        means = _stacked(per_user[g]).mean(0)  # (3, len(ks))
         for m, metric in enumerate(("recall", "ndcg", "hr")):
             for j, k in enumerate(ks):
                 out[f"{metric}@{k}{suffix}"] = float(means[m, j])
     if pop_sum:
-        total_pct = np.concatenate(pop_sum).sum(0)
-        total_slots = np.concatenate(pop_count).sum(0)
+        total_pct = _stacked(pop_sum).sum(0)
+        total_slots = _stacked(pop_count).sum(0)
         for j, k in enumerate(ks):
             out[f"coverage@{k}"] = float((best_rank < k).sum()) / n_items
             slots = float(total_slots[j])
@@ -294,6 +294,7 @@ def _ranked_batches(
     keeps the heavy part on the GPU; only the (B, k) results come back.
     """
     k = min(k, n_items)
+    buffer: torch.Tensor | None = None
     for start in range(0, len(users), batch_users):
         batch = users[start : start + batch_users]
         with torch.no_grad():
@@ -310,8 +311,11 @@ def _ranked_batches(
             valid = torch.ones_like(top_idx, dtype=torch.bool)
         else:
             row, items, _ = masked.gather(batch)
-            # a copy, because score() may hand out a tensor it keeps (a cache, a parameter)
-            scores = scores.clone()
+            # Masked on a copy, because score() may hand out a tensor it keeps (a cache, a
+            # parameter); one reused buffer spares the allocation and page faults per batch.
+            if buffer is None or buffer.shape[0] < len(batch) or not _same_kind(buffer, scores):
+                buffer = torch.empty_like(scores)
+            scores = buffer[: len(batch)].copy_(scores)
             device = scores.device
             index = (torch.from_numpy(row).to(device), torch.from_numpy(items).to(device))
             scores.index_put_(index, torch.tensor(float("-inf"), dtype=scores.dtype, device=device))
@@ -320,6 +324,17 @@ def _ranked_batches(
             is_masked, _ = _lookup(row * n_items + items, _slot_keys(top_idx, n_items))
             valid = torch.from_numpy(~is_masked)
         yield start, batch, top_idx, top_scores.cpu(), valid
+
+
+def _same_kind(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `b` can be copied into `a` without a conversion."""
+    return a.dtype == b.dtype and a.device == b.device and a.shape[1:] == b.shape[1:]
+
+
+def _stacked(pieces: list[np.ndarray]) -> np.ndarray:
+    """Per-batch rows in one C-ordered array: a sum over it then has the same rounding
+    whatever the batch size (numpy sums C and F layouts in different orders)."""
+    return np.ascontiguousarray(np.concatenate(pieces))
 
 
 def _slot_keys(top_idx: torch.Tensor, n_items: int) -> np.ndarray:
