@@ -41,7 +41,7 @@ def models(deepest: int, dim: int) -> dict[str, dict]:
         "mf-bpr": {"model": {"family": "mf", "dim": dim, "loss": "bpr"}},
         "mf-softmax": {"model": {"family": "mf", "dim": dim, "loss": "softmax"}},
         "lightgcn": {"model": {"family": "lightgcn", "dim": dim}},
-        "gnolr": {"model": {"family": "gnolr", "dim": max(8, dim // 2)}},
+        "gnolr": {"model": {"family": "gnolr", "dim": max(8, dim // 2)}, "trainer": {"lr": 0.01}},
         "mf-bpr-deepest-only": common
         | {"model": {"family": "mf", "dim": dim, "loss": "bpr"}, "train_min_label": deepest},
     }
@@ -84,10 +84,16 @@ def main() -> None:
             "data": str(work / "etl"),
             "experiment": f"quality-{args.dataset}",
             "run_name": name,
-            "trainer": {"max_epochs": args.epochs, "batch_size": args.batch_size,
-                        "patience": 4, "lr": 0.005},
+            "trainer": {
+                "max_epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "patience": 4,
+                "lr": 0.005,
+            },
             "eval": {"ks": [10, 20, 50]} | eval_rule,
-        } | spec
+        }
+        for key, value in spec.items():
+            data[key] = data.get(key, {}) | value if isinstance(value, dict) else value
         cfg = build_model(TrainConfig, data, name)
         start = time.perf_counter()
         result = train(cfg, quiet=True)
@@ -106,15 +112,27 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     out = ROOT / "benchmarks" / "results" / f"quality_{args.dataset}.json"
-    out.write_text(json.dumps({"dataset": args.dataset, "eval": eval_rule, "split": stats["split"],
-                               "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {"dataset": args.dataset, "eval": eval_rule, "split": stats["split"], "rows": rows},
+            indent=2,
+        )
+        + "\n"
+    )
     keys = [k for k in rows[0] if k != "run_id"]
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
-        print("| " + " | ".join(
-            f"{row[k]:.4f}" if isinstance(row[k], float) and k not in ("seconds",) else str(row[k])
-            for k in keys) + " |")
+        print(
+            "| "
+            + " | ".join(
+                f"{row[k]:.4f}"
+                if isinstance(row[k], float) and k not in ("seconds",)
+                else str(row[k])
+                for k in keys
+            )
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -246,11 +246,12 @@ def recommend(
 
     Example: `recfb recommend --run-id 0123abcd --users users.txt -k 50 -o recs.parquet`
     """
-    from recfb.config import build_model, set_dotted, parse_override
+    from recfb.config import build_model, parse_override, set_dotted
     from recfb.train.config import TrainConfig
     from recfb.train.data import Interactions
     from recfb.train.loop import eval_config
-    from recfb.train.recommend import recommend as run_recommend, write_recommendations
+    from recfb.train.recommend import recommend as run_recommend
+    from recfb.train.recommend import write_recommendations
     from recfb.train.runs import load_run
 
     try:
@@ -259,15 +260,21 @@ def recommend(
         for key, value in (parse_override(o) for o in overrides or []):
             set_dotted(data_dict, key, value)
         cfg = build_model(TrainConfig, data_dict, f"run {run_id}")
-        ids = [line.strip() for line in users.read_text().splitlines() if line.strip()] if users else None
+        ids = (
+            [line.strip() for line in users.read_text().splitlines() if line.strip()]
+            if users
+            else None
+        )
         frame = run_recommend(scorer, Interactions.load(cfg.data), ids, k, eval_config(cfg))
         write_recommendations(frame, output)
     except RecfbError as exc:
         _fail(exc)
         return
     fallback = frame.filter(frame["source"] == "popularity")["user_id"].n_unique()
-    out.print(f"wrote {frame.height:,} rows for {frame['user_id'].n_unique():,} users "
-              f"({fallback:,} by popularity fallback) to {output}")
+    out.print(
+        f"wrote {frame.height:,} rows for {frame['user_id'].n_unique():,} users "
+        f"({fallback:,} by popularity fallback) to {output}"
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

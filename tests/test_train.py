@@ -11,12 +11,13 @@ import polars as pl
 import pytest
 import torch
 
-from conftest import CONF, run
 from recfb.config import build_model
 from recfb.simulate import SimConfig, simulate
 from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions
 from recfb.train.loop import evaluate_scorer, train
+
+from conftest import CONF, run
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +123,14 @@ def test_run_is_recorded_in_mlflow_and_reloads_for_recommend(shop: Path, tmp_pat
     history = client.get_metric_history(result.run_id, "train/loss")
     assert len(history) == len(result.history)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"config.yaml", "dataset_stats.json", "embeddings", "learning_curves.png",
-            "metrics_by_level.png", "checkpoint"} <= artifacts
+    assert {
+        "config.yaml",
+        "dataset_stats.json",
+        "embeddings",
+        "learning_curves.png",
+        "metrics_by_level.png",
+        "checkpoint",
+    } <= artifacts
 
     cfg, scorer = load_run(result.run_id)
     assert cfg.model.family == "mf"

@@ -104,21 +104,28 @@ class EmbeddingRecommender(L.LightningModule):
         if has.any() and self.cfg.model.hard_negative_prob > 0:
             pick = start + (torch.rand(len(users), device=users.device) * (end - start)).long()
             pick = pick.clamp(max=max(len(self.neg_items) - 1, 0))
-            swap = has & (torch.rand(len(users), device=users.device) < self.cfg.model.hard_negative_prob)
+            swap = has & (
+                torch.rand(len(users), device=users.device) < self.cfg.model.hard_negative_prob
+            )
             if len(self.neg_items):
                 neg[:, 0] = torch.where(swap, self.neg_items[pick], neg[:, 0])
         return neg
 
     def _pld_resample(
-        self, uvec: torch.Tensor, items_all: torch.Tensor, users: torch.Tensor,
-        pos: torch.Tensor, neg: torch.Tensor,
+        self,
+        uvec: torch.Tensor,
+        items_all: torch.Tensor,
+        users: torch.Tensor,
+        pos: torch.Tensor,
+        neg: torch.Tensor,
     ) -> torch.Tensor:
         """Resample each positive from a pool of the user's positives by softmax(-loss/tau)."""
         k, tau = self.cfg.denoise.pool, self.cfg.denoise.tau
         start, end = self.pos_indptr[users], self.pos_indptr[users + 1]
-        pick = start.unsqueeze(1) + (
-            torch.rand(len(users), k, device=users.device) * (end - start).unsqueeze(1)
-        ).long()
+        pick = (
+            start.unsqueeze(1)
+            + (torch.rand(len(users), k, device=users.device) * (end - start).unsqueeze(1)).long()
+        )
         pool = self.pos_by_user[pick]  # (B, k)
         pool[:, 0] = pos  # the drawn positive stays a candidate
         with torch.no_grad():
@@ -156,7 +163,9 @@ class EmbeddingRecommender(L.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(idx))
         return loss
 
-    def _label_of(self, users: torch.Tensor, items: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    def _label_of(
+        self, users: torch.Tensor, items: torch.Tensor, fallback: torch.Tensor
+    ) -> torch.Tensor:
         """Label of (user, item) train pairs via the sorted pair keys (fallback if absent)."""
         keys = users * self.n_items + items
         where = torch.searchsorted(self.pair_keys, keys).clamp(max=len(self.pair_keys) - 1)
@@ -203,7 +212,14 @@ def _empty_pairs() -> dict[str, torch.Tensor]:
     """Buffers of a model rebuilt for inference (no training data needed)."""
     long = torch.zeros(0, dtype=torch.long)
     return {
-        "pos_users": long, "pos_items": long, "pos_labels": long,
-        "pos_weights": torch.zeros(0), "neg_indptr": long, "neg_items": long,
-        "pos_indptr": long, "pos_by_user": long, "pair_keys": long, "pair_labels": long,
+        "pos_users": long,
+        "pos_items": long,
+        "pos_labels": long,
+        "pos_weights": torch.zeros(0),
+        "neg_indptr": long,
+        "neg_items": long,
+        "pos_indptr": long,
+        "pos_by_user": long,
+        "pair_keys": long,
+        "pair_labels": long,
     }

@@ -7,6 +7,10 @@ included); P(label >= t) = sigmoid(z_t); the loss is the negative log-likelihood
 ordinal label from P(>= y) - P(>= y+1), clamped positive. Explicit negatives and sampled
 items are level 0. Serving uses one inner-product index: query = concat(s_t u_t),
 item = concat(i_t), whose inner product is z_T + a_T, monotone in P(deepest level).
+
+One extension: each item has a bias per level (l_t = s_t cos(u_t, i_t) + b_{i,t}), since cosine
+logits alone cannot express that some items are simply more popular. The biases ride in T
+extra columns (query side: ones), so the single inner-product index still serves the model.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class GNOLR(EmbeddingRecommender):
         self.item_embedding = nn.Embedding(self.n_items, d * t)
         nn.init.normal_(self.user_embedding.weight, std=0.1)
         nn.init.normal_(self.item_embedding.weight, std=0.1)
+        self.item_bias = nn.Embedding(self.n_items, t)
+        nn.init.zeros_(self.item_bias.weight)
         self.log_scale = nn.Parameter(torch.full((t,), float(self.cfg.model.scale_init)).log())
         rates = level_rates if level_rates is not None else torch.full((t,), 0.5)
         self.register_buffer("thresholds", -torch.log(rates.clamp(min=_EPS)))
@@ -38,14 +44,19 @@ class GNOLR(EmbeddingRecommender):
         return F.normalize(x.view(*x.shape[:-1], self.n_levels, -1), dim=-1)
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query = [s_1 u_1 .. s_T u_T, 1 .. 1], item = [i_1 .. i_T, b_1 .. b_T]."""
         scale = self.log_scale.exp().unsqueeze(-1)
         users = (self._split(self.user_embedding.weight) * scale).flatten(1)
         items = self._split(self.item_embedding.weight).flatten(1)
-        return users, items
+        ones = torch.ones(users.shape[0], self.n_levels, device=users.device)
+        return torch.cat([users, ones], 1), torch.cat([items, self.item_bias.weight], 1)
 
     def cumulative_logits(self, users_vec: torch.Tensor, items_vec: torch.Tensor) -> torch.Tensor:
         """z (..., T) from query and item vectors of the same leading shape."""
-        per_level = (users_vec * items_vec).view(*users_vec.shape[:-1], self.n_levels, -1).sum(-1)
+        t = self.n_levels
+        product = users_vec * items_vec
+        cosines = product[..., :-t].reshape(*product.shape[:-1], t, -1).sum(-1)
+        per_level = cosines + product[..., -t:]
         return per_level.cumsum(-1) - self.thresholds
 
     def ordinal_nll(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

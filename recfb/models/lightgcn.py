@@ -41,14 +41,14 @@ class LightGCN(EmbeddingRecommender):
         dim = self.cfg.model.dim
         self.embedding = nn.Embedding(self.n_users + self.n_items, dim)
         nn.init.normal_(self.embedding.weight, std=0.1)
-        self.convs = nn.ModuleList(
-            LGConv(normalize=False) for _ in range(self.cfg.model.layers)
-        )
+        self.convs = nn.ModuleList(LGConv(normalize=False) for _ in range(self.cfg.model.layers))
         if adjacency is None:
             n = self.n_users + self.n_items
             adjacency = torch.sparse_csr_tensor(
-                torch.zeros(n + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                torch.zeros(0), (n, n),
+                torch.zeros(n + 1, dtype=torch.long),
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0),
+                (n, n),
             )
         self.adjacency = adjacency
 

@@ -32,8 +32,14 @@ class Interactions:
     @classmethod
     def load(cls, directory: str | Path) -> Interactions:
         directory = Path(directory)
-        needed = ["train.parquet", "valid.parquet", "test.parquet", "users.parquet",
-                  "items.parquet", "stats.json"]
+        needed = [
+            "train.parquet",
+            "valid.parquet",
+            "test.parquet",
+            "users.parquet",
+            "items.parquet",
+            "stats.json",
+        ]
         missing = [n for n in needed if not (directory / n).is_file()]
         if missing:
             raise InputError(
@@ -70,19 +76,19 @@ class Interactions:
 
     def item_popularity(self, min_label: int = 1) -> np.ndarray:
         """Train pairs with label >= min_label per item."""
-        counts = (
-            self.train.filter(pl.col("label") >= min_label)
-            .group_by("item_idx")
-            .len()
-        )
+        counts = self.train.filter(pl.col("label") >= min_label).group_by("item_idx").len()
         out = np.zeros(self.n_items, dtype=np.float64)
         out[counts["item_idx"].to_numpy()] = counts["len"].to_numpy()
         return out
 
 
-def csr_by_user(users: np.ndarray, items: np.ndarray, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:
+def csr_by_user(
+    users: np.ndarray, items: np.ndarray, n_users: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(indptr, items sorted by user): each user's items, for per-user sampling."""
     order = np.argsort(users, kind="stable")
     counts = np.bincount(users, minlength=n_users)
     indptr = np.concatenate([[0], np.cumsum(counts)])
-    return torch.as_tensor(indptr, dtype=torch.long), torch.as_tensor(items[order], dtype=torch.long)
+    return torch.as_tensor(indptr, dtype=torch.long), torch.as_tensor(
+        items[order], dtype=torch.long
+    )

@@ -19,7 +19,7 @@ from recfb import tracking
 from recfb.evaluate import EvalConfig, full_ranking_metrics, level_auc
 from recfb.models import MODELS, EmbeddingRecommender
 from recfb.models.gnolr import GNOLR
-from recfb.models.lightgcn import LightGCN, normalized_adjacency
+from recfb.models.lightgcn import normalized_adjacency
 from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions, csr_by_user
 
@@ -121,7 +121,9 @@ def evaluate_scorer(
     )
 
 
-def gnolr_level_auc(model: GNOLR, heldout: pl.DataFrame, levels: dict[int, str]) -> dict[str, float]:
+def gnolr_level_auc(
+    model: GNOLR, heldout: pl.DataFrame, levels: dict[int, str]
+) -> dict[str, float]:
     """AUC of z_t separating held-out pairs with label >= t from the rest, per level."""
     if heldout.height == 0:
         return {}
@@ -161,10 +163,15 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
             history: list[dict[str, float]] = []
         else:
             model, history = _fit_embedding(cfg, data, quiet)
-        metrics = {f"valid/{k}": v for k, v in evaluate_scorer(model, data, data.valid, cfg).items()}
+        metrics = {
+            f"valid/{k}": v for k, v in evaluate_scorer(model, data, data.valid, cfg).items()
+        }
         metrics |= {f"test/{k}": v for k, v in evaluate_scorer(model, data, data.test, cfg).items()}
         if isinstance(model, GNOLR):
-            metrics |= {f"test/{k}": v for k, v in gnolr_level_auc(model, data.test, data.level_names).items()}
+            metrics |= {
+                f"test/{k}": v
+                for k, v in gnolr_level_auc(model, data.test, data.level_names).items()
+            }
         tracking.log_metrics(metrics)
         if isinstance(model, EmbeddingRecommender):
             _log_model_artifacts(model, data, cfg, history, metrics)
@@ -181,13 +188,20 @@ def _fit_embedding(
     if data.valid.height:
         model.evaluator = lambda m: evaluate_scorer(m, data, data.valid, cfg)
         callbacks.append(
-            EarlyStopping(monitor=monitor, mode="max", patience=cfg.trainer.patience,
-                          check_on_train_epoch_end=True)
+            EarlyStopping(
+                monitor=monitor,
+                mode="max",
+                patience=cfg.trainer.patience,
+                check_on_train_epoch_end=True,
+            )
         )
         ckpt_dir = Path(cfg.checkpoint_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = ModelCheckpoint(
-            dirpath=tempfile.mkdtemp(dir=ckpt_dir), monitor=monitor, mode="max", save_top_k=1,
+            dirpath=tempfile.mkdtemp(dir=ckpt_dir),
+            monitor=monitor,
+            mode="max",
+            save_top_k=1,
             save_on_train_epoch_end=True,
         )
         callbacks.append(checkpoint)
@@ -208,7 +222,9 @@ def _fit_embedding(
         num_sanity_val_steps=0,
     )
     loader = DataLoader(
-        torch.arange(len(model.pos_users)), batch_size=t.batch_size, shuffle=True,
+        torch.arange(len(model.pos_users)),
+        batch_size=t.batch_size,
+        shuffle=True,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     if t.max_epochs > 0:
@@ -239,14 +255,18 @@ def _log_model_artifacts(
     users, items = (t.cpu().numpy().astype(np.float32) for t in model.vectors())
     tracking.log_frame(
         pl.DataFrame({"user_idx": np.arange(len(users), dtype=np.uint32), "vector": users}),
-        "user_vectors.parquet", "embeddings",
+        "user_vectors.parquet",
+        "embeddings",
     )
     tracking.log_frame(
         pl.DataFrame({"item_idx": np.arange(len(items), dtype=np.uint32), "vector": items}),
-        "item_vectors.parquet", "embeddings",
+        "item_vectors.parquet",
+        "embeddings",
     )
     if history:
-        tracking.log_figure(plots.learning_curves(history, cfg.trainer.monitor), "learning_curves.png")
+        tracking.log_figure(
+            plots.learning_curves(history, cfg.trainer.monitor), "learning_curves.png"
+        )
     k = cfg.eval.ks[0]
     test_metrics = {k_[5:]: v for k_, v in metrics.items() if k_.startswith("test/")}
     tracking.log_figure(

@@ -35,9 +35,7 @@ def recommend(
         wanted = pl.DataFrame({"user_id": [str(u) for u in user_ids]}).join(
             vocab, on="user_id", how="left", maintain_order="left"
         )
-    known = wanted.filter(
-        pl.col("user_idx").is_not_null() & (pl.col("user_idx") < scorer.n_users)
-    )
+    known = wanted.filter(pl.col("user_idx").is_not_null() & (pl.col("user_idx") < scorer.n_users))
     unknown = wanted.filter(~pl.col("user_id").is_in(known["user_id"].implode()))
     frames = []
     if known.height:
@@ -66,7 +64,9 @@ def recommend(
     )
 
 
-def _long(user_ids: list[str], items: torch.Tensor, scores: torch.Tensor, source: str) -> pl.DataFrame:
+def _long(
+    user_ids: list[str], items: torch.Tensor, scores: torch.Tensor, source: str
+) -> pl.DataFrame:
     n, k = items.shape if items.ndim == 2 else (0, 0)
     valid = torch.isfinite(scores).reshape(-1).numpy() if n else np.zeros(0, dtype=bool)
     frame = pl.DataFrame(
@@ -77,8 +77,13 @@ def _long(user_ids: list[str], items: torch.Tensor, scores: torch.Tensor, source
             "score": scores.reshape(-1).numpy().astype(np.float32),
             "source": [source] * (n * k),
         },
-        schema={"user_id": pl.String, "rank": pl.Int32, "item_idx": pl.UInt32,
-                "score": pl.Float32, "source": pl.String},
+        schema={
+            "user_id": pl.String,
+            "rank": pl.Int32,
+            "item_idx": pl.UInt32,
+            "score": pl.Float32,
+            "source": pl.String,
+        },
     )
     return frame.filter(pl.Series(valid)) if n else frame
 

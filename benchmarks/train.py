@@ -1,0 +1,184 @@
+"""Training speed and peak memory: MF-BPR, LightGCN, GNOLR vs `implicit` ALS/BPR.
+
+    python benchmarks/train.py --sizes 100000 1000000 10000000
+
+For each size a simulated shop is generated with about that many train interactions (pairs)
+and run through the ETL. Each model then trains in its own child process (peak RSS from
+wait4) for a bounded number of steps; seconds per epoch = measured seconds per step x steps
+per epoch (batch 4096 for MF/GNOLR, 16384 for LightGCN, whose every step propagates over the
+whole graph). `implicit` ALS and BPR run one full iteration (= one epoch) on the same pairs
+in the same run. Results: a Markdown table and benchmarks/results/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BATCH = {"mf": 4096, "gnolr": 4096, "lightgcn": 16384}
+
+
+def child(family: str, etl: str, steps: int) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    from recfb.config import build_model
+    from recfb.train.config import TrainConfig
+    from recfb.train.data import Interactions
+
+    data = Interactions.load(etl)
+    n_pairs = data.train.filter(data.train["label"] >= 1).height
+    if family in ("als", "bpr_implicit"):
+        from recfb.models.baselines import make_baseline
+
+        model = make_baseline(family, factors=64, iterations=1)
+        start = time.perf_counter()
+        model.fit(data.train, data.n_users, data.n_items)
+        return {"pairs": n_pairs, "epoch_s": time.perf_counter() - start, "measured": "1 epoch"}
+
+    from recfb.train.loop import build_model as build_recfb_model
+
+    cfg = build_model(
+        TrainConfig,
+        {
+            "data": etl,
+            "model": {"family": family, "dim": 64 if family != "gnolr" else 32},
+            "trainer": {"batch_size": BATCH[family]},
+        },
+        "bench",
+    )
+    model = build_recfb_model(cfg, data)
+    opt = model.configure_optimizers()
+    model.train()
+    n = len(model.pos_users)
+    per_epoch = (n + BATCH[family] - 1) // BATCH[family]
+    steps = min(steps, per_epoch)
+    perm = torch.randperm(n)
+
+    def step(i: int) -> None:
+        idx = perm[(i * BATCH[family]) % n :][: BATCH[family]]
+        model.trainer = None  # training_step only logs through self.log when attached
+        loss = _loss(model, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step(0)  # warm-up
+    start = time.perf_counter()
+    for i in range(1, steps + 1):
+        step(i)
+    per_step = (time.perf_counter() - start) / steps
+    return {
+        "pairs": n_pairs,
+        "epoch_s": per_step * per_epoch,
+        "measured": f"{steps} of {per_epoch} steps",
+    }
+
+
+def _loss(model, idx):
+    """The model's training loss for one batch, without a Lightning Trainer around it."""
+    import torch
+
+    users, pos = model.pos_users[idx], model.pos_items[idx]
+    labels, weights = model.pos_labels[idx], model.pos_weights[idx]
+    neg = model.sample_negatives(users)
+    users_all, items_all = model.encode()
+    losses = model.example_losses(users_all[users], items_all[pos], items_all[neg], pos, labels)
+    return (losses * weights).sum() / weights.sum().clamp(min=1e-8) + 0 * torch.tensor(0.0)
+
+
+def measure(args: list[str]) -> dict:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"child {args} failed ({status})")
+    result = json.loads(output.strip().splitlines()[-1])
+    result["peak_rss_gib"] = usage.ru_maxrss / 1024**2
+    return result
+
+
+def prepare(pairs: int, work: Path) -> Path:
+    from recfb.config import build_model
+    from recfb.etl import EtlConfig, run_etl
+    from recfb.simulate import SimConfig, simulate
+
+    base = work / f"pairs-{pairs}"
+    etl = base / "etl"
+    if (etl / "stats.json").exists():
+        return etl
+    events = int(pairs * 1.35)  # the simulator yields ~0.8 train pairs per event
+    simulate(
+        SimConfig(
+            seed=2,
+            n_events=events,
+            n_users=max(2000, events // 40),
+            n_items=max(2000, events // 400),
+        ),
+        base / "sim",
+        overwrite=True,
+    )
+    run_etl(
+        build_model(
+            EtlConfig,
+            {
+                "input": {"paths": [str(base / "sim" / "events")]},
+                "signals": str(ROOT / "conf/signals/simulator.yaml"),
+                "out": str(etl),
+                "split": {"method": "none"},
+            },
+            "bench",
+        ),
+        quiet=True,
+    )
+    return etl
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/recfb-train-bench"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--child")
+    parser.add_argument("--etl")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.etl, args.steps)))
+        return
+    rows = []
+    for size in args.sizes:
+        etl = prepare(size, args.work)
+        for family in ("mf", "lightgcn", "gnolr", "als", "bpr_implicit"):
+            r = measure(["--child", family, "--etl", str(etl), "--steps", str(args.steps)])
+            r |= {"size": size, "model": family}
+            rows.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    (ROOT / "benchmarks/results/train.json").write_text(
+        json.dumps(
+            {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows}, indent=2
+        )
+        + "\n"
+    )
+    print("| train pairs | model | s / epoch | peak RSS GiB | vs implicit ALS epoch | measured |")
+    print("|---:|---|---:|---:|---:|---|")
+    for r in rows:
+        als = next(x for x in rows if x["size"] == r["size"] and x["model"] == "als")
+        print(
+            f"| {r['pairs']:,} | {r['model']} | {r['epoch_s']:.1f} | {r['peak_rss_gib']:.2f} | "
+            f"{r['epoch_s'] / als['epoch_s']:.1f}x | {r['measured']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
