@@ -217,7 +217,7 @@ def evaluate(
 ) -> None:
     """Evaluate a trained run again (e.g. with another exclusion rule); logs a new MLflow run.
 
-    Example: `recfb evaluate --run-id 0123abcd --set eval.exclude=min_level --set eval.exclude_min_level=4`
+    Example: `recfb evaluate --run-id 0123abcd --set eval.exclude=none`
     """
     from recfb.train.evaluate_run import evaluate_run
 
