@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--eval-users", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--noise-items", choices=["popularity", "uniform"], default="uniform")
     args = parser.parse_args()
 
     from recfb.config import build_model
@@ -90,7 +91,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for noise in args.noise:
-        base = args.work / f"noise-{noise}"
+        base = args.work / f"noise-{noise}-{args.noise_items}"
         if not (base / "sim" / "events").exists():
             simulate(
                 SimConfig(
@@ -138,7 +139,8 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    (ROOT / "benchmarks/results/denoise.json").write_text(json.dumps(rows, indent=2) + "\n")
+    out = ROOT / f"benchmarks/results/denoise_{args.noise_items}.json"
+    out.write_text(json.dumps(rows, indent=2) + "\n")
     frame = (
         pl.DataFrame(rows)
         .group_by("noise", "variant", maintain_order=True)

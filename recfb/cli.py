@@ -172,14 +172,14 @@ def demo(
     out.print(f"training data in {result.out}: train/valid/test.parquet, events.parquet, ...")
 
 
-def print_metrics(metrics: dict[str, float], title: str) -> None:
+def print_metrics(metrics: dict[str, float], title: str, show: str = "test") -> None:
     t = Table(title=title)
     t.add_column("metric")
     t.add_column("value", justify="right")
     for key, value in metrics.items():
         split, _, name = key.partition("/")
-        if split == "valid" or "/" in name and not name.startswith("auc/") or "n_users" in name:
-            continue  # validation, per-level and counts are in MLflow: keep the terminal short
+        if split != show or "/" in name and not name.startswith("auc/") or "n_users" in name:
+            continue  # other splits, per-level and counts are in MLflow: keep the terminal short
         t.add_row(key, f"{value:.4f}")
     out.print(t)
 
@@ -226,7 +226,7 @@ def evaluate(
     except RecfbError as exc:
         _fail(exc)
         return
-    print_metrics(metrics, f"{split}: evaluation run {new_run} of {run_id}")
+    print_metrics(metrics, f"{split}: evaluation run {new_run} of {run_id}", show=split)
 
 
 @app.command()

@@ -75,3 +75,44 @@ def test_simulate_then_etl_from_the_command_line(tmp_path: Path):
         "filtered.parquet",
         "stats.json",
     }
+
+
+def test_train_evaluate_recommend_from_the_command_line(tmp_path: Path):
+    sim, etl = tmp_path / "sim", tmp_path / "etl"
+    env_args = ("--set", "n_events=40000", "--set", "n_users=400", "--set", "n_items=150")
+    assert recfb("simulate", "-o", str(sim), *env_args, "-q").returncode == 0
+    assert recfb("etl", "-i", str(sim / "events"), "-o", str(etl), "-q").returncode == 0
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    env = {"MLFLOW_TRACKING_URI": store}
+
+    def run_env(*args: str) -> subprocess.CompletedProcess:
+        import os
+
+        return subprocess.run(
+            [RECFB, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+            check=False, env=os.environ | env,
+        )
+
+    trained = run_env(
+        "train", "-c", str(ROOT / "conf/models/mf.yaml"), "--set", f"data={etl}",
+        "--set", "trainer.max_epochs=2", "--set", "model.dim=8", "-q",
+    )
+    assert trained.returncode == 0, trained.stderr
+    run_id = trained.stdout.strip().splitlines()[-1].split()[-1]
+    assert len(run_id) == 32
+
+    evaluated = run_env("evaluate", "--run-id", run_id, "--split", "valid")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "valid/ndcg@10" in evaluated.stdout
+
+    users = tmp_path / "users.txt"
+    users.write_text("no-such-user\n")
+    recs = tmp_path / "recs.parquet"
+    done = run_env("recommend", "--run-id", run_id, "--users", str(users), "-k", "5",
+                   "-o", str(recs))
+    assert done.returncode == 0, done.stderr
+    import polars as pl
+
+    frame = pl.read_parquet(recs)
+    assert frame["source"].to_list() == ["popularity"] * 5
+    assert frame["rank"].to_list() == [1, 2, 3, 4, 5]

@@ -110,6 +110,9 @@ class SimConfig(BaseModel):
     accidental_dwell_median_s: float = Field(default=1.0, gt=0)
     accidental_dwell_sigma: float = Field(default=0.6, ge=0)
     noise_positive_share: float = Field(default=0.0, ge=0, le=0.95)  # of all clicks
+    # where preference-free positives land: on items drawn by exposure popularity (they look
+    # like ordinary popular traffic) or uniformly over the catalogue (clearly off-taste)
+    noise_positive_items: Literal["popularity", "uniform"] = "popularity"
     duplicate_rate: float = Field(default=0.0, ge=0, le=1)  # of emitted rows, re-sent
 
     @field_validator("start")

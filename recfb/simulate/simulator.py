@@ -287,7 +287,10 @@ def _generate_chunk(ctx: _Context, chunk: int, u0: int, u1: int, id_offset: int)
     vu_ord = np.repeat(users, n_ord)
     vi_ord, org_ord = ctx.exposure.sample_views(rng, vu_ord)
     vu_rnd = np.repeat(users, n_rnd)
-    vi_rnd = ctx.exposure.sample_global(rng, vu_rnd.size)
+    if cfg.noise_positive_items == "uniform":
+        vi_rnd = rng.integers(0, world.n_items, vu_rnd.size)
+    else:
+        vi_rnd = ctx.exposure.sample_global(rng, vu_rnd.size)
     org_rnd = rng.random(vu_rnd.size) < cfg.organic_share
     vu = np.concatenate([vu_ord, vu_rnd])
     vi = np.concatenate([vi_ord, vi_rnd])
