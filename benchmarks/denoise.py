@@ -100,6 +100,7 @@ def main() -> None:
                     n_items=2_000,
                     n_events=args.events,
                     noise_positive_share=noise,
+                    noise_positive_items=args.noise_items,
                 ),
                 base / "sim",
                 overwrite=True,
@@ -132,6 +133,7 @@ def main() -> None:
                 result = train(build_model(TrainConfig, data, name), quiet=True)
                 row = {
                     "noise": noise,
+                    "noise_items": args.noise_items,
                     "variant": name,
                     "seed": seed,
                     "test_ndcg@20": result.metrics.get("test/ndcg@20"),

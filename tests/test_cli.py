@@ -89,13 +89,26 @@ def test_train_evaluate_recommend_from_the_command_line(tmp_path: Path):
         import os
 
         return subprocess.run(
-            [RECFB, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-            check=False, env=os.environ | env,
+            [RECFB, *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            env=os.environ | env,
         )
 
     trained = run_env(
-        "train", "-c", str(ROOT / "conf/models/mf.yaml"), "--set", f"data={etl}",
-        "--set", "trainer.max_epochs=2", "--set", "model.dim=8", "-q",
+        "train",
+        "-c",
+        str(ROOT / "conf/models/mf.yaml"),
+        "--set",
+        f"data={etl}",
+        "--set",
+        "trainer.max_epochs=2",
+        "--set",
+        "model.dim=8",
+        "-q",
     )
     assert trained.returncode == 0, trained.stderr
     run_id = trained.stdout.strip().splitlines()[-1].split()[-1]
@@ -108,8 +121,9 @@ def test_train_evaluate_recommend_from_the_command_line(tmp_path: Path):
     users = tmp_path / "users.txt"
     users.write_text("no-such-user\n")
     recs = tmp_path / "recs.parquet"
-    done = run_env("recommend", "--run-id", run_id, "--users", str(users), "-k", "5",
-                   "-o", str(recs))
+    done = run_env(
+        "recommend", "--run-id", run_id, "--users", str(users), "-k", "5", "-o", str(recs)
+    )
     assert done.returncode == 0, done.stderr
     import polars as pl
 

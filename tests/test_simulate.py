@@ -363,3 +363,26 @@ def test_failure_leaves_nothing_behind(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         simulate(SimConfig(**TINY), tmp_path / "x", progress=boom)
     assert list(tmp_path.iterdir()) == []  # neither out_dir nor a temp dir
+
+
+def test_uniform_noise_positives_ignore_popularity(tmp_path: Path) -> None:
+    """With noise_positive_items=uniform, preference-free clicks spread over the catalogue."""
+    shares = {}
+    for mode in ("popularity", "uniform"):
+        cfg = SimConfig(
+            seed=4,
+            n_users=800,
+            n_items=400,
+            n_events=60_000,
+            noise_positive_share=0.3,
+            noise_positive_items=mode,
+        )
+        res = simulate(cfg, tmp_path / mode)
+        ev = pl.read_parquet(res.events_dir).join(
+            pl.read_parquet(res.truth_dir / "events.parquet"), on="event_id"
+        )
+        items = pl.read_parquet(res.truth_dir / "items.parquet")
+        top = items.sort("popularity", descending=True).head(40)["item_id"]  # top 10%
+        noisy = ev.filter((pl.col("event") == "click") & (pl.col("noise") == "random_positive"))
+        shares[mode] = noisy["item_id"].is_in(top.implode()).mean()
+    assert shares["uniform"] < 0.2 < shares["popularity"], shares

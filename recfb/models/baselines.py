@@ -326,6 +326,8 @@ def positive_matrix(
     Values are 1 per (user, item), or the summed ``weight`` of its pairs with ``use_weights``
     (pairs whose weight is not positive are left out).
     """
+    if use_weights and "weight" not in train.columns:
+        raise ValueError("use_weights needs a 'weight' column in train")
     pos = train.filter(pl.col("label") >= min_label)
     users = pos["user_idx"].to_numpy().astype(np.int64)
     items = pos["item_idx"].to_numpy().astype(np.int64)

@@ -87,4 +87,8 @@ class TrainConfig(_Strict):
     seed: int = 0
     experiment: str = "recfb"
     run_name: str | None = None
-    checkpoint_dir: str = Field("checkpoints", description="where checkpoints are kept locally")
+    checkpoint_dir: str | None = Field(
+        None,
+        description="keep local checkpoints here; default: a temp dir (the best one is "
+        "logged to the MLflow run either way)",
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,10 +196,10 @@ def _fit_embedding(
                 check_on_train_epoch_end=True,
             )
         )
-        ckpt_dir = Path(cfg.checkpoint_dir)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.checkpoint_dir:
+            Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         checkpoint = ModelCheckpoint(
-            dirpath=tempfile.mkdtemp(dir=ckpt_dir),
+            dirpath=tempfile.mkdtemp(prefix="recfb-ckpt-", dir=cfg.checkpoint_dir),
             monitor=monitor,
             mode="max",
             save_top_k=1,
@@ -238,6 +239,8 @@ def _fit_embedding(
         import mlflow
 
         mlflow.log_artifact(checkpoint.best_model_path, artifact_path="checkpoint")
+        if not cfg.checkpoint_dir:
+            shutil.rmtree(Path(checkpoint.best_model_path).parent, ignore_errors=True)
     model.eval()
     model._cache = None
     return model, history
