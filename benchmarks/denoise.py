@@ -25,11 +25,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Denoisers are compared with plain BPR; IPS (Rel-MF, an unbiased pointwise estimator) with
+# plain BCE, the loss it corrects.
 VARIANTS = {
-    "plain": {},
+    "plain-bpr": {},
     "pld": {"denoise": {"method": "pld", "warmup_epochs": 2, "pool": 5, "tau": 0.1}},
-    "tce": {"denoise": {"method": "tce", "max_drop": 0.3, "ramp_epochs": 5}},
-    "ips": {"debias": {"ips": True, "eta": 0.5, "clip": 0.05}},
+    "tce": {"denoise": {"method": "tce", "max_drop": 0.1, "ramp_epochs": 10}},
+    "plain-bce": {"model": {"loss": "bce"}},
+    "ips-bce": {"model": {"loss": "bce"}, "debias": {"ips": True, "eta": 0.5, "clip": 0.2}},
 }
 
 
@@ -129,7 +132,9 @@ def main() -> None:
                     "model": {"family": "mf", "dim": 32, "loss": "bpr"},
                     "trainer": {"max_epochs": args.epochs, "batch_size": 2048, "patience": 4},
                     "eval": {"ks": [20], "relevant_min_level": 2},
-                } | spec
+                }
+                for key, value in spec.items():
+                    data[key] = data[key] | value if isinstance(value, dict) else value
                 result = train(build_model(TrainConfig, data, name), quiet=True)
                 row = {
                     "noise": noise,

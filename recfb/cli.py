@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import polars as pl
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -142,15 +143,24 @@ def simulate(
 def demo(
     output: Annotated[Path, typer.Option("--out", "-o", help="Working directory.")] = Path("data"),
     fresh: Annotated[bool, typer.Option(help="Re-simulate even if events exist.")] = False,
+    epochs: Annotated[int, typer.Option(help="Training epochs of the demo model.")] = 8,
 ) -> None:
-    """The main job on the bundled default: simulate events, run the ETL, print the summary.
+    """The main job on the bundled default: simulate events, run the ETL, train and evaluate
+    a GNOLR model on every signal level (recorded in MLflow), write recommendations.
 
-    Example: `recfb demo --fresh`
+    Example: `recfb demo --fresh --epochs 3`
     """
     from recfb.config import load_config
     from recfb.etl import EtlConfig, run_etl
     from recfb.simulate import SimConfig
     from recfb.simulate import simulate as run_simulation
+    from recfb.train.config import TrainConfig
+    from recfb.train.data import Interactions
+    from recfb.train.loop import eval_config
+    from recfb.train.loop import train as run_training
+    from recfb.train.recommend import recommend as run_recommend
+    from recfb.train.recommend import write_recommendations
+    from recfb.train.runs import load_run
 
     try:
         sim_dir = output / "sim"
@@ -164,12 +174,34 @@ def demo(
             Path("conf/etl.yaml"),
             [f"input.paths=['{sim_dir / 'events'}']", f"out={output / 'etl'}"],
         )
-        result = run_etl(etl_cfg)
+        etl_result = run_etl(etl_cfg)
+        print_etl_summary(etl_result.stats)
+        train_cfg = load_config(
+            TrainConfig,
+            Path("conf/models/gnolr.yaml"),
+            [f"data={output / 'etl'}", f"trainer.max_epochs={epochs}", "run_name=demo-gnolr"],
+        )
+        with out.status(f"training GNOLR for up to {epochs} epochs ..."):
+            trained = run_training(train_cfg, quiet=True)
+        print_metrics(trained.metrics, f"GNOLR on the default shop: run {trained.run_id}")
+        cfg_run, scorer = load_run(trained.run_id)
+        data = Interactions.load(cfg_run.data)
+        users = data.train["user_idx"].unique().sort().head(3)
+        ids = (
+            pl.read_parquet(data.directory / "users.parquet")
+            .filter(pl.col("user_idx").is_in(users.implode()))["user_id"]
+            .to_list()
+        )
+        recs = run_recommend(scorer, data, ids + ["a-new-visitor"], 5, eval_config(cfg_run))
+        path = write_recommendations(recs, output / "recommendations.parquet")
     except RecfbError as exc:
         _fail(exc)
         return
-    print_etl_summary(result.stats)
-    out.print(f"training data in {result.out}: train/valid/test.parquet, events.parquet, ...")
+    out.print(recs)
+    out.print(
+        f"wrote {path}. Review the run: mlflow ui --backend-store-uri sqlite:///mlruns.db "
+        "(then open http://127.0.0.1:5000)"
+    )
 
 
 def print_metrics(metrics: dict[str, float], title: str, show: str = "test") -> None:

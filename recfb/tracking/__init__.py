@@ -25,6 +25,7 @@ _BAD_KEY = re.compile(r"[^\w\-./ :]")
 
 def configure() -> str:
     """Point mlflow at MLFLOW_TRACKING_URI or the embedded SQLite store; returns the URI."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
     mlflow.set_tracking_uri(uri)
     return uri

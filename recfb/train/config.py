@@ -14,7 +14,9 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """Which model family and its shape."""
 
-    family: Literal["mf", "lightgcn", "gnolr"] = "mf"
+    family: Literal["mf", "lightgcn", "gnolr", "popularity", "itemknn", "als", "bpr_implicit"] = (
+        Field("mf", description="a model of recfb.models or a baseline fitted in the same harness")
+    )
     dim: int = Field(64, ge=2, description="embedding size (GNOLR: per level)")
     loss: Literal["bpr", "softmax", "bce"] = Field(
         "bpr", description="bpr pairwise; softmax = in-batch + uniform negatives with log-q; bce"
@@ -46,7 +48,7 @@ class DebiasConfig(_Strict):
 
     ips: bool = False
     eta: float = Field(0.5, gt=0, description="propensity theta_i = (pop_i / max pop)^eta")
-    clip: float = Field(0.05, gt=0, le=1, description="lower bound on theta")
+    clip: float = Field(0.2, gt=0, le=1, description="lower bound on theta")
 
 
 class TrainerConfig(_Strict):

@@ -23,6 +23,7 @@ from recfb.models.gnolr import GNOLR
 from recfb.models.lightgcn import normalized_adjacency
 from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions, csr_by_user
+from recfb.train.fallback import PopularityFallback
 
 BASELINE_FAMILIES = ("popularity", "itemknn", "als", "bpr_implicit")
 
@@ -114,12 +115,17 @@ def build_model(cfg: TrainConfig, data: Interactions) -> EmbeddingRecommender:
 def evaluate_scorer(
     scorer: Any, data: Interactions, heldout: pl.DataFrame, cfg: TrainConfig
 ) -> dict[str, float]:
-    """Full-ranking metrics of any object with `score(users)` on a held-out table."""
+    """Full-ranking metrics of any object with `score(users)` on a held-out table, served as
+    in production: users without train positives get the popularity fallback."""
     if heldout.height == 0:
         return {}
-    return full_ranking_metrics(
-        scorer.score, data.n_items, heldout, data.train, data.level_names, eval_config(cfg)
+    served = PopularityFallback.from_train(scorer, data.train, data.n_users, data.n_items)
+    metrics = full_ranking_metrics(
+        served.score, data.n_items, heldout, data.train, data.level_names, eval_config(cfg)
     )
+    users = torch.as_tensor(heldout["user_idx"].unique().to_numpy().astype(np.int64))
+    metrics["cold_user_share"] = float(1 - served.is_warm(users).float().mean())
+    return metrics
 
 
 def gnolr_level_auc(

@@ -1,8 +1,8 @@
 """Batch top-K recommendations from a trained run (`recfb recommend`).
 
-Users unknown to the run's vocabulary, or known but added after the run was trained (no
-vector), are served the most popular items of the training data that the exclusion rule
-allows: a documented fallback, never a crash. Output columns:
+Users unknown to the run's vocabulary, added after the run was trained, or without any
+positive training pair (no learned taste) are served the most popular training items: a
+documented fallback, never a crash. Output columns:
 `user_id, rank (1..k), item_id, score, source ('model' | 'popularity')`.
 """
 
@@ -16,6 +16,7 @@ import torch
 
 from recfb.evaluate import EvalConfig, topk_items
 from recfb.train.data import Interactions
+from recfb.train.fallback import PopularityFallback
 from recfb.train.runs import VectorScorer
 
 
@@ -35,7 +36,9 @@ def recommend(
         wanted = pl.DataFrame({"user_id": [str(u) for u in user_ids]}).join(
             vocab, on="user_id", how="left", maintain_order="left"
         )
-    known = wanted.filter(pl.col("user_idx").is_not_null() & (pl.col("user_idx") < scorer.n_users))
+    served = PopularityFallback.from_train(scorer, data.train, data.n_users, data.n_items)
+    warm_ids = np.flatnonzero(served.warm.numpy()[: scorer.n_users]).astype(np.uint32)
+    known = wanted.filter(pl.col("user_idx").is_in(pl.Series(warm_ids).implode()))
     unknown = wanted.filter(~pl.col("user_id").is_in(known["user_id"].implode()))
     frames = []
     if known.height:
