@@ -164,3 +164,22 @@ def test_unknown_etl_dir_is_a_clear_error(tmp_path: Path):
     with pytest.raises(InputError, match="recfb etl"):
         train(config(tmp_path / "nope", "mf"), quiet=True)
     assert os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite")
+
+
+def test_cold_users_are_served_popularity():
+    from recfb.train.fallback import PopularityFallback
+
+    train = pl.DataFrame(
+        {"user_idx": [0, 0, 1, 2], "item_idx": [1, 2, 2, 0], "label": [1, 2, 3, -1]},
+        schema={"user_idx": pl.UInt32, "item_idx": pl.UInt32, "label": pl.Int8},
+    )
+
+    class Fixed:
+        def score(self, users: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([[9.0, 0.0, 0.0]]).repeat(len(users), 1)
+
+    served = PopularityFallback.from_train(Fixed(), train, n_users=4, n_items=3)
+    scores = served.score(torch.tensor([0, 1, 2, 3]))
+    assert scores[0].tolist() == [9.0, 0.0, 0.0] and scores[1].tolist() == [9.0, 0.0, 0.0]
+    # user 2 only disliked, user 3 never appeared: item 2 (two users) > item 1 > item 0
+    assert scores[2].tolist() == [0.0, 1.0, 2.0] and scores[3].tolist() == [0.0, 1.0, 2.0]
