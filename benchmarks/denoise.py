@@ -134,7 +134,7 @@ def main() -> None:
                     "eval": {"ks": [20], "relevant_min_level": 2},
                 }
                 for key, value in spec.items():
-                    data[key] = data[key] | value if isinstance(value, dict) else value
+                    data[key] = data.get(key, {}) | value if isinstance(value, dict) else value
                 result = train(build_model(TrainConfig, data, name), quiet=True)
                 row = {
                     "noise": noise,

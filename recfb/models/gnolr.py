@@ -34,8 +34,12 @@ class GNOLR(EmbeddingRecommender):
         self.item_embedding = nn.Embedding(self.n_items, d * t)
         nn.init.normal_(self.user_embedding.weight, std=0.1)
         nn.init.normal_(self.item_embedding.weight, std=0.1)
+        # bias prior: log-popularity (centred), so that items the data never trained (unit
+        # vectors in random directions under cosine) start below the items it did
         self.item_bias = nn.Embedding(self.n_items, t)
-        nn.init.zeros_(self.item_bias.weight)
+        with torch.no_grad():
+            prior = self.log_q - self.log_q.mean()
+            self.item_bias.weight.copy_(prior.unsqueeze(1).expand(-1, t))
         self.log_scale = nn.Parameter(torch.full((t,), float(self.cfg.model.scale_init)).log())
         rates = level_rates if level_rates is not None else torch.full((t,), 0.5)
         self.register_buffer("thresholds", -torch.log(rates.clamp(min=_EPS)))
