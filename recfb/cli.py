@@ -146,7 +146,7 @@ def demo(
     epochs: Annotated[int, typer.Option(help="Training epochs of the demo model.")] = 8,
 ) -> None:
     """The main job on the bundled default: simulate events, run the ETL, train and evaluate
-    a GNOLR model on every signal level (recorded in MLflow), write recommendations.
+    an MF-BPR model on every positive level (recorded in MLflow), write recommendations.
 
     Example: `recfb demo --fresh --epochs 3`
     """
@@ -178,12 +178,12 @@ def demo(
         print_etl_summary(etl_result.stats)
         train_cfg = load_config(
             TrainConfig,
-            Path("conf/models/gnolr.yaml"),
-            [f"data={output / 'etl'}", f"trainer.max_epochs={epochs}", "run_name=demo-gnolr"],
+            Path("conf/models/mf.yaml"),
+            [f"data={output / 'etl'}", f"trainer.max_epochs={epochs}", "run_name=demo-mf"],
         )
-        with out.status(f"training GNOLR for up to {epochs} epochs ..."):
+        with out.status(f"training MF-BPR for up to {epochs} epochs ..."):
             trained = run_training(train_cfg, quiet=True)
-        print_metrics(trained.metrics, f"GNOLR on the default shop: run {trained.run_id}")
+        print_metrics(trained.metrics, f"MF-BPR on the default shop: run {trained.run_id}")
         cfg_run, scorer = load_run(trained.run_id)
         data = Interactions.load(cfg_run.data)
         users = data.train["user_idx"].unique().sort().head(3)
