@@ -25,6 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import simulated_etl  # noqa: E402
+
 # Denoisers are compared with plain BPR; IPS (Rel-MF, an unbiased pointwise estimator) with
 # plain BCE, the loss it corrects.
 VARIANTS = {
@@ -85,8 +87,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from recfb.config import build_model
-    from recfb.etl import EtlConfig, run_etl
-    from recfb.simulate import SimConfig, simulate
+    from recfb.simulate import SimConfig
     from recfb.train.config import TrainConfig
     from recfb.train.loop import train
 
@@ -95,32 +96,15 @@ def main() -> None:
     rows = []
     for noise in args.noise:
         base = args.work / f"noise-{noise}-{args.noise_items}"
-        if not (base / "sim" / "events").exists():
-            simulate(
-                SimConfig(
-                    seed=11,
-                    n_users=10_000,
-                    n_items=2_000,
-                    n_events=args.events,
-                    noise_positive_share=noise,
-                    noise_positive_items=args.noise_items,
-                ),
-                base / "sim",
-                overwrite=True,
-            )
-        etl = base / "etl"
-        run_etl(
-            build_model(
-                EtlConfig,
-                {
-                    "input": {"paths": [str(base / "sim" / "events")]},
-                    "signals": str(ROOT / "conf/signals/simulator.yaml"),
-                    "out": str(etl),
-                },
-                "etl",
-            ),
-            quiet=True,
+        sim_cfg = SimConfig(
+            seed=11,
+            n_users=10_000,
+            n_items=2_000,
+            n_events=args.events,
+            noise_positive_share=noise,
+            noise_positive_items=args.noise_items,
         )
+        etl = simulated_etl(sim_cfg, base)
         for name, spec in VARIANTS.items():
             for seed in range(args.seeds):
                 data = {

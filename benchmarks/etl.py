@@ -15,12 +15,15 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import run_child  # noqa: E402
+
 SIGNALS = ROOT / "conf" / "signals" / "simulator.yaml"
 
 
@@ -72,19 +75,7 @@ def child_pandas(events: str) -> dict:
 
 def measure(args: list[str]) -> dict:
     """Run this script as a child; return its JSON plus wall time and peak RSS."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=subprocess.PIPE, cwd=ROOT, text=True
-    )
-    assert proc.stdout is not None
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"child {args} failed with status {status}")
-    result = json.loads(output.strip().splitlines()[-1])
-    result["wall_s"] = time.perf_counter() - start
-    result["peak_rss_gib"] = usage.ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
-    return result
+    return run_child(__file__, args)
 
 
 def simulate(size: int, work: Path) -> Path:

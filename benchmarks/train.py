@@ -16,13 +16,15 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import run_child, simulated_etl  # noqa: E402
+
 BATCH = {"mf": 4096, "gnolr": 4096, "lightgcn": 16384}
 
 
@@ -96,53 +98,20 @@ def _loss(model, idx):
 
 
 def measure(args: list[str]) -> dict:
-    proc = subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT
-    )
-    assert proc.stdout is not None
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"child {args} failed ({status})")
-    result = json.loads(output.strip().splitlines()[-1])
-    result["peak_rss_gib"] = usage.ru_maxrss / 1024**2
-    return result
+    return run_child(__file__, args)
 
 
 def prepare(pairs: int, work: Path) -> Path:
-    from recfb.config import build_model
-    from recfb.etl import EtlConfig, run_etl
-    from recfb.simulate import SimConfig, simulate
+    from recfb.simulate import SimConfig
 
-    base = work / f"pairs-{pairs}"
-    etl = base / "etl"
+    events = int(pairs * 1.35)  # the simulator yields ~0.8 train pairs per event
+    cfg = SimConfig(
+        seed=2, n_events=events, n_users=max(2000, events // 40), n_items=max(2000, events // 400)
+    )
+    etl = work / f"pairs-{pairs}" / "etl"
     if (etl / "stats.json").exists():
         return etl
-    events = int(pairs * 1.35)  # the simulator yields ~0.8 train pairs per event
-    simulate(
-        SimConfig(
-            seed=2,
-            n_events=events,
-            n_users=max(2000, events // 40),
-            n_items=max(2000, events // 400),
-        ),
-        base / "sim",
-        overwrite=True,
-    )
-    run_etl(
-        build_model(
-            EtlConfig,
-            {
-                "input": {"paths": [str(base / "sim" / "events")]},
-                "signals": str(ROOT / "conf/signals/simulator.yaml"),
-                "out": str(etl),
-                "split": {"method": "none"},
-            },
-            "bench",
-        ),
-        quiet=True,
-    )
-    return etl
+    return simulated_etl(cfg, work / f"pairs-{pairs}", split={"method": "none"})
 
 
 def main() -> None:
