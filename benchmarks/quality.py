@@ -103,6 +103,8 @@ def main() -> None:
             "ndcg@10": m.get("test/ndcg@10"),
             f"ndcg@10/{levels[deepest]}": m.get(f"test/ndcg@10/{levels[deepest]}"),
             "recall@20": m.get("test/recall@20"),
+            "warm ndcg@10": m.get("test/warm/ndcg@10"),
+            "cold share": m.get("test/cold_user_share"),
             "coverage@10": m.get("test/coverage@10"),
             "popularity@10": m.get("test/popularity@10"),
             "epochs": len(result.history),

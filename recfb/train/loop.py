@@ -128,6 +128,10 @@ def evaluate_scorer(
     return metrics
 
 
+def _warm_users(data: Interactions) -> pl.Series:
+    return data.train.filter(pl.col("label") >= 1)["user_idx"].unique()
+
+
 def gnolr_level_auc(
     model: GNOLR, heldout: pl.DataFrame, levels: dict[int, str]
 ) -> dict[str, float]:
@@ -174,6 +178,13 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
             f"valid/{k}": v for k, v in evaluate_scorer(model, data, data.valid, cfg).items()
         }
         metrics |= {f"test/{k}": v for k, v in evaluate_scorer(model, data, data.test, cfg).items()}
+        # the same test on the users the model has a taste for (no popularity fallback)
+        warm_test = data.test.filter(pl.col("user_idx").is_in(_warm_users(data).implode()))
+        if warm_test.height:
+            warm = full_ranking_metrics(
+                model.score, data.n_items, warm_test, data.train, data.level_names, eval_config(cfg)
+            )
+            metrics |= {f"test/warm/{k}": v for k, v in warm.items() if "/" not in k}
         if isinstance(model, GNOLR):
             metrics |= {
                 f"test/{k}": v
