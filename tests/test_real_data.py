@@ -18,16 +18,22 @@ def _dataset(name: str) -> dict:
     return read_yaml(CONF / "datasets" / f"{name}.yaml")
 
 
+def _etl(tmp_path: Path, name: str, path: Path, split: dict | None = None) -> dict:
+    """Run the dataset's config (conf/datasets/<name>.yaml) on `path`; split none by default."""
+    cfg = _dataset(name)
+    return run(
+        tmp_path,
+        [path],
+        CONF / "signals" / f"{name}.yaml",
+        input=cfg["input"] | {"paths": [str(path)]},
+        split=split or {"method": "none"},
+    )
+
+
 def test_taobao_quarantines_out_of_range_stamps_and_folds_levels(tmp_path: Path):
     path = shared_file("taobao_userbehavior_84k.csv")
     cfg = _dataset("taobao")
-    stats = run(
-        tmp_path,
-        [path],
-        CONF / "signals" / "taobao.yaml",
-        input=cfg["input"] | {"paths": [str(path)]},
-        split={"method": "none"},
-    )
+    stats = _etl(tmp_path, "taobao", path)
     lo = datetime.fromisoformat(str(cfg["input"]["min_ts"])).replace(tzinfo=UTC).timestamp()
     hi = datetime.fromisoformat(str(cfg["input"]["max_ts"])).replace(tzinfo=UTC).timestamp()
     rank = {"pv": 1, "fav": 2, "cart": 2, "buy": 3}
@@ -61,13 +67,7 @@ def test_taobao_quarantines_out_of_range_stamps_and_folds_levels(tmp_path: Path)
 def test_taobao_temporal_split_uses_the_configured_days(tmp_path: Path):
     path = shared_file("taobao_userbehavior_84k.csv")
     cfg = _dataset("taobao")
-    stats = run(
-        tmp_path,
-        [path],
-        CONF / "signals" / "taobao.yaml",
-        input=cfg["input"] | {"paths": [str(path)]},
-        split=cfg["split"],
-    )
+    stats = _etl(tmp_path, "taobao", path, split=cfg["split"])
     events = read_out(tmp_path, "events")
     cut_valid = datetime.fromisoformat(str(cfg["split"]["valid_start"]))
     cut_test = datetime.fromisoformat(str(cfg["split"]["test_start"]))
@@ -82,14 +82,7 @@ def test_taobao_temporal_split_uses_the_configured_days(tmp_path: Path):
 
 def test_movielens_ratings_become_levels_and_negatives(tmp_path: Path):
     path = shared_file("ml-100k/u.data")
-    cfg = _dataset("movielens")
-    stats = run(
-        tmp_path,
-        [path],
-        CONF / "signals" / "movielens.yaml",
-        input=cfg["input"] | {"paths": [str(path)]},
-        split={"method": "none"},
-    )
+    stats = _etl(tmp_path, "movielens", path)
     ratings = pl.read_csv(path, separator="|")
     expected = (
         ratings.select(
@@ -106,14 +99,7 @@ def test_movielens_ratings_become_levels_and_negatives(tmp_path: Path):
 
 def test_kuairand_explodes_flags_and_keeps_hates_as_negatives(tmp_path: Path):
     path = shared_file("kuairand_like_hate_k15.tsv")
-    cfg = _dataset("kuairand")
-    stats = run(
-        tmp_path,
-        [path],
-        CONF / "signals" / "kuairand.yaml",
-        input=cfg["input"] | {"paths": [str(path)]},
-        split={"method": "none"},
-    )
+    stats = _etl(tmp_path, "kuairand", path)
     raw = pl.read_csv(path, separator="\t")
     by_pair = raw.group_by("user_id", "video_id").agg(
         pl.col("label").min().alias("lo"), pl.col("label").max().alias("hi")
