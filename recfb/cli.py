@@ -278,8 +278,6 @@ def recommend(
 
     Example: `recfb recommend --run-id 0123abcd --users users.txt -k 50 -o recs.parquet`
     """
-    from recfb.config import build_model, parse_override, set_dotted
-    from recfb.train.config import TrainConfig
     from recfb.train.data import Interactions
     from recfb.train.loop import eval_config
     from recfb.train.recommend import recommend as run_recommend
@@ -287,11 +285,7 @@ def recommend(
     from recfb.train.runs import load_run
 
     try:
-        cfg, scorer = load_run(run_id)
-        data_dict = cfg.model_dump(mode="json")
-        for key, value in (parse_override(o) for o in overrides or []):
-            set_dotted(data_dict, key, value)
-        cfg = build_model(TrainConfig, data_dict, f"run {run_id}")
+        cfg, scorer = load_run(run_id, list(overrides or []))
         ids = (
             [line.strip() for line in users.read_text().splitlines() if line.strip()]
             if users

@@ -12,6 +12,7 @@ import polars as pl
 import torch
 
 from recfb.errors import InputError
+from recfb.evaluate import item_popularity
 
 PAIR_COLUMNS = ["user_idx", "item_idx", "label", "weight"]
 
@@ -76,10 +77,7 @@ class Interactions:
 
     def item_popularity(self, min_label: int = 1) -> np.ndarray:
         """Train pairs with label >= min_label per item."""
-        counts = self.train.filter(pl.col("label") >= min_label).group_by("item_idx").len()
-        out = np.zeros(self.n_items, dtype=np.float64)
-        out[counts["item_idx"].to_numpy()] = counts["len"].to_numpy()
-        return out
+        return item_popularity(self.train, self.n_items, min_label).astype(np.float64)
 
 
 def csr_by_user(

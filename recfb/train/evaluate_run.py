@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from recfb import tracking
-from recfb.config import build_model, parse_override, set_dotted
 from recfb.errors import ConfigError
-from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions
 from recfb.train.loop import evaluate_scorer
 from recfb.train.runs import load_run
@@ -14,11 +12,7 @@ from recfb.train.runs import load_run
 def evaluate_run(run_id: str, split: str, overrides: list[str]) -> tuple[str, dict[str, float]]:
     if split not in ("valid", "test"):
         raise ConfigError(f"--split: expected valid or test, got '{split}'")
-    cfg, scorer = load_run(run_id)
-    data_dict = cfg.model_dump(mode="json")
-    for key, value in (parse_override(o) for o in overrides):
-        set_dotted(data_dict, key, value)
-    cfg = build_model(TrainConfig, data_dict, f"run {run_id} + overrides")
+    cfg, scorer = load_run(run_id, overrides)
     data = Interactions.load(cfg.data)
     metrics = evaluate_scorer(scorer, data, getattr(data, split), cfg)
     tags = {

@@ -14,6 +14,13 @@ import numpy as np
 import polars as pl
 import torch
 
+from recfb.evaluate import item_popularity
+
+
+def warm_users(train: pl.DataFrame) -> pl.Series:
+    """Users with at least one positive train pair: the ones a model has a taste for."""
+    return train.filter(pl.col("label") >= 1)["user_idx"].unique()
+
 
 @dataclass
 class PopularityFallback:
@@ -27,12 +34,9 @@ class PopularityFallback:
     def from_train(
         cls, scorer: Any, train: pl.DataFrame, n_users: int, n_items: int
     ) -> PopularityFallback:
-        positives = train.filter(pl.col("label") >= 1)
         warm = np.zeros(n_users, dtype=bool)
-        warm[positives["user_idx"].unique().to_numpy()] = True
-        counts = positives.group_by("item_idx").len()
-        pop = np.zeros(n_items, dtype=np.float32)
-        pop[counts["item_idx"].to_numpy()] = counts["len"].to_numpy()
+        warm[warm_users(train).to_numpy()] = True
+        pop = item_popularity(train, n_items).astype(np.float32)
         return cls(scorer, torch.as_tensor(warm), torch.as_tensor(pop))
 
     @property

@@ -23,7 +23,7 @@ from recfb.models.gnolr import GNOLR
 from recfb.models.lightgcn import normalized_adjacency
 from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions, csr_by_user
-from recfb.train.fallback import PopularityFallback
+from recfb.train.fallback import PopularityFallback, warm_users
 
 BASELINE_FAMILIES = ("popularity", "itemknn", "als", "bpr_implicit")
 
@@ -128,10 +128,6 @@ def evaluate_scorer(
     return metrics
 
 
-def _warm_users(data: Interactions) -> pl.Series:
-    return data.train.filter(pl.col("label") >= 1)["user_idx"].unique()
-
-
 def gnolr_level_auc(
     model: GNOLR, heldout: pl.DataFrame, levels: dict[int, str]
 ) -> dict[str, float]:
@@ -179,7 +175,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
         }
         metrics |= {f"test/{k}": v for k, v in evaluate_scorer(model, data, data.test, cfg).items()}
         # the same test on the users the model has a taste for (no popularity fallback)
-        warm_test = data.test.filter(pl.col("user_idx").is_in(_warm_users(data).implode()))
+        warm_test = data.test.filter(pl.col("user_idx").is_in(warm_users(data.train).implode()))
         if warm_test.height:
             warm = full_ranking_metrics(
                 model.score, data.n_items, warm_test, data.train, data.level_names, eval_config(cfg)

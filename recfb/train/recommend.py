@@ -48,7 +48,7 @@ def recommend(
         )
         frames.append(_long(known["user_id"].to_list(), top_items, top_scores, "model"))
     if unknown.height:
-        popularity = torch.as_tensor(data.item_popularity(), dtype=torch.float32)
+        popularity = served.popularity
         order = torch.argsort(popularity, descending=True)[:k]
         n = unknown.height
         frames.append(

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from recfb import tracking
+from recfb.config import build_model, parse_override, set_dotted
 from recfb.train.config import TrainConfig
 
 
@@ -39,8 +40,11 @@ def _vectors(run_id: str, name: str) -> torch.Tensor:
     return torch.as_tensor(matrix.astype(np.float32))
 
 
-def load_run(run_id: str) -> tuple[TrainConfig, VectorScorer]:
-    """The run's resolved config and a scorer over its vectors."""
+def load_run(run_id: str, overrides: list[str] | None = None) -> tuple[TrainConfig, VectorScorer]:
+    """The run's resolved config (with `key=value` overrides applied, e.g. another exclusion
+    rule) and a scorer over its vectors."""
     config = yaml.safe_load(tracking.download(run_id, "config.yaml").read_text())
-    cfg = TrainConfig.model_validate(config)
+    for key, value in (parse_override(o) for o in overrides or []):
+        set_dotted(config, key, value)
+    cfg = build_model(TrainConfig, config, f"run {run_id}")
     return cfg, VectorScorer(_vectors(run_id, "user_vectors"), _vectors(run_id, "item_vectors"))
