@@ -58,7 +58,7 @@ def child(family: str, etl: str, steps: int) -> dict:
         "bench",
     )
     model = build_recfb_model(cfg, data)
-    opt = model.configure_optimizers()
+    optimizers = model.configure_optimizers()
     model.train()
     n = len(model.pos_users)
     per_epoch = (n + BATCH[family] - 1) // BATCH[family]
@@ -67,10 +67,12 @@ def child(family: str, etl: str, steps: int) -> dict:
 
     def step(i: int) -> None:
         idx = perm[(i * BATCH[family]) % n :][: BATCH[family]]
-        loss = _loss(model, idx)
-        opt.zero_grad()
+        loss = model.batch_loss(idx)
+        for opt in optimizers:
+            opt.zero_grad()
         loss.backward()
-        opt.step()
+        for opt in optimizers:
+            opt.step()
 
     step(0)  # warm-up
     start = time.perf_counter()
@@ -82,17 +84,6 @@ def child(family: str, etl: str, steps: int) -> dict:
         "epoch_s": per_step * per_epoch,
         "measured": f"{steps} of {per_epoch} steps",
     }
-
-
-def _loss(model, idx):
-    """The model's plain training loss for one batch (the step without Lightning's logging)."""
-
-    users, pos = model.pos_users[idx], model.pos_items[idx]
-    labels, weights = model.pos_labels[idx], model.pos_weights[idx]
-    neg = model.sample_negatives(users)
-    users_all, items_all = model.encode()
-    losses = model.example_losses(users_all[users], items_all[pos], items_all[neg], pos, labels)
-    return (losses * weights).sum() / weights.sum().clamp(min=1e-8)
 
 
 def measure(args: list[str]) -> dict:
@@ -119,13 +110,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--child")
     parser.add_argument("--etl")
+    parser.add_argument("--prepare", type=int, help="(internal) simulate + ETL one size")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.etl, args.steps)))
         return
+    if args.prepare:
+        print(json.dumps({"etl": str(prepare(args.prepare, args.work))}))
+        return
     rows = []
     for size in args.sizes:
-        etl = prepare(size, args.work)
+        # data is prepared in a child too: a child's peak RSS starts from its parent's at
+        # fork, so the parent must stay small for the children's figures to mean anything
+        etl = run_child(__file__, ["--prepare", str(size), "--work", str(args.work)])["etl"]
         for family in ("mf", "lightgcn", "gnolr", "als", "bpr_implicit"):
             r = measure(["--child", family, "--etl", str(etl), "--steps", str(args.steps)])
             r |= {"size": size, "model": family}

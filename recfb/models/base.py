@@ -4,6 +4,9 @@ A model only says how it turns ids into vectors (`encode`) and, if it needs to, 
 becomes per-example losses (`example_losses`). Everything else lives here once:
 - batched negative sampling on the device (uniform, with a user's explicit negatives swapped
   in as hard negatives), so sampling never dominates a step;
+- a step touches only its batch's rows where the model allows it (`batch_encoder`), and
+  embedding tables get sparse gradients and SparseAdam, so its cost does not grow with the
+  catalogue (graph models, which must propagate everything, use dense Adam);
 - losses: BPR, sampled softmax (in-batch + uniform negatives with log-q correction), BCE;
 - PLD: after warm-up, each positive is resampled from a pool of the user's own positives with
   probability softmax(-loss/tau), so the user's noisy positives (high loss) are drawn less;
@@ -20,6 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from recfb.train.config import TrainConfig
 
@@ -52,6 +56,17 @@ class EmbeddingRecommender(L.LightningModule):
         self.register_buffer("log_q", torch.log((pop + 1) / (pop + 1).sum()), persistent=False)
         theta = (pop / pop.max().clamp(min=1)).pow(self.cfg.debias.eta)
         self.register_buffer("propensity", theta.clamp(min=self.cfg.debias.clip), persistent=False)
+        # sparse gradients on the embedding tables (SparseAdam), unless weight decay is asked
+        # for or a DDP strategy is used (NCCL cannot all-reduce sparse gradients)
+        trainer = self.cfg.trainer
+        self.sparse_embeddings = (
+            trainer.sparse_embeddings
+            and trainer.weight_decay == 0
+            and "ddp" not in str(trainer.strategy)
+        )
+        # optimisation is manual so that sparse and dense parameters can have their own
+        # optimisers (Lightning's automatic mode takes one)
+        self.automatic_optimization = False
         self.evaluator: Callable[[EmbeddingRecommender], dict[str, float]] | None = None
         self.history: list[dict[str, float]] = []
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -60,6 +75,22 @@ class EmbeddingRecommender(L.LightningModule):
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(query vectors of all users, vectors of all items); score = inner product."""
         raise NotImplementedError
+
+    def batch_encoder(
+        self,
+    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """Functions from user ids / item ids to vectors for one training step.
+
+        The default encodes everything once per step (what graph models need); models whose
+        vectors are row lookups override it, so that a step reads and updates only its rows."""
+        users_all, items_all = self.encode()
+        return users_all.__getitem__, items_all.__getitem__
+
+    def embedding_table(self, n: int, dim: int) -> nn.Embedding:
+        """An embedding table, N(0, 0.1) initialised, sparse when the trainer allows it."""
+        table = nn.Embedding(n, dim, sparse=self.sparse_embeddings)
+        nn.init.normal_(table.weight, std=0.1)
+        return table
 
     def example_losses(
         self,
@@ -114,7 +145,7 @@ class EmbeddingRecommender(L.LightningModule):
     def _pld_resample(
         self,
         uvec: torch.Tensor,
-        items_all: torch.Tensor,
+        item_vectors: Callable[[torch.Tensor], torch.Tensor],
         users: torch.Tensor,
         pos: torch.Tensor,
         neg: torch.Tensor,
@@ -129,8 +160,8 @@ class EmbeddingRecommender(L.LightningModule):
         pool = self.pos_by_user[pick]  # (B, k)
         pool[:, 0] = pos  # the drawn positive stays a candidate
         with torch.no_grad():
-            s_pool = torch.einsum("bd,bkd->bk", uvec, items_all[pool])
-            s_neg = torch.einsum("bd,bnd->bn", uvec, items_all[neg]).mean(1, keepdim=True)
+            s_pool = torch.einsum("bd,bkd->bk", uvec, item_vectors(pool))
+            s_neg = torch.einsum("bd,bnd->bn", uvec, item_vectors(neg)).mean(1, keepdim=True)
             pool_loss = F.softplus(-(s_pool - s_neg))
             choice = torch.multinomial(torch.softmax(-pool_loss / tau, dim=1), 1).squeeze(1)
         return pool.gather(1, choice.unsqueeze(1)).squeeze(1)
@@ -139,27 +170,38 @@ class EmbeddingRecommender(L.LightningModule):
         return self.pos_labels[idx]
 
     # --- Lightning hooks -----------------------------------------------------------------
-    def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        self._cache = None
+    def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        """The weighted training loss of one batch of positive-pair indices."""
         users, pos = self.pos_users[idx], self.pos_items[idx]
         labels, weights = self.pos_labels[idx], self.pos_weights[idx]
         neg = self.sample_negatives(users)
-        users_all, items_all = self.encode()
-        uvec = users_all[users]
+        user_vectors, item_vectors = self.batch_encoder()
+        uvec = user_vectors(users)
         dn = self.cfg.denoise
         if dn.method == "pld" and self.current_epoch >= dn.warmup_epochs:
-            new_pos = self._pld_resample(uvec, items_all, users, pos, neg)
+            new_pos = self._pld_resample(uvec, item_vectors, users, pos, neg)
             changed = new_pos != pos
             # a resampled positive carries the label of its own pair
             labels = torch.where(changed, self._label_of(users, new_pos, labels), labels)
             pos = new_pos
-        losses = self.example_losses(uvec, items_all[pos], items_all[neg], pos, labels)
+        losses = self.example_losses(uvec, item_vectors(pos), item_vectors(neg), pos, labels)
         if dn.method == "tce":
             drop = dn.max_drop * min(1.0, (self.current_epoch + 1) / dn.ramp_epochs)
             keep = max(1, int(round(len(losses) * (1 - drop))))
             kept = torch.topk(losses.detach(), keep, largest=False).indices
             losses, weights = losses[kept], weights[kept]
-        loss = (losses * weights).sum() / weights.sum().clamp(min=1e-8)
+        return (losses * weights).sum() / weights.sum().clamp(min=1e-8)
+
+    def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self._cache = None
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        loss = self.batch_loss(idx)
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in optimizers:
+            opt.step()
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(idx))
         return loss
 
@@ -188,10 +230,18 @@ class EmbeddingRecommender(L.LightningModule):
                 row[f"valid/{key}"] = value
         self.history.append(row)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(
-            self.parameters(), lr=self.cfg.trainer.lr, weight_decay=self.cfg.trainer.weight_decay
-        )
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """SparseAdam for sparse embedding tables, Adam for every other parameter."""
+        sparse = [m.weight for m in self.modules() if isinstance(m, nn.Embedding) and m.sparse]
+        sparse_ids = {id(p) for p in sparse}
+        dense = [p for p in self.parameters() if id(p) not in sparse_ids]
+        lr, decay = self.cfg.trainer.lr, self.cfg.trainer.weight_decay
+        optimizers: list[torch.optim.Optimizer] = []
+        if sparse:
+            optimizers.append(torch.optim.SparseAdam(sparse, lr=lr))
+        if dense:
+            optimizers.append(torch.optim.Adam(dense, lr=lr, weight_decay=decay))
+        return optimizers
 
     # --- inference -----------------------------------------------------------------------
     @torch.no_grad()

@@ -30,13 +30,11 @@ class GNOLR(EmbeddingRecommender):
     def __init__(self, *args, level_rates: torch.Tensor | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         d, t = self.cfg.model.dim, self.n_levels
-        self.user_embedding = nn.Embedding(self.n_users, d * t)
-        self.item_embedding = nn.Embedding(self.n_items, d * t)
-        nn.init.normal_(self.user_embedding.weight, std=0.1)
-        nn.init.normal_(self.item_embedding.weight, std=0.1)
+        self.user_embedding = self.embedding_table(self.n_users, d * t)
+        self.item_embedding = self.embedding_table(self.n_items, d * t)
         # bias prior: log-popularity (centred), so that items the data never trained (unit
         # vectors in random directions under cosine) start below the items it did
-        self.item_bias = nn.Embedding(self.n_items, t)
+        self.item_bias = nn.Embedding(self.n_items, t, sparse=self.sparse_embeddings)
         with torch.no_grad():
             prior = self.log_q - self.log_q.mean()
             self.item_bias.weight.copy_(prior.unsqueeze(1).expand(-1, t))
@@ -47,13 +45,28 @@ class GNOLR(EmbeddingRecommender):
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x.view(*x.shape[:-1], self.n_levels, -1), dim=-1)
 
+    def _queries(self, rows: torch.Tensor) -> torch.Tensor:
+        """[s_1 u_1 .. s_T u_T, 1 .. 1] from raw user embedding rows."""
+        scale = self.log_scale.exp().unsqueeze(-1)
+        users = (self._split(rows) * scale).flatten(-2)
+        return torch.cat([users, torch.ones_like(users[..., : self.n_levels])], -1)
+
+    def _items(self, rows: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """[i_1 .. i_T, b_1 .. b_T] from raw item embedding rows and their biases."""
+        return torch.cat([self._split(rows).flatten(-2), bias], -1)
+
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Query = [s_1 u_1 .. s_T u_T, 1 .. 1], item = [i_1 .. i_T, b_1 .. b_T]."""
-        scale = self.log_scale.exp().unsqueeze(-1)
-        users = (self._split(self.user_embedding.weight) * scale).flatten(1)
-        items = self._split(self.item_embedding.weight).flatten(1)
-        ones = torch.ones(users.shape[0], self.n_levels, device=users.device)
-        return torch.cat([users, ones], 1), torch.cat([items, self.item_bias.weight], 1)
+        return (
+            self._queries(self.user_embedding.weight),
+            self._items(self.item_embedding.weight, self.item_bias.weight),
+        )
+
+    def batch_encoder(self):
+        return (
+            lambda idx: self._queries(self.user_embedding(idx)),
+            lambda idx: self._items(self.item_embedding(idx), self.item_bias(idx)),
+        )
 
     def cumulative_logits(self, users_vec: torch.Tensor, items_vec: torch.Tensor) -> torch.Tensor:
         """z (..., T) from query and item vectors of the same leading shape."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from recfb.models.base import EmbeddingRecommender
 
@@ -16,10 +15,11 @@ class MatrixFactorization(EmbeddingRecommender):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         dim = self.cfg.model.dim
-        self.user_embedding = nn.Embedding(self.n_users, dim)
-        self.item_embedding = nn.Embedding(self.n_items, dim)
-        nn.init.normal_(self.user_embedding.weight, std=0.1)
-        nn.init.normal_(self.item_embedding.weight, std=0.1)
+        self.user_embedding = self.embedding_table(self.n_users, dim)
+        self.item_embedding = self.embedding_table(self.n_items, dim)
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.user_embedding.weight, self.item_embedding.weight
+
+    def batch_encoder(self):
+        return self.user_embedding, self.item_embedding

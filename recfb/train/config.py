@@ -57,7 +57,14 @@ class TrainerConfig(_Strict):
     max_epochs: int = Field(20, ge=0)
     batch_size: int = Field(4096, ge=1)
     lr: float = Field(0.005, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(
+        0.0, ge=0, description="Adam weight decay; > 0 makes the embedding tables dense"
+    )
+    sparse_embeddings: bool = Field(
+        True,
+        description="sparse gradients + SparseAdam on embedding tables (a step then costs "
+        "O(batch), not O(catalogue)); off by itself under DDP strategies and weight decay",
+    )
     patience: int = Field(3, ge=1, description="early stopping on the monitored metric")
     monitor: str = Field("ndcg@20", description="validation metric to maximise")
     accelerator: str = "auto"
