@@ -31,6 +31,9 @@ DATASETS = {
 }
 
 
+BASELINES = ("popularity", "itemknn", "als", "bpr_implicit")
+
+
 def models(deepest: int, dim: int) -> dict[str, dict]:
     common = {"model": {"dim": dim}}
     return {
@@ -55,10 +58,14 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--only", nargs="*", help="model names to run")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="KEY=VALUE overrides for the recfb models"
+    )
+    parser.add_argument("--tag", default="", help="suffix of the results file")
     parser.add_argument("--sim-dir", default="data/sim/events", help="events for --dataset sim")
     args = parser.parse_args()
 
-    from recfb.config import build_model, load_config
+    from recfb.config import build_model, load_config, parse_override, set_dotted
     from recfb.etl import EtlConfig, run_etl
     from recfb.train.config import TrainConfig
     from recfb.train.loop import train
@@ -94,6 +101,9 @@ def main() -> None:
         }
         for key, value in spec.items():
             data[key] = data.get(key, {}) | value if isinstance(value, dict) else value
+        if data["model"].get("family") not in BASELINES:
+            for text in args.set:
+                set_dotted(data, *parse_override(text))
         cfg = build_model(TrainConfig, data, name)
         start = time.perf_counter()
         result = train(cfg, quiet=True)
@@ -113,7 +123,7 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    out = ROOT / "benchmarks" / "results" / f"quality_{args.dataset}.json"
+    out = ROOT / "benchmarks" / "results" / f"quality_{args.dataset}{args.tag}.json"
     out.write_text(
         json.dumps(
             {"dataset": args.dataset, "eval": eval_rule, "split": stats["split"], "rows": rows},

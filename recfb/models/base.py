@@ -99,9 +99,12 @@ class EmbeddingRecommender(L.LightningModule):
         neg_vec: torch.Tensor,
         pos: torch.Tensor,
         labels: torch.Tensor,
-        neg_vecs_all: torch.Tensor | None = None,
+        matured: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-positive loss (B,) from the query, positive (B,D) and negative (B,N,D) vectors."""
+        """Per-positive loss (B,) from the query, positive (B,D) and negative (B,N,D) vectors.
+
+        `matured` says which labels are final; an ordinal model treats the others as censored
+        (the pair may still go deeper), the pairwise losses need only that it is positive."""
         s_pos = (users_vec * pos_vec).sum(-1)
         s_neg = torch.einsum("bd,bnd->bn", users_vec, neg_vec)
         loss = self.cfg.model.loss
@@ -172,19 +175,20 @@ class EmbeddingRecommender(L.LightningModule):
     # --- Lightning hooks -----------------------------------------------------------------
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
         """The weighted training loss of one batch of positive-pair indices."""
-        users, pos = self.pos_users[idx], self.pos_items[idx]
-        labels, weights = self.pos_labels[idx], self.pos_weights[idx]
+        users = self.pos_users[idx]
         neg = self.sample_negatives(users)
         user_vectors, item_vectors = self.batch_encoder()
         uvec = user_vectors(users)
         dn = self.cfg.denoise
         if dn.method == "pld" and self.current_epoch >= dn.warmup_epochs:
-            new_pos = self._pld_resample(uvec, item_vectors, users, pos, neg)
-            changed = new_pos != pos
-            # a resampled positive carries the label of its own pair
-            labels = torch.where(changed, self._label_of(users, new_pos, labels), labels)
-            pos = new_pos
-        losses = self.example_losses(uvec, item_vectors(pos), item_vectors(neg), pos, labels)
+            new_pos = self._pld_resample(uvec, item_vectors, users, self.pos_items[idx], neg)
+            # a resampled positive brings its own pair's label, weight and maturity
+            idx = self._pair_index(users, new_pos, idx)
+        pos, labels, weights = self.pos_items[idx], self.pos_labels[idx], self.pos_weights[idx]
+        matured = self.pos_matured[idx] if len(self.pos_matured) else None
+        losses = self.example_losses(
+            uvec, item_vectors(pos), item_vectors(neg), pos, labels, matured
+        )
         if dn.method == "tce":
             drop = dn.max_drop * min(1.0, (self.current_epoch + 1) / dn.ramp_epochs)
             keep = max(1, int(round(len(losses) * (1 - drop))))
@@ -205,14 +209,14 @@ class EmbeddingRecommender(L.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(idx))
         return loss
 
-    def _label_of(
+    def _pair_index(
         self, users: torch.Tensor, items: torch.Tensor, fallback: torch.Tensor
     ) -> torch.Tensor:
-        """Label of (user, item) train pairs via the sorted pair keys (fallback if absent)."""
+        """Index of the (user, item) positive pairs via the sorted pair keys (else fallback)."""
         keys = users * self.n_items + items
         where = torch.searchsorted(self.pair_keys, keys).clamp(max=len(self.pair_keys) - 1)
         found = self.pair_keys[where] == keys
-        return torch.where(found, self.pair_labels[where], fallback)
+        return torch.where(found, self.pair_index[where], fallback)
 
     def on_train_epoch_end(self) -> None:
         self._cache = None
@@ -266,10 +270,11 @@ def _empty_pairs() -> dict[str, torch.Tensor]:
         "pos_items": long,
         "pos_labels": long,
         "pos_weights": torch.zeros(0),
+        "pos_matured": torch.zeros(0, dtype=torch.bool),
         "neg_indptr": long,
         "neg_items": long,
         "pos_indptr": long,
         "pos_by_user": long,
         "pair_keys": long,
-        "pair_labels": long,
+        "pair_index": long,
     }

@@ -30,30 +30,45 @@ class GNOLR(EmbeddingRecommender):
     def __init__(self, *args, level_rates: torch.Tensor | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         d, t = self.cfg.model.dim, self.n_levels
-        self.user_embedding = self.embedding_table(self.n_users, d * t)
-        self.item_embedding = self.embedding_table(self.n_items, d * t)
-        # bias prior: log-popularity (centred), so that items the data never trained (unit
-        # vectors in random directions under cosine) start below the items it did
+        shared = self.cfg.model.level_towers == "shared"
+        self.user_embedding = self.embedding_table(self.n_users, d if shared else d * t)
+        self.item_embedding = self.embedding_table(self.n_items, d if shared else d * t)
+        # towers: one linear head per level over the shared embedding, all starting as the
+        # identity, so every level starts with the same geometry and a level with few
+        # examples (purchases) departs from it only as far as its data supports
+        self.user_heads = self.item_heads = None
+        if shared:
+            eye = torch.eye(d).repeat(t, 1)  # (T*d, d)
+            self.user_heads = nn.Linear(d, d * t, bias=False)
+            self.item_heads = nn.Linear(d, d * t, bias=False)
+            with torch.no_grad():
+                self.user_heads.weight.copy_(eye)
+                self.item_heads.weight.copy_(eye)
+        # optional bias prior: centred log-popularity x bias_prior (0 by default: the sum over T
+        # levels multiplies it, and on long-tail catalogues it swamps the cosines)
         self.item_bias = nn.Embedding(self.n_items, t, sparse=self.sparse_embeddings)
         with torch.no_grad():
-            prior = self.log_q - self.log_q.mean()
+            prior = (self.log_q - self.log_q.mean()) * self.cfg.model.bias_prior
             self.item_bias.weight.copy_(prior.unsqueeze(1).expand(-1, t))
         self.log_scale = nn.Parameter(torch.full((t,), float(self.cfg.model.scale_init)).log())
         rates = level_rates if level_rates is not None else torch.full((t,), 0.5)
         self.register_buffer("thresholds", -torch.log(rates.clamp(min=_EPS)))
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
+    def _split(self, x: torch.Tensor, heads: nn.Linear | None) -> torch.Tensor:
+        """(..., T, d) L2-normalised sub-vectors from raw embedding rows."""
+        if heads is not None:
+            x = heads(x)
         return F.normalize(x.view(*x.shape[:-1], self.n_levels, -1), dim=-1)
 
     def _queries(self, rows: torch.Tensor) -> torch.Tensor:
         """[s_1 u_1 .. s_T u_T, 1 .. 1] from raw user embedding rows."""
         scale = self.log_scale.exp().unsqueeze(-1)
-        users = (self._split(rows) * scale).flatten(-2)
+        users = (self._split(rows, self.user_heads) * scale).flatten(-2)
         return torch.cat([users, torch.ones_like(users[..., : self.n_levels])], -1)
 
     def _items(self, rows: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """[i_1 .. i_T, b_1 .. b_T] from raw item embedding rows and their biases."""
-        return torch.cat([self._split(rows).flatten(-2), bias], -1)
+        return torch.cat([self._split(rows, self.item_heads).flatten(-2), bias], -1)
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Query = [s_1 u_1 .. s_T u_T, 1 .. 1], item = [i_1 .. i_T, b_1 .. b_T]."""
@@ -76,20 +91,33 @@ class GNOLR(EmbeddingRecommender):
         per_level = cosines + product[..., -t:]
         return per_level.cumsum(-1) - self.thresholds
 
-    def ordinal_nll(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """-log P(label) with P(>= t) = sigmoid(z_t); labels in 0..T."""
+    def ordinal_nll(
+        self, z: torch.Tensor, labels: torch.Tensor, censored: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """-log P(label) with P(>= t) = sigmoid(z_t); labels in 0..T. A censored label y
+        (not matured: it may still go deeper) contributes -log P(>= y) instead."""
         ones = torch.ones_like(z[..., :1])
         zeros = torch.zeros_like(z[..., :1])
         at_least = torch.cat([ones, torch.sigmoid(z), zeros], dim=-1)  # P(>=0..T+1)
         y = labels.clamp(0, self.n_levels).long().unsqueeze(-1)
-        p = at_least.gather(-1, y) - at_least.gather(-1, y + 1)
+        deeper = at_least.gather(-1, y + 1)
+        if censored is not None:
+            deeper = deeper * (~censored).unsqueeze(-1)
+        p = at_least.gather(-1, y) - deeper
         return -torch.log(p.squeeze(-1).clamp(min=_EPS))
 
-    def example_losses(self, users_vec, pos_vec, neg_vec, pos, labels, neg_vecs_all=None):
+    def example_losses(self, users_vec, pos_vec, neg_vec, pos, labels, matured=None):
         z_pos = self.cumulative_logits(users_vec, pos_vec)
         z_neg = self.cumulative_logits(users_vec.unsqueeze(1).expand_as(neg_vec), neg_vec)
-        pos_loss = self.ordinal_nll(z_pos, labels)
-        neg_loss = self.ordinal_nll(z_neg, torch.zeros(z_neg.shape[:-1], device=z_neg.device))
+        censored = ~matured if matured is not None and self.cfg.model.censor_immature else None
+        pos_loss = self.ordinal_nll(z_pos, labels, censored)
+        if self.cfg.model.ordinal_negatives == "all_levels":
+            # P(label=0) = 1 - sigmoid(z_1) leaves z_2..z_T of unseen items free, and since
+            # the per-level logits are not forced to decrease, an unseen item can then outrank
+            # an engaged one on z_T; every cumulative logit of a level-0 pair is pushed down
+            neg_loss = F.softplus(z_neg).sum(-1)
+        else:
+            neg_loss = self.ordinal_nll(z_neg, torch.zeros(z_neg.shape[:-1], device=z_neg.device))
         loss = pos_loss + neg_loss.sum(1)
         return loss / self.propensity[pos] if self.cfg.debias.ips else loss
 

@@ -30,6 +30,25 @@ class ModelConfig(_Strict):
     edge_min_label: int = Field(1, description="LightGCN: train pairs with label >= this are edges")
     edge_weight_by_level: bool = Field(False, description="LightGCN: weight edges by level")
     scale_init: float = Field(5.0, gt=0, description="GNOLR: initial per-level logit scale s_t")
+    ordinal_negatives: Literal["first_level", "all_levels"] = Field(
+        "all_levels",
+        description="GNOLR: a level-0 pair's NLL constrains z_1 only (first_level), or every "
+        "cumulative logit z_t (all_levels: keeps unseen items below engaged ones on z_T)",
+    )
+    level_towers: Literal["shared", "separate"] = Field(
+        "shared",
+        description="GNOLR: sub-vectors are linear heads over one shared embedding per id "
+        "(identity-initialised, so rare deep levels borrow the shallow levels' geometry), or "
+        "separate embeddings per level",
+    )
+    censor_immature: bool = Field(
+        True,
+        description="GNOLR: a pair whose label has not matured (it may still go deeper, e.g. a "
+        "recent view) contributes -log P(label >= y), not -log P(label = y)",
+    )
+    bias_prior: float = Field(
+        0.0, ge=0, description="GNOLR: item biases start at this x centred log-popularity"
+    )
 
 
 class DenoiseConfig(_Strict):

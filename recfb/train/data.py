@@ -14,7 +14,7 @@ import torch
 from recfb.errors import InputError
 from recfb.evaluate import item_popularity
 
-PAIR_COLUMNS = ["user_idx", "item_idx", "label", "weight"]
+PAIR_COLUMNS = ["user_idx", "item_idx", "label", "weight", "matured"]
 
 
 @dataclass

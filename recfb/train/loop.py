@@ -68,12 +68,13 @@ def training_tensors(data: Interactions, cfg: TrainConfig) -> dict[str, torch.Te
         "pos_items": torch.as_tensor(items),
         "pos_labels": torch.as_tensor(pos["label"].to_numpy().astype(np.int64)),
         "pos_weights": torch.as_tensor(pos["weight"].to_numpy().astype(np.float32)),
+        "pos_matured": torch.as_tensor(pos["matured"].to_numpy().astype(bool)),
         "neg_indptr": neg_indptr,
         "neg_items": neg_items,
         "pos_indptr": pos_indptr,
         "pos_by_user": pos_by_user,
         "pair_keys": torch.as_tensor(keys[order]),
-        "pair_labels": torch.as_tensor(pos["label"].to_numpy().astype(np.int64)[order]),
+        "pair_index": torch.as_tensor(order),
     }
 
 
