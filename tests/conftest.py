@@ -6,6 +6,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 
 from recfb.config import build_model
 from recfb.etl import EtlConfig, run_etl
@@ -36,3 +37,14 @@ def run(tmp_path: Path, paths: list[Path | str], signals: Path | str, **sections
 
 def read_out(tmp_path: Path, name: str) -> pl.DataFrame:
     return pl.read_parquet(tmp_path / "out" / f"{name}.parquet")
+
+
+class RandomScorer:
+    """Uniformly random scores: the floor a trained model must clear."""
+
+    def __init__(self, n_items: int) -> None:
+        self.n_items = n_items
+        self.gen = torch.Generator().manual_seed(0)
+
+    def score(self, users: torch.Tensor) -> torch.Tensor:
+        return torch.rand(len(users), self.n_items, generator=self.gen)

@@ -11,8 +11,10 @@ import torch
 from recfb.config import build_model, read_yaml
 from recfb.models.gnolr import GNOLR
 from recfb.train.config import TrainConfig
+from recfb.train.data import Interactions
+from recfb.train.loop import evaluate_scorer, train
 
-from conftest import CONF, run, shared_file
+from conftest import CONF, RandomScorer, run, shared_file
 
 
 def _model(**model) -> GNOLR:
@@ -82,10 +84,6 @@ def test_gnolr_on_taobao_beats_random_and_popularity(
     taobao: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Real data, few epochs: ranking by P(purchase) must carry the users' taste."""
-    from recfb.train.loop import evaluate_scorer, train
-
-    from test_train import RandomScorer
-
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     monkeypatch.chdir(tmp_path)
     eval_rule = {"ks": [10, 20], "exclude": "min_level", "exclude_min_level": 3}
@@ -96,11 +94,11 @@ def test_gnolr_on_taobao_beats_random_and_popularity(
         "eval": eval_rule,
     }
     result = train(build_model(TrainConfig, data, "test"), quiet=True)
-    from recfb.train.data import Interactions
-
     interactions = Interactions.load(taobao)
     cfg = build_model(TrainConfig, data, "test")
-    random = evaluate_scorer(RandomScorer(interactions.n_items), interactions, interactions.test, cfg)
+    random = evaluate_scorer(
+        RandomScorer(interactions.n_items), interactions, interactions.test, cfg
+    )
     popularity = train(
         build_model(TrainConfig, data | {"model": {"family": "popularity"}}, "test"), quiet=True
     )

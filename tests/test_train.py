@@ -17,7 +17,7 @@ from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions
 from recfb.train.loop import evaluate_scorer, train
 
-from conftest import CONF, run
+from conftest import CONF, RandomScorer, run
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +48,6 @@ def config(data: Path, family: str, **overrides) -> TrainConfig:
     for key, value in overrides.items():
         base[key] = base.get(key, {}) | value if isinstance(value, dict) else value
     return build_model(TrainConfig, base, "test")
-
-
-class RandomScorer:
-    def __init__(self, n_items: int) -> None:
-        self.n_items = n_items
-        self.gen = torch.Generator().manual_seed(0)
-
-    def score(self, users: torch.Tensor) -> torch.Tensor:
-        return torch.rand(len(users), self.n_items, generator=self.gen)
 
 
 @pytest.mark.parametrize("family", ["mf", "lightgcn", "gnolr"])
