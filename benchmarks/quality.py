@@ -124,6 +124,12 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     out = ROOT / "benchmarks" / "results" / f"quality_{args.dataset}{args.tag}.json"
+    if args.only and out.exists():
+        # a partial rerun replaces its models' rows and keeps the others
+        names = {r["model"] for r in rows}
+        kept = [r for r in json.loads(out.read_text())["rows"] if r["model"] not in names]
+        order = list(models(deepest, args.dim))
+        rows = sorted(kept + rows, key=lambda r: order.index(r["model"]))
     out.write_text(
         json.dumps(
             {"dataset": args.dataset, "eval": eval_rule, "split": stats["split"], "rows": rows},

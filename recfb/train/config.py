@@ -26,7 +26,12 @@ class ModelConfig(_Strict):
         0.5, ge=0, le=1, description="chance a user's explicit negative replaces a sampled one"
     )
     temperature: float = Field(0.1, gt=0, description="softmax loss temperature")
-    layers: int = Field(3, ge=1, description="LightGCN propagation layers")
+    layers: int = Field(
+        1,
+        ge=1,
+        description="LightGCN propagation layers (1 measured best on the sparse temporal "
+        "splits of MovieLens and Taobao; 3 over-smooths there)",
+    )
     edge_min_label: int = Field(1, description="LightGCN: train pairs with label >= this are edges")
     edge_weight_by_level: bool = Field(False, description="LightGCN: weight edges by level")
     scale_init: float = Field(5.0, gt=0, description="GNOLR: initial per-level logit scale s_t")
