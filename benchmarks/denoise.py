@@ -32,7 +32,7 @@ from benchmarks.common import simulated_etl  # noqa: E402
 VARIANTS = {
     "plain-bpr": {},
     "pld": {"denoise": {"method": "pld", "warmup_epochs": 2, "pool": 5, "tau": 0.1}},
-    "tce": {"denoise": {"method": "tce", "max_drop": 0.1, "ramp_epochs": 10}},
+    "tce": {"denoise": {"method": "tce", "max_drop": 0.2, "ramp_epochs": 3}},
     "plain-bce": {"model": {"loss": "bce"}},
     "ips-bce": {"model": {"loss": "bce"}, "debias": {"ips": True, "eta": 0.5, "clip": 0.2}},
 }
