@@ -34,7 +34,11 @@ VARIANTS = {
     "pld": {"denoise": {"method": "pld", "warmup_epochs": 2, "pool": 5, "tau": 0.1}},
     "tce": {"denoise": {"method": "tce", "max_drop": 0.2, "ramp_epochs": 3}},
     "plain-bce": {"model": {"loss": "bce"}},
-    "ips-bce": {"model": {"loss": "bce"}, "debias": {"ips": True, "eta": 0.5, "clip": 0.2}},
+    "ips-bce": {"model": {"loss": "bce"}, "debias": {"ips": True, "eta": 0.5, "clip": 0.5}},
+    "ips-bce-nonneg": {
+        "model": {"loss": "bce"},
+        "debias": {"ips": True, "eta": 0.5, "clip": 0.5, "nonnegative": True},
+    },
 }
 
 
@@ -68,7 +72,12 @@ def true_ndcg(model, etl: Path, truth: Path, n_users: int, k: int, seed: int = 0
     discount = 1.0 / np.log2(np.arange(2, k + 2))
     ndcg = (got_aff * discount).sum(1) / (ideal_aff.numpy() * discount).sum(1)
     pop = popularity_percentile(data.item_popularity())
-    return {"true_ndcg": float(ndcg.mean()), "popularity": float(pop[top.numpy()].mean())}
+    return {
+        "true_ndcg": float(ndcg.mean()),
+        "popularity": float(pop[top.numpy()].mean()),
+        # what the true preferences warrant: the popularity of the ideal lists
+        "ideal_popularity": float(pop[ideal.numpy()].mean()),
+    }
 
 
 def user_ids_of(idx: torch.Tensor, users: pl.DataFrame) -> np.ndarray:
@@ -84,7 +93,21 @@ def main() -> None:
     parser.add_argument("--eval-users", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--noise-items", choices=["popularity", "uniform"], default="uniform")
+    parser.add_argument(
+        "--only", nargs="+", help="run only these of the built-in variants (rows are merged)"
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help='an extra variant, e.g. tce-bce=\'{"denoise":{"method":"tce"}}\'',
+    )
     args = parser.parse_args()
+    variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
+    for item in args.variant:  # extra variants always run
+        name, _, spec = item.partition("=")
+        variants[name] = json.loads(spec)
 
     from recfb.config import build_model
     from recfb.simulate import SimConfig
@@ -105,7 +128,7 @@ def main() -> None:
             noise_positive_items=args.noise_items,
         )
         etl = simulated_etl(sim_cfg, base)
-        for name, spec in VARIANTS.items():
+        for name, spec in variants.items():
             for seed in range(args.seeds):
                 data = {
                     "data": str(etl),
@@ -131,6 +154,10 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     out = ROOT / f"benchmarks/results/denoise_{args.noise_items}.json"
+    if args.only or args.variant:  # a partial run replaces its own rows, keeps the rest
+        done = {(r["noise"], r["variant"], r["seed"]) for r in rows}
+        old = json.loads(out.read_text()) if out.exists() else []
+        rows = [r for r in old if (r["noise"], r["variant"], r["seed"]) not in done] + rows
     out.write_text(json.dumps(rows, indent=2) + "\n")
     frame = (
         pl.DataFrame(rows)

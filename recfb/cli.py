@@ -303,5 +303,71 @@ def recommend(
     )
 
 
+@app.command()
+def index(
+    run_id: Annotated[str, typer.Option("--run-id", help="MLflow run id of a trained model.")],
+    config: ConfigOpt = Path("conf/index.yaml"),
+    overrides: SetOpt = None,
+) -> None:
+    """Build the FAISS index of a run's item vectors, measure its recall against exact
+    search, and publish a verified model bundle into the model store (models/).
+
+    Example: `recfb index --run-id 0123abcd --set factory=HNSW32,Flat --set ef_search=256`
+    """
+    from recfb.config import load_config
+    from recfb.index import IndexConfig, build_bundle
+
+    try:
+        cfg = load_config(IndexConfig, config, [*(overrides or []), f"run_id={run_id}"])
+        with out.status("building the index and the bundle ..."):
+            result = build_bundle(cfg)
+    except RecfbError as exc:
+        _fail(exc)
+        return
+    info = result.manifest["index"]
+    out.print(
+        f"bundle {result.path}: {result.manifest['n_items']:,} items, {info['factory']} "
+        f"({info['device']}), recall@{info['recall_k']} {info['recall']:.4f} "
+        f"against exact search, built in {info['build_s']:.1f} s"
+    )
+
+
+@app.command()
+def serve(
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle directory; default the newest in models/.")
+    ] = None,
+    config: ConfigOpt = Path("conf/serve.yaml"),
+    overrides: SetOpt = None,
+) -> None:
+    """Serve recommendations over HTTP (FastAPI on uvicorn) from a model bundle, logging
+    posted events durably. Writes need the X-API-Key header: set RECFB_API_KEY.
+
+    Example: `RECFB_API_KEY=secret recfb serve --bundle models/mf-0123abcd --set port=8080`
+    """
+    import os
+
+    from recfb.config import load_config
+    from recfb.serving import ServeConfig
+    from recfb.serving import serve as run_server
+
+    try:
+        extra = [f"bundle={bundle}"] if bundle else []
+        cfg = load_config(ServeConfig, config, [*(overrides or []), *extra])
+        key = os.environ.get("RECFB_API_KEY") or cfg.api_key
+        if not key:
+            Console(stderr=True).print(
+                "[yellow]warning:[/] no RECFB_API_KEY: POST /v1/events and admin calls are "
+                "refused (403)"
+            )
+        run_server(cfg, key)
+    except RecfbError as exc:
+        _fail(exc)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
+
+
+if __name__ == "__main__":  # `python -m recfb.cli` (used by the tests' subprocess server)
+    main()

@@ -48,3 +48,43 @@ class RandomScorer:
 
     def score(self, users: torch.Tensor) -> torch.Tensor:
         return torch.rand(len(users), self.n_items, generator=self.gen)
+
+
+@pytest.fixture(scope="session")
+def served_shop(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A small simulated shop, ETL'd, with an MF model trained on it and indexed into a
+    bundle: {'etl', 'store' (MLflow URI), 'run_id', 'bundle', 'models'}."""
+    from recfb.index import IndexConfig, build_bundle
+    from recfb.simulate import SimConfig, simulate
+    from recfb.train.config import TrainConfig
+    from recfb.train.loop import train
+
+    base = tmp_path_factory.mktemp("served")
+    simulate(SimConfig(seed=5, n_users=1_200, n_items=500, n_events=120_000), base / "sim")
+    run(base, [base / "sim" / "events"], CONF / "signals" / "simulator.yaml")
+    uri = f"sqlite:///{base / 'mlruns.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(base)
+        cfg = build_model(
+            TrainConfig,
+            {
+                "data": str(base / "out"),
+                "model": {"family": "mf", "dim": 16},
+                "trainer": {"max_epochs": 4, "batch_size": 1024, "lr": 0.01},
+                "eval": {"ks": [10, 20]},
+            },
+            "test",
+        )
+        result = train(cfg, quiet=True)
+        bundle = build_bundle(
+            IndexConfig(run_id=result.run_id, models_dir=str(base / "models"), name="v1")
+        )
+    return {
+        "etl": base / "out",
+        "store": uri,
+        "run_id": result.run_id,
+        "bundle": bundle.path,
+        "models": base / "models",
+        "base": base,
+    }

@@ -336,6 +336,9 @@ def _stats(
     linked = events.filter(pl.col("is_cancel"))
     stats: dict[str, Any] = {
         "signal_map": smap.name,
+        # the whole resolved map, so later stages (the serving fold-in) read online events
+        # with the meaning the training data was built with
+        "signal_map_spec": smap.model_dump(mode="json"),
         "inputs": [str(f) for f in files],
         "reconciliation": {
             "rows_in": rows_in,

@@ -115,7 +115,8 @@ class EmbeddingRecommender(L.LightningModule):
             neg_term = F.softplus(s_neg).mean(1)
             if self.cfg.debias.ips:
                 inv = 1.0 / self.propensity[pos]
-                return inv * F.softplus(-s_pos) + (1 - inv) * F.softplus(s_pos) + neg_term
+                neg_weight = (1 - inv).clamp(min=0) if self.cfg.debias.nonnegative else 1 - inv
+                return inv * F.softplus(-s_pos) + neg_weight * F.softplus(s_pos) + neg_term
             return F.softplus(-s_pos) + neg_term
         # sampled softmax: the other positives of the batch plus uniform negatives, log-q
         # corrected (in-batch items are drawn by popularity, uniform ones with q = 1/n)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -73,6 +73,11 @@ class DebiasConfig(_Strict):
     ips: bool = False
     eta: float = Field(0.5, gt=0, description="propensity theta_i = (pop_i / max pop)^eta")
     clip: float = Field(0.2, gt=0, le=1, description="lower bound on theta")
+    nonnegative: bool = Field(
+        False,
+        description="BCE: clamp the weight (1 - y/theta) of l(s,0) at 0, so a rare positive's "
+        "loss stays bounded below (else its score is pushed up without limit)",
+    )
 
 
 class TrainerConfig(_Strict):
@@ -125,3 +130,14 @@ class TrainConfig(_Strict):
         description="keep local checkpoints here; default: a temp dir (the best one is "
         "logged to the MLflow run either way)",
     )
+
+    @model_validator(mode="after")
+    def _monitor_is_measured(self) -> TrainConfig:
+        """Early stopping needs its metric: `ndcg@20` only exists when 20 is in eval.ks."""
+        name, _, cut = self.trainer.monitor.partition("@")
+        if cut and cut.split("/")[0].isdigit() and int(cut.split("/")[0]) not in self.eval.ks:
+            raise ValueError(
+                f"trainer.monitor={self.trainer.monitor!r} needs {cut.split('/')[0]} in "
+                f"eval.ks (got {list(self.eval.ks)})"
+            )
+        return self

@@ -1,0 +1,281 @@
+"""Model bundles: everything the retrieval service needs from one trained run, in one directory.
+
+Layout of `models/<name>/` (schema version 1):
+
+| file | contents |
+|---|---|
+| `manifest.json` | schema version, name, run id, family, sizes, index factory, measured |
+|  | recall and build time, fold-in targets, sha256 of every other file |
+| `items.parquet` | `item_idx, item_id, popularity` (+ `category` where the ETL passed it) |
+| `users.parquet` | `user_idx, user_id` |
+| `*_vectors.npy` | float32 (n, d) item / user vectors: score = inner product (GNOLR: concat) |
+| `index.faiss` | FAISS index of the item vectors (CPU; moved to a GPU at load when present) |
+| `seen.parquet` | `user_idx, item_idx, label`: every pair the ETL saw, for exclusion |
+| `signals.json` | the ETL's resolved signal map: how online events map to levels and negatives |
+
+Written into a temp directory and renamed into place; a bundle whose files do not match the
+manifest's checksums is refused at load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import polars as pl
+
+from recfb.errors import InputError, RecfbError
+from recfb.index.ann import BuiltIndex, IpIndex, apply_search_params, build_index, recall_at_k
+from recfb.index.config import IndexConfig
+from recfb.io import atomic_dir, write_json
+
+SCHEMA_VERSION = 1
+FILES = (
+    "items.parquet",
+    "users.parquet",
+    "item_vectors.npy",
+    "user_vectors.npy",
+    "index.faiss",
+    "seen.parquet",
+    "signals.json",
+)
+
+
+class BundleError(RecfbError):
+    """A bundle cannot be used: missing, corrupt or of an unknown schema."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class BundleResult:
+    path: Path
+    manifest: dict[str, Any]
+
+
+def _item_table(etl: Path, n_items: int) -> pl.DataFrame:
+    """Item ids with recent popularity (positive pairs over all splits) and a category."""
+    items = pl.read_parquet(etl / "items.parquet", columns=["item_idx", "item_id"])
+    pairs = pl.concat(
+        [
+            pl.scan_parquet(etl / f"{s}.parquet").select(
+                "item_idx", "label", *(["category"] if _has(etl, "category") else [])
+            )
+            for s in ("train", "valid", "test")
+        ]
+    )
+    pop = (
+        pairs.filter(pl.col("label") >= 1)
+        .group_by("item_idx")
+        .agg(pl.len().alias("popularity"))
+        .collect()
+    )
+    out = items.join(pop, on="item_idx", how="left").with_columns(
+        pl.col("popularity").fill_null(0).cast(pl.Int64)
+    )
+    if _has(etl, "category"):
+        cats = pairs.group_by("item_idx").agg(pl.col("category").drop_nulls().first()).collect()
+        out = out.join(cats, on="item_idx", how="left")
+    if out.height != n_items:
+        raise InputError(f"items.parquet has {out.height} rows, vectors {n_items}", file=str(etl))
+    return out.sort("item_idx")
+
+
+def _has(etl: Path, column: str) -> bool:
+    return column in pl.read_parquet_schema(etl / "train.parquet")
+
+
+def _seen_pairs(etl: Path) -> pl.DataFrame:
+    return pl.concat(
+        [
+            pl.read_parquet(etl / f"{s}.parquet", columns=["user_idx", "item_idx", "label"])
+            for s in ("train", "valid", "test")
+        ]
+    )
+
+
+def foldin_targets(users: np.ndarray, items: np.ndarray, sample: np.ndarray) -> dict[str, float]:
+    """Scores a fold-in aims for: `positive` = a user's typical best score (mean top-10),
+    `negative` = a low one (mean 5th percentile); measured on the model's own users."""
+    scores = users[sample] @ items.T
+    top = np.sort(scores, axis=1)[:, -min(10, scores.shape[1]) :]
+    return {
+        "positive": float(top.mean()),
+        "negative": float(np.percentile(scores, 5, axis=1).mean()),
+        "item_sq_norm": float((items**2).sum(1).mean()),
+    }
+
+
+def build_bundle(cfg: IndexConfig) -> BundleResult:
+    """Index a trained run's item vectors and publish the bundle into the model store."""
+    from recfb.train.runs import load_run
+
+    if not cfg.run_id:
+        raise RecfbError("index.run_id: name the MLflow run to index (recfb index --run ID)")
+    train_cfg, scorer = load_run(cfg.run_id)
+    etl = Path(train_cfg.data)
+    stats = json.loads((etl / "stats.json").read_text())
+    if "signal_map_spec" not in stats:
+        raise InputError(
+            "field 'signal_map_spec' missing: the ETL output predates bundles; rerun `recfb etl`",
+            file=str(etl / "stats.json"),
+        )
+    users = scorer.user_vectors.numpy().astype(np.float32)
+    items = scorer.item_vectors.numpy().astype(np.float32)
+    built = build_index(items, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    sample = rng.choice(len(users), size=min(cfg.recall_sample, len(users)), replace=False)
+    recall = recall_at_k(built.index, users[sample], items, cfg.recall_k)
+    index_info = _index_info(built, recall, cfg, len(sample))
+    if recall < cfg.recall_floor:
+        raise RecfbError(
+            f"index {built.factory!r} ({built.search_params or 'default search parameters'}) "
+            f"recalls {recall:.3f}@{cfg.recall_k} of exact search, below index.recall_floor="
+            f"{cfg.recall_floor}; not published. Raise efSearch/nprobe (index.search_params) or "
+            "choose another index.factory"
+        )
+    created = datetime.now(UTC)
+    name = cfg.name or f"{train_cfg.model.family}-{cfg.run_id[:8]}-{created:%Y%m%dT%H%M%S}"
+    target = Path(cfg.models_dir) / name
+    with atomic_dir(target) as tmp:
+        _item_table(etl, len(items)).write_parquet(tmp / "items.parquet")
+        pl.read_parquet(etl / "users.parquet", columns=["user_idx", "user_id"]).sort(
+            "user_idx"
+        ).write_parquet(tmp / "users.parquet")
+        np.save(tmp / "item_vectors.npy", items)
+        np.save(tmp / "user_vectors.npy", users)
+        faiss.write_index(built.index.index, str(tmp / "index.faiss"))
+        _seen_pairs(etl).write_parquet(tmp / "seen.parquet")
+        write_json(tmp / "signals.json", stats["signal_map_spec"])
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": name,
+            "created_at": created.isoformat(),
+            "run_id": cfg.run_id,
+            "family": train_cfg.model.family,
+            "data": str(etl),
+            "n_users": len(users),
+            "n_items": len(items),
+            "dim": int(items.shape[1]),
+            "levels": stats["levels"],
+            "index": index_info,
+            "foldin": foldin_targets(users, items, sample),
+            "files": {f: sha256(tmp / f) for f in FILES},
+        }
+        write_json(tmp / "manifest.json", manifest)
+    _log_to_run(cfg.run_id, index_info, name)
+    return BundleResult(target, manifest)
+
+
+def _index_info(built: BuiltIndex, recall: float, cfg: IndexConfig, sample: int) -> dict:
+    return {
+        "factory": built.factory,
+        "search_params": built.search_params,
+        "metric": "inner_product",
+        "mips_augment": built.index.augment,
+        "device": built.device,
+        "build_s": round(built.build_s, 3),
+        "recall_k": cfg.recall_k,
+        "recall": round(recall, 5),
+        "recall_sample": sample,
+        "recall_floor": cfg.recall_floor,
+    }
+
+
+def _log_to_run(run_id: str, info: dict, name: str) -> None:
+    """The index's figures join the training run they came from."""
+    import mlflow
+
+    from recfb import tracking
+
+    tracking.configure()
+    with mlflow.start_run(run_id=run_id):
+        tracking.log_metrics(
+            {f"index/recall@{info['recall_k']}": info["recall"], "index/build_s": info["build_s"]}
+        )
+        mlflow.set_tags({"index.factory": info["factory"], "index.bundle": name})
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle: what one version of the service answers from."""
+
+    path: Path
+    manifest: dict[str, Any]
+    items: pl.DataFrame
+    users: pl.DataFrame
+    item_vectors: np.ndarray
+    user_vectors: np.ndarray
+    index: IpIndex
+    seen: pl.DataFrame
+    signals: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["name"])
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """The manifest, after checking schema version and every file's checksum."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise BundleError(f"bundle {path}: manifest.json missing (not a bundle directory?)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"bundle {path}: manifest.json is not valid JSON: {exc}") from exc
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle {path}: schema_version {manifest.get('schema_version')!r}, "
+            f"this recfb reads {SCHEMA_VERSION}"
+        )
+    for name, expected in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"bundle {path}: file {name} listed in the manifest is missing")
+        if sha256(file) != expected:
+            raise BundleError(
+                f"bundle {path}: file {name} fails its checksum (corrupt or modified); refused"
+            )
+    missing = [f for f in FILES if f not in manifest.get("files", {})]
+    if missing:
+        raise BundleError(f"bundle {path}: manifest lists no checksum for {missing}")
+    return manifest
+
+
+def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
+    """Verify and load a bundle; the index goes to the GPU when one is usable."""
+    from recfb.index.ann import gpu_available
+
+    path = Path(path)
+    manifest = verify(path)
+    index = faiss.read_index(str(path / "index.faiss"))
+    apply_search_params(index, manifest["index"].get("search_params"))
+    if device == "gpu" or (device == "auto" and gpu_available()):
+        # an index without a GPU version (HNSW) stays on the CPU
+        with contextlib.suppress(RuntimeError):
+            index = faiss.index_cpu_to_all_gpus(index)
+    return Bundle(
+        path=path,
+        manifest=manifest,
+        items=pl.read_parquet(path / "items.parquet"),
+        users=pl.read_parquet(path / "users.parquet"),
+        item_vectors=np.load(path / "item_vectors.npy"),
+        user_vectors=np.load(path / "user_vectors.npy"),
+        index=IpIndex(index, manifest["index"].get("mips_augment")),
+        seen=pl.read_parquet(path / "seen.parquet"),
+        signals=json.loads((path / "signals.json").read_text()),
+    )

@@ -1,0 +1,46 @@
+"""Typed configuration of `recfb serve` (conf/serve.yaml; every key overridable)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FoldinConfig(BaseModel):
+    """How recent events move a user's query vector (see recfb/serving/retrieval.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    l2: float = Field(1.0, gt=0, description="ridge toward the bundle vector, x mean |item|^2")
+    half_life_hours: float = Field(24.0, gt=0, description="an event's weight halves this often")
+    negative_weight: float = Field(2.0, ge=0, description="weight of a dislike or refund")
+    max_events: int = Field(200, ge=1, description="most recent events read per request")
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str | None = Field(None, description="bundle directory (default: newest in models_dir)")
+    models_dir: str = "models"
+    event_log: str = Field("events.db", description="SQLite file of the durable event log")
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="FULL: an acknowledged event survives a power cut; NORMAL: a crash"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(
+        None, description="required on writes and admin calls (env RECFB_API_KEY wins)"
+    )
+    exclude: Literal["purchased", "any", "none"] = Field(
+        "purchased", description="what a user is not shown again (explicit negatives: always)"
+    )
+    default_k: int = Field(20, ge=1)
+    max_k: int = Field(500, ge=1)
+    max_batch_users: int = Field(1000, ge=1)
+    max_events_per_post: int = Field(10_000, ge=1)
+    exact_filter_below: int = Field(
+        20_000, ge=0, description="a category filter this narrow is scored exactly"
+    )
+    foldin: FoldinConfig = Field(default_factory=FoldinConfig)
+    log_level: str = "info"

@@ -1,0 +1,209 @@
+"""What one request does with one bundle: fold recent events in, search, exclude, filter.
+
+Fold-in. The query vector of a user is the ridge solution
+    u = argmin_u  sum_e w_e (y_e - u.v_e)^2 + lambda ||u - u0||^2
+over the items e the user engaged with in the event log, where u0 is the bundle's vector for
+the user (zero for a user the bundle does not know), y_e is the manifest's `positive` target
+score for a positive event and its `negative` target for an explicit negative or a refund,
+w_e = level weight (negatives: `negative_weight`) x 0.5^(age / half_life), and
+lambda = l2 x mean squared item norm. It is exact for any inner-product model (GNOLR included:
+the solve happens in the concatenated query space), costs one d x d solve, and needs no
+model code at serving time.
+
+Exclusion. Explicit negatives and refunded purchases are always removed; beyond them the
+rule `purchased` (default, e-commerce) removes what was bought and not refunded, `any` removes
+every item the user engaged with, `none` nothing more. The bundle's pairs and the log's events
+are both applied.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from recfb.index import Bundle
+from recfb.serving.config import ServeConfig
+from recfb.serving.eventlog import LoggedEvent
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage of one request (exported as Prometheus histograms)."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, started: float) -> float:
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - started
+        return now
+
+
+@dataclass
+class Ranked:
+    item_ids: list[str]
+    scores: list[float]
+    source: str  # model | session | popularity
+
+
+class ServingBundle:
+    """A bundle plus the lookup structures requests need, built once at load."""
+
+    def __init__(self, bundle: Bundle, cfg: ServeConfig) -> None:
+        self.bundle = bundle
+        self.version = bundle.version
+        self.cfg = cfg
+        self.item_ids: np.ndarray = bundle.items["item_id"].to_numpy().astype(object)
+        self.item_row = {iid: i for i, iid in enumerate(self.item_ids)}
+        self.user_row = {
+            uid: i for i, uid in enumerate(bundle.users["user_id"].to_numpy().astype(object))
+        }
+        self.category: dict[str, np.ndarray] = {}
+        if "category" in bundle.items.columns:
+            cats = bundle.items["category"].cast(pl.Utf8).fill_null("").to_numpy()
+            for value in np.unique(cats):
+                self.category[str(value)] = np.flatnonzero(cats == value)
+        self.popular = np.argsort(-bundle.items["popularity"].to_numpy(), kind="stable")
+        self.pop_score = bundle.items["popularity"].to_numpy().astype(np.float32)
+        smap = bundle.signals
+        self.n_levels = len(smap["levels"])
+        self.level_weight = {i + 1: lv["weight"] for i, lv in enumerate(smap["levels"])}
+        level_of = {lv["name"]: i + 1 for i, lv in enumerate(smap["levels"])}
+        self.signals = smap["signals"]
+        self.event_level = {
+            name: level_of[s["level"]] for name, s in self.signals.items() if s.get("level")
+        }
+        self.excluded = self._seen_exclusions(bundle.seen, cfg.exclude)
+        foldin = bundle.manifest["foldin"]
+        self.target_pos, self.target_neg = foldin["positive"], foldin["negative"]
+        self.ridge = cfg.foldin.l2 * foldin["item_sq_norm"]
+
+    def _seen_exclusions(self, seen: pl.DataFrame, rule: str) -> dict[int, np.ndarray]:
+        """user row -> item rows excluded by the bundle's pairs under the rule."""
+        label = pl.col("label")
+        keep = label == -1
+        if rule == "purchased":
+            keep = keep | (label == self.n_levels)
+        elif rule == "any":
+            keep = keep | (label >= 1)
+        rows = seen.filter(keep).group_by("user_idx").agg(pl.col("item_idx"))
+        return {
+            int(u): np.asarray(items, dtype=np.int64)
+            for u, items in zip(rows["user_idx"].to_list(), rows["item_idx"].to_list(), strict=True)
+        }
+
+    # --- the user's online state ---------------------------------------------------------
+    def session_state(self, events: list[LoggedEvent], now_ms: int) -> tuple[dict, set[int]]:
+        """(item row -> (target, weight)) for the fold-in and the item rows to exclude."""
+        level: dict[int, int] = {}
+        negative: dict[int, bool] = {}
+        last_ts: dict[int, int] = {}
+        for ev in events:  # oldest first: later events override earlier state
+            row = self.item_row.get(ev.item_id)
+            spec = self.signals.get(ev.event)
+            if row is None or spec is None:
+                continue
+            last_ts[row] = ev.ts
+            if spec.get("negative"):
+                negative[row] = True
+            elif spec.get("cancels"):
+                cancelled = self.signals.get(spec["cancels"], {})
+                if cancelled.get("negative"):
+                    negative[row] = False
+                elif spec.get("fallback") == "negative":
+                    negative[row], level[row] = True, 0
+                else:
+                    level[row] = max(0, self.event_level.get(spec["cancels"], 1) - 1)
+            elif ev.event in self.event_level:
+                level[row] = max(level.get(row, 0), self.event_level[ev.event])
+        half_life_ms = self.cfg.foldin.half_life_hours * 3_600_000
+        targets: dict[int, tuple[float, float]] = {}
+        exclude: set[int] = set()
+        rule = self.cfg.exclude
+        for row, ts in last_ts.items():
+            decay = 0.5 ** (max(0, now_ms - ts) / half_life_ms)
+            if negative.get(row):
+                targets[row] = (self.target_neg, self.cfg.foldin.negative_weight * decay)
+                exclude.add(row)
+                continue
+            lv = level.get(row, 0)
+            if lv >= 1:
+                targets[row] = (self.target_pos, self.level_weight[lv] * decay)
+            if (rule == "purchased" and lv == self.n_levels) or (rule == "any" and lv >= 1):
+                exclude.add(row)
+        return targets, exclude
+
+    def query_vector(self, user_row: int | None, targets: dict) -> np.ndarray | None:
+        """The fold-in solution (the bundle vector when there is nothing to fold in)."""
+        dim = self.bundle.item_vectors.shape[1]
+        u0 = (
+            self.bundle.user_vectors[user_row]
+            if user_row is not None
+            else np.zeros(dim, dtype=np.float32)
+        )
+        if not targets:
+            return u0 if user_row is not None else None
+        rows = np.fromiter(targets.keys(), dtype=np.int64)
+        y = np.array([t[0] for t in targets.values()], dtype=np.float64)
+        w = np.array([t[1] for t in targets.values()], dtype=np.float64)
+        v = self.bundle.item_vectors[rows].astype(np.float64)
+        a = (v * w[:, None]).T @ v + self.ridge * np.eye(dim)
+        b = (v * w[:, None]).T @ y + self.ridge * u0.astype(np.float64)
+        return np.linalg.solve(a, b).astype(np.float32)
+
+    # --- ranking -------------------------------------------------------------------------
+    def rank(
+        self,
+        query: np.ndarray | None,
+        k: int,
+        exclude: np.ndarray,
+        category: str | None,
+        timings: Timings,
+    ) -> tuple[list[int], list[float]]:
+        """Top-k item rows for a query vector (None: popularity), minus `exclude`."""
+        started = time.perf_counter()
+        allowed = None
+        if category is not None:
+            allowed = self.category.get(category, np.empty(0, dtype=np.int64))
+        n_items = len(self.item_ids)
+        if query is None:
+            fetch = (k + len(exclude)) * (4 if allowed is not None else 1) + 16
+            while True:
+                picked = _take(self.popular[:fetch], exclude, allowed, k)
+                if len(picked) >= k or fetch >= n_items:
+                    break
+                fetch *= 4
+            timings.add("filter", started)
+            return picked, [float(self.pop_score[i]) for i in picked]
+        if allowed is not None and len(allowed) <= self.cfg.exact_filter_below:
+            # a narrow filter: exact scores over the allowed items beat over-fetching
+            scores = self.bundle.item_vectors[allowed] @ query
+            order = allowed[np.argsort(-scores, kind="stable")]
+            started = timings.add("search", started)
+            picked = _take(order, exclude, None, k)
+            timings.add("filter", started)
+            score_of = dict(zip(allowed.tolist(), scores.tolist(), strict=True))
+            return picked, [score_of[i] for i in picked]
+        fetch = min(n_items, (k + len(exclude)) * (4 if allowed is not None else 1) + 16)
+        while True:
+            dist, ids = self.bundle.index.search(query[None, :], fetch)
+            started = timings.add("search", started)
+            picked = _take(ids[0][ids[0] >= 0], exclude, allowed, k)
+            started = timings.add("filter", started)
+            if len(picked) >= k or fetch >= n_items:
+                break
+            fetch = min(n_items, fetch * 4)
+        score_of = dict(zip(ids[0].tolist(), dist[0].tolist(), strict=True))
+        return picked, [score_of[i] for i in picked]
+
+
+def _take(order: np.ndarray, exclude: np.ndarray, allowed: np.ndarray | None, k: int) -> list[int]:
+    """The first k of `order` that are not excluded (and are allowed)."""
+    mask = np.ones(len(order), dtype=bool)
+    if len(exclude):
+        mask &= ~np.isin(order, exclude)
+    if allowed is not None:
+        mask &= np.isin(order, allowed)
+    return order[mask][:k].tolist()
