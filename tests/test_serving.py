@@ -341,3 +341,32 @@ def test_server_refuses_a_corrupt_bundle(served_shop, tmp_path):
     )
     assert proc.returncode == 2
     assert "seen.parquet fails its checksum" in proc.stderr
+
+
+def test_the_event_log_is_an_input_of_the_next_etl(served_shop, tmp_path):
+    """Online events close the loop: the ETL reads the log like any canonical file."""
+    from recfb.serving import EventLog
+
+    from conftest import CONF, run
+
+    log = EventLog(tmp_path / "events.db")
+    rows = [
+        ("e1", "u1", "i1", "click", 1_767_225_600_000, 12.0, None),
+        ("e2", "u1", "i1", "purchase", 1_767_225_700_000, 9.5, "o1"),
+        ("e3", "u2", "i1", "view", 1_767_225_800_000, None, None),
+        ("e4", "u2", "i2", "teleport", 1_767_225_900_000, None, None),  # quarantined
+    ]
+    assert log.append(rows) == 4 and log.append(rows[:1]) == 0
+    log.close()
+    stats = run(tmp_path, [tmp_path / "events.db"], CONF / "signals" / "simulator.yaml")
+    rec = stats["reconciliation"]
+    assert rec["rows_in"] == 4 and rec["balanced"]
+    assert sum(rec["quarantined"].values()) == 1
+    pairs = pl.concat(
+        [pl.read_parquet(tmp_path / "out" / f"{s}.parquet") for s in ("train", "valid", "test")]
+    )
+    # the temporal split may put the click and the later purchase of (u1, i1) in two splits
+    assert pairs.select("user_idx", "item_idx").unique().height == 2
+    assert pairs["label"].max() == 4
+    quarantined = pl.read_parquet(tmp_path / "out" / "quarantine.parquet")
+    assert quarantined["event_id"].to_list() == ["e4"]

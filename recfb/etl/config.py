@@ -13,7 +13,7 @@ class InputConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     paths: list[str] = Field(min_length=1, description="files, globs or directories")
-    format: Literal["auto", "parquet", "csv", "jsonl"] = "auto"
+    format: Literal["auto", "parquet", "csv", "jsonl", "sqlite"] = "auto"
     adapter: Literal["canonical", "taobao", "movielens", "kuairand"] = "canonical"
     csv_separator: str = ","
     csv_has_header: bool = True

@@ -1,4 +1,5 @@
-"""Readers: files, globs or directories of parquet / CSV / JSONL, and dataset adapters.
+"""Readers: files, globs or directories of parquet / CSV / JSONL, the serving event log
+(SQLite `*.db`), and dataset adapters.
 
 Every reader returns a LazyFrame in the canonical schema (`user_id, item_id, event, ts`, plus
 optional `value, event_id, order_id` and pass-through feature columns) with two provenance
@@ -30,6 +31,8 @@ _SUFFIX_FORMAT = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
     ".json": "jsonl",
+    ".db": "sqlite",
+    ".sqlite": "sqlite",
 }
 
 
@@ -62,7 +65,7 @@ def file_format(path: Path, configured: str) -> str:
     if fmt is None:
         raise InputError(
             f"cannot tell the format from the suffix '{path.suffix}'; set input.format "
-            "to parquet, csv or jsonl",
+            "to parquet, csv, jsonl or sqlite",
             file=str(path),
         )
     return fmt
@@ -73,7 +76,9 @@ def _scan_one(path: Path, cfg: InputConfig, string_cols: tuple[str, ...]) -> pl.
     fmt = file_format(path, cfg.format)
     sep = "\t" if path.suffix.lower() == ".tsv" and cfg.csv_separator == "," else cfg.csv_separator
     try:
-        if fmt == "parquet":
+        if fmt == "sqlite":
+            lf = _read_event_log(path)
+        elif fmt == "parquet":
             lf = pl.scan_parquet(path)
         elif fmt == "csv":
             lf = pl.scan_csv(
@@ -102,6 +107,28 @@ def _scan_one(path: Path, cfg: InputConfig, string_cols: tuple[str, ...]) -> pl.
         pl.lit(str(path)).cast(pl.Categorical).alias("source_file"),
         pl.col("source_row").cast(pl.Int64),
     )
+
+
+def _read_event_log(path: Path) -> pl.LazyFrame:
+    """The serving event log (SQLite, table `events`, ts in epoch ms), in arrival order."""
+    import sqlite3
+
+    uri = f"file:{path.resolve()}?mode=ro"
+    with sqlite3.connect(uri, uri=True) as conn:
+        frame = pl.read_database(
+            f"SELECT {', '.join(CANONICAL)} FROM events ORDER BY received_at, rowid",
+            connection=conn,
+            schema_overrides={
+                "event_id": pl.String,
+                "user_id": pl.String,
+                "item_id": pl.String,
+                "event": pl.String,
+                "ts": pl.Int64,
+                "value": pl.Float64,
+                "order_id": pl.String,
+            },
+        )
+    return frame.lazy()
 
 
 def _rename_canonical(lf: pl.LazyFrame, mapping: dict[str, str], path: Path) -> pl.LazyFrame:
