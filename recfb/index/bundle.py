@@ -119,6 +119,22 @@ def foldin_targets(users: np.ndarray, items: np.ndarray, sample: np.ndarray) -> 
     }
 
 
+@dataclass
+class BundleParts:
+    """What a bundle is made of, before it is indexed and written."""
+
+    items: pl.DataFrame  # item_idx, item_id, popularity [, category]
+    users: pl.DataFrame  # user_idx, user_id
+    item_vectors: np.ndarray
+    user_vectors: np.ndarray
+    seen: pl.DataFrame  # user_idx, item_idx, label
+    signals: dict[str, Any]  # the resolved signal map
+    levels: dict[str, str]
+    run_id: str | None = None
+    family: str = "unknown"
+    data: str | None = None
+
+
 def build_bundle(cfg: IndexConfig) -> BundleResult:
     """Index a trained run's item vectors and publish the bundle into the model store."""
     from recfb.train.runs import load_run
@@ -133,8 +149,29 @@ def build_bundle(cfg: IndexConfig) -> BundleResult:
             "field 'signal_map_spec' missing: the ETL output predates bundles; rerun `recfb etl`",
             file=str(etl / "stats.json"),
         )
-    users = scorer.user_vectors.numpy().astype(np.float32)
     items = scorer.item_vectors.numpy().astype(np.float32)
+    parts = BundleParts(
+        items=_item_table(etl, len(items)),
+        users=pl.read_parquet(etl / "users.parquet", columns=["user_idx", "user_id"]).sort(
+            "user_idx"
+        ),
+        item_vectors=items,
+        user_vectors=scorer.user_vectors.numpy().astype(np.float32),
+        seen=_seen_pairs(etl),
+        signals=stats["signal_map_spec"],
+        levels=stats["levels"],
+        run_id=cfg.run_id,
+        family=train_cfg.model.family,
+        data=str(etl),
+    )
+    result = write_bundle(parts, cfg)
+    _log_to_run(cfg.run_id, result.manifest["index"], result.manifest["name"])
+    return result
+
+
+def write_bundle(parts: BundleParts, cfg: IndexConfig) -> BundleResult:
+    """Build the index, hold it to the recall floor, and write the bundle atomically."""
+    users, items = parts.user_vectors, parts.item_vectors
     built = build_index(items, cfg)
     rng = np.random.default_rng(cfg.seed)
     sample = rng.choice(len(users), size=min(cfg.recall_sample, len(users)), replace=False)
@@ -148,35 +185,33 @@ def build_bundle(cfg: IndexConfig) -> BundleResult:
             "choose another index.factory"
         )
     created = datetime.now(UTC)
-    name = cfg.name or f"{train_cfg.model.family}-{cfg.run_id[:8]}-{created:%Y%m%dT%H%M%S}"
+    run = (parts.run_id or "none")[:8]
+    name = cfg.name or f"{parts.family}-{run}-{created:%Y%m%dT%H%M%S}"
     target = Path(cfg.models_dir) / name
     with atomic_dir(target) as tmp:
-        _item_table(etl, len(items)).write_parquet(tmp / "items.parquet")
-        pl.read_parquet(etl / "users.parquet", columns=["user_idx", "user_id"]).sort(
-            "user_idx"
-        ).write_parquet(tmp / "users.parquet")
+        parts.items.write_parquet(tmp / "items.parquet")
+        parts.users.write_parquet(tmp / "users.parquet")
         np.save(tmp / "item_vectors.npy", items)
         np.save(tmp / "user_vectors.npy", users)
         faiss.write_index(built.index.index, str(tmp / "index.faiss"))
-        _seen_pairs(etl).write_parquet(tmp / "seen.parquet")
-        write_json(tmp / "signals.json", stats["signal_map_spec"])
+        parts.seen.write_parquet(tmp / "seen.parquet")
+        write_json(tmp / "signals.json", parts.signals)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": name,
             "created_at": created.isoformat(),
-            "run_id": cfg.run_id,
-            "family": train_cfg.model.family,
-            "data": str(etl),
+            "run_id": parts.run_id,
+            "family": parts.family,
+            "data": parts.data,
             "n_users": len(users),
             "n_items": len(items),
             "dim": int(items.shape[1]),
-            "levels": stats["levels"],
+            "levels": parts.levels,
             "index": index_info,
             "foldin": foldin_targets(users, items, sample),
             "files": {f: sha256(tmp / f) for f in FILES},
         }
         write_json(tmp / "manifest.json", manifest)
-    _log_to_run(cfg.run_id, index_info, name)
     return BundleResult(target, manifest)
 
 
