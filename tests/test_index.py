@@ -21,7 +21,7 @@ from recfb.index import (
     load_bundle,
     recall_at_k,
 )
-from recfb.index.ann import exact_topk
+from recfb.index.ann import build_measured, exact_topk
 
 
 def clustered(n: int, d: int = 16, clusters: int = 20, seed: int = 0) -> np.ndarray:
@@ -50,9 +50,20 @@ def test_exact_index_matches_brute_force_and_hnsw_recalls_clustered_vectors():
     ref = exact_topk(queries, items, 10)
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ref, truth, strict=True)])
     assert overlap > 0.99
-    hnsw = build_index(items, IndexConfig(exact_below=0))
+    hnsw, recall = build_measured(items, queries, IndexConfig(exact_below=0))
     assert (hnsw.factory, hnsw.search_params) == ("HNSW32,Flat", "efSearch=128")
-    assert recall_at_k(hnsw.index, queries, items, 10) >= 0.95
+    assert recall >= 0.95
+    assert recall == recall_at_k(hnsw.index, queries, items, 20)
+
+
+def test_both_hnsw_forms_return_exact_inner_product_scores():
+    items, queries = clustered(2000), clustered(50, seed=1)
+    for l2 in (False, True):
+        built = build_index(items, IndexConfig(exact_below=0, ef_search=512), l2=l2)
+        assert (built.index.augment is not None) == l2
+        scores, rows = built.index.search(queries, 5)
+        expected = np.einsum("qd,qkd->qk", queries, items[rows])
+        assert np.allclose(scores, expected, rtol=1e-3, atol=1e-3)
 
 
 def test_a_coarse_index_has_measurably_lower_recall():

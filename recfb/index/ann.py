@@ -74,8 +74,9 @@ class BuiltIndex:
     device: str
 
 
-def build_index(vectors: np.ndarray, cfg: IndexConfig) -> BuiltIndex:
-    """Train (if needed) and fill an inner-product index over `vectors` (n, d) float32."""
+def build_index(vectors: np.ndarray, cfg: IndexConfig, l2: bool = False) -> BuiltIndex:
+    """Train (if needed) and fill an inner-product index over `vectors` (n, d) float32;
+    `l2`: an HNSW graph over the augmented vectors (see IpIndex)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     use_gpu = cfg.device == "gpu" or (cfg.device == "auto" and gpu_available())
     if cfg.device == "gpu" and not gpu_available():
@@ -83,7 +84,7 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig) -> BuiltIndex:
     factory, params = choose_factory(len(vectors), cfg, use_gpu)
     started = time.perf_counter()
     augment = None
-    if cfg.mips_to_l2 and factory.startswith("HNSW"):
+    if l2 and factory.startswith("HNSW"):
         vectors, augment = augment_items(vectors)
     metric = faiss.METRIC_L2 if augment is not None else faiss.METRIC_INNER_PRODUCT
     try:
@@ -107,6 +108,25 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig) -> BuiltIndex:
     return BuiltIndex(
         IpIndex(index, augment), factory, params, time.perf_counter() - started, device
     )
+
+
+def build_measured(
+    items: np.ndarray, queries: np.ndarray, cfg: IndexConfig
+) -> tuple[BuiltIndex, float]:
+    """Build by the rule and measure recall@k on `queries` against exact search.
+
+    Which HNSW form navigates better depends on the vectors (raw inner products suit
+    clustered vectors of similar norm; the L2 reduction can suit very uneven norms), so with
+    `mips: auto` the other form is built too when the first misses the floor, and the better
+    one is kept."""
+    built = build_index(items, cfg, l2=cfg.mips == "l2")
+    recall = recall_at_k(built.index, queries, items, cfg.recall_k)
+    if cfg.mips == "auto" and built.factory.startswith("HNSW") and recall < cfg.recall_floor:
+        other = build_index(items, cfg, l2=True)
+        other_recall = recall_at_k(other.index, queries, items, cfg.recall_k)
+        if other_recall > recall:
+            return other, other_recall
+    return built, recall
 
 
 def apply_search_params(index: faiss.Index, params: str | None) -> None:

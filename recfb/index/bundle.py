@@ -32,7 +32,7 @@ import numpy as np
 import polars as pl
 
 from recfb.errors import InputError, RecfbError
-from recfb.index.ann import BuiltIndex, IpIndex, apply_search_params, build_index, recall_at_k
+from recfb.index.ann import BuiltIndex, IpIndex, apply_search_params, build_measured
 from recfb.index.config import IndexConfig
 from recfb.io import atomic_dir, write_json
 
@@ -172,10 +172,9 @@ def build_bundle(cfg: IndexConfig) -> BundleResult:
 def write_bundle(parts: BundleParts, cfg: IndexConfig) -> BundleResult:
     """Build the index, hold it to the recall floor, and write the bundle atomically."""
     users, items = parts.user_vectors, parts.item_vectors
-    built = build_index(items, cfg)
     rng = np.random.default_rng(cfg.seed)
     sample = rng.choice(len(users), size=min(cfg.recall_sample, len(users)), replace=False)
-    recall = recall_at_k(built.index, users[sample], items, cfg.recall_k)
+    built, recall = build_measured(items, users[sample], cfg)
     index_info = _index_info(built, recall, cfg, len(sample))
     if recall < cfg.recall_floor:
         raise RecfbError(

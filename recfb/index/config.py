@@ -31,9 +31,10 @@ class IndexConfig(BaseModel):
     hnsw_m: int = Field(32, ge=4)
     ef_construction: int = Field(80, ge=8)
     ef_search: int = Field(128, ge=1)
-    mips_to_l2: bool = Field(
-        True,
-        description="HNSW: store items as [x, sqrt(M^2-|x|^2)] in an L2 graph (exact IP order)",
+    mips: Literal["auto", "ip", "l2"] = Field(
+        "auto",
+        description="HNSW: search raw inner products (ip), or items as [x, sqrt(M^2-|x|^2)] in "
+        "an L2 graph (l2, same order); auto: ip, and l2 too when ip misses the recall floor",
     )
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="auto: the GPU when faiss-gpu and a GPU are present"

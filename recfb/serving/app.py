@@ -221,11 +221,11 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
     app.add_middleware(TimingMiddleware, metrics=service.metrics)
 
     @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["ops"])
-    def readyz() -> Response:
+    async def readyz() -> Response:
         served = service.current
         if served is None:
             return _json({"ready": False, "reason": "no bundle loaded"}, 503)
@@ -278,7 +278,7 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
         response_model=Recommendations,
         tags=["recommendations"],
     )
-    def recommendations(
+    async def recommendations(
         request: Request,
         user_id: Annotated[str, PathParam(min_length=1, max_length=256)],
         k: Annotated[int | None, Query(ge=1, le=cfg.max_k)] = None,
@@ -321,7 +321,7 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
         return response
 
     @app.get("/v1/items/{item_id}/similar", response_model=SimilarItems, tags=["recommendations"])
-    def similar(
+    async def similar(
         item_id: Annotated[str, PathParam(min_length=1, max_length=256)],
         k: Annotated[int | None, Query(ge=1, le=cfg.max_k)] = None,
     ) -> Response:

@@ -1,0 +1,345 @@
+"""Load test of the retrieval API: open loop, loopback only, bounded in requests and time.
+
+    python serving/loadtest.py --items 100000 1000000 --rate 200 --duration 20
+
+For each catalogue size: builds (or reuses) a synthetic bundle of clustered 64-d item vectors
+with the production index rule (HNSW above 50k items, recall measured against exact search),
+starts `recfb serve` on 127.0.0.1 in a subprocess, posts a few events for part of the users
+(so fold-in does real work), then
+1. sends GET /v1/users/{id}/recommendations?k=20 at a fixed rate for `--duration` seconds.
+   Open loop: request i is due at t0 + i/rate whatever happened before, and its latency is
+   counted from that due time, so queueing in the server shows in the tail;
+2. steps the rate up (`--steps`) for `--step-duration` seconds each and reports the highest
+   rate whose p99 stays under 50 ms with >= 99% of requests answered on time and no errors;
+3. times the raw FAISS search for the same users' vectors, one query at a time;
+4. reads the server's own per-stage histograms (/metrics) for where a request's time goes.
+Writes benchmarks/results/loadtest.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+KEY = "loadtest"
+SIGNALS = {
+    "name": "loadtest",
+    "levels": [
+        {"name": "view", "weight": 0.5},
+        {"name": "click", "weight": 1.0},
+        {"name": "purchase", "weight": 2.0},
+    ],
+    "signals": {
+        "view": {"level": "view"},
+        "click": {"level": "click"},
+        "purchase": {"level": "purchase"},
+        "dislike": {"negative": True},
+        "refund": {"cancels": "purchase", "fallback": "negative"},
+    },
+}
+
+
+# --- the synthetic bundle ---------------------------------------------------------------------
+def synthetic_bundle(work: Path, n_items: int, n_users: int, dim: int, seed: int = 0) -> Path:
+    """Clustered item vectors with varied norms (like trained embeddings) and users near them."""
+    from recfb.index import BundleParts, IndexConfig, write_bundle
+
+    name = f"synthetic-{n_items}"
+    if (work / name / "manifest.json").exists():
+        return work / name
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(max(16, n_items // 500), dim)).astype(np.float32)
+    which = rng.integers(0, len(centres), n_items)
+    items = centres[which] + 0.5 * rng.normal(size=(n_items, dim)).astype(np.float32)
+    items *= rng.lognormal(0, 0.3, size=(n_items, 1)).astype(np.float32)
+    users = centres[rng.integers(0, len(centres), n_users)]
+    users = users + 0.5 * rng.normal(size=(n_users, dim)).astype(np.float32)
+    pop = rng.zipf(1.5, n_items).clip(max=1_000_000)
+    seen_users = np.repeat(np.arange(n_users), 10)
+    seen_items = rng.integers(0, n_items, len(seen_users))
+    parts = BundleParts(
+        items=pl.DataFrame(
+            {
+                "item_idx": np.arange(n_items, dtype=np.uint32),
+                "item_id": [f"i{i}" for i in range(n_items)],
+                "popularity": pop.astype(np.int64),
+            }
+        ),
+        users=pl.DataFrame(
+            {
+                "user_idx": np.arange(n_users, dtype=np.uint32),
+                "user_id": [f"u{i}" for i in range(n_users)],
+            }
+        ),
+        item_vectors=items.astype(np.float32),
+        user_vectors=users.astype(np.float32),
+        seen=pl.DataFrame(
+            {
+                "user_idx": seen_users.astype(np.uint32),
+                "item_idx": seen_items.astype(np.uint32),
+                "label": rng.integers(1, 4, len(seen_users)).astype(np.int8),
+            }
+        ),
+        signals=SIGNALS,
+        levels={"1": "view", "2": "click", "3": "purchase"},
+        family="synthetic",
+    )
+    started = time.perf_counter()
+    result = write_bundle(parts, IndexConfig(models_dir=str(work), name=name, recall_sample=500))
+    print(
+        f"built {name}: {result.manifest['index']['factory']} recall@20 "
+        f"{result.manifest['index']['recall']:.4f} in {time.perf_counter() - started:.0f} s",
+        file=sys.stderr,
+    )
+    return result.path
+
+
+# --- a small open-loop HTTP/1.1 client (keep-alive connections, no library overhead) -------------
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def get(self, path: str) -> int:
+        self.writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n".encode()
+        )
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+        await self.reader.readexactly(length)
+        return status
+
+
+async def open_loop(port: int, paths: list[str], rate: float, seconds: float) -> dict:
+    """Send paths[i % n] at t0 + i/rate; latency from the due time; returns percentiles."""
+    n = int(rate * seconds)
+    idle: list[Connection] = []
+    latencies: list[float] = []
+    errors = 0
+    t0 = time.perf_counter() + 0.05
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        due = t0 + i / rate
+        conn = idle.pop() if idle else Connection(*await asyncio.open_connection("127.0.0.1", port))
+        try:
+            status = await conn.get(paths[i % len(paths)])
+        except (OSError, asyncio.IncompleteReadError):
+            errors += 1
+            return
+        latencies.append(time.perf_counter() - due)
+        if status != 200:
+            errors += 1
+        idle.append(conn)
+
+    tasks = []
+    for i in range(n):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=seconds + 30)
+    wall = time.perf_counter() - t0
+    for conn in idle:
+        conn.writer.close()
+    lat = np.array(latencies) * 1000
+    return {
+        "offered_rps": rate,
+        "requests": n,
+        "answered": len(latencies),
+        "errors": errors,
+        "achieved_rps": round(len(latencies) / wall, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 3),
+        "p95_ms": round(float(np.percentile(lat, 95)), 3),
+        "p99_ms": round(float(np.percentile(lat, 99)), 3),
+        "max_ms": round(float(lat.max()), 3),
+    }
+
+
+# --- the server -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bundle: Path, log: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "recfb.cli", "serve", "--bundle", str(bundle),
+        "--set", f"port={port}", "--set", f"event_log={log}", "--set", "log_level=warning",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"RECFB_API_KEY": KEY})
+    import httpx
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def stage_means(metrics_text: str) -> dict[str, tuple[float, int]]:
+    """(sum seconds, count) per stage and for the whole recommendation route."""
+    out: dict[str, tuple[float, int]] = {}
+    for kind in ("sum", "count"):
+        for stage, value in re.findall(
+            rf'recfb_stage_seconds_{kind}{{stage="(\w+)"}} ([\d.e+-]+)', metrics_text
+        ):
+            s, c = out.get(stage, (0.0, 0))
+            out[stage] = (float(value), c) if kind == "sum" else (s, int(float(value)))
+        pattern = (
+            rf'recfb_request_seconds_{kind}{{method="GET",'
+            r'route="/v1/users/\{user_id\}/recommendations",status="200"} ([\d.e+-]+)'
+        )
+        for value in re.findall(pattern, metrics_text):
+            s, c = out.get("server_total", (0.0, 0))
+            out["server_total"] = (float(value), c) if kind == "sum" else (s, int(float(value)))
+    return out
+
+
+def breakdown(before: dict, after: dict) -> dict[str, float]:
+    """Mean milliseconds per request for each stage between two /metrics scrapes."""
+    out = {}
+    for stage, (s1, c1) in after.items():
+        s0, c0 = before.get(stage, (0.0, 0))
+        if c1 > c0:
+            out[stage] = round((s1 - s0) / (c1 - c0) * 1000, 4)
+    return out
+
+
+def raw_faiss(bundle: Path, users: list[int], k: int) -> dict:
+    """The index alone: one query at a time for the same users."""
+    from recfb.index import load_bundle
+
+    b = load_bundle(bundle)
+    times = []
+    for u in users:
+        q = b.user_vectors[u : u + 1]
+        t = time.perf_counter()
+        b.index.search(q, k)
+        times.append(time.perf_counter() - t)
+    ms = np.array(times) * 1000
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 4),
+        "p99_ms": round(float(np.percentile(ms, 99)), 4),
+        "mean_ms": round(float(ms.mean()), 4),
+    }
+
+
+def run_size(args: argparse.Namespace, n_items: int) -> dict:
+    import httpx
+
+    bundle = synthetic_bundle(args.work, n_items, args.users, args.dim)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    log = args.work / f"events-{n_items}-{uuid.uuid4().hex[:6]}.db"
+    proc, port = start_server(bundle, log)
+    rng = np.random.default_rng(1)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=60) as c:
+            # a fifth of the queried users have fresh events: fold-in does real work
+            active = rng.choice(args.users, size=2000, replace=False)
+            for chunk in np.array_split(active, 10):
+                events = [
+                    {
+                        "event_id": uuid.uuid4().hex,
+                        "user_id": f"u{u}",
+                        "item_id": f"i{rng.integers(n_items)}",
+                        "event": str(rng.choice(["view", "click", "purchase"])),
+                    }
+                    for u in chunk
+                    for _ in range(5)
+                ]
+                c.post("/v1/events", json={"events": events}).raise_for_status()
+            queried = np.concatenate([active[:1000], rng.choice(args.users, 4000)])
+            rng.shuffle(queried)
+            paths = [f"/v1/users/u{u}/recommendations?k={args.k}" for u in queried]
+            asyncio.run(open_loop(port, paths, 200, 3))  # warm-up
+            before = stage_means(c.get("/metrics").text)
+            fixed = asyncio.run(open_loop(port, paths, args.rate, args.duration))
+            after = stage_means(c.get("/metrics").text)
+        steps = []
+        for rate in args.steps:
+            step = asyncio.run(open_loop(port, paths, rate, args.step_duration))
+            steps.append(step)
+            print(json.dumps({"items": n_items, **step}), file=sys.stderr)
+            if not sustained(step):
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    ok = [s["offered_rps"] for s in steps if sustained(s)]
+    return {
+        "items": n_items,
+        "index": manifest["index"],
+        "fixed_rate": fixed,
+        "stages_ms": breakdown(before, after),
+        "steps": steps,
+        "max_sustained_rps": max(ok) if ok else None,
+        "raw_faiss": raw_faiss(bundle, [int(u) for u in queried[:2000]], args.k),
+    }
+
+
+def sustained(step: dict) -> bool:
+    return (
+        step["errors"] == 0
+        and step["answered"] >= 0.99 * step["requests"]
+        and step["p99_ms"] < 50
+        and step["achieved_rps"] >= 0.95 * step["offered_rps"]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--rate", type=float, default=200)
+    parser.add_argument("--duration", type=float, default=20)
+    parser.add_argument(
+        "--steps", type=float, nargs="+", default=[200, 300, 400, 500, 600, 800, 1000, 1200]
+    )
+    parser.add_argument("--step-duration", type=float, default=8)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/recfb-loadtest"))
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = [run_size(args, n) for n in args.items]
+    out = ROOT / "benchmarks/results/loadtest.json"
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    print("| items | index | recall@20 | rate | p50 ms | p95 ms | p99 ms | max sustained rps |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        f = r["fixed_rate"]
+        print(
+            f"| {r['items']:,} | {r['index']['factory']} | {r['index']['recall']:.3f} | "
+            f"{f['offered_rps']:.0f}/s | {f['p50_ms']:.2f} | {f['p95_ms']:.2f} | "
+            f"{f['p99_ms']:.2f} | {r['max_sustained_rps']} |"
+        )
+    print("\nWhere a request's time goes (server-side means, ms) and the raw FAISS search:")
+    for r in rows:
+        print(f"- {r['items']:,} items: {r['stages_ms']}; raw FAISS {r['raw_faiss']}")
+
+
+if __name__ == "__main__":
+    main()
