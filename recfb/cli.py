@@ -144,14 +144,25 @@ def demo(
     output: Annotated[Path, typer.Option("--out", "-o", help="Working directory.")] = Path("data"),
     fresh: Annotated[bool, typer.Option(help="Re-simulate even if events exist.")] = False,
     epochs: Annotated[int, typer.Option(help="Training epochs of the demo model.")] = 8,
+    serve_api: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Start the API on the new bundle.")
+    ] = True,
+    port: Annotated[int, typer.Option(help="Port of the API.")] = 8000,
 ) -> None:
     """The main job on the bundled default: simulate events, run the ETL, train and evaluate
-    an MF-BPR model on every positive level (recorded in MLflow), write recommendations.
+    an MF-BPR model on every positive level (recorded in MLflow), write recommendations,
+    index the item vectors into a model bundle (models/), then serve it over HTTP.
 
-    Example: `recfb demo --fresh --epochs 3`
+    Example: `recfb demo --fresh --epochs 3 --port 8080`
     """
+    import os
+    import secrets
+
     from recfb.config import load_config
     from recfb.etl import EtlConfig, run_etl
+    from recfb.index import IndexConfig, build_bundle
+    from recfb.serving import ServeConfig
+    from recfb.serving import serve as run_server
     from recfb.simulate import SimConfig
     from recfb.simulate import simulate as run_simulation
     from recfb.train.config import TrainConfig
@@ -194,14 +205,45 @@ def demo(
         )
         recs = run_recommend(scorer, data, ids + ["a-new-visitor"], 5, eval_config(cfg_run))
         path = write_recommendations(recs, output / "recommendations.parquet")
+        out.print(recs)
+        out.print(f"wrote {path}")
+        with out.status("indexing the item vectors into a bundle ..."):
+            bundle = build_bundle(
+                load_config(IndexConfig, Path("conf/index.yaml"), [f"run_id={trained.run_id}"])
+            )
+        info = bundle.manifest["index"]
+        out.print(
+            f"bundle {bundle.path}: {info['factory']}, recall@{info['recall_k']} "
+            f"{info['recall']:.3f} against exact search"
+        )
+        out.print(
+            "Review the run: mlflow ui --backend-store-uri sqlite:///mlruns.db "
+            "(then open http://127.0.0.1:5000)"
+        )
+        if not serve_api:
+            return
+        key = os.environ.get("RECFB_API_KEY") or secrets.token_urlsafe(12)
+        serve_cfg = load_config(
+            ServeConfig,
+            Path("conf/serve.yaml"),
+            [f"bundle={bundle.path}", f"port={port}", "log_level=warning"],
+        )
+        base = f"http://127.0.0.1:{port}"
+        out.print(
+            f"\n[bold]Serving {bundle.path.name} on {base}[/] (Ctrl-C to stop). Try:\n"
+            f"  curl '{base}/v1/users/{ids[0]}/recommendations?k=5'\n"
+            f"  curl '{base}/v1/users/a-new-visitor/recommendations?k=5'\n"
+            f"  curl -X POST {base}/v1/events -H 'X-API-Key: {key}' "
+            '-H \'Content-Type: application/json\' -d \'{"events": [{"event_id": "e1", '
+            f'"user_id": "a-new-visitor", "item_id": "{recs["item_id"][0]}", '
+            '"event": "click"}]}\'\n'
+            f"  open {base}/docs (OpenAPI), {base}/metrics (Prometheus)",
+            highlight=False,
+        )
+        run_server(serve_cfg, key)
     except RecfbError as exc:
         _fail(exc)
         return
-    out.print(recs)
-    out.print(
-        f"wrote {path}. Review the run: mlflow ui --backend-store-uri sqlite:///mlruns.db "
-        "(then open http://127.0.0.1:5000)"
-    )
 
 
 def print_metrics(metrics: dict[str, float], title: str, show: str = "test") -> None:

@@ -113,6 +113,7 @@ def synthetic_bundle(work: Path, n_items: int, n_users: int, dim: int, seed: int
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.last_used = time.perf_counter()
 
     async def get(self, path: str) -> int:
         self.writer.write(
@@ -122,11 +123,22 @@ class Connection:
         status = int(head[9:12])
         length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
         await self.reader.readexactly(length)
+        self.last_used = time.perf_counter()
         return status
+
+
+def cpu_steal() -> tuple[int, int]:
+    """(steal, total) jiffies of the machine so far (Linux), to report how noisy a phase was."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
 
 
 async def open_loop(port: int, paths: list[str], rate: float, seconds: float) -> dict:
     """Send paths[i % n] at t0 + i/rate; latency from the due time; returns percentiles."""
+    steal0, total0 = cpu_steal()
     n = int(rate * seconds)
     idle: list[Connection] = []
     latencies: list[float] = []
@@ -136,6 +148,10 @@ async def open_loop(port: int, paths: list[str], rate: float, seconds: float) ->
     async def one(i: int) -> None:
         nonlocal errors
         due = t0 + i / rate
+        # like any HTTP client's pool: never reuse a connection the server may have closed
+        # for idleness (uvicorn's keep-alive timeout is 5 s)
+        while idle and time.perf_counter() - idle[-1].last_used > 2.0:
+            idle.pop().writer.close()
         conn = idle.pop() if idle else Connection(*await asyncio.open_connection("127.0.0.1", port))
         try:
             status = await conn.get(paths[i % len(paths)])
@@ -158,7 +174,9 @@ async def open_loop(port: int, paths: list[str], rate: float, seconds: float) ->
     for conn in idle:
         conn.writer.close()
     lat = np.array(latencies) * 1000
+    steal1, total1 = cpu_steal()
     return {
+        "cpu_steal_share": round((steal1 - steal0) / max(1, total1 - total0), 4),
         "offered_rps": rate,
         "requests": n,
         "answered": len(latencies),
@@ -184,7 +202,18 @@ def start_server(bundle: Path, log: Path) -> tuple[subprocess.Popen, int]:
         sys.executable, "-m", "recfb.cli", "serve", "--bundle", str(bundle),
         "--set", f"port={port}", "--set", f"event_log={log}", "--set", "log_level=warning",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"RECFB_API_KEY": KEY})
+    # with two or more cores the server gets all but the last, the client the last one, so
+    # the client's own work does not queue behind the server's (and vice versa)
+    cores = sorted(os.sched_getaffinity(0))
+    server_cores = cores[:-1] if len(cores) > 1 else cores
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=os.environ | {"RECFB_API_KEY": KEY, "OMP_NUM_THREADS": str(len(server_cores))},
+        preexec_fn=lambda: os.sched_setaffinity(0, server_cores),
+    )
+    if len(cores) > 1:
+        os.sched_setaffinity(0, cores[-1:])
     import httpx
 
     deadline = time.time() + 300

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from recfb.config import build_model
+from recfb.errors import InputError
 from recfb.simulate import SimConfig, simulate
 from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions
@@ -174,3 +175,33 @@ def test_cold_users_are_served_popularity():
     assert scores[0].tolist() == [9.0, 0.0, 0.0] and scores[1].tolist() == [9.0, 0.0, 0.0]
     # user 2 only disliked, user 3 never appeared: item 2 (two users) > item 1 > item 0
     assert scores[2].tolist() == [0.0, 1.0, 2.0] and scores[3].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_item_feature_tower_shares_what_a_category_learned(shop: Path):
+    from recfb.train.loop import item_feature_codes
+
+    data = Interactions.load(shop)
+    codes = item_feature_codes(data, ["category"])["category"].numpy()
+    pairs = pl.concat(
+        [pl.read_parquet(shop / f"{s}.parquet") for s in ("train", "valid", "test")]
+    ).unique(["item_idx", "category"])
+    truth = dict(zip(pairs["item_idx"].to_list(), pairs["category"].to_list(), strict=True))
+    # one code per category value, 0 only for items the ETL never saw with one
+    mapping: dict[int, int] = {}
+    for item, category in truth.items():
+        assert mapping.setdefault(category, codes[item]) == codes[item] != 0
+    assert len(set(mapping.values())) == len(mapping)
+    result = train(config(shop, "mf", model={"item_features": ["category"]}), quiet=True)
+    model = result.model
+    _, items = model.encode()
+    table = model.feature_tables["category"].weight
+    expected = model.item_embedding.weight + table[model.codes_category]
+    assert torch.allclose(items, expected)
+    assert table[1:].abs().sum() > 0  # the category embeddings were trained
+    random = evaluate_scorer(RandomScorer(data.n_items), data, data.test, config(shop, "mf"))
+    assert result.metrics["test/ndcg@20"] > 2 * random["ndcg@20"]
+
+
+def test_unknown_item_feature_is_a_clear_error(shop: Path):
+    with pytest.raises(InputError, match="does not carry"):
+        train(config(shop, "mf", model={"item_features": ["colour"]}), quiet=True)

@@ -44,7 +44,13 @@ class EmbeddingRecommender(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=["train_pairs", "item_popularity", "adjacency", "level_rates"]
+            ignore=[
+                "train_pairs",
+                "item_popularity",
+                "adjacency",
+                "level_rates",
+                "item_feature_codes",
+            ]
         )
         self.cfg = TrainConfig.model_validate(config)
         self.n_users, self.n_items, self.n_levels = n_users, n_items, n_levels

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from recfb import tracking
+from recfb.errors import InputError
 from recfb.evaluate import EvalConfig, full_ranking_metrics, level_auc
 from recfb.models import MODELS, EmbeddingRecommender
 from recfb.models.gnolr import GNOLR
@@ -96,6 +97,8 @@ def build_model(cfg: TrainConfig, data: Interactions) -> EmbeddingRecommender:
             data.n_users,
             data.n_items,
         )
+    if cfg.model.item_features:
+        kwargs["item_feature_codes"] = item_feature_codes(data, cfg.model.item_features)
     if cfg.model.family == "gnolr":
         labels = tensors["pos_labels"]
         total = len(labels) * (1 + cfg.model.n_negatives)
@@ -111,6 +114,35 @@ def build_model(cfg: TrainConfig, data: Interactions) -> EmbeddingRecommender:
         item_popularity=popularity,
         **kwargs,
     )
+
+
+def item_feature_codes(data: Interactions, names: list[str]) -> dict[str, torch.Tensor]:
+    """Dense codes (1..V, 0 = unknown) per item for categorical columns of the ETL's pairs.
+
+    An item's attribute is read from any split (it describes the item, not the outcome)."""
+    out = {}
+    for name in names:
+        frames = []
+        for split in ("train", "valid", "test"):
+            path = data.directory / f"{split}.parquet"
+            if name not in pl.read_parquet_schema(path):
+                raise InputError(
+                    f"model.item_features names '{name}', which the ETL output does not carry",
+                    file=str(path),
+                    field=name,
+                )
+            frames.append(pl.read_parquet(path, columns=["item_idx", name]))
+        values = (
+            pl.concat(frames)
+            .drop_nulls(name)
+            .group_by("item_idx")
+            .agg(pl.col(name).first())
+            .with_columns(pl.col(name).cast(pl.Utf8).rank("dense").cast(pl.Int64).alias("code"))
+        )
+        codes = np.zeros(data.n_items, dtype=np.int64)
+        codes[values["item_idx"].to_numpy()] = values["code"].to_numpy()
+        out[name] = torch.as_tensor(codes)
+    return out
 
 
 def evaluate_scorer(
