@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -370,3 +371,35 @@ def test_the_event_log_is_an_input_of_the_next_etl(served_shop, tmp_path):
     assert pairs["label"].max() == 4
     quarantined = pl.read_parquet(tmp_path / "out" / "quarantine.parquet")
     assert quarantined["event_id"].to_list() == ["e4"]
+
+
+def test_fuzzing_the_openapi_description_finds_no_server_error(server: Server):
+    """schemathesis generates valid and invalid requests for every operation of /openapi.json:
+    none may answer 5xx or hang (each request has a 10 s limit)."""
+    st = Path(sys.executable).with_name("schemathesis")
+    if not st.exists():
+        pytest.skip("schemathesis is not installed (it comes with the dev extra)")
+    proc = subprocess.run(
+        [
+            str(st),
+            "run",
+            f"{server.url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--request-timeout",
+            "10",
+            "--header",
+            f"X-API-Key: {KEY}",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "Tested: 9" in proc.stdout  # every operation was exercised
+    generated = re.search(r"(\d+) generated, (\d+) passed", proc.stdout)
+    assert generated and int(generated.group(1)) >= 100, proc.stdout[-2000:]
+    assert generated.group(1) == generated.group(2)

@@ -110,7 +110,11 @@ def log_frame(frame: pl.DataFrame, name: str, artifact_path: str | None = None) 
 
 
 def log_figure(figure: Any, name: str) -> None:
+    """Log a matplotlib figure as a PNG artifact, then close it (pyplot keeps it otherwise)."""
+    import matplotlib.pyplot as plt
+
     mlflow.log_figure(figure, name)
+    plt.close(figure)
 
 
 def download(run_id: str, artifact: str) -> Path:
