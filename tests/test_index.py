@@ -72,7 +72,7 @@ def test_a_coarse_index_has_measurably_lower_recall():
     assert recall_at_k(coarse.index, queries, items, 20) < 0.95
 
 
-def test_bundle_holds_what_serving_needs(served_shop):
+def test_bundle_holds_what_serving_needs(served_shop, monkeypatch, tmp_path: Path):
     bundle = load_bundle(served_shop["bundle"])
     m = bundle.manifest
     assert m["run_id"] == served_shop["run_id"] and m["schema_version"] == 1
@@ -83,11 +83,14 @@ def test_bundle_holds_what_serving_needs(served_shop):
     assert m["foldin"]["positive"] > m["foldin"]["negative"]
     assert set(bundle.signals["signals"]) >= {"view", "click", "purchase", "refund"}
     assert {"item_id", "popularity"} <= set(bundle.items.columns)
-    # the index metrics joined the training run in MLflow
+    # a build's index metrics join the training run in MLflow
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served_shop["store"])
+    name = f"tagged-{tmp_path.name}"
+    build_bundle(IndexConfig(run_id=m["run_id"], models_dir=str(tmp_path), name=name))
     mlflow.set_tracking_uri(served_shop["store"])
     run = mlflow.get_run(served_shop["run_id"])
     assert run.data.metrics["index/recall_at_20"] == 1.0
-    assert run.data.tags["index.bundle"] == "v1"
+    assert run.data.tags["index.bundle"] == name
 
 
 def test_corrupt_or_incomplete_bundle_is_refused(served_shop, tmp_path: Path):

@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import Response
@@ -261,9 +260,7 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
             excluded.update(served.excluded[user_row].tolist())
         excluded.update(served.item_row[i] for i in exclude if i in served.item_row)
         timings.add("filter", started)
-        rows, scores = served.rank(
-            query, k, np.fromiter(excluded, dtype=np.int64, count=len(excluded)), category, timings
-        )
+        rows, scores = served.rank(query, k, excluded, category, timings)
         source = "popularity" if query is None else ("model" if user_row is not None else "session")
         return {
             "user_id": user_id,
@@ -338,7 +335,7 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
         if row is None:
             raise HTTPException(404, f"item_id {item_id!r} is not in bundle {served.version}")
         rows, scores = served.rank(
-            served.bundle.item_vectors[row], k or cfg.default_k, np.array([row]), None, Timings()
+            served.bundle.item_vectors[row], k or cfg.default_k, {row}, None, Timings()
         )
         return _json(
             {
