@@ -134,13 +134,17 @@ def main() -> None:
         )
         + "\n"
     )
-    print("| train pairs | model | s / epoch | peak RSS GiB | vs implicit ALS epoch | measured |")
-    print("|---:|---|---:|---:|---:|---|")
+    print(
+        "| train pairs | model | s / epoch | peak RSS GiB | vs implicit ALS epoch | measured "
+        "| CPU steal |"
+    )
+    print("|---:|---|---:|---:|---:|---|---:|")
     for r in rows:
         als = next(x for x in rows if x["size"] == r["size"] and x["model"] == "als")
         print(
             f"| {r['pairs']:,} | {r['model']} | {r['epoch_s']:.1f} | {r['peak_rss_gib']:.2f} | "
-            f"{r['epoch_s'] / als['epoch_s']:.1f}x | {r['measured']} |"
+            f"{r['epoch_s'] / als['epoch_s']:.1f}x | {r['measured']} | "
+            f"{r['cpu_steal_share']:.0%} |"
         )
 
 

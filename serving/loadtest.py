@@ -10,7 +10,10 @@ starts `recfb serve` on 127.0.0.1 in a subprocess, posts a few events for part o
    Open loop: request i is due at t0 + i/rate whatever happened before, and its latency is
    counted from that due time, so queueing in the server shows in the tail;
 2. steps the rate up (`--steps`) for `--step-duration` seconds each and reports the highest
-   rate whose p99 stays under 50 ms with >= 99% of requests answered on time and no errors;
+   rate whose p99 stays under 50 ms with >= 99% of requests answered, >= 95% of the offered
+   rate achieved and no errors (a failed step is tried once more before the search stops);
+   every phase reports the machine's CPU steal share (other tenants' load on a shared VM),
+   which is what the tail follows here;
 3. times the raw FAISS search for the same users' vectors, one query at a time;
 4. reads the server's own per-stage histograms (/metrics) for where a request's time goes.
 Writes benchmarks/results/loadtest.json and prints a Markdown table.
@@ -36,6 +39,9 @@ import polars as pl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import cpu_steal, steal_share  # noqa: E402
+
 KEY = "loadtest"
 SIGNALS = {
     "name": "loadtest",
@@ -127,18 +133,9 @@ class Connection:
         return status
 
 
-def cpu_steal() -> tuple[int, int]:
-    """(steal, total) jiffies of the machine so far (Linux), to report how noisy a phase was."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    return (fields[7] if len(fields) > 7 else 0), sum(fields)
-
-
 async def open_loop(port: int, paths: list[str], rate: float, seconds: float) -> dict:
     """Send paths[i % n] at t0 + i/rate; latency from the due time; returns percentiles."""
-    steal0, total0 = cpu_steal()
+    steal0 = cpu_steal()
     n = int(rate * seconds)
     idle: list[Connection] = []
     latencies: list[float] = []
@@ -174,9 +171,8 @@ async def open_loop(port: int, paths: list[str], rate: float, seconds: float) ->
     for conn in idle:
         conn.writer.close()
     lat = np.array(latencies) * 1000
-    steal1, total1 = cpu_steal()
     return {
-        "cpu_steal_share": round((steal1 - steal0) / max(1, total1 - total0), 4),
+        "cpu_steal_share": steal_share(steal0, cpu_steal()),
         "offered_rps": rate,
         "requests": n,
         "answered": len(latencies),
@@ -300,9 +296,14 @@ def run_size(args: argparse.Namespace, n_items: int) -> dict:
             after = stage_means(c.get("/metrics").text)
         steps = []
         for rate in args.steps:
-            step = asyncio.run(open_loop(port, paths, rate, args.step_duration))
-            steps.append(step)
-            print(json.dumps({"items": n_items, **step}), file=sys.stderr)
+            # a shared machine has bursts of CPU steal (reported per step): a rate counts as
+            # failed only when a second try at it fails too
+            for _ in range(2):
+                step = asyncio.run(open_loop(port, paths, rate, args.step_duration))
+                steps.append(step)
+                print(json.dumps({"items": n_items, **step}), file=sys.stderr)
+                if sustained(step):
+                    break
             if not sustained(step):
                 break
     finally:
