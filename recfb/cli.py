@@ -239,6 +239,7 @@ def demo(
             '"event": "click"}]}\'\n'
             f"  open {base}/docs (OpenAPI), {base}/metrics (Prometheus)",
             highlight=False,
+            soft_wrap=True,  # commands must stay copy-pasteable, never wrapped
         )
         run_server(serve_cfg, key)
     except RecfbError as exc:
