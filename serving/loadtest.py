@@ -199,7 +199,7 @@ def start_server(bundle: Path, log: Path) -> tuple[subprocess.Popen, int]:
         "--set", f"port={port}", "--set", f"event_log={log}", "--set", "log_level=warning",
     ]  # fmt: skip
     # not pinned: pinning the server to one core and this client to the other was measured
-    # worse (300 vs 600 requests/s sustained at 1M items): FAISS and Python then share a core
+    # worse (200 vs 600 requests/s sustained at 1M items): FAISS and Python then share a core
     proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"RECFB_API_KEY": KEY})
     import httpx
 
