@@ -403,3 +403,33 @@ def test_fuzzing_the_openapi_description_finds_no_server_error(server: Server):
     generated = re.search(r"(\d+) generated, (\d+) passed", proc.stdout)
     assert generated and int(generated.group(1)) >= 100, proc.stdout[-2000:]
     assert generated.group(1) == generated.group(2)
+
+
+def test_category_filter_keeps_only_that_category(client, served_shop):
+    items = pl.read_parquet(served_shop["bundle"] / "items.parquet")
+    category = items["category"].drop_nulls().mode()[0]
+    members = set(items.filter(pl.col("category") == category)["item_id"])
+    user = known_user(served_shop)
+    body = client.get(
+        f"/v1/users/{user}/recommendations", params={"k": 5, "category": str(category)}
+    ).json()
+    assert len(body["items"]) == 5 and set(ids(body)) <= members
+    empty = client.get(f"/v1/users/{user}/recommendations", params={"category": "no-such"})
+    assert empty.status_code == 200 and empty.json()["items"] == []
+
+
+def test_both_filter_paths_rank_the_same(served_shop):
+    """A narrow filter is scored exactly; a wide one over-fetches from the index: same list."""
+    from recfb.index import load_bundle
+    from recfb.serving import ServeConfig
+    from recfb.serving.retrieval import ServingBundle, Timings
+
+    bundle = load_bundle(served_shop["bundle"])
+    exact = ServingBundle(bundle, ServeConfig(exact_filter_below=10**9))
+    fetched = ServingBundle(bundle, ServeConfig(exact_filter_below=0))
+    category = next(iter(exact.category))
+    query = bundle.user_vectors[0]
+    a = exact.rank(query, 10, {1, 2, 3}, category, Timings())
+    b = fetched.rank(query, 10, {1, 2, 3}, category, Timings())
+    assert a[0] == b[0] and np.allclose(a[1], b[1], atol=1e-4)
+    assert set(a[0]) <= set(exact.category[category].tolist()) and not {1, 2, 3} & set(a[0])

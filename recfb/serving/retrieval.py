@@ -41,13 +41,6 @@ class Timings:
         return now
 
 
-@dataclass
-class Ranked:
-    item_ids: list[str]
-    scores: list[float]
-    source: str  # model | session | popularity
-
-
 class ServingBundle:
     """A bundle plus the lookup structures requests need, built once at load."""
 
@@ -61,10 +54,14 @@ class ServingBundle:
             uid: i for i, uid in enumerate(bundle.users["user_id"].to_numpy().astype(object))
         }
         self.category: dict[str, np.ndarray] = {}
-        if "category" in bundle.items.columns:
-            cats = bundle.items["category"].cast(pl.Utf8).fill_null("").to_numpy()
-            for value in np.unique(cats):
-                self.category[str(value)] = np.flatnonzero(cats == value)
+        if "category" in bundle.items.columns:  # one pass, however many categories
+            groups = (
+                bundle.items.with_row_index("_row")
+                .group_by(pl.col("category").cast(pl.Utf8).fill_null(""))
+                .agg(pl.col("_row"))
+            )
+            for value, rows in zip(groups["category"], groups["_row"], strict=True):
+                self.category[value] = np.asarray(rows, dtype=np.int64)
         self.popular = np.argsort(-bundle.items["popularity"].to_numpy(), kind="stable")
         self.pop_score = bundle.items["popularity"].to_numpy().astype(np.float32)
         smap = bundle.signals
