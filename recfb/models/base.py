@@ -160,24 +160,9 @@ class EmbeddingRecommender(L.LightningModule):
         pos: torch.Tensor,
         neg: torch.Tensor,
     ) -> torch.Tensor:
-        """Resample each positive from a pool of the user's positives by softmax(-loss/tau)."""
-        pool, pool_loss = self._user_pool(uvec, item_vectors, users, pos, neg)
-        with torch.no_grad():
-            weights = torch.softmax(-pool_loss / self.cfg.denoise.tau, dim=1)
-            choice = torch.multinomial(weights, 1).squeeze(1)
-        return pool.gather(1, choice.unsqueeze(1)).squeeze(1)
-
-    @torch.no_grad()
-    def _user_pool(
-        self,
-        uvec: torch.Tensor,
-        item_vectors: Callable[[torch.Tensor], torch.Tensor],
-        users: torch.Tensor,
-        pos: torch.Tensor,
-        neg: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pool, pairwise loss of each pool item): k positives of each example's user, the
-        example's own positive in column 0; the loss is against the mean negative score."""
+        """Resample each positive from a pool of the user's positives by softmax(-loss/tau):
+        k positives of the user (the drawn one in column 0), each with its pairwise loss
+        against the mean negative score."""
         k = self.cfg.denoise.pool
         start, end = self.pos_indptr[users], self.pos_indptr[users + 1]
         pick = (
@@ -186,12 +171,13 @@ class EmbeddingRecommender(L.LightningModule):
         )
         pool = self.pos_by_user[pick]  # (B, k)
         pool[:, 0] = pos
-        s_pool = torch.einsum("bd,bkd->bk", uvec, item_vectors(pool))
-        s_neg = torch.einsum("bd,bnd->bn", uvec, item_vectors(neg)).mean(1, keepdim=True)
-        return pool, F.softplus(-(s_pool - s_neg))
-
-    def _pos_labels(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.pos_labels[idx]
+        with torch.no_grad():
+            s_pool = torch.einsum("bd,bkd->bk", uvec, item_vectors(pool))
+            s_neg = torch.einsum("bd,bnd->bn", uvec, item_vectors(neg)).mean(1, keepdim=True)
+            pool_loss = F.softplus(-(s_pool - s_neg))
+            weights = torch.softmax(-pool_loss / self.cfg.denoise.tau, dim=1)
+            choice = torch.multinomial(weights, 1).squeeze(1)
+        return pool.gather(1, choice.unsqueeze(1)).squeeze(1)
 
     # --- Lightning hooks -----------------------------------------------------------------
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
