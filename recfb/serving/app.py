@@ -255,9 +255,7 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
         targets, online_excluded = served.session_state(events, int(time.time() * 1000))
         query = served.query_vector(user_row, targets)
         started = timings.add("foldin", started)
-        excluded = set(online_excluded)
-        if user_row is not None and user_row in served.excluded:
-            excluded.update(served.excluded[user_row].tolist())
+        excluded = online_excluded | served.excluded.get(user_row, frozenset())
         excluded.update(served.item_row[i] for i in exclude if i in served.item_row)
         timings.add("filter", started)
         rows, scores = served.rank(query, k, excluded, category, timings)

@@ -77,8 +77,9 @@ class ServingBundle:
         self.target_pos, self.target_neg = foldin["positive"], foldin["negative"]
         self.ridge = cfg.foldin.l2 * foldin["item_sq_norm"]
 
-    def _seen_exclusions(self, seen: pl.DataFrame, rule: str) -> dict[int, np.ndarray]:
-        """user row -> item rows excluded by the bundle's pairs under the rule."""
+    def _seen_exclusions(self, seen: pl.DataFrame, rule: str) -> dict[int, frozenset[int]]:
+        """user row -> item rows excluded by the bundle's pairs under the rule (sets, built
+        once here so that a request only unions them)."""
         label = pl.col("label")
         keep = label == -1
         if rule == "purchased":
@@ -87,7 +88,7 @@ class ServingBundle:
             keep = keep | (label >= 1)
         rows = seen.filter(keep).group_by("user_idx").agg(pl.col("item_idx"))
         return {
-            int(u): np.asarray(items, dtype=np.int64)
+            int(u): frozenset(items)
             for u, items in zip(rows["user_idx"].to_list(), rows["item_idx"].to_list(), strict=True)
         }
 
