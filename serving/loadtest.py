@@ -209,7 +209,8 @@ def start_server(bundle: Path, log: Path) -> tuple[subprocess.Popen, int]:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                 return proc, port
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)  # also while it answers 503 (still loading the bundle)
     proc.kill()
     raise RuntimeError("server did not become ready")
 
