@@ -68,17 +68,13 @@ class BundleResult:
 
 def _item_table(etl: Path, n_items: int) -> pl.DataFrame:
     """Item ids with recent popularity (positive pairs over all splits) and a category."""
+    from recfb.train.data import SPLITS, item_attribute  # torch: kept out of the server
+
     items = pl.read_parquet(etl / "items.parquet", columns=["item_idx", "item_id"])
-    pairs = pl.concat(
-        [
-            pl.scan_parquet(etl / f"{s}.parquet").select(
-                "item_idx", "label", *(["category"] if _has(etl, "category") else [])
-            )
-            for s in ("train", "valid", "test")
-        ]
-    )
+    pairs = [pl.scan_parquet(etl / f"{s}.parquet").select("item_idx", "label") for s in SPLITS]
     pop = (
-        pairs.filter(pl.col("label") >= 1)
+        pl.concat(pairs)
+        .filter(pl.col("label") >= 1)
         .group_by("item_idx")
         .agg(pl.len().alias("popularity"))
         .collect()
@@ -86,23 +82,20 @@ def _item_table(etl: Path, n_items: int) -> pl.DataFrame:
     out = items.join(pop, on="item_idx", how="left").with_columns(
         pl.col("popularity").fill_null(0).cast(pl.Int64)
     )
-    if _has(etl, "category"):
-        cats = pairs.group_by("item_idx").agg(pl.col("category").drop_nulls().first()).collect()
-        out = out.join(cats, on="item_idx", how="left")
+    with contextlib.suppress(InputError):  # no category column: no business filter
+        out = out.join(item_attribute(etl, "category"), on="item_idx", how="left")
     if out.height != n_items:
         raise InputError(f"items.parquet has {out.height} rows, vectors {n_items}", file=str(etl))
     return out.sort("item_idx")
 
 
-def _has(etl: Path, column: str) -> bool:
-    return column in pl.read_parquet_schema(etl / "train.parquet")
-
-
 def _seen_pairs(etl: Path) -> pl.DataFrame:
+    from recfb.train.data import SPLITS
+
     return pl.concat(
         [
             pl.read_parquet(etl / f"{s}.parquet", columns=["user_idx", "item_idx", "label"])
-            for s in ("train", "valid", "test")
+            for s in SPLITS
         ]
     )
 

@@ -80,6 +80,31 @@ class Interactions:
         return item_popularity(self.train, self.n_items, min_label).astype(np.float64)
 
 
+SPLITS = ("train", "valid", "test")
+
+
+def item_attribute(directory: str | Path, column: str) -> pl.DataFrame:
+    """`item_idx, <column>` for every item the ETL's pairs give a non-null value (the first
+    one seen). An item's attribute describes the item, not an outcome, so every split counts.
+    Raises InputError when the ETL output does not carry the column."""
+    directory = Path(directory)
+    frames = []
+    for split in SPLITS:
+        path = directory / f"{split}.parquet"
+        if column not in pl.read_parquet_schema(path):
+            raise InputError(
+                f"the ETL output does not carry '{column}'", file=str(path), field=column
+            )
+        frames.append(pl.scan_parquet(path).select("item_idx", column))
+    return (
+        pl.concat(frames)
+        .drop_nulls(column)
+        .group_by("item_idx")
+        .agg(pl.col(column).first())
+        .collect()
+    )
+
+
 def csr_by_user(
     users: np.ndarray, items: np.ndarray, n_users: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

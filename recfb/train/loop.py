@@ -23,7 +23,7 @@ from recfb.models import MODELS, EmbeddingRecommender
 from recfb.models.gnolr import GNOLR
 from recfb.models.lightgcn import normalized_adjacency
 from recfb.train.config import TrainConfig
-from recfb.train.data import Interactions, csr_by_user
+from recfb.train.data import Interactions, csr_by_user, item_attribute
 from recfb.train.fallback import PopularityFallback, warm_users
 
 BASELINE_FAMILIES = ("popularity", "itemknn", "als", "bpr_implicit")
@@ -117,30 +117,20 @@ def build_model(cfg: TrainConfig, data: Interactions) -> EmbeddingRecommender:
 
 
 def item_feature_codes(data: Interactions, names: list[str]) -> dict[str, torch.Tensor]:
-    """Dense codes (1..V, 0 = unknown) per item for categorical columns of the ETL's pairs.
-
-    An item's attribute is read from any split (it describes the item, not the outcome)."""
+    """Dense codes (1..V, 0 = unknown) per item for categorical columns of the ETL's pairs."""
     out = {}
     for name in names:
-        frames = []
-        for split in ("train", "valid", "test"):
-            path = data.directory / f"{split}.parquet"
-            if name not in pl.read_parquet_schema(path):
-                raise InputError(
-                    f"model.item_features names '{name}', which the ETL output does not carry",
-                    file=str(path),
-                    field=name,
-                )
-            frames.append(pl.read_parquet(path, columns=["item_idx", name]))
-        values = (
-            pl.concat(frames)
-            .drop_nulls(name)
-            .group_by("item_idx")
-            .agg(pl.col(name).first())
-            .with_columns(pl.col(name).cast(pl.Utf8).rank("dense").cast(pl.Int64).alias("code"))
-        )
+        try:
+            values = item_attribute(data.directory, name)
+        except InputError as exc:
+            raise InputError(
+                f"model.item_features names '{name}', which the ETL output does not carry",
+                file=exc.file,
+                field=name,
+            ) from exc
         codes = np.zeros(data.n_items, dtype=np.int64)
-        codes[values["item_idx"].to_numpy()] = values["code"].to_numpy()
+        dense = values[name].cast(pl.Utf8).rank("dense").cast(pl.Int64).to_numpy()
+        codes[values["item_idx"].to_numpy()] = dense
         out[name] = torch.as_tensor(codes)
     return out
 
