@@ -17,8 +17,9 @@ PAIR = ["user_idx", "item_idx"]
 LINK_TYPE = pl.Enum(["order_id", "sequence"])
 
 
-def _bracket_match(targets: pl.DataFrame, cancels: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """Match cancellations to targets within `keys` groups; returns (cancel_row, target_row)."""
+def bracket_match(targets: pl.DataFrame, cancels: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """Match cancellations to targets within `keys` groups, each to the latest target before it
+    not matched yet (a stack); returns (cancel_row, target_row). Frames need keys, ts, row."""
     if targets.height == 0 or cancels.height == 0:
         return pl.DataFrame(schema={"cancel_row": pl.UInt32, "target_row": pl.UInt32})
     seq = pl.concat(
@@ -67,13 +68,13 @@ def link_cancellations(events: pl.DataFrame, cancel_map: dict[str, str]) -> pl.D
         )
         if cancels.height == 0:
             continue
-        by_order = _bracket_match(
+        by_order = bracket_match(
             targets.filter(pl.col("order_id").is_not_null()),
             cancels.filter(pl.col("order_id").is_not_null()),
             [*PAIR, "order_id"],
         ).with_columns(pl.lit("order_id", LINK_TYPE).alias("link"))
         rest_targets = targets.filter(~pl.col("row").is_in(by_order["target_row"].implode()))
-        by_seq = _bracket_match(
+        by_seq = bracket_match(
             rest_targets, cancels.filter(pl.col("order_id").is_null()), PAIR
         ).with_columns(pl.lit("sequence", LINK_TYPE).alias("link"))
         links += [by_order, by_seq]

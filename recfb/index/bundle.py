@@ -12,6 +12,9 @@ Layout of `models/<name>/` (schema version 1):
 | `index.faiss` | FAISS index of the item vectors (CPU; moved to a GPU at load when present) |
 | `seen.parquet` | `user_idx, item_idx, label`: every pair the ETL saw, for exclusion |
 | `signals.json` | the ETL's resolved signal map: how online events map to levels and negatives |
+| `delays.json` | optional: fitted delay models of click -> purchase -> refund (`recfb.delayed`) |
+| `cascade_events.parquet` | optional: `user_idx, item_idx, event, ts, cancelled_at` of the |
+|  | clock and purchase events of the last `rates_horizon_days`: where online rates start |
 
 Written into a temp directory and renamed into place; a bundle whose files do not match the
 manifest's checksums is refused at load.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +40,7 @@ from recfb.index.ann import BuiltIndex, IpIndex, apply_search_params, build_meas
 from recfb.index.config import IndexConfig
 from recfb.io import atomic_dir, write_json
 
+log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 FILES = (
     "items.parquet",
@@ -126,6 +131,8 @@ class BundleParts:
     run_id: str | None = None
     family: str = "unknown"
     data: str | None = None
+    delays: Any = None  # recfb.delayed.fit.DelayFits, where the log has a conversion cascade
+    cascade_events: pl.DataFrame | None = None
 
 
 def build_bundle(cfg: IndexConfig) -> BundleResult:
@@ -157,9 +164,24 @@ def build_bundle(cfg: IndexConfig) -> BundleResult:
         family=train_cfg.model.family,
         data=str(etl),
     )
+    if cfg.delays:
+        parts.delays, parts.cascade_events = _cascade(etl, cfg.rates_horizon_days)
     result = write_bundle(parts, cfg)
-    _log_to_run(cfg.run_id, result.manifest["index"], result.manifest["name"])
+    _log_to_run(cfg.run_id, result.manifest["index"], result.manifest["name"], parts.delays)
     return result
+
+
+def _cascade(etl: Path, horizon_days: float) -> tuple[Any, pl.DataFrame | None]:
+    """Delay models and recent cascade events, or (None, None) where the signal map has no
+    conversion (no clock signal or purchase level) or too few purchases to fit."""
+    from recfb.delayed.fit import fit_delays, recent_cascade_events
+
+    try:
+        fits = fit_delays(etl)
+    except InputError as exc:
+        log.warning("no delay models in the bundle: %s", exc)
+        return None, None
+    return fits, recent_cascade_events(etl, fits.cutoff_ms, horizon_days)
 
 
 def write_bundle(parts: BundleParts, cfg: IndexConfig) -> BundleResult:
@@ -188,6 +210,11 @@ def write_bundle(parts: BundleParts, cfg: IndexConfig) -> BundleResult:
         faiss.write_index(built.index.index, str(tmp / "index.faiss"))
         parts.seen.write_parquet(tmp / "seen.parquet")
         write_json(tmp / "signals.json", parts.signals)
+        files = list(FILES)
+        if parts.delays is not None and parts.cascade_events is not None:
+            write_json(tmp / "delays.json", parts.delays.to_dict())
+            parts.cascade_events.write_parquet(tmp / "cascade_events.parquet")
+            files += ["delays.json", "cascade_events.parquet"]
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": name,
@@ -201,7 +228,7 @@ def write_bundle(parts: BundleParts, cfg: IndexConfig) -> BundleResult:
             "levels": parts.levels,
             "index": index_info,
             "foldin": foldin_targets(users, items, sample),
-            "files": {f: sha256(tmp / f) for f in FILES},
+            "files": {f: sha256(tmp / f) for f in files},
         }
         write_json(tmp / "manifest.json", manifest)
     return BundleResult(target, manifest)
@@ -222,17 +249,31 @@ def _index_info(built: BuiltIndex, recall: float, cfg: IndexConfig, sample: int)
     }
 
 
-def _log_to_run(run_id: str, info: dict, name: str) -> None:
-    """The index's figures join the training run they came from."""
+def _log_to_run(run_id: str, info: dict, name: str, delays: Any = None) -> None:
+    """The index's figures (and the delay models, with their plot) join the training run."""
     import mlflow
 
     from recfb import tracking
 
     tracking.configure()
     with mlflow.start_run(run_id=run_id):
-        tracking.log_metrics(
-            {f"index/recall@{info['recall_k']}": info["recall"], "index/build_s": info["build_s"]}
-        )
+        metrics = {
+            f"index/recall@{info['recall_k']}": info["recall"],
+            "index/build_s": info["build_s"],
+        }
+        if delays is not None:
+            from recfb.tracking.plots import delay_curves, plt
+
+            metrics["delay/conversion_median_h"] = delays.conversion.overall.median_s() / 3600
+            metrics["delay/conversion_p"] = delays.conversion.overall.p
+            if delays.refund is not None:
+                metrics["delay/refund_median_h"] = delays.refund.overall.median_s() / 3600
+                metrics["delay/refund_p"] = delays.refund.overall.p
+            mlflow.log_dict(delays.to_dict(), "delays/delays.json")
+            fig = delay_curves(delays)
+            mlflow.log_figure(fig, "delays/delay_curves.png")
+            plt.close(fig)
+        tracking.log_metrics(metrics)
         mlflow.set_tags({"index.factory": info["factory"], "index.bundle": name})
 
 
@@ -249,6 +290,8 @@ class Bundle:
     index: IpIndex
     seen: pl.DataFrame
     signals: dict[str, Any]
+    delays: dict[str, Any] | None = None
+    cascade_events: pl.DataFrame | None = None
 
     @property
     def version(self) -> str:
@@ -305,4 +348,10 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
         index=IpIndex(index, manifest["index"].get("mips_augment")),
         seen=pl.read_parquet(path / "seen.parquet"),
         signals=json.loads((path / "signals.json").read_text()),
+        delays=json.loads((path / "delays.json").read_text())
+        if (path / "delays.json").is_file()
+        else None,
+        cascade_events=pl.read_parquet(path / "cascade_events.parquet")
+        if (path / "cascade_events.parquet").is_file()
+        else None,
     )

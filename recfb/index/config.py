@@ -42,4 +42,10 @@ class IndexConfig(BaseModel):
     recall_k: int = Field(20, ge=1)
     recall_sample: int = Field(2000, ge=1, description="user vectors used to measure recall")
     recall_floor: float = Field(0.95, ge=0, le=1)
+    delays: bool = Field(
+        True, description="fit the click->purchase->refund delay models into the bundle"
+    )
+    rates_horizon_days: float = Field(
+        28.0, gt=0, description="days of cascade events the bundle carries for online rates"
+    )
     seed: int = 0

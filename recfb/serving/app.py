@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from recfb.index import load_bundle
 from recfb.serving.config import ServeConfig
 from recfb.serving.eventlog import EventLog
-from recfb.serving.retrieval import ServingBundle, Timings
+from recfb.serving.retrieval import ServingBundle, Timings, rerank
 
 log = logging.getLogger("recfb.serving")
 ID = Field(min_length=1, max_length=256)
@@ -96,6 +96,24 @@ class SimilarItems(BaseModel):
     bundle_version: str
 
 
+class ItemRates(BaseModel):
+    item_id: str
+    as_of: str
+    windows_days: dict[str, float]
+    clicks: int
+    purchases: float = Field(description="attributed: a purchase may be shared among clicks")
+    cvr_naive: float | None
+    cvr_corrected: float | None
+    purchases_in_window: int | None = None
+    refunds: int | None = None
+    refund_naive: float | None = None
+    refund_corrected: float | None = None
+    netcvr_naive: float | None
+    netcvr_corrected: float | None
+    conversion_delay: dict[str, Any]
+    bundle_version: str
+
+
 class SwapRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1, description="bundle directory to load and swap in")
@@ -145,6 +163,8 @@ class Service:
     def load(self, path: str | Path) -> ServingBundle:
         started = time.perf_counter()
         served = ServingBundle(load_bundle(path), self.cfg)
+        if served.rates is not None:
+            served.rates.refresh(self.log)
         old = self.current
         self.current = served  # the swap: one reference assignment
         # a bundle is millions of long-lived objects (id maps); a full GC pass over them
@@ -258,7 +278,15 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
         excluded = online_excluded | served.excluded.get(user_row, frozenset())
         excluded.update(served.item_row[i] for i in exclude if i in served.item_row)
         timings.add("filter", started)
-        rows, scores = served.rank(query, k, excluded, category, timings)
+        table = served.rates.current(service.log) if served.rates is not None else None
+        if cfg.rerank.weight > 0 and table is not None and query is not None:
+            fetch = max(k, cfg.rerank.candidates)
+            rows, scores = served.rank(query, fetch, excluded, category, timings)
+            started = time.perf_counter()
+            rows, scores = rerank(rows, scores, table, cfg.rerank.weight, cfg.rerank.floor, k)
+            timings.add("rerank", started)
+        else:
+            rows, scores = served.rank(query, k, excluded, category, timings)
         source = "popularity" if query is None else ("model" if user_row is not None else "session")
         return {
             "user_id": user_id,
@@ -346,6 +374,39 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
             }
         )
 
+    @app.get("/v1/items/{item_id}/rates", response_model=ItemRates, tags=["rates"])
+    def item_rates(item_id: Annotated[str, PathParam(min_length=1, max_length=256)]) -> Response:
+        """Naive and delay-corrected CVR, refund rate and NetCVR of an item over recent
+        traffic, with their sample sizes (404 when the bundle has no delay models)."""
+        served = service.bundle()
+        row = served.item_row.get(item_id)
+        if row is None:
+            raise HTTPException(404, f"item_id {item_id!r} is not in bundle {served.version}")
+        table = served.rates.current(service.log) if served.rates is not None else None
+        if table is None:
+            raise HTTPException(
+                404, f"bundle {served.version} has no delay models (no conversion in its log)"
+            )
+        rec = table.frame.row(row, named=True)
+        fits = served.rates.fits
+        conv = (
+            fits.conversion.for_segment(served.rates.segment[row])
+            if (served.rates.segment is not None)
+            else fits.conversion.overall
+        )
+        body = {
+            "item_id": item_id,
+            "as_of": datetime.fromtimestamp(table.as_of_ms / 1000, UTC).isoformat(),
+            "windows_days": {
+                "clicks": cfg.rates.click_window_days,
+                "purchases": cfg.rates.purchase_window_days,
+            },
+            **{k: _finite(v) for k, v in rec.items() if k != "item_idx"},
+            "conversion_delay": {"family": conv.family, "median_hours": conv.median_s() / 3600},
+            "bundle_version": served.version,
+        }
+        return _json(body)
+
     @app.post(
         "/v1/events",
         response_model=EventsAccepted,
@@ -406,6 +467,11 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
         return {"loading": body.path}
 
     return app
+
+
+def _finite(v: Any) -> Any:
+    """JSON has no NaN: a rate with no trials is null."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _utc(ts: datetime) -> datetime:

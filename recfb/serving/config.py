@@ -18,6 +18,31 @@ class FoldinConfig(BaseModel):
     max_events: int = Field(200, ge=1, description="most recent events read per request")
 
 
+class RatesConfig(BaseModel):
+    """Online item rates corrected for delayed feedback (see recfb/serving/rates.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    click_window_days: float = Field(7.0, gt=0, description="clicks this recent are the trials")
+    purchase_window_days: float = Field(28.0, gt=0, description="purchases for the refund rate")
+    refresh_s: float = Field(60.0, gt=0, description="recompute when the table is this old")
+    cvr_prior_strength: float = Field(10.0, ge=0, description="pseudo-clicks at the segment CVR")
+    refund_prior_strength: float = Field(5.0, ge=0, description="pseudo-purchases, refund rate")
+
+
+class RerankConfig(BaseModel):
+    """Blend of relevance and corrected NetCVR: score + weight * log(max(NetCVR, floor)).
+
+    For a softmax-trained model exp(score) is proportional to P(item | user), so weight 1 ranks
+    by expected net conversions; 0 (default) leaves the model's order alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(0.0, ge=0, description="0 = off (default until measured better)")
+    candidates: int = Field(100, ge=1, description="index candidates re-ranked per request")
+    floor: float = Field(1e-4, gt=0, le=1, description="NetCVR floor inside the log")
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -43,4 +68,6 @@ class ServeConfig(BaseModel):
         20_000, ge=0, description="a category filter this narrow is scored exactly"
     )
     foldin: FoldinConfig = Field(default_factory=FoldinConfig)
+    rates: RatesConfig = Field(default_factory=RatesConfig)
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
     log_level: str = "info"

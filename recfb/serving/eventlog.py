@@ -99,6 +99,19 @@ class EventLog:
         )
         return [LoggedEvent(*r) for r in reversed(rows)]
 
+    def events_since(self, names: Sequence[str], since_ms: int) -> list[tuple]:
+        """``(user_id, item_id, event, ts, order_id)`` of the named events at or after since_ms."""
+        marks = ",".join("?" * len(names))
+        return (
+            self._reader()
+            .execute(
+                "SELECT user_id, item_id, event, ts, order_id FROM events "
+                f"WHERE ts >= ? AND event IN ({marks}) ORDER BY ts",
+                (since_ms, *names),
+            )
+            .fetchall()
+        )
+
     def count(self) -> int:
         return self._reader().execute("SELECT count(*) FROM events").fetchone()[0]
 

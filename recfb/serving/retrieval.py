@@ -27,6 +27,7 @@ import polars as pl
 from recfb.index import Bundle
 from recfb.serving.config import ServeConfig
 from recfb.serving.eventlog import LoggedEvent
+from recfb.serving.rates import OnlineRates, RatesTable
 
 
 @dataclass
@@ -76,6 +77,22 @@ class ServingBundle:
         foldin = bundle.manifest["foldin"]
         self.target_pos, self.target_neg = foldin["positive"], foldin["negative"]
         self.ridge = cfg.foldin.l2 * foldin["item_sq_norm"]
+        self.rates: OnlineRates | None = None
+        if bundle.delays is not None and bundle.cascade_events is not None:
+            segment = None
+            if "category" in bundle.items.columns:
+                segment = (
+                    bundle.items["category"].cast(pl.Int64, strict=False).fill_null(-1).to_numpy()
+                )
+            self.rates = OnlineRates(
+                bundle.delays,
+                bundle.cascade_events,
+                bundle.signals,
+                self.item_row,
+                self.user_row,
+                segment,
+                cfg.rates,
+            )
 
     def _seen_exclusions(self, seen: pl.DataFrame, rule: str) -> dict[int, frozenset[int]]:
         """user row -> item rows excluded by the bundle's pairs under the rule (sets, built
@@ -195,6 +212,18 @@ class ServingBundle:
             fetch = min(n_items, fetch * 4)
         score_of = dict(zip(ids[0].tolist(), dist[0].tolist(), strict=True))
         return picked, [score_of[i] for i in picked]
+
+
+def rerank(
+    rows: list[int], scores: list[float], table: RatesTable, weight: float, floor: float, k: int
+) -> tuple[list[int], list[float]]:
+    """Order candidates by score + weight * log(max(corrected NetCVR, floor)); keep k."""
+    if not rows:
+        return rows, scores
+    net = np.maximum(np.nan_to_num(table.netcvr[np.asarray(rows)], nan=floor), floor)
+    blended = np.asarray(scores, dtype=np.float64) + weight * np.log(net)
+    order = np.argsort(-blended, kind="stable")[:k]
+    return [rows[i] for i in order], [float(blended[i]) for i in order]
 
 
 def _take(order: np.ndarray, exclude: set[int], allowed: np.ndarray | None, k: int) -> list[int]:

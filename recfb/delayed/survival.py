@@ -1,0 +1,262 @@
+"""Delay distributions fitted with right censoring, as mixture cure models.
+
+Why a cure model: most clicks never convert, so "time to purchase" is not a proper distribution.
+A click converts with probability ``p`` and, if it does, after a delay ``D ~ F``. A click seen
+converting after ``d`` contributes ``p f(d)``; a click of age ``e`` with no purchase *yet*
+contributes ``1 - p + p S(e)`` (it may be a real negative or a conversion still to come). The
+same model fits purchase -> refund. ``p`` and ``F`` are fitted jointly by maximum likelihood for
+each family (exponential, Weibull, log-normal, from ``scipy.stats``) and the family with the
+lowest AIC wins. The Kaplan-Meier estimate of time to conversion over all trials (``1 - KM`` is
+``p F`` up to the longest follow-up) is the non-parametric check the plots draw beside the fits.
+
+Segments (e.g. item categories) get their own fit of the global family, shrunk toward the global
+parameters on the unconstrained scale with weight ``n / (n + shrink_events)``, ``n`` = observed
+conversions in the segment; segments with fewer than ``min_events`` use the global fit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from scipy import optimize, special, stats
+
+Family = Literal["exponential", "weibull", "lognormal"]
+FAMILIES: tuple[Family, ...] = ("exponential", "weibull", "lognormal")
+_N_SHAPE = {"exponential": 0, "weibull": 1, "lognormal": 1}
+
+
+def _dist(family: str, log_scale: float, log_shape: float):
+    """The frozen scipy distribution of the delay (seconds) for unconstrained parameters."""
+    scale = math.exp(log_scale)
+    if family == "exponential":
+        return stats.expon(scale=scale)
+    if family == "weibull":
+        return stats.weibull_min(math.exp(log_shape), scale=scale)
+    if family == "lognormal":
+        return stats.lognorm(math.exp(log_shape), scale=scale)
+    raise ValueError(f"unknown delay family {family!r}; expected one of {FAMILIES}")
+
+
+@dataclass(frozen=True)
+class DelayModel:
+    """P(outcome) = ``p``; given the outcome, the delay in seconds follows ``family``.
+
+    ``log_scale``/``log_shape`` are the unconstrained parameters (scipy's scale and shape);
+    ``n_trials``/``n_events`` say how much data the fit saw.
+    """
+
+    family: Family
+    p: float
+    log_scale: float
+    log_shape: float = 0.0
+    n_trials: int = 0
+    n_events: int = 0
+    log_likelihood: float = float("nan")
+    aic: float = float("nan")
+
+    def survival(self, seconds: np.ndarray) -> np.ndarray:
+        """S(t) = P(delay > t | the outcome happens): the share of outcomes still to come."""
+        t = np.maximum(np.asarray(seconds, dtype=np.float64), 0.0)
+        return _dist(self.family, self.log_scale, self.log_shape).sf(t)
+
+    def logpdf(self, seconds: np.ndarray) -> np.ndarray:
+        """log f(t) of the delay density (seconds; at least 1 s, as in the fit)."""
+        t = np.maximum(np.asarray(seconds, dtype=np.float64), 1.0)
+        return _dist(self.family, self.log_scale, self.log_shape).logpdf(t)
+
+    def cdf(self, seconds: np.ndarray) -> np.ndarray:
+        """F(t) = P(delay <= t | the outcome happens)."""
+        return 1.0 - self.survival(seconds)
+
+    def median_s(self) -> float:
+        """Median delay in seconds among trials that convert."""
+        return float(_dist(self.family, self.log_scale, self.log_shape).median())
+
+    def quantile_s(self, q: float) -> float:
+        """The q-quantile of the delay in seconds (e.g. 0.95: when 95% of outcomes are in)."""
+        return float(_dist(self.family, self.log_scale, self.log_shape).ppf(q))
+
+    def to_dict(self) -> dict:
+        return {
+            "family": self.family,
+            "p": self.p,
+            "log_scale": self.log_scale,
+            "log_shape": self.log_shape,
+            "n_trials": self.n_trials,
+            "n_events": self.n_events,
+            "log_likelihood": self.log_likelihood,
+            "aic": self.aic,
+            "median_hours": self.median_s() / 3600.0,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DelayModel:
+        keys = ("family", "p", "log_scale", "log_shape", "n_trials", "n_events")
+        extra = {k: d[k] for k in ("log_likelihood", "aic") if d.get(k) is not None}
+        return cls(**{k: d[k] for k in keys}, **extra)
+
+
+def _neg_log_lik(
+    theta: np.ndarray,
+    family: str,
+    delays: np.ndarray,
+    ages: np.ndarray,
+    w_delay: np.ndarray,
+    w_age: np.ndarray,
+) -> float:
+    logit_p, log_scale = theta[0], theta[1]
+    log_shape = theta[2] if _N_SHAPE[family] else 0.0
+    dist = _dist(family, log_scale, log_shape)
+    log_p = -np.logaddexp(0.0, -logit_p)
+    log_q = -np.logaddexp(0.0, logit_p)  # log(1 - p)
+    ll = w_delay.sum() * log_p + w_delay @ dist.logpdf(delays)
+    # log(1 - p + p S(e)) for trials with no outcome yet
+    ll += w_age @ np.logaddexp(log_q, log_p + dist.logsf(ages))
+    return -float(ll) if np.isfinite(ll) else 1e300
+
+
+def _weights(w: np.ndarray | None, n: int) -> np.ndarray:
+    return np.ones(n) if w is None else np.asarray(w, dtype=np.float64)
+
+
+def fit_cure(
+    delays: np.ndarray,
+    ages: np.ndarray,
+    family: Family,
+    delay_weights: np.ndarray | None = None,
+    age_weights: np.ndarray | None = None,
+) -> DelayModel:
+    """Maximum-likelihood cure-model fit of one family.
+
+    ``delays``: seconds from trial to outcome, for trials whose outcome was seen;
+    ``ages``: seconds from trial to the cut-off, for trials with no outcome yet (censored).
+    Weights (default 1) let a trial count in part as converted and in part as still open (a
+    purchase shared among several clicks, ``recfb.delayed.observations``).
+    """
+    delays = np.maximum(np.asarray(delays, dtype=np.float64), 1.0)  # a 0 s delay: log f blows up
+    ages = np.maximum(np.asarray(ages, dtype=np.float64), 0.0)
+    w_d, w_a = _weights(delay_weights, delays.size), _weights(age_weights, ages.size)
+    n_events, n = float(w_d.sum()), float(w_d.sum() + w_a.sum())
+    if n_events < 2:
+        raise ValueError(f"a delay fit needs at least 2 observed outcomes, got {n_events:g}")
+    p0 = min(max(n_events / n, 1e-6), 1 - 1e-6)
+    logd = np.log(delays)
+    mean_log = float(w_d @ logd / n_events)
+    spread = max(math.sqrt(float(w_d @ (logd - mean_log) ** 2 / n_events)), 0.1)
+    theta0 = [special.logit(p0), mean_log]
+    if family == "weibull":
+        theta0[1] = float(np.log(w_d @ delays / n_events))
+        theta0.append(0.0)
+    elif family == "lognormal":
+        theta0.append(math.log(spread))
+    res = optimize.minimize(
+        _neg_log_lik,
+        np.array(theta0),
+        args=(family, delays, ages, w_d, w_a),
+        method="Nelder-Mead",
+        options={"xatol": 1e-6, "fatol": 1e-6, "maxiter": 4000, "maxfev": 8000},
+    )
+    theta = res.x
+    ll = -float(res.fun)
+    k = 2 + _N_SHAPE[family]
+    return DelayModel(
+        family=family,
+        p=float(special.expit(theta[0])),
+        log_scale=float(theta[1]),
+        log_shape=float(theta[2]) if _N_SHAPE[family] else 0.0,
+        n_trials=round(n),
+        n_events=round(n_events),
+        log_likelihood=ll,
+        aic=2 * k - 2 * ll,
+    )
+
+
+def fit_best(
+    delays: np.ndarray,
+    ages: np.ndarray,
+    families: tuple[Family, ...] = FAMILIES,
+    delay_weights: np.ndarray | None = None,
+    age_weights: np.ndarray | None = None,
+) -> tuple[DelayModel, dict[str, DelayModel]]:
+    """Fit every family; return the lowest-AIC fit and all fits by family name."""
+    fits = {f: fit_cure(delays, ages, f, delay_weights, age_weights) for f in families}
+    best = min(fits.values(), key=lambda m: m.aic)
+    return best, fits
+
+
+def shrink(segment: DelayModel, toward: DelayModel, shrink_events: float) -> DelayModel:
+    """Pull a segment fit toward the global one on the unconstrained scale, by its evidence."""
+    w = segment.n_events / (segment.n_events + shrink_events)
+    logit = w * special.logit(segment.p) + (1 - w) * special.logit(toward.p)
+    return DelayModel(
+        family=segment.family,
+        p=float(special.expit(logit)),
+        log_scale=w * segment.log_scale + (1 - w) * toward.log_scale,
+        log_shape=w * segment.log_shape + (1 - w) * toward.log_shape,
+        n_trials=segment.n_trials,
+        n_events=segment.n_events,
+    )
+
+
+@dataclass
+class SegmentedDelays:
+    """A global delay model plus shrunk per-segment models (segment key -> model)."""
+
+    overall: DelayModel
+    segments: dict[str, DelayModel] = field(default_factory=dict)
+    candidates: dict[str, DelayModel] = field(default_factory=dict)  # every family, global
+
+    def for_segment(self, key: object) -> DelayModel:
+        return self.segments.get(str(key), self.overall)
+
+    def to_dict(self) -> dict:
+        return {
+            "overall": self.overall.to_dict(),
+            "segments": {k: m.to_dict() for k, m in self.segments.items()},
+            "candidates": {k: m.to_dict() for k, m in self.candidates.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SegmentedDelays:
+        return cls(
+            overall=DelayModel.from_dict(d["overall"]),
+            segments={k: DelayModel.from_dict(v) for k, v in d.get("segments", {}).items()},
+            candidates={k: DelayModel.from_dict(v) for k, v in d.get("candidates", {}).items()},
+        )
+
+
+def fit_segments(
+    overall: DelayModel,
+    delays: np.ndarray,
+    ages: np.ndarray,
+    delay_segments: np.ndarray,
+    age_segments: np.ndarray,
+    delay_weights: np.ndarray | None = None,
+    age_weights: np.ndarray | None = None,
+    min_events: int = 30,
+    shrink_events: float = 200.0,
+) -> dict[str, DelayModel]:
+    """One fit of the global family per segment with at least ``min_events`` (weighted)
+    outcomes, shrunk toward the global fit."""
+    w_d, w_a = _weights(delay_weights, delays.size), _weights(age_weights, ages.size)
+    out: dict[str, DelayModel] = {}
+    for key in np.unique(delay_segments):
+        in_d, in_a = delay_segments == key, age_segments == key
+        if w_d[in_d].sum() < min_events:
+            continue
+        seg = fit_cure(delays[in_d], ages[in_a], overall.family, w_d[in_d], w_a[in_a])
+        out[str(key)] = shrink(seg, overall, shrink_events)
+    return out
+
+
+def kaplan_meier(durations: np.ndarray, observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Kaplan-Meier survival of time-to-outcome over all trials (scipy.stats.ecdf):
+    ``(times, S(times))``; ``1 - S`` estimates ``p F(t)`` up to the longest follow-up."""
+    durations = np.maximum(np.asarray(durations, dtype=np.float64), 0.0)
+    observed = np.asarray(observed, dtype=bool)
+    data = stats.CensoredData(uncensored=durations[observed], right=durations[~observed])
+    sf = stats.ecdf(data).sf
+    return np.asarray(sf.quantiles), np.asarray(sf.probabilities)
