@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -176,7 +177,11 @@ def demo(
     try:
         sim_dir = output / "sim"
         if fresh or not (sim_dir / "events").exists():
-            cfg = load_config(SimConfig, Path("conf/simulate.yaml"))
+            # the simulated log ends now, so the service's recent-traffic rates have data
+            days = load_config(SimConfig, Path("conf/simulate.yaml")).days
+            start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0, tzinfo=None)
+            start -= timedelta(days=days)
+            cfg = load_config(SimConfig, Path("conf/simulate.yaml"), [f"start={start.isoformat()}"])
             with out.status("simulating the default shop ..."):
                 result = run_simulation(cfg, sim_dir, overwrite=True)
             out.print(result)
@@ -233,6 +238,7 @@ def demo(
             f"\n[bold]Serving {bundle.path.name} on {base}[/] (Ctrl-C to stop). Try:\n"
             f"  curl '{base}/v1/users/{ids[0]}/recommendations?k=5'\n"
             f"  curl '{base}/v1/users/a-new-visitor/recommendations?k=5'\n"
+            f"  curl '{base}/v1/items/{recs['item_id'][0]}/rates'   (delay-corrected CVR)\n"
             f"  curl -X POST {base}/v1/events -H 'X-API-Key: {key}' "
             '-H \'Content-Type: application/json\' -d \'{"events": [{"event_id": "e1", '
             f'"user_id": "a-new-visitor", "item_id": "{recs["item_id"][0]}", '

@@ -23,6 +23,11 @@ class RatesConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    clock: Literal["wall", "data"] = Field(
+        "wall",
+        description="'now' for ages and windows: the wall clock, or the newest event known "
+        "(bundle cut-off or log) for replays of old logs",
+    )
     click_window_days: float = Field(7.0, gt=0, description="clicks this recent are the trials")
     purchase_window_days: float = Field(28.0, gt=0, description="purchases for the refund rate")
     refresh_s: float = Field(60.0, gt=0, description="recompute when the table is this old")

@@ -112,6 +112,10 @@ class EventLog:
             .fetchall()
         )
 
+    def newest_ts(self) -> int | None:
+        """The largest event time in the log (epoch ms), None when empty."""
+        return self._reader().execute("SELECT max(ts) FROM events").fetchone()[0]
+
     def count(self) -> int:
         return self._reader().execute("SELECT count(*) FROM events").fetchone()[0]
 

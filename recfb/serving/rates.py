@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -34,8 +34,9 @@ class RatesTable:
     """One refresh: per-item arrays (``item_rates`` columns) and when it was computed."""
 
     frame: pl.DataFrame
-    as_of_ms: int
+    as_of_ms: int  # the "now" the rates describe
     netcvr: np.ndarray  # corrected NetCVR by item row, for re-ranking
+    computed_at: float = field(default_factory=time.time)  # wall clock, for staleness
 
 
 class OnlineRates:
@@ -141,17 +142,23 @@ class OnlineRates:
         )
         return RatesTable(rates, now_ms, rates["netcvr_corrected"].to_numpy())
 
+    def now_ms(self, log_: EventLog) -> int:
+        """The wall clock, or (clock 'data') the newest event the bundle or the log holds."""
+        if self.cfg.clock == "wall":
+            return int(time.time() * 1000)
+        return max(self.fits.cutoff_ms, (log_.newest_ts() or 0) + 1)
+
     def refresh(self, log_: EventLog, now_ms: int | None = None) -> RatesTable:
         started = time.perf_counter()
         with self._lock:
-            self.table = self.compute(log_, now_ms or int(time.time() * 1000))
+            self.table = self.compute(log_, now_ms or self.now_ms(log_))
         log.info("item rates refreshed", extra={"seconds": round(time.perf_counter() - started, 3)})
         return self.table
 
     def current(self, log_: EventLog) -> RatesTable | None:
         """The latest table; starts a background refresh when it is older than refresh_s."""
         table = self.table
-        stale = table is None or time.time() * 1000 - table.as_of_ms > self.cfg.refresh_s * 1000
+        stale = table is None or time.time() - table.computed_at > self.cfg.refresh_s
         if stale and not self._lock.locked():
             threading.Thread(target=self.refresh, args=(log_,), daemon=True).start()
         return table
