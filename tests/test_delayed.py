@@ -3,7 +3,10 @@ simulator's truth and real Taobao data."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from datetime import datetime
 
 import numpy as np
@@ -16,7 +19,7 @@ from recfb.delayed.observations import click_trials, purchase_trials
 from recfb.delayed.rates import corrected_rates
 from recfb.delayed.survival import DelayModel, fit_best, kaplan_meier, shrink
 
-from conftest import CONF, run, shared_file
+from conftest import CONF, ROOT, run, shared_file
 
 HOUR = 3600.0
 
@@ -173,3 +176,16 @@ def test_fit_on_taobao_finds_fast_real_view_to_buy_delays(tmp_path):
     assert conv.n_events > 500
     assert conv.median_s() < HOUR
     assert 0.001 < conv.p < 0.1
+
+
+def test_delays_command_writes_models_and_plot(sim_etl, tmp_path):
+    cmd = [sys.executable, "-m", "recfb.cli", "delays", "--etl", str(sim_etl), "-o", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    fits = json.loads((tmp_path / "delays.json").read_text())
+    assert fits["conversion"]["overall"]["family"] == "lognormal"
+    assert (tmp_path / "delay_curves.png").stat().st_size > 10_000
+    bad = [sys.executable, "-m", "recfb.cli", "delays", "--etl", str(tmp_path / "missing")]
+    done = subprocess.run(bad, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "missing" in done.stdout + done.stderr and "stats.json" in done.stdout + done.stderr

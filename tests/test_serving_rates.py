@@ -14,6 +14,7 @@ import pytest
 
 from recfb.serving.rates import RatesTable
 from recfb.serving.retrieval import rerank
+
 from test_serving import Server, event, post
 
 DAY_MS = 86_400_000

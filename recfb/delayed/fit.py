@@ -69,6 +69,10 @@ class DelayFits:
 def load_cascade(etl: Path) -> tuple[pl.LazyFrame, CascadeSignals]:
     """The ETL's events (lazy) and the cascade signals of its signal map."""
     stats_path = etl / "stats.json"
+    if not stats_path.is_file():
+        raise InputError(
+            "not an ETL output directory (no stats.json); run `recfb etl`", file=str(etl)
+        )
     stats = json.loads(stats_path.read_text())
     if "signal_map_spec" not in stats:
         raise InputError("field 'signal_map_spec' missing; rerun `recfb etl`", file=str(stats_path))
