@@ -37,12 +37,14 @@ def main() -> None:
     ap.add_argument("--test-days", type=int, default=7)
     ap.add_argument("--modes", default="naive,fnw,esdfm,wait,oracle,direct-wait,direct-oracle")
     ap.add_argument("--epochs-per-day", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=7, help="of the simulated shop and the models")
+    ap.add_argument("--out", default="delayed_stream.json", help="file in benchmarks/results/")
     args = ap.parse_args()
 
     from recfb.delayed.cvr import CvrConfig, run_continuous
     from recfb.delayed.stream import click_outcomes, refund_trials
 
-    cfg_sim = sim_config(args.events).model_copy(update={"days": 35.0})
+    cfg_sim = sim_config(args.events).model_copy(update={"days": 35.0, "seed": args.seed})
     etl = simulated_etl(cfg_sim, Path(args.work), split={"method": "none"})
     events = pl.scan_parquet(etl / "events.parquet")
     end = cfg_sim.end_ms()
@@ -54,7 +56,7 @@ def main() -> None:
     days = [
         start + d * DAY_MS for d in range(args.first_test_day, args.first_test_day + args.test_days)
     ]
-    cfg = CvrConfig(epochs_per_day=args.epochs_per_day)
+    cfg = CvrConfig(epochs_per_day=args.epochs_per_day, seed=args.seed)
     results = {}
     for mode in args.modes.split(","):
         t = time.perf_counter()
@@ -89,7 +91,7 @@ def main() -> None:
         "purchases": purchases.height,
         "results": results,
     }
-    (RESULTS / "delayed_stream.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / args.out).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import polars as pl
 import pytest
@@ -125,13 +129,13 @@ def stream(tmp_path_factory):
     )
     events = pl.scan_parquet(base / "out" / "events.parquet")
     clicks = click_outcomes(events, ["click"], ["purchase"], cfg.end_ms())
-    return cfg, clicks, refund_trials(clicks)
+    return cfg, clicks, refund_trials(clicks), base / "out"
 
 
 def test_importance_weighting_beats_naive_training_on_a_delayed_stream(stream):
     """With a 24 h median delay and a 1 h wait, naive training sees almost no positives; the
     weighted modes recover calibrated rates (pred/obs near 1) and a better log loss."""
-    cfg, clicks, buys = stream
+    cfg, clicks, buys, _ = stream
     days = [cfg.start_ms() + d * 24 * H for d in (7, 8)]
     run = lambda mode: run_continuous(  # noqa: E731
         clicks, buys, mode, CvrConfig(epochs_per_day=2), 2_000, 200, days, cfg.end_ms()
@@ -140,3 +144,41 @@ def test_importance_weighting_beats_naive_training_on_a_delayed_stream(stream):
     assert naive["pred_over_obs"] < 0.5
     assert 0.6 < esdfm["pred_over_obs"] < 1.4
     assert esdfm["nll"] < naive["nll"]
+
+
+def test_fast_conversions_weigh_more():
+    from recfb.delayed.cvr import fast_weights
+    from recfb.delayed.survival import DelayModel
+
+    model = DelayModel("exponential", p=0.1, log_scale=np.log(3600.0))  # mean 1 h
+    w = fast_weights(
+        np.array([1, 1, 1, 0]), np.array([60.0, 3600.0, np.nan, np.nan]), model, strength=2.0
+    )
+    assert w[0] == pytest.approx(1 + 2 * np.exp(-60 / 3600))
+    assert w[1] == pytest.approx(1 + 2 * np.exp(-1))
+    assert list(w[2:]) == [1.0, 1.0]  # unknown delay, negative
+
+
+def test_netcvr_command_records_a_replay_in_mlflow(stream, tmp_path):
+    from mlflow import MlflowClient
+
+    from conftest import CONF
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cmd = [sys.executable, "-m", "recfb.cli", "netcvr", "-c", str(CONF / "netcvr.yaml")]
+    cmd += ["--set", f"data={stream[3]}", "--set", "mode=fnw"]
+    cmd += ["--set", "first_test_day=7", "--set", "test_days=2"]
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("recfb-netcvr").experiment_id])
+    assert run.data.tags["mode"] == "fnw" and run.data.tags["model"] == "cascade"
+    assert run.data.params["cvr.wait_hours"] == "1.0"
+    assert run.data.metrics["cvr/auc"] > 0.6  # learnt, on the next days' clicks
+    assert 0.6 < run.data.metrics["netcvr/pred_over_obs"] < 1.4
+    assert len(client.get_metric_history(run.info.run_id, "day/cvr/auc")) == 2
+    # a replay that runs past the log's end is refused, naming the field
+    cmd[-3:] = ["first_test_day=15", "--set", "test_days=5"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "first_test_day" in done.stdout + done.stderr

@@ -113,3 +113,16 @@ def test_rerank_blends_relevance_with_log_netcvr():
     # 1 + ln .5 = 0.31, 3 + ln .01 = -1.61, 1.5 + ln .2 = -0.11, 2 + ln 1e-4 (no rate) = -7.2
     assert got == [0, 2, 1]
     assert blended[0] == pytest.approx(1.0 + np.log(0.5))
+
+
+def test_the_bundle_carries_delay_models_and_the_run_their_plot(served_shop):
+    from mlflow import MlflowClient
+
+    manifest = json.loads((served_shop["bundle"] / "manifest.json").read_text())
+    assert {"delays.json", "cascade_events.parquet"} <= set(manifest["files"])
+    client = MlflowClient(tracking_uri=served_shop["store"])
+    listed = {a.path for a in client.list_artifacts(served_shop["run_id"], "delays")}
+    assert {"delays/delay_curves.png", "delays/delays.json"} <= listed
+    metrics = client.get_run(served_shop["run_id"]).data.metrics
+    # the simulator's click -> purchase delay: log-normal with a 2 h median
+    assert metrics["delay/conversion_median_h"] == pytest.approx(2.0, rel=0.3)

@@ -34,6 +34,7 @@ from torch import nn
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
 from recfb.delayed.stream import Mode, emit
+from recfb.delayed.survival import DelayModel
 
 DAY_MS = 86_400_000
 N_DELAY_BUCKETS = 12  # bucket 0 = delay unknown; then log2-spaced from 1 minute
@@ -194,6 +195,16 @@ def rate_metrics(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
     }
 
 
+def fast_weights(label: np.ndarray, delay_s: np.ndarray, delay: DelayModel, strength: float):
+    """Delay-aware ranking weight: a positive weighs ``1 + strength x S(delay)``, so a purchase
+    that came fast (S near 1) counts up to 1 + strength times, a slow one about once; negatives
+    and positives without a known delay weigh 1."""
+    known = (label > 0) & ~np.isnan(delay_s)
+    s = np.zeros(label.size)
+    s[known] = delay.survival(delay_s[known])
+    return 1 + strength * s
+
+
 @dataclass
 class StageModel:
     """One stage (conversion or refund) learnt in one mode, day by day."""
@@ -208,7 +219,7 @@ class StageModel:
     aux_rn: Head | None = None
     trained_to: int = 0
     aux_to: int = 0
-    fast_survival: object = None  # DelayModel for the delay-aware weight
+    fast_survival: DelayModel | None = None  # for the delay-aware ranking weight
 
     def _aux_step(self, trials: pl.DataFrame, until_ms: int) -> None:
         """ES-DFM's auxiliary heads on trials matured since the last step, labels as of now."""
@@ -242,10 +253,11 @@ class StageModel:
             pos = samples["label"].to_numpy() > 0
             weight = np.where(pos, 1 + p_dp, (1 + p_dp) * p_rn)
         if self.cfg.fast_weight > 0 and self.fast_survival is not None:
-            d = samples["delay_s"].fill_null(np.nan).to_numpy()
-            s = np.where(np.isnan(d), 0.0, self.fast_survival.survival(np.nan_to_num(d)))
-            weight = weight * np.where(
-                samples["label"].to_numpy() > 0, 1 + self.cfg.fast_weight * s, 1
+            weight = weight * fast_weights(
+                samples["label"].to_numpy(),
+                samples["delay_s"].fill_null(np.nan).to_numpy(),
+                self.fast_survival,
+                self.cfg.fast_weight,
             )
         fit_head(self.head, samples, self.cfg, "label", weight, self.delay, self.mode == "fnw")
 
@@ -291,11 +303,12 @@ def run_continuous(
     days: list[int],
     truth_end_ms: int,
     direct: bool = False,
+    conversion_delay: DelayModel | None = None,
 ) -> ContinuousResult:
     """Replay: before each day in ``days`` (epoch ms of its start) train on everything emitted
     so far, then test that day's clicks (CVR, NetCVR) and purchases (refund rate) against
     their labels as of ``truth_end_ms``. ``direct``: one head on the net label instead of the
-    cascade (NetCVR only)."""
+    cascade (NetCVR only). ``conversion_delay`` enables the delay-aware weight (``fast_weight``)."""
     truth_clicks = clicks.with_columns(
         (pl.col("outcome_ms") < truth_end_ms).fill_null(False).alias("buy"),
         (pl.col("next_ms") < truth_end_ms).fill_null(False).alias("refund"),
@@ -316,6 +329,7 @@ def run_continuous(
             cfg.refund_mature_days,
             delay="buy_delay_s",
         )
+        cvr.fast_survival = conversion_delay
     preds: dict[str, list] = {"cvr": [], "refund": [], "netcvr": []}
     out = ContinuousResult()
     for start in days:
