@@ -114,8 +114,9 @@ def bias_table(est: pl.DataFrame, truth: pl.DataFrame, min_clicks: int) -> dict:
     return out
 
 
-def estimate(etl, fits, segments, n_items, t_ms, clicks_in, buys_in):
-    """Naive and corrected rates at t_ms over click and purchase windows ([from, to) ms)."""
+def estimate(etl, fits, segments, n_items, t_ms, clicks_in, buys_in, prior=(10.0, 5.0)):
+    """Naive and corrected rates at t_ms over click and purchase windows ([from, to) ms);
+    ``prior``: pseudo-clicks and pseudo-purchases of the thin-item prior (service defaults)."""
     from recfb.delayed.observations import click_trials, purchase_trials
     from recfb.delayed.rates import item_rates
 
@@ -124,7 +125,7 @@ def estimate(etl, fits, segments, n_items, t_ms, clicks_in, buys_in):
         events, ["click"], ["purchase"], t_ms, *clicks_in, delay=fits.conversion.overall
     )
     buys = purchase_trials(events, ["purchase"], t_ms, *buys_in)
-    return item_rates(clicks, buys, fits.conversion, fits.refund, n_items, segments)
+    return item_rates(clicks, buys, fits.conversion, fits.refund, n_items, segments, *prior)
 
 
 def main() -> None:
@@ -154,13 +155,17 @@ def main() -> None:
     clicks_in = (t_ms - int(args.click_days * day), t_ms)
     truth = truth_by_item(etl, sim, clicks_in, buys_in)
     est = estimate(etl, fits, segments, n_items, t_ms, clicks_in, buys_in)
-    expected = float((truth["cvr_true"] * est.join(truth, on="item_idx")["clicks"]).sum())
-    seen = float(est.join(truth, on="item_idx")["purchases"].sum())
+    joined = est.join(truth, on="item_idx")
+    expected = float((joined["cvr_true"] * joined["clicks"]).sum())
+    seen = float(joined["purchases"].sum())
     headline = {
         "pending_purchase_share": 1 - seen / expected,
         **bias_table(est, truth, args.min_clicks),
     }
     print(json.dumps({k: round(v, 4) for k, v in headline.items()}))
+    # the same without the thin-item prior: how much of the per-item bias the prior adds
+    est0 = estimate(etl, fits, segments, n_items, t_ms, clicks_in, buys_in, prior=(0.0, 0.0))
+    headline_no_prior = bias_table(est0, truth, args.min_clicks)
 
     # error by data age: clicks (and purchases) binned by their age at "now"
     edges = [float(x) for x in args.ages.split(",")]
@@ -180,6 +185,7 @@ def main() -> None:
         "args": vars(args),
         "fits": fits.to_dict(),
         "headline": headline,
+        "headline_no_prior": headline_no_prior,
         "by_age": bands,
     }
     (RESULTS / "delayed.json").write_text(json.dumps(out, indent=2))

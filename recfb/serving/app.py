@@ -278,8 +278,10 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
         excluded = online_excluded | served.excluded.get(user_row, frozenset())
         excluded.update(served.item_row[i] for i in exclude if i in served.item_row)
         timings.add("filter", started)
-        table = served.rates.current(service.log) if served.rates is not None else None
-        if cfg.rerank.weight > 0 and table is not None and query is not None:
+        table = None
+        if cfg.rerank.weight > 0 and served.rates is not None:
+            table = served.rates.current(service.log)
+        if table is not None and query is not None:
             fetch = max(k, cfg.rerank.candidates)
             rows, scores = served.rank(query, fetch, excluded, category, timings)
             started = time.perf_counter()
