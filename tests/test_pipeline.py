@@ -1,0 +1,128 @@
+"""Pipelines end to end on a small simulated shop, into a temporary MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recfb.pipeline import PipelineBusy, PipelineSpec, StageFailed, run_pipeline
+from recfb.pipeline.runner import pipeline_lock
+from recfb.pipeline.stages import gate_decision
+
+from conftest import CONF
+
+
+def spec_for(base: Path, train_set: list[str], index_set: list[str] | None = None) -> PipelineSpec:
+    return PipelineSpec.model_validate(
+        {
+            "name": "nightly-test",
+            "experiment": "pipeline-test",
+            "registered_model": "recfb-test",
+            "work_dir": str(base / "pipelines"),
+            "stages": {
+                "etl": {
+                    "config": str(CONF / "etl.yaml"),
+                    "set": [
+                        f"input.paths=['{base / 'sim' / 'events'}']",
+                        f"signals={CONF / 'signals' / 'simulator.yaml'}",
+                    ],
+                },
+                "train": {
+                    "config": str(CONF / "models" / "mf.yaml"),
+                    "set": ["model.dim=16", "trainer.batch_size=1024", *train_set],
+                },
+                "evaluate": {},
+                "index": {
+                    "config": str(CONF / "index.yaml"),
+                    "set": [f"models_dir={base / 'models'}", *(index_set or [])],
+                },
+                "register": {},
+                "promote": {},
+            },
+        }
+    )
+
+
+def statuses(result) -> dict[str, str]:
+    return {name: rec.status for name, rec in result.stages.items()}
+
+
+def test_pipeline_resumes_skips_gates_and_locks(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from recfb.simulate import SimConfig, simulate
+
+    simulate(SimConfig(seed=9, n_users=1_500, n_items=400, n_events=150_000), tmp_path / "sim")
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    good = ["trainer.max_epochs=4", "trainer.lr=0.01"]
+
+    # 1. the index stage fails (a coarse IVF cannot reach the recall floor): the run stops there
+    coarse = ["factory=IVF16,Flat", "search_params=nprobe=1", "recall_floor=0.99"]
+    with pytest.raises(StageFailed, match="stage index failed"):
+        run_pipeline(spec_for(tmp_path, good, coarse))
+    state = json.loads((tmp_path / "pipelines" / "nightly-test" / "state.json").read_text())
+    assert [state[s]["status"] for s in ("etl", "train", "evaluate", "index")] == [
+        "ran", "ran", "ran", "failed"
+    ]  # fmt: skip
+    first_train = state["train"]["outputs"]["run_id"]
+
+    # 2. fixed, it resumes at the index: nothing before it runs again
+    result = run_pipeline(spec_for(tmp_path, good))
+    assert statuses(result) == {
+        "etl": "skipped",
+        "train": "skipped",
+        "evaluate": "skipped",
+        "index": "ran",
+        "register": "ran",
+        "promote": "ran",
+    }
+    assert result.stages["train"].outputs["run_id"] == first_train
+    prod = client.get_model_version_by_alias("recfb-test", "production")
+    assert str(prod.version) == "1" and Path(prod.source, "manifest.json").is_file()
+    assert result.stages["promote"].outputs["passed"]
+    report = result.report.read_text()
+    assert "## Gate" in report and "promoted to production" in report and "## Data" in report
+    # MLflow: a parent run with one child per stage, the train run adopted as a child
+    children = client.search_runs(
+        [client.get_experiment_by_name("pipeline-test").experiment_id],
+        f"tags.mlflow.parentRunId = '{result.parent_run_id}'",
+    )
+    assert {r.data.tags["recfb.stage"] for r in children} >= {
+        "etl", "evaluate", "index", "register", "promote"
+    }  # fmt: skip
+    assert "report/report.md" in {
+        a.path for a in client.list_artifacts(result.parent_run_id, "report")
+    }
+
+    # 3. nothing changed: every stage is skipped
+    assert set(statuses(run_pipeline(spec_for(tmp_path, good))).values()) == {"skipped"}
+
+    # 4. a deliberately worse candidate (zero epochs: random vectors) is refused by the gate
+    worse = run_pipeline(spec_for(tmp_path, ["trainer.max_epochs=0"]))
+    assert statuses(worse)["train"] == "ran" and statuses(worse)["etl"] == "skipped"
+    verdict = worse.stages["promote"].outputs
+    assert not verdict["passed"] and "ndcg@10" in verdict["reason"]
+    assert str(client.get_model_version_by_alias("recfb-test", "production").version) == "1"
+    assert str(client.get_model_version_by_alias("recfb-test", "candidate").version) == "2"
+    assert client.get_model_version("recfb-test", "2").tags["gate"] == "rejected"
+
+    # 5. one run of a pipeline at a time
+    with pipeline_lock(tmp_path / "pipelines" / "nightly-test"), pytest.raises(PipelineBusy):
+        run_pipeline(spec_for(tmp_path, good))
+
+
+def test_gate_refuses_more_refunded_or_disliked_items():
+    from recfb.pipeline import GateSpec
+
+    gate = GateSpec(tolerance=0.01)
+    prod = {"ndcg@10": 0.10, "negative_share@10": 0.010}
+    assert gate_decision(gate, {"ndcg@10": 0.095, "negative_share@10": 0.010}, prod)[0]
+    assert not gate_decision(gate, {"ndcg@10": 0.085, "negative_share@10": 0.0}, prod)[0]
+    passed, reason = gate_decision(gate, {"ndcg@10": 0.2, "negative_share@10": 0.02}, prod)
+    assert not passed and "negative_share@10" in reason
+    assert gate_decision(gate, {"ndcg@10": 0.0, "negative_share@10": 1.0}, None)[0]
