@@ -208,6 +208,58 @@ class Service:
         return served
 
 
+class AliasFollower:
+    """Polls the registry alias and swaps to the bundle of the version that holds it."""
+
+    def __init__(self, service: Service, model: str, alias: str, poll_s: float) -> None:
+        self.service, self.model, self.alias, self.poll_s = service, model, alias, poll_s
+        self.version: str | None = None
+        self.error: str | None = None
+
+    def lookup(self) -> tuple[str, str] | None:
+        """(version, bundle path) holding the alias now; None (and `error`) when unknown."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        from recfb import tracking
+
+        try:
+            tracking.configure()
+            mv = MlflowClient().get_model_version_by_alias(self.model, self.alias)
+        except MlflowException as exc:
+            self.error = f"{self.model}@{self.alias}: {exc}"
+            return None
+        self.error = None
+        return str(mv.version), mv.source
+
+    def poll_once(self) -> None:
+        found = self.lookup()
+        if found is None:
+            return
+        version, source = found
+        current = self.service.current
+        if version != self.version or current is None:
+            if (
+                current is not None
+                and Path(source).resolve() == Path(current.bundle.path).resolve()
+            ):
+                self.version = version
+                return
+            if self.service.swap_in_background(source):
+                log.info(
+                    "alias moved", extra={"alias": self.alias, "version": version, "path": source}
+                )
+                self.version = version
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            try:
+                self.poll_once()
+            except Exception as exc:  # keep following; the error shows on /v1/admin/bundle
+                self.error = f"{type(exc).__name__}: {exc}"
+
+
 def newest_bundle(models_dir: str | Path) -> Path | None:
     """The most recently created bundle in the model store (by manifest created_at)."""
     found = []
@@ -232,7 +284,15 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
         description="Recommendations from a recfb model bundle, corrected by online events.",
     )
     app.state.service = service
-    path = cfg.bundle or newest_bundle(cfg.models_dir)
+    follower = None
+    path = cfg.bundle
+    if cfg.follow.model:
+        follower = AliasFollower(service, cfg.follow.model, cfg.follow.alias, cfg.follow.poll_s)
+        found = follower.lookup() if path is None else None
+        if found is not None:
+            follower.version, path = found
+        threading.Thread(target=follower.run, name="alias-follower", daemon=True).start()
+    path = path or newest_bundle(cfg.models_dir)
     if path is not None:
         service.load(path)
     else:
@@ -455,6 +515,14 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
             "manifest": served.bundle.manifest if served else None,
             "loading": service.loading,
             "last_error": service.last_error,
+            "following": {
+                "model": follower.model,
+                "alias": follower.alias,
+                "version": follower.version,
+                "error": follower.error,
+            }
+            if follower
+            else None,
         }
 
     @app.post(

@@ -48,6 +48,17 @@ class RerankConfig(BaseModel):
     floor: float = Field(1e-4, gt=0, le=1, description="NetCVR floor inside the log")
 
 
+class FollowConfig(BaseModel):
+    """Follow a registry alias: serve the bundle of the version that holds it, swap when it
+    moves (MLFLOW_TRACKING_URI says which registry)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="registered model name; None: do not follow")
+    alias: str = "production"
+    poll_s: float = Field(30.0, gt=0, description="how often the alias is looked up")
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -74,5 +85,6 @@ class ServeConfig(BaseModel):
     )
     foldin: FoldinConfig = Field(default_factory=FoldinConfig)
     rates: RatesConfig = Field(default_factory=RatesConfig)
+    follow: FollowConfig = Field(default_factory=FollowConfig)
     rerank: RerankConfig = Field(default_factory=RerankConfig)
     log_level: str = "info"
