@@ -152,26 +152,27 @@ def demo(
     ] = True,
     port: Annotated[int, typer.Option(help="Port of the API.")] = 8000,
 ) -> None:
-    """The main job on the bundled default: simulate events, run the ETL, train and evaluate
-    an MF-BPR model on every positive level (recorded in MLflow), write recommendations,
-    index the item vectors into a model bundle (models/), then serve it over HTTP.
+    """The main job on the bundled default: simulate events, run the nightly pipeline (ETL,
+    train and evaluate MF-BPR, index into a bundle, register it in MLflow, promote it through
+    the gate), write recommendations, then serve the `production` bundle over HTTP, following
+    the alias so that a later pipeline run's promotion is picked up.
 
     Example: `recfb demo --fresh --epochs 3 --port 8080`
     """
     import os
     import secrets
 
+    from mlflow import MlflowClient
+
+    from recfb import tracking
     from recfb.config import load_config
-    from recfb.etl import EtlConfig, run_etl
-    from recfb.index import IndexConfig, build_bundle
+    from recfb.pipeline import load_pipeline, run_pipeline
     from recfb.serving import ServeConfig
     from recfb.serving import serve as run_server
     from recfb.simulate import SimConfig
     from recfb.simulate import simulate as run_simulation
-    from recfb.train.config import TrainConfig
     from recfb.train.data import Interactions
     from recfb.train.loop import eval_config
-    from recfb.train.loop import train as run_training
     from recfb.train.recommend import recommend as run_recommend
     from recfb.train.recommend import write_recommendations
     from recfb.train.runs import load_run
@@ -187,22 +188,22 @@ def demo(
             with out.status("simulating the default shop ..."):
                 result = run_simulation(cfg, sim_dir, overwrite=True)
             out.print(result)
-        etl_cfg = load_config(
-            EtlConfig,
-            Path("conf/etl.yaml"),
-            [f"input.paths=['{sim_dir / 'events'}']", f"out={output / 'etl'}"],
+        spec = load_pipeline(Path("pipelines/nightly.yaml"))
+        spec.work_dir = str(output / "pipelines")
+        spec.stages["etl"].set = [f"input.paths=['{sim_dir / 'events'}']"]
+        spec.stages["train"].set.append(f"trainer.max_epochs={epochs}")
+        with out.status("running the nightly pipeline (etl -> train -> ... -> promote) ..."):
+            result = run_pipeline(spec, Path("pipelines/nightly.yaml").read_text())
+        etl_dir = Path(result.stages["etl"].outputs["out"])
+        print_etl_summary(json.loads((etl_dir / "stats.json").read_text()))
+        run_id = result.stages["train"].outputs["run_id"]
+        tracking.configure()
+        client = MlflowClient()
+        print_metrics(
+            client.get_run(run_id).data.metrics, f"MF-BPR on the default shop: run {run_id}"
         )
-        etl_result = run_etl(etl_cfg)
-        print_etl_summary(etl_result.stats)
-        train_cfg = load_config(
-            TrainConfig,
-            Path("conf/models/mf.yaml"),
-            [f"data={output / 'etl'}", f"trainer.max_epochs={epochs}", "run_name=demo-mf"],
-        )
-        with out.status(f"training MF-BPR for up to {epochs} epochs ..."):
-            trained = run_training(train_cfg, quiet=True)
-        print_metrics(trained.metrics, f"MF-BPR on the default shop: run {trained.run_id}")
-        cfg_run, scorer = load_run(trained.run_id)
+        print_pipeline(result)
+        cfg_run, scorer = load_run(run_id)
         data = Interactions.load(cfg_run.data)
         users = data.train["user_idx"].unique().sort().head(3)
         ids = (
@@ -214,18 +215,14 @@ def demo(
         path = write_recommendations(recs, output / "recommendations.parquet")
         out.print(recs)
         out.print(f"wrote {path}")
-        with out.status("indexing the item vectors into a bundle ..."):
-            bundle = build_bundle(
-                load_config(IndexConfig, Path("conf/index.yaml"), [f"run_id={trained.run_id}"])
-            )
-        info = bundle.manifest["index"]
+        production = client.get_model_version_by_alias(spec.registered_model, "production")
+        bundle = Path(production.source)
         out.print(
-            f"bundle {bundle.path}: {info['factory']}, recall@{info['recall_k']} "
-            f"{info['recall']:.3f} against exact search"
-        )
-        out.print(
-            "Review the run: mlflow ui --backend-store-uri sqlite:///mlruns.db "
-            "(then open http://127.0.0.1:5000)"
+            f"alias production -> {spec.registered_model} v{production.version} ({bundle})\n"
+            "Review the runs: mlflow ui --backend-store-uri sqlite:///mlruns.db "
+            "(then open http://127.0.0.1:5000)\n"
+            "Refresh from the events posted to the service: "
+            "recfb pipeline run pipelines/hourly.yaml"
         )
         if not serve_api:
             return
@@ -233,11 +230,16 @@ def demo(
         serve_cfg = load_config(
             ServeConfig,
             Path("conf/serve.yaml"),
-            [f"bundle={bundle.path}", f"port={port}", "log_level=warning"],
+            [
+                f"bundle={bundle}",
+                f"port={port}",
+                "log_level=warning",
+                f"follow.model={spec.registered_model}",  # swaps when a pipeline promotes
+            ],
         )
         base = f"http://127.0.0.1:{port}"
         out.print(
-            f"\n[bold]Serving {bundle.path.name} on {base}[/] (Ctrl-C to stop). Try:\n"
+            f"\n[bold]Serving {bundle.name} on {base}[/] (Ctrl-C to stop). Try:\n"
             f"  curl '{base}/v1/users/{ids[0]}/recommendations?k=5'\n"
             f"  curl '{base}/v1/users/a-new-visitor/recommendations?k=5'\n"
             f"  curl '{base}/v1/items/{recs['item_id'][0]}/rates'   (delay-corrected CVR)\n"
@@ -550,6 +552,10 @@ def pipeline_run(
     except RecfbError as exc:
         _fail(exc)
         return
+    print_pipeline(result)
+
+
+def print_pipeline(result: Any) -> None:
     table = Table(title=f"pipeline {result.name}: MLflow run {result.parent_run_id}")
     for col in ("stage", "status", "seconds", "outputs"):
         table.add_column(col)
