@@ -184,7 +184,9 @@ def demo(
             days = load_config(SimConfig, Path("conf/simulate.yaml")).days
             start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0, tzinfo=None)
             start -= timedelta(days=days)
-            cfg = load_config(SimConfig, Path("conf/simulate.yaml"), [f"start='{start.isoformat()}'"])
+            cfg = load_config(
+                SimConfig, Path("conf/simulate.yaml"), [f"start='{start.isoformat()}'"]
+            )
             with out.status("simulating the default shop ..."):
                 result = run_simulation(cfg, sim_dir, overwrite=True)
             out.print(result)

@@ -187,3 +187,30 @@ def test_the_service_follows_the_production_alias_without_failed_requests(
         srv.stop()
     assert len(statuses) > 20 and set(statuses) == {200}
     assert versions == {"v1", "follow-v2"}
+
+
+def test_warm_start_copies_the_previous_vectors_by_id(served_shop, monkeypatch):
+    import torch
+
+    from recfb.config import build_model
+    from recfb.errors import RecfbError
+    from recfb.train.config import TrainConfig
+    from recfb.train.data import Interactions
+    from recfb.train.loop import build_model as build_recommender
+    from recfb.train.loop import warm_start
+    from recfb.train.runs import load_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served_shop["store"])
+    data = Interactions.load(served_shop["etl"])
+    raw = {"data": str(served_shop["etl"]), "init_from_run": served_shop["run_id"]}
+    cfg = build_model(TrainConfig, raw | {"model": {"family": "mf", "dim": 16}}, "test")
+    model = build_recommender(cfg, data)
+    before = model.user_embedding.weight.detach().clone()
+    copied = warm_start(model, cfg, data)
+    _, old = load_run(served_shop["run_id"])
+    assert copied == {"user": len(old.user_vectors), "item": len(old.item_vectors)}
+    assert torch.equal(model.user_embedding.weight.detach(), old.user_vectors)
+    assert not torch.equal(before, old.user_vectors)
+    narrow = build_model(TrainConfig, raw | {"model": {"family": "mf", "dim": 8}}, "test")
+    with pytest.raises(RecfbError, match="dim"):
+        warm_start(build_recommender(narrow, data), narrow, data)

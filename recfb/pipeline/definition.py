@@ -23,6 +23,9 @@ class StageSpec(BaseModel):
 
     config: str | None = Field(None, description="conf file of the stage (etl, train, index)")
     set: list[str] = Field(default_factory=list, description="overrides, `key=value`")
+    init_from: Literal["production"] | None = Field(
+        None, description="train: warm-start from the production model's vectors, by id"
+    )
 
 
 class GateSpec(BaseModel):

@@ -123,12 +123,15 @@ class Context:
             run_name=f"{self.spec.name}:{stage}",
             tags={"mlflow.parentRunId": self.parent, "recfb.stage": stage, **(tags or {})},
         )
+        if stage in self.fingerprints:
+            self.client.log_param(run.info.run_id, "inputs_fingerprint", self.fingerprints[stage])
         return run.info.run_id
 
     def adopt(self, run_id: str, stage: str) -> None:
         """Make a run a stage has started itself (train) a child of the pipeline run."""
         self.client.set_tag(run_id, "mlflow.parentRunId", self.parent)
         self.client.set_tag(run_id, "recfb.stage", stage)
+        self.client.set_tag(run_id, "recfb.inputs_fingerprint", self.fingerprints.get(stage, ""))
 
 
 def _load_state(path: Path) -> dict[str, dict]:
@@ -173,7 +176,6 @@ def run_pipeline(spec: PipelineSpec, definition_text: str = "") -> PipelineResul
                 records[name] = StageRecord("skipped", fp, prev.get("outputs", {}))
                 ctx.outputs[name] = records[name].outputs
                 run_id = ctx.child_run(name, {"recfb.status": "skipped"})
-                client.log_param(run_id, "fingerprint", fp)
                 client.set_terminated(run_id)
                 log.info("stage %s: skipped (inputs unchanged, %s)", name, fp)
                 state[name] = {**prev, "status": "skipped"}

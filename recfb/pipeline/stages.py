@@ -40,6 +40,10 @@ def _train_config(spec: StageSpec, ctx: Context):
     path = Path(spec.config or DEFAULT_CONF["train"])
     base = [f"data={ctx.outputs['etl']['out']}", f"experiment={ctx.spec.experiment}"]
     base.append(f"run_name={ctx.spec.name}:train")
+    if spec.init_from == "production":
+        prod = _production(ctx)
+        if prod is not None and prod.run_id:  # no production model yet: a cold start
+            base.append(f"init_from_run={prod.run_id}")
     return load_config(TrainConfig, path, [*base, *spec.set])
 
 

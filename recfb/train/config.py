@@ -130,6 +130,11 @@ class TrainConfig(_Strict):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     seed: int = 0
+    init_from_run: str | None = Field(
+        None,
+        description="warm start (MF without item features): copy the user and item vectors "
+        "of this MLflow run for every id it knows; new users and items start fresh",
+    )
     experiment: str = "recfb"
     run_name: str | None = None
     checkpoint_dir: str | None = Field(

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from recfb import tracking
-from recfb.errors import InputError
+from recfb.errors import InputError, RecfbError
 from recfb.evaluate import EvalConfig, full_ranking_metrics, level_auc
 from recfb.models import MODELS, EmbeddingRecommender
 from recfb.models.gnolr import GNOLR
@@ -215,10 +215,48 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
     return TrainResult(run_id=run_id, metrics=metrics, model=model, history=history)
 
 
+def warm_start(model: EmbeddingRecommender, cfg: TrainConfig, data: Interactions) -> dict:
+    """Copy a previous run's vectors into ``model`` by id (users and items it knew); the rest
+    keep their fresh initialisation. Returns how many rows were copied."""
+    from recfb.train.runs import load_run
+
+    if cfg.model.family != "mf" or cfg.model.item_features:
+        raise RecfbError("init_from_run: warm starts are implemented for MF without item features")
+    old_cfg, old = load_run(cfg.init_from_run)
+    copied = {}
+    for kind, table, vectors in (
+        ("user", model.user_embedding, old.user_vectors),
+        ("item", model.item_embedding, old.item_vectors),
+    ):
+        new_ids = pl.read_parquet(
+            data.directory / f"{kind}s.parquet", columns=[f"{kind}_idx", f"{kind}_id"]
+        )
+        old_ids = pl.read_parquet(
+            Path(old_cfg.data) / f"{kind}s.parquet", columns=[f"{kind}_idx", f"{kind}_id"]
+        )
+        both = new_ids.join(old_ids, on=f"{kind}_id", suffix="_old").filter(
+            (pl.col(f"{kind}_idx") < table.num_embeddings)
+            & (pl.col(f"{kind}_idx_old") < len(vectors))
+        )
+        if vectors.shape[1] != table.embedding_dim:
+            raise RecfbError(
+                f"init_from_run: run {cfg.init_from_run} has dim {vectors.shape[1]}, "
+                f"this model {table.embedding_dim}"
+            )
+        new_rows = torch.as_tensor(both[f"{kind}_idx"].to_numpy().astype(np.int64))
+        old_rows = torch.as_tensor(both[f"{kind}_idx_old"].to_numpy().astype(np.int64))
+        with torch.no_grad():
+            table.weight[new_rows] = vectors[old_rows].to(table.weight.dtype)
+        copied[kind] = len(new_rows)
+    return copied
+
+
 def _fit_embedding(
     cfg: TrainConfig, data: Interactions, quiet: bool
 ) -> tuple[EmbeddingRecommender, list[dict[str, float]]]:
     model = build_model(cfg, data)
+    if cfg.init_from_run:
+        warm_start(model, cfg, data)
     monitor = f"valid/{cfg.trainer.monitor}"
     callbacks: list[Any] = []
     checkpoint = None
