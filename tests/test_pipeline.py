@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,26 @@ def test_warm_start_copies_the_previous_vectors_by_id(served_shop, monkeypatch):
     narrow = build_model(TrainConfig, raw | {"model": {"family": "mf", "dim": 8}}, "test")
     with pytest.raises(RecfbError, match="dim"):
         warm_start(build_recommender(narrow, data), narrow, data)
+
+
+def test_pipeline_command_exit_codes(tmp_path):
+    """What a scheduler sees: 2 for a bad definition, 75 while another run holds the lock."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages: {etl: {}}\nunknown_key: 1\n")
+    cmd = [sys.executable, "-m", "recfb.cli", "pipeline", "run"]
+    done = subprocess.run([*cmd, str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "unknown_key" in done.stdout + done.stderr
+    good = tmp_path / "p.yaml"
+    good.write_text(f"name: locked\nwork_dir: {tmp_path}\nstages: {{etl: {{}}}}\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
+    with pipeline_lock(tmp_path / "locked"):
+        done = subprocess.run(
+            [*cmd, str(good)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+    assert done.returncode == 75, done.stdout + done.stderr
+    assert "already running" in done.stdout + done.stderr
