@@ -238,3 +238,39 @@ def test_pipeline_command_exit_codes(tmp_path):
         )
     assert done.returncode == 75, done.stdout + done.stderr
     assert "already running" in done.stdout + done.stderr
+
+
+def test_holdout_metrics_by_id_on_a_hand_built_split(tmp_path):
+    """Two items, three holdout users; expected values worked out by hand."""
+    import numpy as np
+    import polars as pl
+
+    from recfb.pipeline.gate import Vectors, holdout_metrics
+
+    pl.DataFrame({"user_idx": [0, 1, 2], "user_id": ["a", "b", "c"]}).write_parquet(
+        tmp_path / "users.parquet"
+    )
+    items = {"item_idx": [0, 1, 2], "item_id": ["x", "y", "z"]}
+    pl.DataFrame(items).write_parquet(tmp_path / "items.parquet")
+
+    def pairs(rows):
+        return pl.DataFrame(rows, schema=["user_idx", "item_idx", "label"], orient="row").cast(
+            {"user_idx": pl.UInt32, "item_idx": pl.UInt32, "label": pl.Int8}
+        )
+
+    pairs([(0, 2, 1), (1, 0, 1), (1, 2, 1)]).write_parquet(tmp_path / "train.parquet")  # z popular
+    pairs([]).write_parquet(tmp_path / "valid.parquet")
+    # a likes x, dislikes y; b likes y; c (unknown to the model) likes x
+    pairs([(0, 0, 2), (0, 1, -1), (1, 1, 1), (2, 0, 1)]).write_parquet(tmp_path / "test.parquet")
+    model = Vectors(
+        user_ids=np.array(["a", "b"]),
+        user_vectors=np.array([[0.0, 1.0], [1.0, 0.0]]),
+        item_ids=np.array(["x", "y", "z"]),
+        item_vectors=np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]),  # a ranks y first, b x
+    )
+    m = holdout_metrics(model, tmp_path, k=1)
+    # a: z seen, top-1 y (disliked, a miss); b: x and z seen, top-1 y (a hit);
+    # c: unknown, popularity (z 2/3, x 1/3), nothing seen: z, a miss
+    assert m["ndcg@1"] == pytest.approx(1 / 3)
+    assert m["negative_share@1"] == pytest.approx(1 / 3)
+    assert m["users"] == 3 and m["users_unknown"] == 1

@@ -2,9 +2,11 @@
 
 A candidate and the production model may have different vocabularies (new users and items), so
 both are scored through their own id maps against one holdout: the newest split of the
-candidate's ETL output. Per holdout user the bundle knows: the top-k items by inner product,
-minus the user's earlier pairs (train and valid splits, any label), scored by NDCG@k against the
-user's positive holdout pairs. ``negative_share@k`` is the share of recommended (user, item)
+candidate's ETL output. Every holdout user with a positive pair counts for both models: the
+top-k items by inner product (by popularity for a user the model does not know, as the service
+serves them), minus the user's earlier pairs (train and valid splits, any label), scored by
+NDCG@k against all of the user's positive holdout items (an item the model does not know is a
+miss). ``negative_share@k`` is the share of recommended (user, item)
 pairs the user went on to dislike or refund in the holdout; ``popularity`` is each recommended
 item's share of positive training pairs (for the report's distribution plot).
 """
@@ -70,40 +72,44 @@ def holdout_metrics(
         if it in item_row:
             pop_share[item_row[it]] = n / max(pop["len"].sum(), 1)
 
-    def rows_by_user(df: pl.DataFrame) -> dict[str, np.ndarray]:
-        df = df.with_columns(
-            pl.col("item_id").replace_strict(item_row, default=-1, return_dtype=pl.Int64)
-        ).filter(pl.col("item_id") >= 0)
+    def ids_by_user(df: pl.DataFrame) -> dict[str, set[str]]:
         grouped = df.group_by("user_id").agg(pl.col("item_id"))
-        return {
-            u: np.asarray(r) for u, r in zip(grouped["user_id"], grouped["item_id"], strict=True)
-        }
+        return {u: set(r) for u, r in zip(grouped["user_id"], grouped["item_id"], strict=True)}
 
-    positives = rows_by_user(holdout.filter(pl.col("label") >= 1))
-    negatives = rows_by_user(holdout.filter(pl.col("label") < 0))
-    seen = rows_by_user(earlier)
-    users = sorted(
-        u for u in holdout.filter(pl.col("label") >= 1)["user_id"].unique() if u in user_row
-    )
-    users = users[:max_users]
+    positives = ids_by_user(holdout.filter(pl.col("label") >= 1))
+    negatives = ids_by_user(holdout.filter(pl.col("label") < 0))
+    seen = {
+        u: np.asarray([item_row[i] for i in items if i in item_row], dtype=np.int64)
+        for u, items in ids_by_user(earlier).items()
+    }
+    # the same users for every model: those with a positive in the holdout; a user the model
+    # does not know gets its popularity list, as the service would serve them
+    users = sorted(positives)[:max_users]
     discount = 1.0 / np.log2(np.arange(2, k + 2))
     ndcg, recall, neg, n_recs, recommended = [], [], 0, 0, []
+    known = 0
     for start in range(0, len(users), 1024):
         chunk = users[start : start + 1024]
-        scores = model.user_vectors[[user_row[u] for u in chunk]] @ model.item_vectors.T
+        scores = np.tile(pop_share, (len(chunk), 1))
+        rows = [(j, user_row[u]) for j, u in enumerate(chunk) if u in user_row]
+        known += len(rows)
+        if rows:
+            scores[[j for j, _ in rows]] = (
+                model.user_vectors[[r for _, r in rows]] @ model.item_vectors.T
+            )
         for j, u in enumerate(chunk):
             if u in seen:
                 scores[j, seen[u]] = -np.inf
         top = np.argsort(-scores, axis=1)[:, :k]
         for j, u in enumerate(chunk):
-            pos = set(positives.get(u, np.empty(0, dtype=np.int64)).tolist())
-            hits = np.array([r in pos for r in top[j]], dtype=float)
-            ideal = discount[: min(len(pos), k)].sum()
-            ndcg.append(float(hits @ discount) / ideal if ideal > 0 else 0.0)
-            recall.append(hits.sum() / max(len(pos), 1))
-            negs = set(negatives.get(u, np.empty(0, dtype=np.int64)).tolist())
-            neg += sum(r in negs for r in top[j])
-            n_recs += len(top[j])
+            pos, negs = positives[u], negatives.get(u, set())
+            top_ids = model.item_ids[top[j]]
+            hits = np.array([i in pos for i in top_ids], dtype=float)
+            ideal = discount[: min(len(pos), k)].sum()  # new items count: the model missed them
+            ndcg.append(float(hits @ discount) / ideal)
+            recall.append(hits.sum() / len(pos))
+            neg += sum(i in negs for i in top_ids)
+            n_recs += len(top_ids)
             recommended.append(top[j])
     recs = np.concatenate(recommended) if recommended else np.empty(0, dtype=np.int64)
     return {
@@ -111,7 +117,7 @@ def holdout_metrics(
         f"recall@{k}": float(np.mean(recall)) if recall else 0.0,
         f"negative_share@{k}": neg / max(n_recs, 1),
         "users": float(len(users)),
-        "users_unknown": float(holdout["user_id"].n_unique() - len(users)),
+        "users_unknown": float(len(users) - known),
         "rec_popularity_mean": float(pop_share[recs].mean()) if recs.size else 0.0,
         "_rec_popularity": pop_share[recs].tolist(),  # for the report's plot; not a metric
     }
