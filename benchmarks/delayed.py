@@ -114,7 +114,7 @@ def bias_table(est: pl.DataFrame, truth: pl.DataFrame, min_clicks: int) -> dict:
     return out
 
 
-def estimate(etl, fits, segments, n_items, t_ms, clicks_in, buys_in, prior=(10.0, 5.0)):
+def estimate(etl, fits, segments, n_items, t_ms, clicks_in, buys_in, prior=(2.0, 2.0)):
     """Naive and corrected rates at t_ms over click and purchase windows ([from, to) ms);
     ``prior``: pseudo-clicks and pseudo-purchases of the thin-item prior (service defaults)."""
     from recfb.delayed.observations import click_trials, purchase_trials

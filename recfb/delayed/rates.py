@@ -94,8 +94,8 @@ def item_rates(
     refund: SegmentedDelays | None,
     n_items: int,
     item_segment: np.ndarray | None = None,
-    cvr_prior_strength: float = 10.0,
-    refund_prior_strength: float = 5.0,
+    cvr_prior_strength: float = 2.0,
+    refund_prior_strength: float = 2.0,
 ) -> pl.DataFrame:
     """Naive and corrected CVR, refund rate and NetCVR per item from click and purchase trials
     (``recfb.delayed.observations``). Without a refund model the refund rate is taken as 0."""

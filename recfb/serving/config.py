@@ -31,8 +31,8 @@ class RatesConfig(BaseModel):
     click_window_days: float = Field(7.0, gt=0, description="clicks this recent are the trials")
     purchase_window_days: float = Field(28.0, gt=0, description="purchases for the refund rate")
     refresh_s: float = Field(60.0, gt=0, description="recompute when the table is this old")
-    cvr_prior_strength: float = Field(10.0, ge=0, description="pseudo-clicks at the segment CVR")
-    refund_prior_strength: float = Field(5.0, ge=0, description="pseudo-purchases, refund rate")
+    cvr_prior_strength: float = Field(2.0, ge=0, description="pseudo-clicks at the segment CVR")
+    refund_prior_strength: float = Field(2.0, ge=0, description="pseudo-purchases, refund rate")
 
 
 class RerankConfig(BaseModel):
