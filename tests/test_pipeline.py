@@ -132,16 +132,14 @@ def test_gate_refuses_more_refunded_or_disliked_items():
 def test_the_service_follows_the_production_alias_without_failed_requests(
     served_shop, tmp_path, monkeypatch
 ):
-    import threading
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
     import httpx
     from mlflow import MlflowClient
 
     from recfb.index import IndexConfig, build_bundle
 
-    from test_serving import KEY, Server, known_user
+    from test_serving import KEY, RequestLoops, Server, known_user, wait_for_bundle
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", served_shop["store"])
     client = MlflowClient(tracking_uri=served_shop["store"])
@@ -154,40 +152,19 @@ def test_the_service_follows_the_production_alias_without_failed_requests(
     client.set_registered_model_alias("recfb-follow", "production", 1)
     extra = ["--set", "follow.model=recfb-follow", "--set", "follow.poll_s=0.3"]
     srv = Server(served_shop["bundle"], tmp_path / "events.db", *extra)
-    statuses: list[int] = []
-    versions: set[str] = set()
-    stop = threading.Event()
-    user = known_user(served_shop)
-
-    def hammer() -> None:
-        with httpx.Client(base_url=srv.url, timeout=30) as c:
-            while not stop.is_set():
-                r = c.get(f"/v1/users/{user}/recommendations")
-                statuses.append(r.status_code)
-                if r.status_code == 200:
-                    versions.add(r.json()["bundle_version"])
-
+    loops = RequestLoops(srv.url, known_user(served_shop), 3)
     try:
-        with ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(hammer) for _ in range(3)]
-            time.sleep(1.5)
-            assert versions == {"v1"}  # the alias points at what it serves: no swap
-            client.set_registered_model_alias("recfb-follow", "production", 2)
-            with httpx.Client(base_url=srv.url, headers={"X-API-Key": KEY}) as admin:
-                deadline = time.time() + 60
-                while admin.get("/v1/admin/bundle").json()["bundle_version"] != "follow-v2":
-                    assert time.time() < deadline, admin.get("/v1/admin/bundle").json()
-                    time.sleep(0.1)
-                assert admin.get("/v1/admin/bundle").json()["following"]["version"] == "2"
-            time.sleep(1.0)
-            stop.set()
-            for f in futures:
-                f.result()
+        time.sleep(1.5)
+        assert loops.versions == {"v1"}  # the alias points at what it serves: no swap
+        client.set_registered_model_alias("recfb-follow", "production", 2)
+        with httpx.Client(base_url=srv.url, headers={"X-API-Key": KEY}) as admin:
+            assert wait_for_bundle(admin, "follow-v2")["following"]["version"] == "2"
+        time.sleep(1.0)
     finally:
-        stop.set()
+        loops.stop()
         srv.stop()
-    assert len(statuses) > 20 and set(statuses) == {200}
-    assert versions == {"v1", "follow-v2"}
+    assert len(loops.statuses) > 20 and set(loops.statuses) == {200}
+    assert loops.versions == {"v1", "follow-v2"}
 
 
 def test_warm_start_copies_the_previous_vectors_by_id(served_shop, monkeypatch):

@@ -248,44 +248,60 @@ def test_batch_recommendations_and_metrics(client, served_shop):
     assert client.get("/openapi.json").json()["paths"]["/v1/events"]
 
 
+class RequestLoops:
+    """`n` threads asking for one user's recommendations until stopped; records every status
+    and every bundle version answered (for swaps under load)."""
+
+    def __init__(self, url: str, user: str, n: int) -> None:
+        self.url, self.user = url, user
+        self.statuses: list[int] = []
+        self.versions: set[str] = set()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(n)
+        self._futures = [self._pool.submit(self._loop) for _ in range(n)]
+
+    def _loop(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            while not self._stop.is_set():
+                r = c.get(f"/v1/users/{self.user}/recommendations")
+                self.statuses.append(r.status_code)
+                if r.status_code == 200:
+                    self.versions.add(r.json()["bundle_version"])
+
+    def stop(self) -> None:
+        self._stop.set()
+        for f in self._futures:
+            f.result()
+        self._pool.shutdown()
+
+
+def wait_for_bundle(admin: httpx.Client, version: str, timeout: float = 60.0) -> dict:
+    """Poll the admin status until `version` is served; returns the status."""
+    deadline = time.time() + timeout
+    while (status := admin.get("/v1/admin/bundle").json())["bundle_version"] != version:
+        assert time.time() < deadline, status
+        time.sleep(0.1)
+    return status
+
+
 def test_hot_swap_under_concurrent_requests_has_no_errors(served_shop, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", served_shop["store"])
     v2 = build_bundle(
         IndexConfig(run_id=served_shop["run_id"], models_dir=str(served_shop["models"]), name="v2")
     ).path
     srv = Server(served_shop["bundle"], tmp_path / "events.db")
-    statuses: list[int] = []
-    versions: set[str] = set()
-    stop = threading.Event()
-    user = known_user(served_shop)
-
-    def hammer() -> None:
-        with httpx.Client(base_url=srv.url, timeout=30) as c:
-            while not stop.is_set():
-                r = c.get(f"/v1/users/{user}/recommendations")
-                statuses.append(r.status_code)
-                if r.status_code == 200:
-                    versions.add(r.json()["bundle_version"])
-
+    loops = RequestLoops(srv.url, known_user(served_shop), 4)
     try:
-        with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(hammer) for _ in range(4)]
-            time.sleep(1.0)
-            with httpx.Client(base_url=srv.url, headers={"X-API-Key": KEY}) as admin:
-                assert admin.post("/v1/admin/bundle", json={"path": str(v2)}).status_code == 202
-                deadline = time.time() + 60
-                while admin.get("/v1/admin/bundle").json()["bundle_version"] != "v2":
-                    assert time.time() < deadline, admin.get("/v1/admin/bundle").json()
-                    time.sleep(0.1)
-            time.sleep(1.0)
-            stop.set()
-            for f in futures:
-                f.result()
+        time.sleep(1.0)
+        with httpx.Client(base_url=srv.url, headers={"X-API-Key": KEY}) as admin:
+            assert admin.post("/v1/admin/bundle", json={"path": str(v2)}).status_code == 202
+            wait_for_bundle(admin, "v2")
+        time.sleep(1.0)
     finally:
-        stop.set()
+        loops.stop()
         srv.stop()
-    assert len(statuses) > 20 and set(statuses) == {200}
-    assert versions == {"v1", "v2"}
+    assert len(loops.statuses) > 20 and set(loops.statuses) == {200}
+    assert loops.versions == {"v1", "v2"}
 
 
 def test_kill_9_during_ingestion_loses_no_acknowledged_event(served_shop, tmp_path):

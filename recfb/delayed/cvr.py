@@ -129,7 +129,7 @@ def _tensors(df: pl.DataFrame, label: str, weight: np.ndarray | None, delay: str
     u = torch.as_tensor(df["user_idx"].to_numpy().astype(np.int64))
     i = torch.as_tensor(df["item_idx"].to_numpy().astype(np.int64))
     d = df[delay].to_numpy().astype(np.float64) if delay else np.full(df.height, np.nan)
-    bucket = delay_bucket(torch.as_tensor(np.nan_to_num(d, nan=np.nan), dtype=torch.float32))
+    bucket = delay_bucket(torch.as_tensor(d, dtype=torch.float32))
     y = torch.as_tensor(df[label].to_numpy().astype(np.float32))
     w = torch.as_tensor(weight if weight is not None else np.ones(df.height), dtype=torch.float32)
     return u, i, bucket, y, w

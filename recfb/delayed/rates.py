@@ -87,6 +87,25 @@ def _survival_and_prior(
     return surv, prior
 
 
+def _stage_rates(
+    trials: pl.DataFrame,
+    delays: SegmentedDelays,
+    item_segment: np.ndarray | None,
+    n_items: int,
+    prior_strength: float,
+) -> StageRates:
+    """One stage's rates: trials (``observations``) under their items' delay models."""
+    surv, prior = _survival_and_prior(trials, delays, item_segment, n_items)
+    return corrected_rates(
+        trials["item_idx"].to_numpy(),
+        trials["outcome"].to_numpy(),
+        surv,
+        n_items,
+        prior,
+        prior_strength,
+    )
+
+
 def item_rates(
     clicks: pl.DataFrame,
     purchases: pl.DataFrame,
@@ -99,15 +118,7 @@ def item_rates(
 ) -> pl.DataFrame:
     """Naive and corrected CVR, refund rate and NetCVR per item from click and purchase trials
     (``recfb.delayed.observations``). Without a refund model the refund rate is taken as 0."""
-    surv, prior = _survival_and_prior(clicks, conversion, item_segment, n_items)
-    cvr = corrected_rates(
-        clicks["item_idx"].to_numpy(),
-        clicks["outcome"].to_numpy(),
-        surv,
-        n_items,
-        prior,
-        cvr_prior_strength,
-    )
+    cvr = _stage_rates(clicks, conversion, item_segment, n_items, cvr_prior_strength)
     cols = {
         "item_idx": np.arange(n_items, dtype=np.uint32),
         "clicks": cvr.trials.astype(np.int64),
@@ -116,15 +127,7 @@ def item_rates(
         "cvr_corrected": cvr.corrected,
     }
     if refund is not None:
-        r_surv, r_prior = _survival_and_prior(purchases, refund, item_segment, n_items)
-        ref = corrected_rates(
-            purchases["item_idx"].to_numpy(),
-            purchases["outcome"].to_numpy(),
-            r_surv,
-            n_items,
-            r_prior,
-            refund_prior_strength,
-        )
+        ref = _stage_rates(purchases, refund, item_segment, n_items, refund_prior_strength)
         cols |= {
             "purchases_in_window": ref.trials.astype(np.int64),
             "refunds": ref.outcomes.astype(np.int64),

@@ -68,9 +68,10 @@ def holdout_metrics(
     item_row = {it: i for i, it in enumerate(model.item_ids)}
     pop = earlier.filter(pl.col("label") >= 1).group_by("item_id").len()
     pop_share = np.zeros(len(model.item_ids))
+    total = max(int(pop["len"].sum()), 1)
     for it, n in zip(pop["item_id"], pop["len"], strict=True):
         if it in item_row:
-            pop_share[item_row[it]] = n / max(pop["len"].sum(), 1)
+            pop_share[item_row[it]] = n / total
 
     def ids_by_user(df: pl.DataFrame) -> dict[str, set[str]]:
         grouped = df.group_by("user_id").agg(pl.col("item_id"))

@@ -217,6 +217,5 @@ def run_pipeline(spec: PipelineSpec, definition_text: str = "") -> PipelineResul
             result.report = stage_impl.write_report(ctx, records)
         client.set_terminated(parent, "FAILED" if failed else "FINISHED")
         if failed:
-            failure.result = result  # type: ignore[attr-defined]
             raise failure
         return result

@@ -212,7 +212,10 @@ class AliasFollower:
     """Polls the registry alias and swaps to the bundle of the version that holds it."""
 
     def __init__(self, service: Service, model: str, alias: str, poll_s: float) -> None:
+        from recfb import tracking
+
         self.service, self.model, self.alias, self.poll_s = service, model, alias, poll_s
+        self.tracking_uri = tracking.configure()  # resolved once, not on every poll
         self.version: str | None = None
         self.error: str | None = None
 
@@ -221,11 +224,10 @@ class AliasFollower:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        from recfb import tracking
-
         try:
-            tracking.configure()
-            mv = MlflowClient().get_model_version_by_alias(self.model, self.alias)
+            mv = MlflowClient(tracking_uri=self.tracking_uri).get_model_version_by_alias(
+                self.model, self.alias
+            )
         except MlflowException as exc:
             self.error = f"{self.model}@{self.alias}: {exc}"
             return None
