@@ -31,8 +31,9 @@ from benchmarks.common import simulated_etl  # noqa: E402
 # plain BCE, the loss it corrects.
 VARIANTS = {
     "plain-bpr": {},
-    "pld": {"denoise": {"method": "pld", "warmup_epochs": 2, "pool": 5, "tau": 0.1}},
-    "tce": {"denoise": {"method": "tce", "max_drop": 0.2, "ramp_epochs": 3}},
+    "pld": {"denoise": {"method": "pld", "warmup_epochs": 5, "pool": 5, "tau": 0.1}},
+    "tce": {"denoise": {"method": "tce", "warmup_epochs": 5, "max_drop": 0.2, "ramp_epochs": 3}},
+    "ips-bpr": {"debias": {"ips": True, "eta": 0.5, "clip": 0.5}},
     "plain-bce": {"model": {"loss": "bce"}},
     "ips-bce": {"model": {"loss": "bce"}, "debias": {"ips": True, "eta": 0.5, "clip": 0.5}},
     "ips-bce-nonneg": {

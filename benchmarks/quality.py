@@ -45,6 +45,11 @@ def models(deepest: int, dim: int) -> dict[str, dict]:
         "mf-softmax": {"model": {"family": "mf", "dim": dim, "loss": "softmax"}},
         "lightgcn": {"model": {"family": "lightgcn", "dim": dim}},
         "gnolr": {"model": {"family": "gnolr", "dim": max(8, dim // 2)}, "trainer": {"lr": 0.01}},
+        # the same model served by P(label >= first level): what overall NDCG@10 asks for
+        "gnolr-serve-any": {
+            "model": {"family": "gnolr", "dim": max(8, dim // 2), "serve_level": 1},
+            "trainer": {"lr": 0.01},
+        },
         "mf-bpr-deepest-only": common
         | {"model": {"family": "mf", "dim": dim, "loss": "bpr"}, "train_min_label": deepest},
     }

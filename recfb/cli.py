@@ -171,8 +171,7 @@ def demo(
     from recfb.serving import serve as run_server
     from recfb.simulate import SimConfig
     from recfb.simulate import simulate as run_simulation
-    from recfb.train.data import Interactions
-    from recfb.train.loop import eval_config
+    from recfb.train.loop import eval_config, fitted_data
     from recfb.train.recommend import recommend as run_recommend
     from recfb.train.recommend import write_recommendations
     from recfb.train.runs import load_run
@@ -206,7 +205,7 @@ def demo(
         )
         print_pipeline(result)
         cfg_run, scorer = load_run(run_id)
-        data = Interactions.load(cfg_run.data)
+        data = fitted_data(cfg_run)
         users = data.train["user_idx"].unique().sort().head(3)
         ids = (
             pl.read_parquet(data.directory / "users.parquet")
@@ -333,8 +332,7 @@ def recommend(
 
     Example: `recfb recommend --run-id 0123abcd --users users.txt -k 50 -o recs.parquet`
     """
-    from recfb.train.data import Interactions
-    from recfb.train.loop import eval_config
+    from recfb.train.loop import eval_config, fitted_data
     from recfb.train.recommend import recommend as run_recommend
     from recfb.train.recommend import write_recommendations
     from recfb.train.runs import load_run
@@ -346,7 +344,7 @@ def recommend(
             if users
             else None
         )
-        frame = run_recommend(scorer, Interactions.load(cfg.data), ids, k, eval_config(cfg))
+        frame = run_recommend(scorer, fitted_data(cfg), ids, k, eval_config(cfg))
         write_recommendations(frame, output)
     except RecfbError as exc:
         _fail(exc)

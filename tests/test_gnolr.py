@@ -55,6 +55,20 @@ def test_shared_towers_start_with_one_geometry_for_every_level():
     assert not torch.allclose(separate[:, 0], separate[:, 2], atol=1e-3)
 
 
+def test_serve_level_makes_one_inner_product_rank_by_a_shallower_level():
+    model = _model(serve_level=2)
+    with torch.no_grad():  # give the biases values, so that their columns count too
+        model.item_bias.weight.normal_()
+    users, items = torch.arange(6).repeat_interleave(5), torch.arange(5).repeat(6)
+    q, v = model.vectors()
+    inner = (q[users] * v[items]).sum(-1)
+    z = model.level_scores(users, items)  # every level, whatever is served
+    assert torch.allclose(inner, z[:, 1] + model.thresholds[1], atol=1e-5)
+    assert not torch.allclose(inner, z[:, 2] + model.thresholds[2], atol=1e-3)
+    with pytest.raises(ValueError, match="serve_level"):
+        _model(serve_level=4)
+
+
 def test_all_level_negatives_push_every_cumulative_logit():
     model = _model(ordinal_negatives="all_levels")
     q, v = (x.detach().requires_grad_(True) for x in model.encode())

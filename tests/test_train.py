@@ -13,10 +13,13 @@ import torch
 
 from recfb.config import build_model
 from recfb.errors import InputError
+from recfb.models.base import tce_drop_share
 from recfb.simulate import SimConfig, simulate
-from recfb.train.config import TrainConfig
+from recfb.train.config import DenoiseConfig, TrainConfig
 from recfb.train.data import Interactions
-from recfb.train.loop import evaluate_scorer, train
+from recfb.train.loop import eval_config, evaluate_scorer, fitted_data, train
+from recfb.train.recommend import recommend
+from recfb.train.runs import load_run
 
 from conftest import CONF, RandomScorer, run
 
@@ -88,7 +91,7 @@ def test_gnolr_ranks_by_the_deepest_level_and_reports_level_auc(shop: Path):
     "switch",
     [
         {"denoise": {"method": "pld", "warmup_epochs": 1}},
-        {"denoise": {"method": "tce", "max_drop": 0.3, "ramp_epochs": 2}},
+        {"denoise": {"method": "tce", "warmup_epochs": 1, "max_drop": 0.3, "ramp_epochs": 2}},
         {"debias": {"ips": True}},
         {"model": {"family": "mf", "dim": 16, "loss": "softmax"}},
         {"model": {"family": "mf", "dim": 16, "loss": "bce"}, "debias": {"ips": True}},
@@ -98,6 +101,62 @@ def test_denoising_and_debiasing_switches_train(shop: Path, switch: dict):
     result = train(config(shop, "mf", **switch), quiet=True)
     assert np.isfinite(result.history[-1]["train/loss"])
     assert result.metrics["test/ndcg@20"] > 0
+
+
+def test_tce_drops_nothing_during_warm_up_then_ramps_to_its_maximum():
+    cfg = DenoiseConfig(method="tce", warmup_epochs=3, ramp_epochs=2, max_drop=0.2)
+    shares = [tce_drop_share(cfg, epoch) for epoch in range(7)]
+    assert shares == pytest.approx([0, 0, 0, 0.1, 0.2, 0.2, 0.2])
+    assert tce_drop_share(DenoiseConfig(method="pld"), 10) == 0
+
+
+def test_valid_folds_into_train_deepest_label_unless_newest_is_negative(shop: Path):
+    data = Interactions.load(shop)
+    row = dict(weight=1.0, matured=True)
+    data.train = pl.DataFrame(
+        [
+            {"user_idx": 0, "item_idx": 1, "label": 3, **row},
+            {"user_idx": 0, "item_idx": 2, "label": 2, **row},
+            {"user_idx": 1, "item_idx": 1, "label": 1, **row},
+        ],
+        schema=data.train.schema,
+    )
+    data.valid = pl.DataFrame(
+        [
+            {"user_idx": 0, "item_idx": 1, "label": 1, "weight": 2.0, "matured": False},
+            {"user_idx": 0, "item_idx": 2, "label": -1, **row},
+            {"user_idx": 2, "item_idx": 5, "label": 2, **row},
+        ],
+        schema=data.valid.schema,
+    )
+    merged = data.with_valid_in_train()
+    got = {(r["user_idx"], r["item_idx"]): r for r in merged.train.iter_rows(named=True)}
+    assert {k: v["label"] for k, v in got.items()} == {(0, 1): 3, (0, 2): -1, (1, 1): 1, (2, 5): 2}
+    assert got[(0, 1)]["weight"] == 2.0 and got[(0, 1)]["matured"] is False
+    assert merged.valid.height == 0 and merged.train.schema == data.train.schema
+
+
+def test_refit_trains_on_valid_for_the_chosen_epochs_and_masks_it_at_test(shop: Path):
+    result = train(config(shop, "mf", eval={"ks": [10, 20], "refit": True}), quiet=True)
+    best = max(result.history, key=lambda row: row["valid/ndcg@20"])
+    assert result.metrics["refit_epochs"] == best["epoch"] + 1
+    data = Interactions.load(shop)
+    random = evaluate_scorer(RandomScorer(data.n_items), data, data.test, config(shop, "mf"))
+    assert result.metrics["test/ndcg@20"] > 2 * random["ndcg@20"]
+    # its recommendations exclude what a user did in the valid window, as they would in
+    # production (eval.exclude = any), and are the run's model, not the fallback
+    cfg, scorer = load_run(result.run_id)
+    merged = fitted_data(cfg)
+    user = int(data.valid["user_idx"][0])
+    user_id = pl.read_parquet(shop / "users.parquet").filter(pl.col("user_idx") == user)
+    recs = recommend(scorer, merged, user_id["user_id"].to_list(), 50, eval_config(cfg))
+    valid_items = set(
+        data.valid.filter(pl.col("user_idx") == user)
+        .join(pl.read_parquet(shop / "items.parquet"), on="item_idx")["item_id"]
+        .to_list()
+    )
+    assert recs["source"].to_list() == ["model"] * 50
+    assert valid_items and not valid_items & set(recs["item_id"].to_list())
 
 
 def test_run_is_recorded_in_mlflow_and_reloads_for_recommend(shop: Path, tmp_path: Path):

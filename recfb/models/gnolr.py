@@ -6,7 +6,9 @@ thresholds a_t = -log m_t (m_t: share of training examples at level >= t, sample
 included); P(label >= t) = sigmoid(z_t); the loss is the negative log-likelihood of the
 ordinal label from P(>= y) - P(>= y+1), clamped positive. Explicit negatives and sampled
 items are level 0. Serving uses one inner-product index: query = concat(s_t u_t),
-item = concat(i_t), whose inner product is z_T + a_T, monotone in P(deepest level).
+item = concat(i_t), whose inner product is z_T + a_T, monotone in P(deepest level);
+`serve_level` k zeroes the query's columns of levels deeper than k, so the same index ranks
+by P(label >= k) instead (e.g. "will click" rather than "will buy").
 
 One extension: each item has a bias per level (l_t = s_t cos(u_t, i_t) + b_{i,t}), since cosine
 logits alone cannot express that some items are simply more popular. The biases ride in T
@@ -53,6 +55,12 @@ class GNOLR(EmbeddingRecommender):
         self.log_scale = nn.Parameter(torch.full((t,), float(self.cfg.model.scale_init)).log())
         rates = level_rates if level_rates is not None else torch.full((t,), 0.5)
         self.register_buffer("thresholds", -torch.log(rates.clamp(min=_EPS)))
+        level = self.cfg.model.serve_level or t
+        if level > t:
+            raise ValueError(f"model.serve_level: {level} is deeper than the {t} levels")
+        # query columns kept when serving: sum_{j<=level} l_j = z_level + a_level
+        keep = (torch.arange(t) < level).float()
+        self.register_buffer("serve_mask", torch.cat([keep.repeat_interleave(d), keep]), False)
 
     def _split(self, x: torch.Tensor, heads: nn.Linear | None) -> torch.Tensor:
         """(..., T, d) L2-normalised sub-vectors from raw embedding rows."""
@@ -71,9 +79,10 @@ class GNOLR(EmbeddingRecommender):
         return torch.cat([self._split(rows, self.item_heads).flatten(-2), bias], -1)
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query = [s_1 u_1 .. s_T u_T, 1 .. 1], item = [i_1 .. i_T, b_1 .. b_T]."""
+        """Query = [s_1 u_1 .. s_T u_T, 1 .. 1], item = [i_1 .. i_T, b_1 .. b_T]; the query
+        columns of levels deeper than `serve_level` are zero."""
         return (
-            self._queries(self.user_embedding.weight),
+            self._queries(self.user_embedding.weight) * self.serve_mask,
             self._items(self.item_embedding.weight, self.item_bias.weight),
         )
 
@@ -124,5 +133,6 @@ class GNOLR(EmbeddingRecommender):
     @torch.no_grad()
     def level_scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """z_t for given (user, item) pairs: the score of P(label >= t), shape (N, T)."""
-        users_all, items_all = self.vectors()
-        return self.cumulative_logits(users_all[users], items_all[items])
+        queries = self._queries(self.user_embedding.weight[users])  # every level, unmasked
+        _, items_all = self.vectors()
+        return self.cumulative_logits(queries, items_all[items])

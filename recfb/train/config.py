@@ -59,17 +59,28 @@ class ModelConfig(_Strict):
     bias_prior: float = Field(
         0.0, ge=0, description="GNOLR: item biases start at this x centred log-popularity"
     )
+    serve_level: int | None = Field(
+        None,
+        ge=1,
+        description="GNOLR: the exported vectors rank by P(label >= this level) (default: the "
+        "deepest); the deeper levels' query columns are zeroed, so one index still serves it",
+    )
 
 
 class DenoiseConfig(_Strict):
     """PLD resampling or truncated loss; both switchable on any model."""
 
     method: Literal["none", "pld", "tce"] = "none"
-    warmup_epochs: int = Field(1, ge=0, description="PLD: plain epochs before resampling")
+    warmup_epochs: int = Field(
+        5,
+        ge=0,
+        description="plain epochs before PLD resamples or T-CE starts dropping (5 measured "
+        "better than 1-2 for both: losses mean little before the model has learnt)",
+    )
     pool: int = Field(5, ge=2, description="PLD: positives drawn per user for resampling")
     tau: float = Field(0.1, gt=0, description="PLD: softmax temperature over -loss")
     max_drop: float = Field(0.2, ge=0, lt=1, description="T-CE: final share of positives dropped")
-    ramp_epochs: int = Field(5, ge=1, description="T-CE: epochs to reach max_drop")
+    ramp_epochs: int = Field(5, ge=1, description="T-CE: epochs after warm-up to reach max_drop")
 
 
 class DebiasConfig(_Strict):
@@ -117,6 +128,12 @@ class EvalSettings(_Strict):
     exclude: Literal["none", "any", "min_level"] = "any"
     exclude_min_level: int = 1
     relevant_min_level: int = 1
+    refit: bool = Field(
+        False,
+        description="before the test, refit on train + valid (embedding models for the "
+        "epoch count early stopping chose), as production trains on everything up to now; "
+        "on fast-moving catalogues (short video) the valid window holds most test items",
+    )
 
 
 class TrainConfig(_Strict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,28 @@ class Interactions:
         for name in ("train", "valid", "test", "users", "items"):
             h.update(str((self.directory / f"{name}.parquet").stat().st_size).encode())
         return h.hexdigest()[:16]
+
+    def with_valid_in_train(self) -> Interactions:
+        """Train = train and valid pairs folded together, valid empty (for a refit before the
+        test). A pair in both windows keeps its deepest label, unless its newer (valid) label
+        is an explicit negative: the newest explicit signal wins."""
+        both = pl.concat(
+            [
+                self.train.with_columns(window=pl.lit(0, pl.Int8)),
+                self.valid.with_columns(window=pl.lit(1, pl.Int8)),
+            ]
+        )
+        newest = pl.col("label").sort_by("window").last()
+        merged = (
+            both.group_by("user_idx", "item_idx", maintain_order=True)
+            .agg(
+                pl.when(newest < 0).then(newest).otherwise(pl.col("label").max()).alias("label"),
+                pl.col("weight").max(),
+                pl.col("matured").sort_by("window").last(),
+            )
+            .select(self.train.columns)
+        )
+        return replace(self, train=merged, valid=self.valid.clear())
 
     def item_popularity(self, min_label: int = 1) -> np.ndarray:
         """Train pairs with label >= min_label per item."""

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from recfb import tracking
 from recfb.errors import ConfigError
-from recfb.train.data import Interactions
-from recfb.train.loop import evaluate_scorer
+from recfb.train.loop import evaluate_scorer, fitted_data
 from recfb.train.runs import load_run
 
 
@@ -13,7 +12,9 @@ def evaluate_run(run_id: str, split: str, overrides: list[str]) -> tuple[str, di
     if split not in ("valid", "test"):
         raise ConfigError(f"--split: expected valid or test, got '{split}'")
     cfg, scorer = load_run(run_id, overrides)
-    data = Interactions.load(cfg.data)
+    if cfg.eval.refit and split == "valid":
+        raise ConfigError(f"run {run_id} was refitted on valid (eval.refit); evaluate it on test")
+    data = fitted_data(cfg)
     metrics = evaluate_scorer(scorer, data, getattr(data, split), cfg)
     tags = {
         "model_family": cfg.model.family,

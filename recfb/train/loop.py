@@ -196,6 +196,9 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
         metrics = {
             f"valid/{k}": v for k, v in evaluate_scorer(model, data, data.valid, cfg).items()
         }
+        if cfg.eval.refit and data.valid.height:
+            model, data, epochs = _refit(cfg, data, history, quiet)
+            metrics["refit_epochs"] = float(epochs)
         metrics |= {f"test/{k}": v for k, v in evaluate_scorer(model, data, data.test, cfg).items()}
         # the same test on the users the model has a taste for (no popularity fallback)
         warm_test = data.test.filter(pl.col("user_idx").is_in(warm_users(data.train).implode()))
@@ -213,6 +216,35 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
         if isinstance(model, EmbeddingRecommender):
             _log_model_artifacts(model, data, cfg, history, metrics)
     return TrainResult(run_id=run_id, metrics=metrics, model=model, history=history)
+
+
+def fitted_data(cfg: TrainConfig) -> Interactions:
+    """The pairs a run's final model was fitted on: train, or train + valid after a refit
+    (what its exclusions and popularity fallback must use)."""
+    data = Interactions.load(cfg.data)
+    return data.with_valid_in_train() if cfg.eval.refit else data
+
+
+def _refit(
+    cfg: TrainConfig, data: Interactions, history: list[dict[str, float]], quiet: bool
+) -> tuple[Any, Interactions, int]:
+    """The same model refitted on train + valid: baselines as they are, embedding models for
+    the epoch count of the best validation epoch (seed unchanged). Returns it with the data
+    it saw (so the test masks and falls back on everything before the test window) and the
+    epochs it trained."""
+    merged = data.with_valid_in_train()
+    if cfg.model.family in BASELINE_FAMILIES:
+        return _fit_baseline(cfg, merged), merged, 0
+    monitor = f"valid/{cfg.trainer.monitor}"
+    scored = [row for row in history if monitor in row]
+    best = max(scored, key=lambda row: row[monitor]) if scored else None
+    epochs = int(best["epoch"]) + 1 if best else cfg.trainer.max_epochs
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    refit_cfg = cfg.model_copy(
+        update={"trainer": cfg.trainer.model_copy(update={"max_epochs": epochs})}
+    )
+    model, _ = _fit_embedding(refit_cfg, merged, quiet, log_history=False)
+    return model, merged, epochs
 
 
 def warm_start(model: EmbeddingRecommender, cfg: TrainConfig, data: Interactions) -> dict:
@@ -252,7 +284,7 @@ def warm_start(model: EmbeddingRecommender, cfg: TrainConfig, data: Interactions
 
 
 def _fit_embedding(
-    cfg: TrainConfig, data: Interactions, quiet: bool
+    cfg: TrainConfig, data: Interactions, quiet: bool, log_history: bool = True
 ) -> tuple[EmbeddingRecommender, list[dict[str, float]]]:
     model = build_model(cfg, data)
     if cfg.init_from_run:
@@ -305,7 +337,7 @@ def _fit_embedding(
     if t.max_epochs > 0:
         trainer.fit(model, loader)
     history = list(model.history)
-    for row in history:
+    for row in history if log_history else []:
         tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
     if checkpoint is not None and checkpoint.best_model_path:
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
