@@ -34,8 +34,9 @@ DATASETS = {
 BASELINES = ("popularity", "itemknn", "als", "bpr_implicit")
 
 
-def models(deepest: int, dim: int) -> dict[str, dict]:
+def models(deepest: int, dim: int, half_life: float = 1.0) -> dict[str, dict]:
     common = {"model": {"dim": dim}}
+    recent = {"recency_half_life_days": half_life}
     return {
         "popularity": {"model": {"family": "popularity"}},
         "itemknn": {"model": {"family": "itemknn"}},
@@ -52,6 +53,11 @@ def models(deepest: int, dim: int) -> dict[str, dict]:
         },
         "mf-bpr-deepest-only": common
         | {"model": {"family": "mf", "dim": dim, "loss": "bpr"}, "train_min_label": deepest},
+        # recency-weighted (recency_half_life_days): trending popularity and MF on it
+        "popularity-trending": recent | {"model": {"family": "popularity"}},
+        "mf-bpr-recent": recent | {"model": {"family": "mf", "dim": dim, "loss": "bpr"}},
+        "gnolr-recent": recent
+        | {"model": {"family": "gnolr", "dim": max(8, dim // 2)}, "trainer": {"lr": 0.01}},
     }
 
 
@@ -65,6 +71,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="model names to run")
     parser.add_argument(
         "--set", nargs="*", default=[], help="KEY=VALUE overrides for the recfb models"
+    )
+    parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="refit every model (baselines too) on train + valid before the test (eval.refit)",
+    )
+    parser.add_argument(
+        "--half-life", type=float, default=1.0, help="days, for the *-recent/-trending rows"
     )
     parser.add_argument("--tag", default="", help="suffix of the results file")
     parser.add_argument("--sim-dir", default="data/sim/events", help="events for --dataset sim")
@@ -89,7 +103,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlruns.db'}")
 
     rows = []
-    for name, spec in models(deepest, args.dim).items():
+    for name, spec in models(deepest, args.dim, args.half_life).items():
         if args.only and name not in args.only:
             continue
         data = {
@@ -102,7 +116,7 @@ def main() -> None:
                 "patience": 4,
                 "lr": 0.005,
             },
-            "eval": {"ks": [10, 20, 50]} | eval_rule,
+            "eval": {"ks": [10, 20, 50], "refit": args.refit} | eval_rule,
         }
         for key, value in spec.items():
             data[key] = data.get(key, {}) | value if isinstance(value, dict) else value
@@ -133,11 +147,16 @@ def main() -> None:
         # a partial rerun replaces its models' rows and keeps the others
         names = {r["model"] for r in rows}
         kept = [r for r in json.loads(out.read_text())["rows"] if r["model"] not in names]
-        order = list(models(deepest, args.dim))
+        order = list(models(deepest, args.dim, args.half_life))
         rows = sorted(kept + rows, key=lambda r: order.index(r["model"]))
     out.write_text(
         json.dumps(
-            {"dataset": args.dataset, "eval": eval_rule, "split": stats["split"], "rows": rows},
+            {
+                "dataset": args.dataset,
+                "eval": eval_rule | {"refit": args.refit},
+                "split": stats["split"],
+                "rows": rows,
+            },
             indent=2,
         )
         + "\n"

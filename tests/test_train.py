@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import mlflow
@@ -14,9 +15,10 @@ import torch
 from recfb.config import build_model
 from recfb.errors import InputError
 from recfb.models.base import tce_drop_share
+from recfb.models.baselines import Popularity
 from recfb.simulate import SimConfig, simulate
 from recfb.train.config import DenoiseConfig, TrainConfig
-from recfb.train.data import Interactions
+from recfb.train.data import Interactions, recency_weighted
 from recfb.train.loop import eval_config, evaluate_scorer, fitted_data, train
 from recfb.train.recommend import recommend
 from recfb.train.runs import load_run
@@ -134,6 +136,27 @@ def test_valid_folds_into_train_deepest_label_unless_newest_is_negative(shop: Pa
     assert {k: v["label"] for k, v in got.items()} == {(0, 1): 3, (0, 2): -1, (1, 1): 1, (2, 5): 2}
     assert got[(0, 1)]["weight"] == 2.0 and got[(0, 1)]["matured"] is False
     assert merged.valid.height == 0 and merged.train.schema == data.train.schema
+
+
+def test_recency_weights_halve_per_half_life_and_make_popularity_trending():
+    day = datetime(2026, 1, 10)
+    train = pl.DataFrame(
+        {
+            "user_idx": [0, 1, 2, 3],
+            "item_idx": [0, 0, 1, 1],
+            "label": [1, 1, 1, 1],
+            "weight": [1.0, 1.0, 2.0, 1.0],
+            "matured": [True] * 4,
+            "last_ts": [day - timedelta(days=4), day - timedelta(days=2), day, day],
+        }
+    )
+    decayed = recency_weighted(train, half_life_days=2.0)
+    assert decayed["weight"].to_list() == pytest.approx([0.25, 0.5, 2.0, 1.0])
+    assert recency_weighted(train, None)["weight"].to_list() == [1.0, 1.0, 2.0, 1.0]
+    # all-time: two users each; trending: item 1's recent weight 3.0 against item 0's 0.75
+    assert Popularity().fit(train, 4, 2).popularity_vector().tolist() == [2.0, 2.0]
+    trending = Popularity(use_weights=True).fit(decayed, 4, 2).popularity_vector()
+    assert trending.tolist() == pytest.approx([0.75, 3.0])
 
 
 def test_refit_trains_on_valid_for_the_chosen_epochs_and_masks_it_at_test(shop: Path):

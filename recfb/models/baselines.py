@@ -64,15 +64,17 @@ class Baseline:
 
 
 class Popularity(Baseline):
-    """Score = number of distinct users with a positive pair on the item, for every user."""
+    """Score = number of distinct users with a positive pair on the item, for every user
+    (with ``use_weights``: the sum of their pair weights, e.g. recency-decayed: trending)."""
 
-    def __init__(self, min_label: int = 1) -> None:
+    def __init__(self, min_label: int = 1, use_weights: bool = False) -> None:
         super().__init__(min_label)
+        self.use_weights = bool(use_weights)
         self._counts = np.zeros(0, dtype=np.float32)
 
     def _fit(self, train: pl.DataFrame) -> None:
-        x = self._positives(train)
-        self._counts = np.bincount(x.indices, minlength=self.n_items).astype(np.float32)
+        x = self._positives(train, self.use_weights).tocsc()
+        self._counts = np.asarray(x.sum(axis=0)).ravel().astype(np.float32)
 
     def popularity_vector(self) -> np.ndarray:
         """User counts per item (float32, length n_items); a copy, safe to modify."""

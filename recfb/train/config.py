@@ -141,6 +141,13 @@ class TrainConfig(_Strict):
 
     data: str = Field("data/etl", description="ETL output directory")
     train_min_label: int = Field(1, description="train pairs with label >= this are positives")
+    recency_half_life_days: float | None = Field(
+        None,
+        gt=0,
+        description="weight each train pair by 0.5^(age / half-life), age = the newest train "
+        "time - the pair's last event (embedding models' loss weights; the popularity "
+        "baseline then counts decayed weights: trending). Off by default",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
     debias: DebiasConfig = Field(default_factory=DebiasConfig)

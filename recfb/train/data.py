@@ -14,7 +14,7 @@ import torch
 from recfb.errors import InputError
 from recfb.evaluate import item_popularity
 
-PAIR_COLUMNS = ["user_idx", "item_idx", "label", "weight", "matured"]
+PAIR_COLUMNS = ["user_idx", "item_idx", "label", "weight", "matured", "last_ts"]
 
 
 @dataclass
@@ -92,6 +92,7 @@ class Interactions:
                 pl.when(newest < 0).then(newest).otherwise(pl.col("label").max()).alias("label"),
                 pl.col("weight").max(),
                 pl.col("matured").sort_by("window").last(),
+                pl.col("last_ts").max(),
             )
             .select(self.train.columns)
         )
@@ -103,6 +104,17 @@ class Interactions:
 
 
 SPLITS = ("train", "valid", "test")
+
+
+def recency_weighted(train: pl.DataFrame, half_life_days: float | None) -> pl.DataFrame:
+    """`weight` x 0.5^(age / half-life), age = the newest `last_ts` of the table minus the
+    pair's (unchanged when half_life_days is None). Fast-moving catalogues (short video) are
+    ranked by what is liked now, not by what was liked a week ago."""
+    if half_life_days is None or train.height == 0:
+        return train
+    age_days = (pl.col("last_ts").max() - pl.col("last_ts")).dt.total_seconds() / 86_400
+    decay = pl.lit(0.5).pow(age_days / half_life_days)
+    return train.with_columns((pl.col("weight") * decay).cast(pl.Float32).alias("weight"))
 
 
 def item_attribute(directory: str | Path, column: str) -> pl.DataFrame:

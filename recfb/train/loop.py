@@ -23,7 +23,7 @@ from recfb.models import MODELS, EmbeddingRecommender
 from recfb.models.gnolr import GNOLR
 from recfb.models.lightgcn import normalized_adjacency
 from recfb.train.config import TrainConfig
-from recfb.train.data import Interactions, csr_by_user, item_attribute
+from recfb.train.data import Interactions, csr_by_user, item_attribute, recency_weighted
 from recfb.train.fallback import PopularityFallback, warm_users
 
 BASELINE_FAMILIES = ("popularity", "itemknn", "als", "bpr_implicit")
@@ -49,7 +49,7 @@ def eval_config(cfg: TrainConfig) -> EvalConfig:
 
 def training_tensors(data: Interactions, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """Positives, explicit negatives and per-user lookups as tensors for the model's buffers."""
-    train = data.train
+    train = recency_weighted(data.train, cfg.recency_half_life_days)
     pos = train.filter(pl.col("label") >= cfg.train_min_label)
     if pos.height == 0:
         raise ValueError(f"no train pairs with label >= {cfg.train_min_label} in {data.directory}")
@@ -175,7 +175,10 @@ def _fit_baseline(cfg: TrainConfig, data: Interactions) -> Any:
     params: dict[str, Any] = {"min_label": cfg.train_min_label}
     if cfg.model.family in ("als", "bpr_implicit"):
         params["factors"] = cfg.model.dim
-    return make_baseline(cfg.model.family, **params).fit(data.train, data.n_users, data.n_items)
+    if cfg.model.family == "popularity" and cfg.recency_half_life_days:
+        params["use_weights"] = True  # trending: decayed weights, not all-time counts
+    train = recency_weighted(data.train, cfg.recency_half_life_days)
+    return make_baseline(cfg.model.family, **params).fit(train, data.n_users, data.n_items)
 
 
 def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
