@@ -55,6 +55,7 @@ def models(deepest: int, dim: int, half_life: float = 1.0) -> dict[str, dict]:
         | {"model": {"family": "mf", "dim": dim, "loss": "bpr"}, "train_min_label": deepest},
         # recency-weighted (recency_half_life_days): trending popularity and MF on it
         "popularity-trending": recent | {"model": {"family": "popularity"}},
+        "implicit-als-recent": recent | {"model": {"family": "als", "dim": dim}},
         "mf-bpr-recent": recent | {"model": {"family": "mf", "dim": dim, "loss": "bpr"}},
         "gnolr-recent": recent
         | {"model": {"family": "gnolr", "dim": max(8, dim // 2)}, "trainer": {"lr": 0.01}},

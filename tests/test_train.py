@@ -163,6 +163,8 @@ def test_refit_trains_on_valid_for_the_chosen_epochs_and_masks_it_at_test(shop: 
     result = train(config(shop, "mf", eval={"ks": [10, 20], "refit": True}), quiet=True)
     best = max(result.history, key=lambda row: row["valid/ndcg@20"])
     assert result.metrics["refit_epochs"] == best["epoch"] + 1
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "checkpoint")}
+    assert "checkpoint/refit.ckpt" in artifacts, artifacts
     data = Interactions.load(shop)
     random = evaluate_scorer(RandomScorer(data.n_items), data, data.test, config(shop, "mf"))
     assert result.metrics["test/ndcg@20"] > 2 * random["ndcg@20"]

@@ -247,6 +247,12 @@ def _refit(
         update={"trainer": cfg.trainer.model_copy(update={"max_epochs": epochs})}
     )
     model, _ = _fit_embedding(refit_cfg, merged, quiet, log_history=False)
+    with tempfile.TemporaryDirectory() as tmp:  # beside the pre-refit best checkpoint
+        path = Path(tmp) / "refit.ckpt"
+        torch.save({"state_dict": model.state_dict(), "epochs": epochs}, path)
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path="checkpoint")
     return model, merged, epochs
 
 
