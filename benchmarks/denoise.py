@@ -7,7 +7,8 @@ same MF-BPR model plain, with PLD, with T-CE and with IPS (positives: clicks and
 model is judged by NDCG@20 against the *true* affinity (graded gains = the simulator's true
 affinity of the user's top-20, ideal = the 20 truly best unmasked items) on a sample of
 users, and by the popularity bias of its lists (mean popularity percentile of the top-20).
-Prints a Markdown table; writes benchmarks/results/denoise.json.
+Prints a Markdown table (means over seeds); writes benchmarks/results/denoise_<items>.json
+and .md.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--eval-users", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
     parser.add_argument("--noise-items", choices=["popularity", "uniform"], default="uniform")
     parser.add_argument(
         "--only", nargs="+", help="run only these of the built-in variants (rows are merged)"
@@ -130,7 +132,7 @@ def main() -> None:
         )
         etl = simulated_etl(sim_cfg, base)
         for name, spec in variants.items():
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 data = {
                     "data": str(etl),
                     "experiment": "denoise",
@@ -160,18 +162,38 @@ def main() -> None:
         old = json.loads(out.read_text()) if out.exists() else []
         rows = [r for r in old if (r["noise"], r["variant"], r["seed"]) not in done] + rows
     out.write_text(json.dumps(rows, indent=2) + "\n")
+    table = summary_table(rows)
+    (out.with_suffix(".md")).write_text(table)
+    print(table, end="")
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: per noise level and variant, the mean over seeds (and the seeds' spread)."""
     frame = (
         pl.DataFrame(rows)
-        .group_by("noise", "variant", maintain_order=True)
-        .agg(pl.col("true_ndcg").mean(), pl.col("popularity").mean(), pl.col("test_ndcg@20").mean())
-    )
-    print("| noisy positives | variant | true-affinity NDCG@20 | popularity@20 | test NDCG@20 |")
-    print("|---:|---|---:|---:|---:|")
-    for r in frame.iter_rows(named=True):
-        print(
-            f"| {r['noise']:.0%} | {r['variant']} | {r['true_ndcg']:.4f} | "
-            f"{r['popularity']:.3f} | {r['test_ndcg@20']:.4f} |"
+        .group_by("noise", "variant")
+        .agg(
+            pl.col("true_ndcg").mean().alias("ndcg"),
+            pl.col("true_ndcg").std().fill_null(0).alias("sd"),
+            pl.col("popularity").mean(),
+            pl.col("ideal_popularity").mean(),
+            pl.col("test_ndcg@20").mean().alias("test"),
+            pl.len().alias("seeds"),
         )
+        .sort("noise", "variant")
+    )
+    lines = [
+        "| noisy positives | variant | true-affinity NDCG@20 (sd) | popularity@20 "
+        "| ideal lists' popularity | test NDCG@20 | seeds |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in frame.iter_rows(named=True):
+        lines.append(
+            f"| {r['noise']:.0%} | {r['variant']} | {r['ndcg']:.4f} ({r['sd']:.4f}) | "
+            f"{r['popularity']:.3f} | {r['ideal_popularity']:.3f} | {r['test']:.4f} | "
+            f"{r['seeds']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
