@@ -289,3 +289,24 @@ def test_item_feature_tower_shares_what_a_category_learned(shop: Path):
 def test_unknown_item_feature_is_a_clear_error(shop: Path):
     with pytest.raises(InputError, match="does not carry"):
         train(config(shop, "mf", model={"item_features": ["colour"]}), quiet=True)
+
+
+def test_symmetric_lgconv_matches_pyg_lgconv_values_and_gradients():
+    from torch_geometric.nn import LGConv
+
+    from recfb.models.lightgcn import SymmetricLGConv, normalized_adjacency
+
+    gen = torch.Generator().manual_seed(0)
+    users = torch.randint(0, 50, (300,), generator=gen)
+    items = torch.randint(0, 30, (300,), generator=gen)
+    adjacency = normalized_adjacency(users, items, torch.rand(300, generator=gen), 50, 30)
+    x_pyg = torch.randn(80, 8, generator=gen, requires_grad=True)
+    x_sym = x_pyg.detach().clone().requires_grad_(True)
+    upstream = torch.randn(80, 8, generator=gen)
+    out_pyg = LGConv(normalize=False)(x_pyg, adjacency)
+    out_sym = SymmetricLGConv(normalize=False)(x_sym, adjacency)
+    (out_pyg * upstream).sum().backward()
+    (out_sym * upstream).sum().backward()
+    assert torch.allclose(out_pyg, out_sym, atol=1e-6)
+    assert torch.allclose(x_pyg.grad, x_sym.grad, atol=1e-6)
+    assert x_sym.grad.abs().sum() > 0

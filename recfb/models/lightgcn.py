@@ -3,6 +3,10 @@
 Propagation uses PyG's `LGConv` on a symmetric-normalised adjacency held as a torch CSR
 tensor (about 10x faster than an edge list on CPU here). Which train pairs form edges is
 configurable (`model.edge_min_label`), optionally weighted by level.
+
+The adjacency is symmetric, so the gradient of A x is A g: `SymmetricLGConv` says so to
+autograd instead of letting torch transpose the CSR matrix on every backward pass (at 20M
+non-zeros: backward 3.0 s -> 0.8 s per layer on 2 cores).
 """
 
 from __future__ import annotations
@@ -31,6 +35,26 @@ def normalized_adjacency(
     return torch.sparse_coo_tensor(torch.stack([row, col]), val, (n, n)).coalesce().to_sparse_csr()
 
 
+class _SymmetricSpMM(torch.autograd.Function):
+    """A @ x for a symmetric sparse A, with backward A @ grad (no transpose)."""
+
+    @staticmethod
+    def forward(ctx, adjacency: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.adjacency = adjacency
+        return adjacency @ x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # type: ignore[override]
+        return None, ctx.adjacency @ grad
+
+
+class SymmetricLGConv(LGConv):
+    """PyG's LGConv whose sparse aggregation knows the adjacency is symmetric."""
+
+    def message_and_aggregate(self, adj_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _SymmetricSpMM.apply(adj_t, x)
+
+
 class LightGCN(EmbeddingRecommender):
     """Final vectors = mean of the layer-0..K embeddings; score = inner product."""
 
@@ -41,7 +65,9 @@ class LightGCN(EmbeddingRecommender):
         dim = self.cfg.model.dim
         self.embedding = nn.Embedding(self.n_users + self.n_items, dim)
         nn.init.normal_(self.embedding.weight, std=0.1)
-        self.convs = nn.ModuleList(LGConv(normalize=False) for _ in range(self.cfg.model.layers))
+        self.convs = nn.ModuleList(
+            SymmetricLGConv(normalize=False) for _ in range(self.cfg.model.layers)
+        )
         if adjacency is None:
             n = self.n_users + self.n_items
             adjacency = torch.sparse_csr_tensor(
