@@ -73,7 +73,7 @@ class Popularity(Baseline):
         self._counts = np.zeros(0, dtype=np.float32)
 
     def _fit(self, train: pl.DataFrame) -> None:
-        x = self._positives(train, self.use_weights).tocsc()
+        x = self._positives(train, self.use_weights)
         self._counts = np.asarray(x.sum(axis=0)).ravel().astype(np.float32)
 
     def popularity_vector(self) -> np.ndarray:

@@ -60,7 +60,9 @@ class GNOLR(EmbeddingRecommender):
             raise ValueError(f"model.serve_level: {level} is deeper than the {t} levels")
         # query columns kept when serving: sum_{j<=level} l_j = z_level + a_level
         keep = (torch.arange(t) < level).float()
-        self.register_buffer("serve_mask", torch.cat([keep.repeat_interleave(d), keep]), False)
+        self.register_buffer(
+            "serve_mask", torch.cat([keep.repeat_interleave(d), keep]), persistent=False
+        )
 
     def _split(self, x: torch.Tensor, heads: nn.Linear | None) -> torch.Tensor:
         """(..., T, d) L2-normalised sub-vectors from raw embedding rows."""

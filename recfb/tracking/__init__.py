@@ -109,6 +109,10 @@ def log_frame(frame: pl.DataFrame, name: str, artifact_path: str | None = None) 
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+def log_file(path: str | Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
 def log_figure(figure: Any, name: str) -> None:
     """Log a matplotlib figure as a PNG artifact, then close it (pyplot keeps it otherwise)."""
     import matplotlib.pyplot as plt

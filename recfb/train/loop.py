@@ -250,9 +250,7 @@ def _refit(
     with tempfile.TemporaryDirectory() as tmp:  # beside the pre-refit best checkpoint
         path = Path(tmp) / "refit.ckpt"
         torch.save({"state_dict": model.state_dict(), "epochs": epochs}, path)
-        import mlflow
-
-        mlflow.log_artifact(str(path), artifact_path="checkpoint")
+        tracking.log_file(path, "checkpoint")
     return model, merged, epochs
 
 
@@ -351,9 +349,7 @@ def _fit_embedding(
     if checkpoint is not None and checkpoint.best_model_path:
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["state_dict"], strict=False)
-        import mlflow
-
-        mlflow.log_artifact(checkpoint.best_model_path, artifact_path="checkpoint")
+        tracking.log_file(checkpoint.best_model_path, "checkpoint")
         if not cfg.checkpoint_dir:
             shutil.rmtree(Path(checkpoint.best_model_path).parent, ignore_errors=True)
     model.eval()
