@@ -212,7 +212,9 @@ def demo(
             .filter(pl.col("user_idx").is_in(users.implode()))["user_id"]
             .to_list()
         )
-        recs = run_recommend(scorer, data, ids + ["a-new-visitor"], 5, eval_config(cfg_run))
+        recs = run_recommend(
+            scorer, data, ids + ["a-new-visitor"], 5, eval_config(cfg_run, data)
+        )
         path = write_recommendations(recs, output / "recommendations.parquet")
         out.print(recs)
         out.print(f"wrote {path}")
@@ -344,7 +346,8 @@ def recommend(
             if users
             else None
         )
-        frame = run_recommend(scorer, fitted_data(cfg), ids, k, eval_config(cfg))
+        fitted = fitted_data(cfg)
+        frame = run_recommend(scorer, fitted, ids, k, eval_config(cfg, fitted))
         write_recommendations(frame, output)
     except RecfbError as exc:
         _fail(exc)

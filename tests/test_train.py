@@ -174,7 +174,7 @@ def test_refit_trains_on_valid_for_the_chosen_epochs_and_masks_it_at_test(shop: 
     merged = fitted_data(cfg)
     user = int(data.valid["user_idx"][0])
     user_id = pl.read_parquet(shop / "users.parquet").filter(pl.col("user_idx") == user)
-    recs = recommend(scorer, merged, user_id["user_id"].to_list(), 50, eval_config(cfg))
+    recs = recommend(scorer, merged, user_id["user_id"].to_list(), 50, eval_config(cfg, merged))
     valid_items = set(
         data.valid.filter(pl.col("user_idx") == user)
         .join(pl.read_parquet(shop / "items.parquet"), on="item_idx")["item_id"]

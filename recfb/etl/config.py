@@ -35,6 +35,14 @@ class SplitConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["temporal", "leave_last_out", "none"] = "temporal"
+    leave_out: Literal["positive", "deepest"] = Field(
+        "positive",
+        description="leave_last_out: which pair is held out per user. `positive`: the latest "
+        "positive pair (all its events). `deepest`: the user's latest pair at the deepest level "
+        "(the last buy) tests and the one before validates, and only its deepest-level events "
+        "leave train: its earlier views and carts stay, as in the published multi-behaviour "
+        "tables (not temporal: other events after the held-out buy stay in train too)",
+    )
     valid_frac: float = Field(0.1, ge=0, lt=1, description="share of events after the valid cut")
     test_frac: float = Field(0.1, ge=0, lt=1, description="share of events after the test cut")
     valid_start: datetime | None = Field(None, description="explicit cut; overrides valid_frac")

@@ -24,7 +24,15 @@ from recfb.etl.filters import apply_filters
 from recfb.etl.link import conversion_delays, link_cancellations
 from recfb.etl.readers import PROVENANCE, read_events
 from recfb.etl.signals import SignalMap, load_signal_map
-from recfb.etl.split import SPLITS, Windows, assign_temporal, leave_last_out, temporal_windows
+from recfb.etl.split import (
+    SPLIT_DTYPE,
+    SPLITS,
+    Windows,
+    assign_temporal,
+    leave_last_deepest,
+    leave_last_out,
+    temporal_windows,
+)
 from recfb.etl.validate import REASON_EXPECTED, bad_rows, good_rows, validate
 from recfb.etl.vocab import VOCAB_FILES, attach_index, extend_vocab, load_vocab
 from recfb.io import atomic_dir, write_json
@@ -291,9 +299,41 @@ def _split_and_fold(
         empty = pairs.clear()
         tables = {"train": pairs.sort(PAIR), "valid": empty, "test": empty}
         return tables, None, events.with_columns(pl.lit("train").alias("split"))
+    if cfg.split.leave_out == "deepest":
+        return _leave_last_deepest(events, pairs, smap, end, features)
     assigned = leave_last_out(pairs)
     events = events.join(assigned.select(*PAIR, "split"), on=PAIR, how="left")
     tables = {s: assigned.filter(pl.col("split") == s).drop("split").sort(PAIR) for s in SPLITS}
+    return tables, None, events
+
+
+def _leave_last_deepest(
+    events: pl.DataFrame, pairs: pl.DataFrame, smap: SignalMap, end: int, features: list[str]
+) -> tuple[dict[str, pl.DataFrame], None, pl.DataFrame]:
+    """Each user's last buy tests, the one before validates: those pairs' deepest-level events
+    move to the split, everything else (their views and carts included) folds into train."""
+    held = leave_last_deepest(pairs, smap.n_levels)
+    events = (
+        events.join(held, on=PAIR, how="left")
+        .with_columns(
+            pl.when(pl.col("split").is_not_null() & (pl.col("level") == smap.n_levels))
+            .then(pl.col("split"))
+            .otherwise(pl.lit("train"))
+            .cast(SPLIT_DTYPE)
+            .alias("split")
+        )
+    )
+    tables: dict[str, pl.DataFrame] = {}
+    train_keys = None
+    for split in SPLITS:
+        part = events.lazy().filter(pl.col("split") == split)
+        folded = aggregate_pairs(part, smap, end, features).collect(engine="streaming")
+        keys = folded.select(_pair_key()).to_series()
+        if train_keys is None:
+            train_keys, seen = keys, pl.repeat(False, folded.height, eager=True)
+        else:  # the held-out buy was viewed or carted before: repeat intent
+            seen = keys.is_in(train_keys.implode())
+        tables[split] = folded.with_columns(seen.alias("seen_before")).sort(PAIR)
     return tables, None, events
 
 

@@ -25,6 +25,12 @@ class Level(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     weight: float = Field(1.0, gt=0, description="sample weight of a pair at this level")
+    repeats: bool | None = Field(
+        None,
+        description="a pair at this level may be recommended again (re-buying groceries); "
+        "default: every level but the deepest repeats, so what was bought (and not refunded) "
+        "is hidden and what was only viewed, clicked, carted or liked is kept",
+    )
 
 
 class Signal(BaseModel):
@@ -120,6 +126,11 @@ class SignalMap(BaseModel):
         deepest = self.levels[-1].name
         return [n for n, s in self.signals.items() if s.level == deepest]
 
+    def hidden_labels(self) -> tuple[int, ...]:
+        """Pair labels that are never recommended to their user again: explicit negatives
+        (-1) and the levels that do not repeat (see `exclusion_labels`)."""
+        return exclusion_labels(self.model_dump(mode="json"))
+
     def signal_table(self) -> dict[str, list]:
         """Columns of a lookup table: one row per raw event name with its meaning as ints."""
         rows: dict[str, list] = {
@@ -154,6 +165,25 @@ class SignalMap(BaseModel):
             rows["is_refund"].append(sig.cancels in purchases)
             rows["is_cancel"].append(sig.cancels is not None)
         return rows
+
+
+def exclusion_labels(spec: dict) -> tuple[int, ...]:
+    """The one exclusion rule (evaluation, the gate and serving), from a signal map as a dict
+    (the ETL's resolved `signal_map_spec`, a bundle's `signals.json`): the pair labels whose
+    items are hidden from their user. -1 (an explicit negative, a refund that falls back to
+    negative) always; a level when it does not repeat; by default only the deepest level
+    (bought and not refunded) does not. A refund that falls back to a shallower level lifts
+    the pair out of the deepest level, so a refunded item may be shown again."""
+    levels = spec["levels"]
+    deepest = len(levels)
+    hidden = [-1]
+    for t, level in enumerate(levels, start=1):
+        repeats = level.get("repeats")
+        if repeats is None:
+            repeats = t < deepest
+        if not repeats:
+            hidden.append(t)
+    return tuple(hidden)
 
 
 def load_signal_map(path: str | Path) -> SignalMap:

@@ -88,3 +88,29 @@ def leave_last_out(pairs: pl.DataFrame) -> pl.DataFrame:
     return pairs.join(ranked, on=["user_idx", "item_idx"], how="left").with_columns(
         pl.col("split").fill_null("train")
     )
+
+
+def leave_last_deepest(pairs: pl.DataFrame, deepest: int) -> pl.DataFrame:
+    """Per user: the latest pair at the deepest level (by its last event) -> test when the
+    user has another positive pair, the one before -> valid when the user has two deepest
+    pairs; `user_idx, item_idx, split` of the held-out pairs only (their deepest-level events
+    are held out; the pair's shallower events stay in train)."""
+    positives = pairs.filter(pl.col("label") > 0).group_by("user_idx").agg(pl.len().alias("_pos"))
+    ranked = (
+        pairs.filter(pl.col("label") == deepest)
+        .sort(["user_idx", "last_ts", "item_idx"], descending=[False, True, False])
+        .join(positives, on="user_idx")
+        .with_columns(
+            (pl.int_range(pl.len()).over("user_idx") + 1).alias("_rank"),
+            pl.len().over("user_idx").alias("_n"),
+        )
+    )
+    return ranked.select(
+        "user_idx",
+        "item_idx",
+        pl.when((pl.col("_rank") == 1) & (pl.col("_pos") >= 2))
+        .then(pl.lit("test"))
+        .when((pl.col("_rank") == 2) & (pl.col("_n") >= 2) & (pl.col("_pos") >= 3))
+        .then(pl.lit("valid"))
+        .alias("split"),
+    ).drop_nulls("split")

@@ -9,7 +9,9 @@ Semantics
   because re-recommending what the user already has is not what is measured.
   ``"none"`` masks nothing, ``"any"`` masks every train pair (whatever its label, exposures and
   explicit negatives included), ``"min_level"`` masks train pairs with
-  ``label >= exclude_min_level`` (e.g. 4: only bought items). If a user has fewer than k unmasked
+  ``label >= exclude_min_level`` (e.g. 4: only bought items), ``"signals"`` masks the train
+  pairs whose label is in ``hidden_labels``: the signal map's one exclusion rule (bought and
+  not refunded, explicit negatives; what was only viewed or carted stays rankable). If a user has fewer than k unmasked
   items, the tail of the list holds masked items; they are never hits and are left out of
   coverage and popularity.
 * Relevance: the overall relevant set of a user is their held-out pairs with
@@ -60,8 +62,13 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ks: tuple[int, ...] = (10, 20, 50)
-    exclude: Literal["none", "any", "min_level"] = "any"
+    exclude: Literal["none", "any", "min_level", "signals"] = "any"
     exclude_min_level: int = 1
+    hidden_labels: tuple[int, ...] = Field(
+        default=(-1,),
+        description="exclude='signals': train pairs with these labels are masked (the signal "
+        "map's rule, `recfb.etl.signals.exclusion_labels`)",
+    )
     relevant_min_level: int = Field(default=1, ge=-1, le=127)
     batch_users: int | None = Field(default=None, ge=1)
 
@@ -360,6 +367,8 @@ def _masked_pairs(train: pl.DataFrame, config: EvalConfig) -> pl.DataFrame | Non
         return None
     if config.exclude == "min_level":
         train = train.filter(pl.col("label") >= config.exclude_min_level)
+    elif config.exclude == "signals":
+        train = train.filter(pl.col("label").is_in(list(config.hidden_labels)))
     return train.select("user_idx", "item_idx").unique()
 
 

@@ -361,3 +361,9 @@ def _check_train(train: pl.DataFrame, n_users: int, n_items: int) -> None:
         low, high = train[column].min(), train[column].max()
         if train[column].null_count() or low < 0 or high >= bound:  # type: ignore[operator]
             raise ValueError(f"{column} must lie in [0, {bound}) without nulls; got {low}..{high}")
+
+
+# CascadeRank (cascade.py) subclasses Baseline from this module and adds itself to BASELINES as
+# "cascade" when it is imported; importing it here, after everything it uses is defined, makes
+# the registry complete whichever of the two modules is imported first.
+import recfb.models.cascade  # noqa: E402, F401

@@ -4,7 +4,8 @@ A candidate and the production model may have different vocabularies (new users 
 both are scored through their own id maps against one holdout: the newest split of the
 candidate's ETL output. Every holdout user with a positive pair counts for both models: the
 top-k items by inner product (by popularity for a user the model does not know, as the service
-serves them), minus the user's earlier pairs (train and valid splits, any label), scored by
+serves them), minus the user's earlier pairs that the signal map hides (train and valid splits:
+bought and not refunded, explicit negatives; `recfb.etl.signals.exclusion_labels`), scored by
 NDCG@k against all of the user's positive holdout items (an item the model does not know is a
 miss). ``negative_share@k`` is the share of recommended (user, item)
 pairs the user went on to dislike or refund in the holdout; ``popularity`` is each recommended
@@ -13,6 +14,7 @@ item's share of positive training pairs (for the report's distribution plot).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from recfb.errors import InputError
+from recfb.etl.signals import exclusion_labels
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,10 @@ def holdout_metrics(
 
     positives = ids_by_user(holdout.filter(pl.col("label") >= 1))
     negatives = ids_by_user(holdout.filter(pl.col("label") < 0))
+    hidden = exclusion_labels(json.loads((etl / "stats.json").read_text())["signal_map_spec"])
     seen = {
         u: np.asarray([item_row[i] for i in items if i in item_row], dtype=np.int64)
-        for u, items in ids_by_user(earlier).items()
+        for u, items in ids_by_user(earlier.filter(pl.col("label").is_in(hidden))).items()
     }
     # the same users for every model: those with a positive in the holdout; a user the model
     # does not know gets its popularity list, as the service would serve them

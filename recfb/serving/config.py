@@ -73,8 +73,11 @@ class ServeConfig(BaseModel):
     api_key: str | None = Field(
         None, description="required on writes and admin calls (env RECFB_API_KEY wins)"
     )
-    exclude: Literal["purchased", "any", "none"] = Field(
-        "purchased", description="what a user is not shown again (explicit negatives: always)"
+    exclude: Literal["signals", "purchased", "any", "none"] = Field(
+        "signals",
+        description="what a user is not shown again: `signals` = the bundle's signal map "
+        "rule (levels that do not repeat, by default the deepest: bought and not refunded); "
+        "`purchased` = the deepest level; explicit negatives always",
     )
     default_k: int = Field(20, ge=1)
     max_k: int = Field(500, ge=1)

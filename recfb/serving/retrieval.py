@@ -10,9 +10,10 @@ lambda = l2 x mean squared item norm. It is exact for any inner-product model (G
 the solve happens in the concatenated query space), costs one d x d solve, and needs no
 model code at serving time.
 
-Exclusion. Explicit negatives and refunded purchases are always removed; beyond them the
-rule `purchased` (default, e-commerce) removes what was bought and not refunded, `any` removes
-every item the user engaged with, `none` nothing more. The bundle's pairs and the log's events
+Exclusion. Explicit negatives and refunds that fall back to negative are always removed; beyond
+them the rule `signals` (default) removes the levels the signal map says do not repeat (by
+default the deepest: bought and not refunded; what was viewed or carted stays a candidate),
+`purchased` the deepest level, `any` every item the user engaged with, `none` nothing more. The bundle's pairs and the log's events
 are both applied.
 """
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
+from recfb.etl.signals import exclusion_labels
 from recfb.index import Bundle
 from recfb.serving.config import ServeConfig
 from recfb.serving.eventlog import LoggedEvent
@@ -73,7 +75,8 @@ class ServingBundle:
         self.event_level = {
             name: level_of[s["level"]] for name, s in self.signals.items() if s.get("level")
         }
-        self.excluded = self._seen_exclusions(bundle.seen, cfg.exclude)
+        self.hidden_levels = self._hidden_levels(cfg.exclude)
+        self.excluded = self._seen_exclusions(bundle.seen)
         foldin = bundle.manifest["foldin"]
         self.target_pos, self.target_neg = foldin["positive"], foldin["negative"]
         self.ridge = cfg.foldin.l2 * foldin["item_sq_norm"]
@@ -94,16 +97,21 @@ class ServingBundle:
                 cfg.rates,
             )
 
-    def _seen_exclusions(self, seen: pl.DataFrame, rule: str) -> dict[int, frozenset[int]]:
+    def _hidden_levels(self, rule: str) -> frozenset[int]:
+        """Positive levels whose items are not shown again (explicit negatives: always)."""
+        if rule == "signals":
+            return frozenset(t for t in exclusion_labels(self.bundle.signals) if t > 0)
+        if rule == "purchased":
+            return frozenset({self.n_levels})
+        if rule == "any":
+            return frozenset(range(1, self.n_levels + 1))
+        return frozenset()
+
+    def _seen_exclusions(self, seen: pl.DataFrame) -> dict[int, frozenset[int]]:
         """user row -> item rows excluded by the bundle's pairs under the rule (sets, built
         once here so that a request only unions them)."""
-        label = pl.col("label")
-        keep = label == -1
-        if rule == "purchased":
-            keep = keep | (label == self.n_levels)
-        elif rule == "any":
-            keep = keep | (label >= 1)
-        rows = seen.filter(keep).group_by("user_idx").agg(pl.col("item_idx"))
+        hidden = [-1, *sorted(self.hidden_levels)]
+        rows = seen.filter(pl.col("label").is_in(hidden)).group_by("user_idx").agg(pl.col("item_idx"))
         return {
             int(u): frozenset(items)
             for u, items in zip(rows["user_idx"].to_list(), rows["item_idx"].to_list(), strict=True)
@@ -136,7 +144,6 @@ class ServingBundle:
         half_life_ms = self.cfg.foldin.half_life_hours * 3_600_000
         targets: dict[int, tuple[float, float]] = {}
         exclude: set[int] = set()
-        rule = self.cfg.exclude
         for row, ts in last_ts.items():
             decay = 0.5 ** (max(0, now_ms - ts) / half_life_ms)
             if negative.get(row):
@@ -146,7 +153,7 @@ class ServingBundle:
             lv = level.get(row, 0)
             if lv >= 1:
                 targets[row] = (self.target_pos, self.level_weight[lv] * decay)
-            if (rule == "purchased" and lv == self.n_levels) or (rule == "any" and lv >= 1):
+            if lv in self.hidden_levels:
                 exclude.add(row)
         return targets, exclude
 

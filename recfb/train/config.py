@@ -125,7 +125,12 @@ class EvalSettings(_Strict):
     """Full-ranking evaluation settings (see recfb.evaluate)."""
 
     ks: list[int] = Field(default_factory=lambda: [10, 20, 50])
-    exclude: Literal["none", "any", "min_level"] = "any"
+    exclude: Literal["signals", "none", "any", "min_level"] = Field(
+        "signals",
+        description="which train pairs are masked: `signals` (the signal map's rule: bought "
+        "and not refunded plus explicit negatives; levels marked `repeats` stay), `any`, "
+        "`min_level` (label >= exclude_min_level), `none`",
+    )
     exclude_min_level: int = 1
     relevant_min_level: int = 1
     refit: bool = Field(

@@ -68,6 +68,17 @@ class Interactions:
     def n_levels(self) -> int:
         return len(self.level_names)
 
+    @property
+    def hidden_labels(self) -> tuple[int, ...]:
+        """Pair labels the signal map hides from their user (`exclusion_labels`); an older
+        ETL output without the resolved map hides negatives and the deepest level."""
+        from recfb.etl.signals import exclusion_labels
+
+        spec = self.stats.get("signal_map_spec")
+        if spec is None:
+            return (-1, self.n_levels)
+        return exclusion_labels(spec)
+
     def fingerprint(self) -> str:
         """A short content hash of the data (stats + pair tables' sizes) for run tags."""
         h = hashlib.sha256((self.directory / "stats.json").read_bytes())

@@ -37,12 +37,14 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def eval_config(cfg: TrainConfig) -> EvalConfig:
+def eval_config(cfg: TrainConfig, data: Interactions) -> EvalConfig:
+    """The evaluation settings of a run on its data (the signal map's exclusion rule)."""
     e = cfg.eval
     return EvalConfig(
         ks=tuple(e.ks),
         exclude=e.exclude,
         exclude_min_level=e.exclude_min_level,
+        hidden_labels=data.hidden_labels,
         relevant_min_level=e.relevant_min_level,
     )
 
@@ -144,7 +146,7 @@ def evaluate_scorer(
         return {}
     served = PopularityFallback.from_train(scorer, data.train, data.n_users, data.n_items)
     metrics = full_ranking_metrics(
-        served.score, data.n_items, heldout, data.train, data.level_names, eval_config(cfg)
+        served.score, data.n_items, heldout, data.train, data.level_names, eval_config(cfg, data)
     )
     users = torch.as_tensor(heldout["user_idx"].unique().to_numpy().astype(np.int64))
     metrics["cold_user_share"] = float(1 - served.is_warm(users).float().mean())
@@ -207,7 +209,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
         warm_test = data.test.filter(pl.col("user_idx").is_in(warm_users(data.train).implode()))
         if warm_test.height:
             warm = full_ranking_metrics(
-                model.score, data.n_items, warm_test, data.train, data.level_names, eval_config(cfg)
+                model.score, data.n_items, warm_test, data.train, data.level_names, eval_config(cfg, data)
             )
             metrics |= {f"test/warm/{k}": v for k, v in warm.items() if "/" not in k}
         if isinstance(model, GNOLR):

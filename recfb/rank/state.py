@@ -1,0 +1,137 @@
+"""What is known at one moment: the folded pair state and the raw events before a cut-off.
+
+The two-stage recommender computes everything from a `Snapshot`: exclusions and the cascade
+graph from the folded pairs (refunds and undos applied, as the ETL folds them), features and
+the history source from the events. Offline a snapshot is cut from an ETL output (train for
+fitting the ranker on the valid window, train + valid for scoring the test window); online the
+service builds the same from its bundle plus the event log.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from recfb.errors import InputError
+from recfb.etl.signals import exclusion_labels
+
+EVENT_COLUMNS = ["user_idx", "item_idx", "event", "level", "ts_ms"]
+PAIR = ["user_idx", "item_idx"]
+
+
+@dataclass
+class Snapshot:
+    """Pairs (`user_idx, item_idx, label`) and events (`EVENT_COLUMNS`) as of `now_ms`."""
+
+    pairs: pl.DataFrame
+    events: pl.DataFrame
+    now_ms: int
+    n_users: int
+    n_items: int
+    spec: dict  # the resolved signal map
+    category: np.ndarray | None = None  # item -> category code (-1 unknown)
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.spec["levels"])
+
+    @property
+    def hidden_labels(self) -> tuple[int, ...]:
+        return exclusion_labels(self.spec)
+
+    @property
+    def signal_names(self) -> list[str]:
+        return list(self.spec["signals"])
+
+    @property
+    def level_names(self) -> list[str]:
+        return [lv["name"] for lv in self.spec["levels"]]
+
+    def hidden_pairs(self) -> pl.DataFrame:
+        """`user_idx, item_idx` that must not be recommended to their user."""
+        return self.pairs.filter(pl.col("label").is_in(list(self.hidden_labels))).select(PAIR)
+
+
+def canonical_events(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """The ETL's event table in the snapshot's columns (event names as strings, ms times)."""
+    return frame.lazy().select(
+        pl.col("user_idx").cast(pl.Int64),
+        pl.col("item_idx").cast(pl.Int64),
+        pl.col("event").cast(pl.String),
+        pl.col("level").cast(pl.Int8),
+        pl.col("ts").cast(pl.Datetime("ms")).dt.epoch("ms").alias("ts_ms"),
+    )
+
+
+def item_categories(etl: Path, n_items: int) -> np.ndarray | None:
+    """Dense category codes per item (-1 unknown), or None where the ETL has no category."""
+    path = etl / "events.parquet"
+    if "category" not in pl.read_parquet_schema(path):
+        return None
+    cats = (
+        pl.scan_parquet(path)
+        .select("item_idx", "category")
+        .drop_nulls()
+        .group_by("item_idx")
+        .agg(pl.col("category").first())
+        .collect()
+    )
+    codes = np.full(n_items, -1, dtype=np.int64)
+    dense = cats["category"].cast(pl.String).rank("dense").cast(pl.Int64).to_numpy() - 1
+    codes[cats["item_idx"].to_numpy().astype(np.int64)] = dense
+    return codes
+
+
+def cut_points(stats: dict) -> tuple[int | None, int | None, int]:
+    """(valid start, test start, end) in epoch ms from the ETL's stats (None: no time cut)."""
+
+    def ms(value: str | None) -> int | None:
+        if value is None:
+            return None
+        return int(pl.Series([value]).str.to_datetime(time_unit="ms").dt.epoch("ms")[0])
+
+    split = stats.get("split", {})
+    end = ms(split.get("end")) or ms(stats.get("time_range", {}).get("max"))
+    if end is None:
+        raise InputError("stats.json has no split end or time range", field="split.end")
+    return ms(split.get("valid_start")), ms(split.get("test_start")), end + 1
+
+
+def snapshot_from_etl(etl: str | Path, upto: str) -> Snapshot:
+    """The state before the valid window (`upto="train"`: what the ranker learns from) or
+    before the test window (`upto="valid"`: train + valid folded, what the test is scored on).
+
+    With a temporal split the cut is the window's start; with leave-last-out (no time cut)
+    the snapshot holds every event of its splits and `now` is the end of the log."""
+    from recfb.train.data import Interactions  # the pair tables and the fold of two windows
+
+    etl = Path(etl)
+    data = Interactions.load(etl)
+    valid_ms, test_ms, end_ms = cut_points(data.stats)
+    if upto == "train":
+        splits, pairs, now = ["train"], data.train, valid_ms
+    elif upto == "valid":
+        splits, pairs, now = ["train", "valid"], data.with_valid_in_train().train, test_ms
+    else:
+        raise ValueError(f"upto must be 'train' or 'valid', got {upto!r}")
+    events = (
+        pl.scan_parquet(etl / "events.parquet")
+        .filter(pl.col("split").cast(pl.String).is_in(splits))
+        .pipe(canonical_events)
+        .collect()
+    )
+    if now is None:
+        now = end_ms
+    return Snapshot(
+        pairs=pairs.select(PAIR + ["label"]).with_columns(pl.col(PAIR).cast(pl.Int64)),
+        events=events,
+        now_ms=int(now),
+        n_users=data.n_users,
+        n_items=data.n_items,
+        spec=json.loads((etl / "stats.json").read_text())["signal_map_spec"],
+        category=item_categories(etl, data.n_items),
+    )

@@ -1,0 +1,404 @@
+"""The two-stage recommender offline: fit the ranker on one window, score the next.
+
+Fitting (`fit_two_stage`): the snapshot before the valid window gives candidates and
+features; the valid window's pairs give graded labels (the deepest level reached there; a
+refund or dislike is 0). Scoring the test: the snapshot before the test window (train + valid
+folded), sources refitted on it, the same features, the ranker's order. Everything is compared
+in the same run on the same masks (`evaluate_methods`): each source alone, the "own engaged
+items first, then the model" heuristic, any external scorer, and the two-stage list.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from recfb.errors import InputError
+from recfb.evaluate import EvalConfig, full_ranking_metrics
+from recfb.rank.candidates import (
+    history_candidates,
+    merge_sources,
+    topn_candidates,
+    trending_scores,
+)
+from recfb.rank.config import FEATURE_GROUPS, SOURCES, RankConfig
+from recfb.rank.features import ItemTable, build_features, feature_columns, item_stats
+from recfb.rank.ranker import Ranker
+from recfb.rank.state import PAIR, Snapshot, snapshot_from_etl
+
+log = logging.getLogger(__name__)
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Sources:
+    """The candidate sources fitted on one snapshot."""
+
+    cascade: Any | None
+    embedding: Any | None  # anything with score(users) -> (B, n_items)
+    popularity: np.ndarray
+
+    def popularity_score(self, users: torch.Tensor) -> torch.Tensor:
+        row = torch.from_numpy(self.popularity)
+        return row.unsqueeze(0).expand(len(users), -1).clone()
+
+
+def _level_weighted(snap: Snapshot) -> pl.DataFrame:
+    """The snapshot's pairs with the signal map's level weight (ALS confidence)."""
+    weights = {t: lv["weight"] for t, lv in enumerate(snap.spec["levels"], start=1)}
+    return snap.pairs.with_columns(
+        pl.col("label")
+        .replace_strict(weights, default=0.0, return_dtype=pl.Float32)
+        .alias("weight")
+    )
+
+
+def fit_sources(snap: Snapshot, cfg: RankConfig, embedding: Any | None = None) -> Sources:
+    """Cascade, embedding (ALS fitted here, or the given scorer) and trending popularity."""
+    from recfb.models.baselines import make_baseline
+
+    cascade = None
+    if cfg.sources.cascade:
+        c = cfg.cascade
+        cascade = make_baseline(
+            "cascade",
+            alpha=c.alpha,
+            beta=c.beta,
+            level_weights=c.level_weights,
+            tol=c.tol,
+            max_iter=c.max_iter,
+            n_levels=snap.n_levels,
+        ).fit(snap.pairs, snap.n_users, snap.n_items)
+    if embedding is None and cfg.embedding == "als" and cfg.sources.embedding:
+        embedding = make_baseline("als", factors=cfg.embedding_dim, seed=cfg.seed).fit(
+            _level_weighted(snap), snap.n_users, snap.n_items
+        )
+    if not cfg.sources.embedding:
+        embedding = None
+    return Sources(cascade, embedding, trending_scores(snap, max(cfg.item_windows_days)))
+
+
+def candidates(
+    snap: Snapshot, sources: Sources, users: np.ndarray, cfg: RankConfig
+) -> pl.DataFrame:
+    """Every source's candidates for `users`, merged (one row per user, item)."""
+    sizes = cfg.sources
+    frames: dict[str, pl.DataFrame] = {}
+    user_frame = pl.DataFrame({"user_idx": users.astype(np.int64)})
+    if sizes.history:
+        events = snap.events.join(user_frame, on="user_idx", how="semi")
+        frames["history"] = history_candidates(
+            events, snap.hidden_pairs(), snap.now_ms, sizes.history
+        )
+    if sources.cascade is not None:
+        frames["cascade"] = topn_candidates(
+            sources.cascade.score, users, snap, sizes.cascade, "cascade"
+        )
+    if sources.embedding is not None:
+        frames["embedding"] = topn_candidates(
+            sources.embedding.score, users, snap, sizes.embedding, "embedding"
+        )
+    if sizes.popularity:
+        frames["popularity"] = topn_candidates(
+            sources.popularity_score, users, snap, sizes.popularity, "popularity"
+        )
+    return merge_sources(frames)
+
+
+def delayed_rates(etl: str, cutoff_ms: int, n_items: int) -> pl.DataFrame | None:
+    """Delay-corrected CVR and refund rate per item at the cut (None: no cascade to fit)."""
+    from recfb.delayed import fit_delays, item_rates
+
+    try:
+        fits = fit_delays(etl, cutoff_ms)
+    except InputError as exc:
+        log.info("naive item rates: %s", exc)
+        return None
+    clicks = fits.trials["conversion"]
+    purchases = fits.trials.get("refund", clicks)
+    rates = item_rates(clicks, purchases, fits.conversion, fits.refund, n_items)
+    refund = rates["refund_corrected"] if "refund_corrected" in rates.columns else None
+    return pl.DataFrame(
+        {
+            "item_idx": rates["item_idx"].cast(pl.Int64),
+            "cvr": rates["cvr_corrected"],
+            "refund_rate": refund
+            if refund is not None
+            else pl.repeat(None, rates.height, dtype=pl.Float64, eager=True),
+        }
+    )
+
+
+@dataclass
+class Stage:
+    """One snapshot with its fitted sources, item statistics and candidates."""
+
+    snap: Snapshot
+    sources: Sources
+    items: ItemTable
+    users: np.ndarray
+    candidates: pl.DataFrame
+    features: np.ndarray
+    columns: list[str]
+
+
+def prepare(
+    etl: str, upto: str, users_from: pl.DataFrame, cfg: RankConfig, embedding: Any | None
+) -> Stage:
+    """Snapshot -> sources -> candidates -> features for the users with a positive pair in
+    `users_from` (the window the stage is labelled or scored on)."""
+    snap = snapshot_from_etl(etl, upto)
+    sources = fit_sources(snap, cfg, embedding)
+    rates = delayed_rates(etl, snap.now_ms, snap.n_items) if cfg.delay_corrected_rates else None
+    items = ItemTable(item_stats(snap, cfg.item_windows_days, rates))
+    users = np.unique(users_from.filter(pl.col("label") > 0)["user_idx"].to_numpy()).astype(
+        np.int64
+    )
+    cands = candidates(snap, sources, users, cfg)
+    columns = feature_columns(snap, list(FEATURE_GROUPS), cfg.item_windows_days)
+    x = build_features(cands, snap.events, items, snap, snap.now_ms, columns)
+    return Stage(snap, sources, items, users, cands, x, columns)
+
+
+def graded_labels(cands: pl.DataFrame, window: pl.DataFrame) -> np.ndarray:
+    """The deepest level each candidate reached in the window (0: none, refund, dislike)."""
+    labels = (
+        window.select(
+            pl.col("user_idx").cast(pl.Int64),
+            pl.col("item_idx").cast(pl.Int64),
+            pl.col("label").clip(lower_bound=0).alias("_y"),
+        )
+        .group_by(PAIR)
+        .agg(pl.col("_y").max())
+    )
+    joined = cands.select(PAIR).with_row_index("_row").join(labels, on=PAIR, how="left")
+    return joined.sort("_row")["_y"].fill_null(0).to_numpy().astype(np.int64)
+
+
+def select_columns(columns: list[str], groups: list[str], sources: list[str]) -> list[str]:
+    """The columns of the given feature groups (source columns only of the given sources)."""
+    prefix = {"pair": "pair_", "item": "item_", "user": "user_", "category": "cat_"}
+    keep = []
+    for c in columns:
+        group = next((g for g, p in prefix.items() if c.startswith(p)), "source")
+        if group not in groups:
+            continue
+        if group == "source" and c != "n_sources" and c.rsplit("_", 1)[0] not in sources:
+            continue
+        keep.append(c)
+    return keep
+
+
+def without_source(stage_cands: pl.DataFrame, x: np.ndarray, columns: list[str], source: str):
+    """Rows and features as if `source` had not run: pairs only it proposed are dropped,
+    its columns become missing and n_sources counts the others."""
+    others = [f"{s}_rank" for s in SOURCES if s != source]
+    keep = (
+        stage_cands.select(pl.any_horizontal([pl.col(c).is_not_null() for c in others]))
+        .to_series()
+        .to_numpy()
+    )
+    x = x[keep].copy()
+    for kind in ("score", "rank"):
+        if f"{source}_{kind}" in columns:
+            x[:, columns.index(f"{source}_{kind}")] = np.nan
+    if "n_sources" in columns:
+        present = (
+            stage_cands.filter(pl.Series(keep))
+            .select(pl.sum_horizontal([pl.col(c).is_not_null() for c in others]))
+            .to_series()
+            .to_numpy()
+        )
+        x[:, columns.index("n_sources")] = present
+    return keep, x
+
+
+def list_scorer(
+    users: np.ndarray, items: np.ndarray, order_score: np.ndarray, n_items: int, fill: np.ndarray
+) -> ScoreFn:
+    """A full-catalogue scorer from ranked candidate lists: a user's candidates by
+    `order_score`, then every other item by `fill` (popularity), so lists are always full."""
+    frame = pl.DataFrame({"u": users, "i": items, "s": order_score})
+    grouped = frame.group_by("u").agg("i", "s")
+    rows = {
+        int(u): (np.asarray(i), np.asarray(s))
+        for u, i, s in zip(grouped["u"], grouped["i"], grouped["s"], strict=True)
+    }
+    base = torch.from_numpy(fill.astype(np.float32))
+    base = (base - base.min()) / max(float(base.max() - base.min()), 1e-9) - 2.0  # in [-2, -1]
+
+    def score(batch: torch.Tensor) -> torch.Tensor:
+        out = base.unsqueeze(0).repeat(len(batch), 1)
+        for j, u in enumerate(batch.tolist()):
+            if u in rows:
+                cand, s = rows[u]
+                ranks = np.argsort(np.argsort(-s, kind="stable"), kind="stable")
+                out[j, torch.from_numpy(cand)] = torch.from_numpy(
+                    (1000.0 - ranks).astype(np.float32)
+                )
+        return out
+
+    return score
+
+
+@dataclass
+class TwoStageResult:
+    ranker: Ranker
+    metrics: dict[str, dict[str, float]]
+    candidate_recall: dict[str, float]
+    ablation: dict[str, dict[str, float]] = field(default_factory=dict)
+    columns: list[str] = field(default_factory=list)
+    fit_stage: Stage | None = None
+    test_stage: Stage | None = None
+
+
+def fit_two_stage(
+    cfg: RankConfig,
+    embedding_train: Any | None = None,
+    embedding_test: Any | None = None,
+    extra: dict[str, tuple[Any, Any]] | None = None,
+    ablation: bool = False,
+) -> TwoStageResult:
+    """Fit the ranker on the valid window's labels and score the test window; `extra` maps a
+    name to (scorer fitted before valid, scorer fitted before test), evaluated in the same
+    run with the same masks."""
+    from recfb.train.data import Interactions
+
+    data = Interactions.load(cfg.data)
+    if data.valid.filter(pl.col("label") > 0).height == 0:
+        raise InputError(
+            "the valid split has no positive pairs to label the ranker with",
+            file=str(data.directory / "valid.parquet"),
+        )
+    fit = prepare(cfg.data, "train", data.valid, cfg, embedding_train)
+    y_fit = graded_labels(fit.candidates, data.valid)
+    users_fit = fit.candidates["user_idx"].to_numpy()
+    groups = list(cfg.features)
+    cols = select_columns(fit.columns, groups, list(SOURCES))
+    ranker = _fit_ranker(fit, y_fit, users_fit, cols, cfg)
+    test = prepare(cfg.data, "valid", data.test, cfg, embedding_test)
+    ecfg = EvalConfig(ks=tuple(cfg.ks), exclude="signals", hidden_labels=test.snap.hidden_labels)
+    heldout = data.test.with_columns(pl.col(PAIR).cast(pl.Int64))
+
+    def metrics_of(score: ScoreFn) -> dict[str, float]:
+        return full_ranking_metrics(
+            score, test.snap.n_items, heldout, test.snap.pairs, data.level_names, ecfg
+        )
+
+    def two_stage_metrics(r: Ranker, rows: np.ndarray | None = None, x: np.ndarray | None = None):
+        cands = test.candidates if rows is None else test.candidates.filter(pl.Series(rows))
+        x = test.features if x is None else x
+        pred = r.predict(x[:, [test.columns.index(c) for c in r.columns]])
+        return metrics_of(
+            list_scorer(
+                cands["user_idx"].to_numpy(),
+                cands["item_idx"].to_numpy(),
+                pred,
+                test.snap.n_items,
+                test.sources.popularity,
+            )
+        )
+
+    results: dict[str, dict[str, float]] = {"two_stage": two_stage_metrics(ranker)}
+    src = test.sources
+    if src.cascade is not None:
+        results["cascade"] = metrics_of(src.cascade.score)
+    if src.embedding is not None:
+        results["embedding"] = metrics_of(src.embedding.score)
+    results["popularity"] = metrics_of(src.popularity_score)
+    hist = test.candidates.filter(pl.col("history_rank").is_not_null())
+    results["history"] = metrics_of(
+        list_scorer(
+            hist["user_idx"].to_numpy(),
+            hist["item_idx"].to_numpy(),
+            -hist["history_rank"].to_numpy().astype(np.float64),
+            test.snap.n_items,
+            src.popularity,
+        )
+    )
+    if src.embedding is not None:
+        results["history_then_embedding"] = metrics_of(_history_then(hist, src.embedding.score))
+    for name, (_, scorer) in (extra or {}).items():
+        results[name] = metrics_of(scorer.score)
+        results[f"history_then_{name}"] = metrics_of(_history_then(hist, scorer.score))
+    recall = _candidate_recall(test.candidates, heldout, test.snap)
+    out = TwoStageResult(ranker, results, recall, columns=cols, fit_stage=fit, test_stage=test)
+    if ablation:
+        for g in groups:
+            sub = select_columns(fit.columns, [x for x in groups if x != g], list(SOURCES))
+            if sub == cols:
+                continue
+            out.ablation[f"-{g} features"] = two_stage_metrics(
+                _fit_ranker(fit, y_fit, users_fit, sub, cfg)
+            )
+        for s in SOURCES:
+            if fit.candidates[f"{s}_rank"].is_null().all():
+                continue
+            keep, x = without_source(fit.candidates, fit.features, fit.columns, s)
+            sub = select_columns(fit.columns, groups, [o for o in SOURCES if o != s])
+            r = Ranker.fit(
+                x[:, [fit.columns.index(c) for c in sub]],
+                y_fit[keep],
+                users_fit[keep],
+                sub,
+                cfg.ranker,
+            )
+            tkeep, tx = without_source(test.candidates, test.features, test.columns, s)
+            out.ablation[f"-{s} source"] = two_stage_metrics(r, tkeep, tx)
+    return out
+
+
+def _fit_ranker(
+    stage: Stage, y: np.ndarray, users: np.ndarray, cols: list[str], cfg: RankConfig
+) -> Ranker:
+    idx = [stage.columns.index(c) for c in cols]
+    return Ranker.fit(stage.features[:, idx], y, users, cols, cfg.ranker)
+
+
+def _history_then(hist: pl.DataFrame, score: ScoreFn) -> ScoreFn:
+    """The heuristic: the user's own engaged items first (history order), then the model."""
+    rows = hist.group_by("user_idx").agg("item_idx", "history_rank")
+    own = {
+        int(u): (np.asarray(i), np.asarray(r))
+        for u, i, r in zip(rows["user_idx"], rows["item_idx"], rows["history_rank"], strict=True)
+    }
+
+    def scorer(batch: torch.Tensor) -> torch.Tensor:
+        s = score(batch).float()
+        lo, hi = s.min(dim=1, keepdim=True).values, s.max(dim=1, keepdim=True).values
+        s = (s - lo) / (hi - lo).clamp(min=1e-9)  # in [0, 1]
+        for j, u in enumerate(batch.tolist()):
+            if u in own:
+                items, ranks = own[u]
+                s[j, torch.from_numpy(items)] = torch.from_numpy(1000.0 - ranks.astype(np.float32))
+        return s
+
+    return scorer
+
+
+def _candidate_recall(
+    cands: pl.DataFrame, heldout: pl.DataFrame, snap: Snapshot
+) -> dict[str, float]:
+    """Share of the held-out positive pairs (not hidden) that each source, and all together,
+    proposed: the ceiling the ranker works under."""
+    pos = (
+        heldout.filter(pl.col("label") > 0)
+        .select(PAIR)
+        .unique()
+        .join(snap.hidden_pairs(), on=PAIR, how="anti")
+    )
+    if pos.height == 0:
+        return {}
+    joined = pos.join(cands, on=PAIR, how="left")
+    out: dict[str, float] = {}
+    any_col = pl.any_horizontal([pl.col(f"{s}_rank").is_not_null() for s in SOURCES])
+    out["all"] = float(joined.select(any_col.mean()).item())
+    for s in SOURCES:
+        out[s] = float(joined[f"{s}_rank"].is_not_null().mean())
+    return out
