@@ -15,6 +15,10 @@ Layout of `models/<name>/` (schema version 1):
 | `delays.json` | optional: fitted delay models of click -> purchase -> refund (`recfb.delayed`) |
 | `cascade_events.parquet` | optional: `user_idx, item_idx, event, ts, cancelled_at` of the |
 |  | clock and purchase events of the last `rates_horizon_days`: where online rates start |
+| `rank.json`, `ranker.txt` | optional (two-stage): the LambdaRank model and its feature columns |
+| `item_stats.parquet` | item features as of the end of the log (`recfb.rank.features`) |
+| `history.parquet` | the last 30 days of events (200 per user): pair and user features |
+| `cascade_candidates.parquet` | the cascade walk's top items of every known user |
 
 Written into a temp directory and renamed into place; a bundle whose files do not match the
 manifest's checksums is refused at load.
@@ -133,6 +137,7 @@ class BundleParts:
     data: str | None = None
     delays: Any = None  # recfb.delayed.fit.DelayFits, where the log has a conversion cascade
     cascade_events: pl.DataFrame | None = None
+    rank_dir: Path | None = None  # the rank stage's ranker: the bundle serves two stages
 
 
 def build_bundle(cfg: IndexConfig) -> BundleResult:
@@ -163,6 +168,7 @@ def build_bundle(cfg: IndexConfig) -> BundleResult:
         run_id=cfg.run_id,
         family=train_cfg.model.family,
         data=str(etl),
+        rank_dir=Path(cfg.rank_dir) if cfg.rank_dir else None,
     )
     if cfg.delays:
         parts.delays, parts.cascade_events = _cascade(etl, cfg.rates_horizon_days)
@@ -215,6 +221,10 @@ def write_bundle(parts: BundleParts, cfg: IndexConfig) -> BundleResult:
             write_json(tmp / "delays.json", parts.delays.to_dict())
             parts.cascade_events.write_parquet(tmp / "cascade_events.parquet")
             files += ["delays.json", "cascade_events.parquet"]
+        if parts.rank_dir is not None and parts.data is not None:
+            from recfb.rank.publish import write_rank_files
+
+            files += write_rank_files(Path(parts.data), parts.rank_dir, tmp, len(users))
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": name,
@@ -228,6 +238,7 @@ def write_bundle(parts: BundleParts, cfg: IndexConfig) -> BundleResult:
             "levels": parts.levels,
             "index": index_info,
             "foldin": foldin_targets(users, items, sample),
+            "two_stage": parts.rank_dir is not None,
             "files": {f: sha256(tmp / f) for f in files},
         }
         write_json(tmp / "manifest.json", manifest)

@@ -48,4 +48,9 @@ class IndexConfig(BaseModel):
     rates_horizon_days: float = Field(
         28.0, gt=0, description="days of cascade events the bundle carries for online rates"
     )
+    rank_dir: str | None = Field(
+        None,
+        description="the rank stage's output (ranker.txt, rank.json): the bundle then serves "
+        "the two-stage recommender (candidates, features, ranker)",
+    )
     seed: int = 0

@@ -18,8 +18,10 @@ when the user has no level-t pair). The prior ``p`` is the queries at the first 
 previous level's final scores after it; the walk starts from the prior. The iteration is
 Gauss-Seidel: the fresh ``r_u`` feeds the ``r_i`` of the same step (same fixed point as Jacobi,
 about twice as fast). A user's column stops (and is frozen) once the largest change of its
-``r_i`` is at most ``tol`` times the largest ``|r_i|`` of that column (a relative test), or after
-``max_iter`` steps; freezing per column makes a user's scores independent of the batch it is in.
+``r_i`` is at most ``tol`` times the largest ``|r_i|`` of that column, in this step or in the
+level's prior (a relative test; the prior keeps it meaningful where the walk drains a column
+toward 0, e.g. b = 0 and a user without pairs at that level), or after ``max_iter`` steps.
+Freezing per column makes a user's scores independent of the batch it is in.
 The deepest level's ``r_i`` ranks the items; the user's explicit negatives (train rows with
 label -1) are then set to the row's minimum minus 1, so they rank last and stay finite.
 
@@ -241,6 +243,7 @@ class CascadeRank(Baseline):
                 cur_i.copy_(query_i)
             prior_u.copy_(cur_u)  # the walk starts from its prior
             prior_i.copy_(cur_i)
+            prior_scale = torch.abs(prior_i, out=scratch).amax(dim=0)
             active = torch.ones(n_batch, dtype=torch.bool)
             used = 0
             while used < self.config.max_iter and bool(active.any()):
@@ -253,7 +256,7 @@ class CascadeRank(Baseline):
                 if a > 0:
                     next_i.add_(query_i, alpha=a)
                 change = torch.sub(next_i, cur_i, out=scratch).abs_().amax(dim=0)
-                scale = torch.abs(next_i, out=scratch).amax(dim=0)
+                scale = torch.abs(next_i, out=scratch).amax(dim=0).maximum(prior_scale)
                 frozen = ~active
                 if bool(frozen.any()):  # converged users keep the scores they converged to
                     next_u[:, frozen] = cur_u[:, frozen]

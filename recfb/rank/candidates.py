@@ -12,17 +12,16 @@ Every source masks the hidden pairs itself, so a candidate is always servable.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import polars as pl
-import torch
 
-from recfb.evaluate import EvalConfig, topk_items
 from recfb.rank.config import SOURCES
 from recfb.rank.features import DAY_MS, HOUR_MS
 from recfb.rank.state import PAIR, Snapshot
 
-ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+ScoreFn = Callable[[Any], Any]  # LongTensor (B,) -> (B, n_items); torch only offline
 
 
 def _ranked(frame: pl.DataFrame, source: str, n: int) -> pl.DataFrame:
@@ -70,7 +69,9 @@ def history_candidates(
 def topn_candidates(
     score: ScoreFn, users: np.ndarray, snap: Snapshot, n: int, source: str
 ) -> pl.DataFrame:
-    """The best `n` unhidden items per user of a full-catalogue scorer."""
+    """The best `n` unhidden items per user of a full-catalogue scorer (offline)."""
+    from recfb.evaluate import EvalConfig, topk_items  # torch: kept out of the service
+
     config = EvalConfig(ks=(max(n, 1),), exclude="signals", hidden_labels=snap.hidden_labels)
     items, scores = topk_items(score, snap.n_items, users, snap.pairs, config, max(n, 1))
     n_users, width = items.shape

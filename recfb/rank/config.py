@@ -50,6 +50,12 @@ class RankerParams(_Strict):
     early_stopping_share: float = Field(
         0.2, gt=0, lt=1, description="share of the labelled users held out for early stopping"
     )
+    label_windows: int = Field(
+        3,
+        ge=1,
+        description="temporal splits: label windows the ranker learns from, the valid window "
+        "and the windows of the same length before it (each with its own snapshot)",
+    )
     num_threads: int = Field(0, ge=0, description="training threads (0: LightGBM's default)")
     seed: int = 0
 

@@ -40,10 +40,13 @@ class Ranker:
         users: np.ndarray,
         columns: list[str],
         params: RankerParams,
+        queries: np.ndarray | None = None,
     ) -> Ranker:
-        """Fit on rows sorted by user; users whose hash falls in the held-out share early-stop."""
+        """Fit on rows grouped by query (`queries`, default the user: rows of one query
+        contiguous); users whose hash falls in the held-out share early-stop."""
         labels = np.clip(labels.astype(np.int64), 0, 30)
-        held = (users * 2654435761 % 1000) < params.early_stopping_share * 1000
+        queries = users if queries is None else queries
+        held = (users.astype(np.int64) * 2654435761 % 1000) < params.early_stopping_share * 1000
         fit_rows, stop_rows = ~held, held
         booster_params = {
             "objective": "lambdarank",
@@ -63,7 +66,7 @@ class Ranker:
         train = lgb.Dataset(
             x[fit_rows],
             labels[fit_rows],
-            group=group_sizes(users[fit_rows]),
+            group=group_sizes(queries[fit_rows]),
             feature_name=columns,
             free_raw_data=False,
         )
@@ -73,7 +76,7 @@ class Ranker:
             valid = lgb.Dataset(
                 x[stop_rows],
                 labels[stop_rows],
-                group=group_sizes(users[stop_rows]),
+                group=group_sizes(queries[stop_rows]),
                 reference=train,
             )
             valid_sets = [valid]

@@ -56,15 +56,22 @@ class Snapshot:
         return self.pairs.filter(pl.col("label").is_in(list(self.hidden_labels))).select(PAIR)
 
 
-def canonical_events(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+def canonical_events(
+    frame: pl.DataFrame | pl.LazyFrame, with_cancellation: bool = False
+) -> pl.LazyFrame:
     """The ETL's event table in the snapshot's columns (event names as strings, ms times)."""
-    return frame.lazy().select(
+    cols = [
         pl.col("user_idx").cast(pl.Int64),
         pl.col("item_idx").cast(pl.Int64),
         pl.col("event").cast(pl.String),
         pl.col("level").cast(pl.Int8),
         pl.col("ts").cast(pl.Datetime("ms")).dt.epoch("ms").alias("ts_ms"),
-    )
+    ]
+    if with_cancellation:
+        cols.append(
+            pl.col("cancelled_at").cast(pl.Datetime("ms")).dt.epoch("ms").alias("cancelled_ms")
+        )
+    return frame.lazy().select(cols)
 
 
 def item_categories(etl: Path, n_items: int) -> np.ndarray | None:
@@ -99,6 +106,72 @@ def cut_points(stats: dict) -> tuple[int | None, int | None, int]:
     if end is None:
         raise InputError("stats.json has no split end or time range", field="split.end")
     return ms(split.get("valid_start")), ms(split.get("test_start")), end + 1
+
+
+def fold_at(events: pl.DataFrame, cut_ms: int, spec: dict) -> pl.DataFrame:
+    """`user_idx, item_idx, label` of the events before `cut_ms`, folded as the ETL folds a
+    window (its cancellation links, `cancelled_at`, are reused): the deepest level still
+    active, or -1 when an explicit negative (a dislike, a refund that falls back to negative)
+    is at least as recent as the newest active positive. Used for snapshots at cuts the ETL
+    did not make (the ranker's extra label windows); a test holds it to the ETL's own fold."""
+    negative = [n for n, s in spec["signals"].items() if s.get("negative")]
+    negative += [
+        n
+        for n, s in spec["signals"].items()
+        if s.get("cancels") and s.get("fallback") == "negative"
+    ]
+    level_of = {lv["name"]: t for t, lv in enumerate(spec["levels"], start=1)}
+    lifts = {
+        n: level_of[s["fallback"]]
+        for n, s in spec["signals"].items()
+        if s.get("cancels") and s.get("fallback") not in (None, "negative")
+    }
+    before = events.filter(pl.col("ts_ms") < cut_ms)
+    active = pl.col("cancelled_ms").is_null() | (pl.col("cancelled_ms") >= cut_ms)
+    positive = (pl.col("level") > 0) & active
+    neg = pl.col("event").is_in(negative) & active
+    lift = pl.col("event").replace_strict(lifts, default=0, return_dtype=pl.Int8)
+    folded = before.group_by(PAIR).agg(
+        pl.col("level").filter(positive).max().fill_null(0).alias("_lv"),
+        lift.max().alias("_lift"),
+        pl.col("ts_ms").filter(positive).max().alias("_pos"),
+        pl.col("ts_ms").filter(neg).max().alias("_neg"),
+    )
+    is_neg = pl.col("_neg").is_not_null() & (
+        pl.col("_pos").is_null() | (pl.col("_neg") >= pl.col("_pos"))
+    )
+    return folded.select(
+        *PAIR,
+        pl.when(is_neg)
+        .then(-1)
+        .otherwise(pl.max_horizontal("_lv", "_lift"))
+        .cast(pl.Int8)
+        .alias("label"),
+    )
+
+
+def snapshot_at(etl: str | Path, cut_ms: int) -> Snapshot:
+    """The state at any cut (events before it, pairs folded by `fold_at`)."""
+    from recfb.train.data import Interactions
+
+    etl = Path(etl)
+    data = Interactions.load(etl)
+    spec = json.loads((etl / "stats.json").read_text())["signal_map_spec"]
+    events = (
+        pl.scan_parquet(etl / "events.parquet")
+        .filter(pl.col("ts").cast(pl.Datetime("ms")).dt.epoch("ms") < cut_ms)
+        .pipe(canonical_events, with_cancellation=True)
+        .collect()
+    )
+    return Snapshot(
+        pairs=fold_at(events, cut_ms, spec),
+        events=events.drop("cancelled_ms"),
+        now_ms=int(cut_ms),
+        n_users=data.n_users,
+        n_items=data.n_items,
+        spec=spec,
+        category=item_categories(etl, data.n_items),
+    )
 
 
 def snapshot_from_etl(etl: str | Path, upto: str) -> Snapshot:

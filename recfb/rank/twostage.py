@@ -146,6 +146,8 @@ class Stage:
     candidates: pl.DataFrame
     features: np.ndarray
     columns: list[str]
+    labels: np.ndarray | None = None  # graded next-window labels (fitting stages)
+    queries: np.ndarray | None = None  # the ranker's query id per row (window, user)
 
 
 def prepare(
@@ -164,6 +166,59 @@ def prepare(
     columns = feature_columns(snap, list(FEATURE_GROUPS), cfg.item_windows_days)
     x = build_features(cands, snap.events, items, snap, snap.now_ms, columns)
     return Stage(snap, sources, items, users, cands, x, columns)
+
+
+def _stage_at(snap: Snapshot, window: pl.DataFrame, cfg: RankConfig, etl: str) -> Stage:
+    """A fitting stage from any snapshot, labelled by `window`'s pairs."""
+    sources = fit_sources(snap, cfg)
+    rates = delayed_rates(etl, snap.now_ms, snap.n_items) if cfg.delay_corrected_rates else None
+    items = ItemTable(item_stats(snap, cfg.item_windows_days, rates))
+    users = np.unique(window.filter(pl.col("label") > 0)["user_idx"].to_numpy()).astype(np.int64)
+    cands = candidates(snap, sources, users, cfg)
+    columns = feature_columns(snap, list(FEATURE_GROUPS), cfg.item_windows_days)
+    x = build_features(cands, snap.events, items, snap, snap.now_ms, columns)
+    return Stage(snap, sources, items, users, cands, x, columns)
+
+
+def _with_past_windows(first: Stage, data: Any, cfg: RankConfig) -> Stage:
+    """The valid window's stage plus `label_windows - 1` earlier windows of the same length
+    (temporal splits only), stacked into one training set; query = (window, user)."""
+    from recfb.rank.state import cut_points, fold_at, snapshot_at
+
+    first.labels = graded_labels(first.candidates, data.valid)
+    first.queries = first.candidates["user_idx"].to_numpy().astype(np.int64)
+    valid_ms, test_ms, _ = cut_points(data.stats)
+    if cfg.ranker.label_windows <= 1 or valid_ms is None or test_ms is None:
+        return first
+    length = test_ms - valid_ms
+    stages = [first]
+    for k in range(1, cfg.ranker.label_windows):
+        start, end = valid_ms - k * length, valid_ms - (k - 1) * length
+        later = snapshot_at(cfg.data, end)
+        if later.events.height == 0 or later.events["ts_ms"].min() >= start:
+            break  # the log does not reach back this far
+        window_events = later.events.filter(pl.col("ts_ms") >= start).with_columns(
+            pl.lit(None, dtype=pl.Int64).alias("cancelled_ms")
+        )
+        window = fold_at(window_events, end, later.spec)
+        if window.filter(pl.col("label") > 0).height == 0:
+            break
+        stage = _stage_at(snapshot_at(cfg.data, start), window, cfg, cfg.data)
+        stage.labels = graded_labels(stage.candidates, window)
+        stage.queries = k * first.snap.n_users + stage.candidates["user_idx"].to_numpy()
+        stages.append(stage)
+    log.info("ranker label windows: %d", len(stages))
+    return Stage(
+        first.snap,
+        first.sources,
+        first.items,
+        np.concatenate([s.users for s in stages]),
+        pl.concat([s.candidates for s in stages]),
+        np.concatenate([s.features for s in stages]),
+        first.columns,
+        np.concatenate([s.labels for s in stages]),
+        np.concatenate([s.queries for s in stages]),
+    )
 
 
 def graded_labels(cands: pl.DataFrame, window: pl.DataFrame) -> np.ndarray:
@@ -277,7 +332,8 @@ def fit_two_stage(
             file=str(data.directory / "valid.parquet"),
         )
     fit = prepare(cfg.data, "train", data.valid, cfg, embedding_train)
-    y_fit = graded_labels(fit.candidates, data.valid)
+    fit = _with_past_windows(fit, data, cfg)
+    y_fit = fit.labels
     users_fit = fit.candidates["user_idx"].to_numpy()
     groups = list(cfg.features)
     cols = select_columns(fit.columns, groups, list(SOURCES))
@@ -348,6 +404,7 @@ def fit_two_stage(
                 users_fit[keep],
                 sub,
                 cfg.ranker,
+                fit.queries[keep],
             )
             tkeep, tx = without_source(test.candidates, test.features, test.columns, s)
             out.ablation[f"-{s} source"] = two_stage_metrics(r, tkeep, tx)
@@ -358,7 +415,7 @@ def _fit_ranker(
     stage: Stage, y: np.ndarray, users: np.ndarray, cols: list[str], cfg: RankConfig
 ) -> Ranker:
     idx = [stage.columns.index(c) for c in cols]
-    return Ranker.fit(stage.features[:, idx], y, users, cols, cfg.ranker)
+    return Ranker.fit(stage.features[:, idx], y, users, cols, cfg.ranker, stage.queries)
 
 
 def _history_then(hist: pl.DataFrame, score: ScoreFn) -> ScoreFn:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import Response
@@ -73,7 +74,10 @@ class ScoredItem(BaseModel):
 class Recommendations(BaseModel):
     user_id: str
     items: list[ScoredItem]
-    source: str = Field(description="model | session (fold-in of a new user) | popularity")
+    source: str = Field(
+        description="model | session (fold-in of a new user) | popularity | two_stage (the "
+        "bundle's ranker over candidates from history, cascade, ANN and trending)"
+    )
     bundle_version: str
 
 
@@ -340,6 +344,10 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
         excluded = online_excluded | served.excluded.get(user_row, frozenset())
         excluded.update(served.item_row[i] for i in exclude if i in served.item_row)
         timings.add("filter", started)
+        if served.online is not None:
+            return two_stage_one(
+                served, user_id, user_row, query, events, excluded, k, category, timings
+            )
         table = None
         if cfg.rerank.weight > 0 and served.rates is not None:
             table = served.rates.current(service.log)
@@ -352,6 +360,53 @@ def create_app(cfg: ServeConfig, api_key: str | None = None) -> FastAPI:
         else:
             rows, scores = served.rank(query, k, excluded, category, timings)
         source = "popularity" if query is None else ("model" if user_row is not None else "session")
+        return {
+            "user_id": user_id,
+            "items": [
+                {"item_id": served.item_ids[r], "score": float(s) if math.isfinite(s) else 0.0}
+                for r, s in zip(rows, scores, strict=True)
+            ],
+            "source": source,
+            "bundle_version": served.version,
+        }
+
+    def two_stage_one(
+        served: ServingBundle,
+        user_id: str,
+        user_row: int | None,
+        query,
+        events: list,
+        excluded: set[int],
+        k: int,
+        category: str | None,
+        timings: Timings,
+    ) -> dict:
+        """Candidates (history incl. the log, cascade, ANN over the folded-in query,
+        trending) -> the same features as offline -> LambdaRank -> exclusion and filters."""
+        allowed = None
+        if category is not None:
+            allowed = served.category.get(category, np.empty(0, dtype=np.int64))
+
+        def search(n: int) -> tuple[list[int], list[float]]:
+            return served.rank(query, n, excluded, None, timings)
+
+        rows, scores, parts = served.online.rank(
+            user_row,
+            served.logged_rows(events),
+            search if query is not None else None,
+            excluded,
+            allowed,
+            k,
+            int(time.time() * 1000),
+        )
+        for stage, seconds in parts.items():
+            timings.stages[stage] = timings.stages.get(stage, 0.0) + seconds
+        if len(rows) < k:  # a thin candidate set: fill from popularity
+            more, more_scores = served.rank(None, k, excluded | set(rows), category, timings)
+            take = more[: k - len(rows)]
+            floor = min(scores) if scores else 0.0
+            rows, scores = rows + take, scores + [floor - 1.0 - i for i in range(len(take))]
+        source = "two_stage" if user_row is not None or events else "popularity"
         return {
             "user_id": user_id,
             "items": [

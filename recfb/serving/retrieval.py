@@ -13,8 +13,8 @@ model code at serving time.
 Exclusion. Explicit negatives and refunds that fall back to negative are always removed; beyond
 them the rule `signals` (default) removes the levels the signal map says do not repeat (by
 default the deepest: bought and not refunded; what was viewed or carted stays a candidate),
-`purchased` the deepest level, `any` every item the user engaged with, `none` nothing more. The bundle's pairs and the log's events
-are both applied.
+`purchased` the deepest level, `any` every item the user engaged with, `none` nothing more.
+The bundle's pairs and the log's events are both applied.
 """
 
 from __future__ import annotations
@@ -80,6 +80,22 @@ class ServingBundle:
         foldin = bundle.manifest["foldin"]
         self.target_pos, self.target_neg = foldin["positive"], foldin["negative"]
         self.ridge = cfg.foldin.l2 * foldin["item_sq_norm"]
+        self.online = None  # the two-stage ranker, where the bundle carries one
+        if bundle.manifest.get("two_stage"):
+            from recfb.rank.online import OnlineRanker
+
+            codes = None
+            if "category" in bundle.items.columns:
+                codes = (
+                    bundle.items["category"]
+                    .cast(pl.String)
+                    .rank("dense")
+                    .fill_null(0)
+                    .cast(pl.Int64)
+                    .to_numpy()
+                    - 1
+                )
+            self.online = OnlineRanker(bundle.path, bundle.signals, codes)
         self.rates: OnlineRates | None = None
         if bundle.delays is not None and bundle.cascade_events is not None:
             segment = None
@@ -111,11 +127,22 @@ class ServingBundle:
         """user row -> item rows excluded by the bundle's pairs under the rule (sets, built
         once here so that a request only unions them)."""
         hidden = [-1, *sorted(self.hidden_levels)]
-        rows = seen.filter(pl.col("label").is_in(hidden)).group_by("user_idx").agg(pl.col("item_idx"))
+        rows = (
+            seen.filter(pl.col("label").is_in(hidden)).group_by("user_idx").agg(pl.col("item_idx"))
+        )
         return {
             int(u): frozenset(items)
             for u, items in zip(rows["user_idx"].to_list(), rows["item_idx"].to_list(), strict=True)
         }
+
+    def logged_rows(self, events: list[LoggedEvent]) -> list[tuple[int, str, int, int]]:
+        """The logged events on items the bundle knows: (item row, event, level, ts ms)."""
+        out = []
+        for ev in events:
+            row = self.item_row.get(ev.item_id)
+            if row is not None and ev.event in self.signals:
+                out.append((row, ev.event, self.event_level.get(ev.event, 0), ev.ts))
+        return out
 
     # --- the user's online state ---------------------------------------------------------
     def session_state(self, events: list[LoggedEvent], now_ms: int) -> tuple[dict, set[int]]:

@@ -209,7 +209,12 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
         warm_test = data.test.filter(pl.col("user_idx").is_in(warm_users(data.train).implode()))
         if warm_test.height:
             warm = full_ranking_metrics(
-                model.score, data.n_items, warm_test, data.train, data.level_names, eval_config(cfg, data)
+                model.score,
+                data.n_items,
+                warm_test,
+                data.train,
+                data.level_names,
+                eval_config(cfg, data),
             )
             metrics |= {f"test/warm/{k}": v for k, v in warm.items() if "/" not in k}
         if isinstance(model, GNOLR):
