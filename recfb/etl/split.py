@@ -91,7 +91,8 @@ def leave_last_out(pairs: pl.DataFrame) -> pl.DataFrame:
 
 
 def leave_last_deepest(pairs: pl.DataFrame, deepest: int) -> pl.DataFrame:
-    """Per user: the latest pair at the deepest level (by its last event) -> test when the
+    """Per user: the latest pair at the deepest level (by `last_ts`: the caller passes the
+    time of the pair's last deepest-level event) -> test when the
     user has another positive pair, the one before -> valid when the user has two deepest
     pairs; `user_idx, item_idx, split` of the held-out pairs only (their deepest-level events
     are held out; the pair's shallower events stay in train)."""

@@ -11,9 +11,9 @@ Semantics
   explicit negatives included), ``"min_level"`` masks train pairs with
   ``label >= exclude_min_level`` (e.g. 4: only bought items), ``"signals"`` masks the train
   pairs whose label is in ``hidden_labels``: the signal map's one exclusion rule (bought and
-  not refunded, explicit negatives; what was only viewed or carted stays rankable). If a user has fewer than k
-  unmasked items, the tail of the list holds masked items; they are never hits and are left out of
-  coverage and popularity.
+  not refunded, explicit negatives; what was only viewed or carted stays rankable).
+  If a user has fewer than k unmasked items, the tail of the list holds masked items; they are
+  never hits and are left out of coverage and popularity.
 * Relevance: the overall relevant set of a user is their held-out pairs with
   ``label >= relevant_min_level``, MINUS the items masked for that user (the temporal split lets a
   held-out pair also be a train pair; a masked item cannot be recommended, so it must not count

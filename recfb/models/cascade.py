@@ -17,11 +17,13 @@ with ``A_t`` the user x item graph of the pairs with ``label >= t``,
 when the user has no level-t pair). The prior ``p`` is the queries at the first level and the
 previous level's final scores after it; the walk starts from the prior. The iteration is
 Gauss-Seidel: the fresh ``r_u`` feeds the ``r_i`` of the same step (same fixed point as Jacobi,
-about twice as fast). A user's column stops (and is frozen) once the largest change of its
-``r_i`` is at most ``tol`` times the largest ``|r_i|`` of that column, in this step or in the
-level's prior (a relative test; the prior keeps it meaningful where the walk drains a column
-toward 0, e.g. b = 0 and a user without pairs at that level), or after ``max_iter`` steps.
-Freezing per column makes a user's scores independent of the batch it is in.
+about twice as fast; only the start of ``r_i`` matters then). A user's column stops (and is
+frozen) once the largest change of its ``r_i`` is at most ``tol`` times the largest ``|r_i|`` of
+that column, in this step or in the level's prior (a relative test; the prior keeps it
+meaningful where the walk drains a column toward 0, e.g. b = 0 and a user without pairs at that
+level), or after ``max_iter`` steps. Freezing per column makes a user's scores independent of
+the batch it is in.
+
 The deepest level's ``r_i`` ranks the items; the user's explicit negatives (train rows with
 label -1) are then set to the row's minimum minus 1, so they rank last and stay finite.
 
@@ -218,9 +220,9 @@ class CascadeRank(Baseline):
     def _walk(self, users: np.ndarray) -> torch.Tensor:
         """Scores (B, n_items) of one batch of users, negatives pushed to the bottom.
 
-        The dense blocks live in preallocated buffers (prior, current, next, scratch, query
-        for the items: about 5 x n_items x B floats), since fresh tensors of that size cost
-        more in page faults than the products themselves.
+        The dense blocks live in preallocated buffers (prior, current, next, scratch and query
+        for the items, plus the output: about 6 x n_items x B floats), since fresh tensors of
+        that size cost more in page faults than the products themselves.
         """
         a, b = self.config.alpha, self.config.beta
         g = 1.0 - a - b

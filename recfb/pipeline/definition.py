@@ -1,6 +1,6 @@
 """A pipeline definition (`pipelines/<name>.yaml`): which stages run with which conf overrides.
 
-The stage order is fixed (etl -> train -> evaluate -> index -> register -> promote); a
+The stage order is fixed (etl -> train -> rank -> evaluate -> index -> register -> promote); a
 definition lists the stages it runs, each with a conf file and ``key=value`` overrides in the
 CLI's ``--set`` syntax. See pipelines/nightly.yaml.
 """
@@ -14,14 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recfb.config import build_model, read_yaml
 
-STAGES = ("etl", "train", "evaluate", "index", "register", "promote")
-Stage = Literal["etl", "train", "evaluate", "index", "register", "promote"]
+STAGES = ("etl", "train", "rank", "evaluate", "index", "register", "promote")
+Stage = Literal["etl", "train", "rank", "evaluate", "index", "register", "promote"]
 
 
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    config: str | None = Field(None, description="conf file of the stage (etl, train, index)")
+    config: str | None = Field(None, description="conf file of the stage (etl, train, rank, index)")
     set: list[str] = Field(default_factory=list, description="overrides, `key=value`")
     init_from: Literal["production"] | None = Field(
         None, description="train: warm-start from the production model's vectors, by id"

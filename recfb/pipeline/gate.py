@@ -59,9 +59,16 @@ def _pairs(etl: Path, split: str) -> pl.DataFrame:
 
 
 def holdout_metrics(
-    model: Vectors, etl: str | Path, k: int = 10, split: str = "test", max_users: int = 20_000
+    model: Vectors,
+    etl: str | Path,
+    k: int = 10,
+    split: str = "test",
+    max_users: int = 20_000,
+    lists: dict[str, list[str]] | None = None,
 ) -> dict[str, float]:
-    """NDCG@k, recall@k and negative_share@k of ``model`` on ``split`` of ``etl``."""
+    """NDCG@k, recall@k and negative_share@k of ``model`` on ``split`` of ``etl``; with
+    ``lists`` (user id -> ranked item ids, e.g. the two-stage recommender's) a listed user's
+    top-k comes from there instead of the inner product."""
     etl = Path(etl)
     holdout = _pairs(etl, split)
     if holdout.filter(pl.col("label") >= 1).height == 0:
@@ -109,6 +116,9 @@ def holdout_metrics(
         for j, u in enumerate(chunk):
             pos, negs = positives[u], negatives.get(u, set())
             top_ids = model.item_ids[top[j]]
+            if lists is not None and u in lists:
+                top_ids = np.asarray(lists[u][:k], dtype=object)
+                top[j, : len(top_ids)] = [item_row.get(i, 0) for i in top_ids]
             hits = np.array([i in pos for i in top_ids], dtype=float)
             ideal = discount[: min(len(pos), k)].sum()  # new items count: the model missed them
             ndcg.append(float(hits @ discount) / ideal)

@@ -21,6 +21,7 @@ from recfb.pipeline.runner import Context, files_fingerprint, fingerprint
 DEFAULT_CONF = {
     "etl": "conf/etl.yaml",
     "train": "conf/models/mf.yaml",
+    "rank": "conf/rank.yaml",
     "index": "conf/index.yaml",
 }
 PRODUCTION, CANDIDATE = "production", "candidate"
@@ -47,11 +48,29 @@ def _train_config(spec: StageSpec, ctx: Context):
     return load_config(TrainConfig, path, [*base, *spec.set])
 
 
+def _rank_config(spec: StageSpec, ctx: Context):
+    from recfb.rank import RankConfig
+
+    path = Path(spec.config or DEFAULT_CONF["rank"])
+    base = [
+        f"data={ctx.outputs['etl']['out']}",
+        "embedding=run",
+        f"embedding_run={ctx.outputs['train']['run_id']}",
+        f"experiment={ctx.spec.experiment}",
+        f"run_name={ctx.spec.name}:rank",
+        f"out={ctx.dir / 'rank'}",
+    ]
+    return load_config(RankConfig, path, [*base, *spec.set])
+
+
 def _index_config(spec: StageSpec, ctx: Context):
     from recfb.index import IndexConfig
 
     path = Path(spec.config or DEFAULT_CONF["index"])
-    return load_config(IndexConfig, path, [f"run_id={ctx.outputs['train']['run_id']}", *spec.set])
+    base = [f"run_id={ctx.outputs['train']['run_id']}"]
+    if "rank" in ctx.outputs:
+        base.append(f"rank_dir={ctx.outputs['rank']['dir']}")
+    return load_config(IndexConfig, path, [*base, *spec.set])
 
 
 def _production(ctx: Context) -> Any:
@@ -74,15 +93,20 @@ def stage_fingerprint(name: str, spec: StageSpec, ctx: Context) -> str:
         cfg = _train_config(spec, ctx).model_dump(mode="json")
         cfg.pop("run_name", None)
         return fingerprint(cfg, fp["etl"])
+    if name == "rank":
+        cfg = _rank_config(spec, ctx).model_dump(mode="json")
+        for key in ("run_name", "embedding_run", "out"):
+            cfg.pop(key, None)
+        return fingerprint(cfg, fp["train"])
     if name == "evaluate":
         prod = _production(ctx)
         token = str(prod.version) if prod else None
         if prod is not None and prod.run_id == ctx.outputs["train"]["run_id"]:
             # our own candidate was promoted since: what it was judged against still holds
             token = ctx.state.get("evaluate", {}).get("outputs", {}).get("production_version")
-        return fingerprint(ctx.spec.gate.model_dump(), fp["train"], token)
+        return fingerprint(ctx.spec.gate.model_dump(), fp["train"], fp.get("rank"), token)
     if name == "index":
-        return fingerprint(spec.model_dump(mode="json"), fp["train"])
+        return fingerprint(spec.model_dump(mode="json"), fp["train"], fp.get("rank"))
     if name == "register":
         return fingerprint(ctx.spec.registered_model, fp["index"])
     if name == "promote":
@@ -114,6 +138,16 @@ def stage_train(spec: StageSpec, ctx: Context) -> dict:
     return {"run_id": result.run_id, "metrics": metrics}
 
 
+def stage_rank(spec: StageSpec, ctx: Context) -> dict:
+    """Fit the two-stage ranker on the ETL's valid window over the train run's vectors."""
+    from recfb.rank.publish import fit_rank_stage
+
+    out, info = fit_rank_stage(_rank_config(spec, ctx))
+    ctx.adopt(info["run_id"], "rank")
+    metrics = {k: v for k, v in info["metrics"].items() if k.startswith("ndcg@")}
+    return {"dir": str(out.resolve()), "run_id": info["run_id"], "metrics": metrics}
+
+
 def _run_vectors(run_id: str) -> Vectors:
     from recfb.train.runs import load_run
 
@@ -129,15 +163,40 @@ def _run_vectors(run_id: str) -> Vectors:
     )
 
 
+def _has_ranker(bundle: str) -> bool:
+    return (Path(bundle) / "ranker.txt").is_file() and (Path(bundle) / "rank.json").is_file()
+
+
+def _two_stage_lists(etl: str, vectors: Vectors, rank_dir: str | None, gate) -> dict | None:
+    """The two-stage lists of a model with a ranker (None: it ranks by inner product)."""
+    if rank_dir is None:
+        return None
+    from recfb.rank.twostage import two_stage_lists
+
+    return two_stage_lists(etl, vectors, rank_dir, gate.k, gate.split)
+
+
 def stage_evaluate(spec: StageSpec, ctx: Context) -> dict:
     """Candidate and production on the same recent holdout (the candidate's ETL test split)."""
     gate = ctx.spec.gate
     etl = ctx.outputs["etl"]["out"]
-    cand = holdout_metrics(_run_vectors(ctx.outputs["train"]["run_id"]), etl, gate.k, gate.split)
+    vectors = _run_vectors(ctx.outputs["train"]["run_id"])
+    rank_dir = ctx.outputs.get("rank", {}).get("dir")
+    cand = holdout_metrics(
+        vectors, etl, gate.k, gate.split, lists=_two_stage_lists(etl, vectors, rank_dir, gate)
+    )
     prod_version = _production(ctx)
     prod = None
     if prod_version is not None:
-        prod = holdout_metrics(Vectors.from_bundle(prod_version.source), etl, gate.k, gate.split)
+        prod_vectors = Vectors.from_bundle(prod_version.source)
+        prod_rank = prod_version.source if _has_ranker(prod_version.source) else None
+        prod = holdout_metrics(
+            prod_vectors,
+            etl,
+            gate.k,
+            gate.split,
+            lists=_two_stage_lists(etl, prod_vectors, prod_rank, gate),
+        )
     pops = {
         "candidate": cand.pop("_rec_popularity"),
         "production": prod.pop("_rec_popularity") if prod else [],

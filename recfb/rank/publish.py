@@ -41,17 +41,7 @@ def fit_rank_stage(cfg: RankConfig, run_id: str | None = None) -> tuple[Path, di
             raise ValueError("rank.embedding=run needs rank.embedding_run (an MLflow run id)")
         _, embedding = load_run(cfg.embedding_run or run_id)
     result = fit_two_stage(cfg, embedding, embedding)
-    out = Path(cfg.out or tempfile.mkdtemp(prefix="recfb-rank-"))
-    out.mkdir(parents=True, exist_ok=True)
-    result.ranker.save(out / "ranker.txt")
-    meta = {
-        "columns": result.ranker.columns,
-        "sources": cfg.sources.model_dump(),
-        "config": cfg.model_dump(mode="json"),
-        "best_iteration": result.ranker.best_iteration,
-        "candidate_recall": result.candidate_recall,
-    }
-    (out / "rank.json").write_text(json.dumps(meta, indent=2))
+    out = save_ranker(result, cfg, Path(cfg.out or tempfile.mkdtemp(prefix="recfb-rank-")))
     importances = result.ranker.importances()
     with tracking.run(cfg.experiment, cfg.run_name, {"model_family": "two_stage"}) as rank_run:
         tracking.log_params(cfg.model_dump(mode="json"))
@@ -77,8 +67,26 @@ def fit_rank_stage(cfg: RankConfig, run_id: str | None = None) -> tuple[Path, di
     return out, {"run_id": rank_run, "metrics": result.metrics["two_stage"], "dir": str(out)}
 
 
-def write_rank_files(etl: Path, rank_dir: Path, target: Path, n_users: int) -> list[str]:
-    """Write the rank files into a bundle directory being built; returns their names."""
+def save_ranker(result: Any, cfg: RankConfig, out: Path) -> Path:
+    """`ranker.txt` (LightGBM's text model) and `rank.json` (columns, sources, config)."""
+    out.mkdir(parents=True, exist_ok=True)
+    result.ranker.save(out / "ranker.txt")
+    meta = {
+        "columns": result.ranker.columns,
+        "sources": cfg.sources.model_dump(),
+        "config": cfg.model_dump(mode="json"),
+        "best_iteration": result.ranker.best_iteration,
+        "candidate_recall": result.candidate_recall,
+    }
+    (out / "rank.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def write_rank_files(
+    etl: Path, rank_dir: Path, target: Path, n_users: int, now_ms: int | None = None
+) -> list[str]:
+    """Write the rank files into a bundle directory being built (the state at the end of
+    the log, or at `now_ms`); returns their names."""
     from recfb.models.baselines import make_baseline
     from recfb.rank.candidates import topn_candidates, trending_scores
     from recfb.rank.online import RANK_FILES
@@ -87,6 +95,7 @@ def write_rank_files(etl: Path, rank_dir: Path, target: Path, n_users: int) -> l
     meta = json.loads((rank_dir / "rank.json").read_text())
     cfg = RankConfig.model_validate(meta["config"])
     _, _, end_ms = cut_points(json.loads((etl / "stats.json").read_text()))
+    end_ms = end_ms if now_ms is None else int(now_ms)
     snap = snapshot_at(etl, end_ms)
     rates = delayed_rates(str(etl), end_ms, snap.n_items) if cfg.delay_corrected_rates else None
     items = item_stats(snap, cfg.item_windows_days, rates).with_columns(

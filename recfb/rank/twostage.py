@@ -459,3 +459,70 @@ def _candidate_recall(
     for s in SOURCES:
         out[s] = float(joined[f"{s}_rank"].is_not_null().mean())
     return out
+
+
+class _MappedVectors:
+    """A model's vectors re-indexed into another ETL's vocabulary by id (unknown users get
+    a zero vector, unknown items score -inf), so it can serve that ETL's snapshot."""
+
+    def __init__(self, etl: str, user_ids, user_vectors, item_ids, item_vectors) -> None:
+        users = pl.read_parquet(f"{etl}/users.parquet").sort("user_idx")["user_id"].cast(pl.String)
+        items = pl.read_parquet(f"{etl}/items.parquet").sort("item_idx")["item_id"].cast(pl.String)
+        urow = {u: i for i, u in enumerate(np.asarray(user_ids).astype(str))}
+        irow = {t: i for i, t in enumerate(np.asarray(item_ids).astype(str))}
+        dim = user_vectors.shape[1]
+        self.users = np.zeros((len(users), dim), dtype=np.float32)
+        self.items = np.zeros((len(items), dim), dtype=np.float32)
+        self.known = np.zeros(len(items), dtype=bool)
+        for j, u in enumerate(users.to_list()):
+            if u in urow:
+                self.users[j] = user_vectors[urow[u]]
+        for j, t in enumerate(items.to_list()):
+            if t in irow:
+                self.items[j], self.known[j] = item_vectors[irow[t]], True
+
+    def score(self, batch: torch.Tensor) -> torch.Tensor:
+        s = torch.from_numpy(self.users[batch.numpy()] @ self.items.T)
+        s[:, torch.from_numpy(~self.known)] = float("-inf")
+        return s
+
+
+def two_stage_lists(
+    etl: str, vectors: Any, rank_dir: str, k: int, split: str = "test"
+) -> dict[str, list[str]]:
+    """Top-k item ids per user id of a two-stage model (its vectors and ranker) on the
+    snapshot before `split` of `etl`: what the gate compares, for any model version."""
+    import json
+    from pathlib import Path
+
+    from recfb.train.data import Interactions
+
+    meta = json.loads((Path(rank_dir) / "rank.json").read_text())
+    cfg = RankConfig.model_validate(meta["config"]).model_copy(update={"data": etl})
+    data = Interactions.load(etl)
+    holdout = {"test": data.test, "valid": data.valid}[split]
+    upto = "valid" if split == "test" else "train"
+    mapped = _MappedVectors(
+        etl, vectors.user_ids, vectors.user_vectors, vectors.item_ids, vectors.item_vectors
+    )
+    stage = prepare(etl, upto, holdout, cfg, mapped)
+    ranker = Ranker.load(Path(rank_dir) / "ranker.txt", meta["columns"])
+    pred = ranker.predict(stage.features[:, [stage.columns.index(c) for c in ranker.columns]])
+    score = list_scorer(
+        stage.candidates["user_idx"].to_numpy(),
+        stage.candidates["item_idx"].to_numpy(),
+        pred,
+        stage.snap.n_items,
+        stage.sources.popularity,
+    )
+    from recfb.evaluate import topk_items
+
+    ecfg = EvalConfig(ks=(k,), exclude="signals", hidden_labels=stage.snap.hidden_labels)
+    items, _ = topk_items(score, stage.snap.n_items, stage.users, stage.snap.pairs, ecfg, k)
+    user_ids = pl.read_parquet(f"{etl}/users.parquet").sort("user_idx")["user_id"].cast(pl.String)
+    item_ids = pl.read_parquet(f"{etl}/items.parquet").sort("item_idx")["item_id"].cast(pl.String)
+    uid, iid = user_ids.to_numpy(), item_ids.to_numpy()
+    return {
+        str(uid[u]): [str(iid[i]) for i in row if i >= 0]
+        for u, row in zip(stage.users.tolist(), items.numpy(), strict=True)
+    }

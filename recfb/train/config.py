@@ -14,8 +14,12 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """Which model family and its shape."""
 
-    family: Literal["mf", "lightgcn", "gnolr", "popularity", "itemknn", "als", "bpr_implicit"] = (
-        Field("mf", description="a model of recfb.models or a baseline fitted in the same harness")
+    family: Literal[
+        "mf", "lightgcn", "gnolr", "popularity", "itemknn", "als", "bpr_implicit", "cascade"
+    ] = Field(
+        "mf",
+        description="a model of recfb.models or a baseline fitted in the same harness "
+        "(cascade: the training-free cascaded multi-behaviour walk)",
     )
     dim: int = Field(64, ge=2, description="embedding size (GNOLR: per level)")
     loss: Literal["bpr", "softmax", "bce"] = Field(

@@ -26,7 +26,7 @@ from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions, csr_by_user, item_attribute, recency_weighted
 from recfb.train.fallback import PopularityFallback, warm_users
 
-BASELINE_FAMILIES = ("popularity", "itemknn", "als", "bpr_implicit")
+BASELINE_FAMILIES = ("popularity", "itemknn", "als", "bpr_implicit", "cascade")
 
 
 @dataclass
@@ -177,6 +177,8 @@ def _fit_baseline(cfg: TrainConfig, data: Interactions) -> Any:
     params: dict[str, Any] = {"min_label": cfg.train_min_label}
     if cfg.model.family in ("als", "bpr_implicit"):
         params["factors"] = cfg.model.dim
+    if cfg.model.family == "cascade":
+        params["n_levels"] = data.n_levels  # the walk's settings: conf/rank.yaml's defaults
     if cfg.model.family == "popularity" and cfg.recency_half_life_days:
         params["use_weights"] = True  # trending: decayed weights, not all-time counts
     train = recency_weighted(data.train, cfg.recency_half_life_days)
