@@ -102,7 +102,7 @@ def cut_points(stats: dict) -> tuple[int | None, int | None, int]:
         return int(pl.Series([value]).str.to_datetime(time_unit="ms").dt.epoch("ms")[0])
 
     split = stats.get("split", {})
-    end = ms(split.get("end")) or ms(stats.get("time_range", {}).get("max"))
+    end = ms(split.get("end")) or ms(stats.get("time_range", {}).get("last"))
     if end is None:
         raise InputError("stats.json has no split end or time range", field="split.end")
     return ms(split.get("valid_start")), ms(split.get("test_start")), end + 1
