@@ -284,7 +284,6 @@ def test_pipeline_with_the_rank_stage_publishes_and_serves_two_stages(tmp_path, 
     assert manifest["two_stage"] is True
     assert {"ranker.txt", "rank.json", "history.parquet"} <= set(manifest["files"])
     users = pl.read_parquet(bundle / "users.parquet")["user_id"].cast(pl.String).to_list()
-    items = pl.read_parquet(bundle / "items.parquet")["item_id"].cast(pl.String).to_list()
     app = create_app(ServeConfig(bundle=str(bundle), event_log=str(tmp_path / "ev.db")), "k")
     with TestClient(app) as client:
         user = users[7]
