@@ -120,13 +120,12 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict | None:
     if history_empty:
         notes.append("history source is empty (the signal map hides every engaged item)")
     best = r.metrics["two_stage"]
-    for row, method in METHODS.items():
-        m = pick.get(method)
-        if row != "two_stage" and m is not None and m.get("ndcg@10", 0) > best.get("ndcg@10", 0):
-            notes.append(f"{row} beats two_stage on NDCG@10")
-    for row, m in r.ablation.items():
-        if m.get("ndcg@10", 0) > best.get("ndcg@10", 0):
-            notes.append(f"ablation {row} beats two_stage on NDCG@10")
+    rivals = [(row, pick.get(m)) for row, m in METHODS.items() if row != "two_stage"]
+    rivals += [(f"ablation {row}", m) for row, m in r.ablation.items()]
+    for row, m in rivals:
+        won = [k.upper() for k in ("hr@10", "ndcg@10") if m and m.get(k, 0) > best.get(k, 0)]
+        if won:
+            notes.append(f"{row} beats two_stage on {' and '.join(won)}")
     return {
         "dataset": name,
         "tag": args.tag,

@@ -238,7 +238,10 @@ def test_holdout_metrics_by_id_on_a_hand_built_split(tmp_path):
             {"user_idx": pl.UInt32, "item_idx": pl.UInt32, "label": pl.Int8}
         )
 
-    pairs([(0, 2, 1), (1, 0, 1), (1, 2, 1)]).write_parquet(tmp_path / "train.parquet")  # z popular
+    # two levels (view < purchase); the earlier pairs are purchases, which the rule hides
+    spec = {"levels": [{"name": "view"}, {"name": "purchase"}], "signals": {}}
+    (tmp_path / "stats.json").write_text(json.dumps({"signal_map_spec": spec}))
+    pairs([(0, 2, 2), (1, 0, 2), (1, 2, 2)]).write_parquet(tmp_path / "train.parquet")  # z popular
     pairs([]).write_parquet(tmp_path / "valid.parquet")
     # a likes x, dislikes y; b likes y; c (unknown to the model) likes x
     pairs([(0, 0, 2), (0, 1, -1), (1, 1, 1), (2, 0, 1)]).write_parquet(tmp_path / "test.parquet")
