@@ -168,20 +168,21 @@ def test_refit_trains_on_valid_for_the_chosen_epochs_and_masks_it_at_test(shop: 
     data = Interactions.load(shop)
     random = evaluate_scorer(RandomScorer(data.n_items), data, data.test, config(shop, "mf"))
     assert result.metrics["test/ndcg@20"] > 2 * random["ndcg@20"]
-    # its recommendations exclude what a user did in the valid window, as they would in
-    # production (eval.exclude = any), and are the run's model, not the fallback
+    # its recommendations exclude what the signal map hides from the valid window (bought,
+    # disliked), as they would in production, and are the run's model, not the fallback
     cfg, scorer = load_run(result.run_id)
     merged = fitted_data(cfg)
-    user = int(data.valid["user_idx"][0])
+    hidden = data.valid.filter(pl.col("label").is_in(list(data.hidden_labels)))
+    user = int(hidden["user_idx"][0])
     user_id = pl.read_parquet(shop / "users.parquet").filter(pl.col("user_idx") == user)
     recs = recommend(scorer, merged, user_id["user_id"].to_list(), 50, eval_config(cfg, merged))
-    valid_items = set(
-        data.valid.filter(pl.col("user_idx") == user)
+    hidden_items = set(
+        hidden.filter(pl.col("user_idx") == user)
         .join(pl.read_parquet(shop / "items.parquet"), on="item_idx")["item_id"]
         .to_list()
     )
     assert recs["source"].to_list() == ["model"] * 50
-    assert valid_items and not valid_items & set(recs["item_id"].to_list())
+    assert hidden_items and not hidden_items & set(recs["item_id"].to_list())
 
 
 def test_run_is_recorded_in_mlflow_and_reloads_for_recommend(shop: Path, tmp_path: Path):

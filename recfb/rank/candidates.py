@@ -114,4 +114,5 @@ def merge_sources(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
                 pl.lit(None, dtype=pl.Float32).alias(f"{source}_score"),
                 pl.lit(None, dtype=pl.Int32).alias(f"{source}_rank"),
             )
-    return merged.sort(PAIR)
+    columns = [f"{s}_{kind}" for s in SOURCES for kind in ("score", "rank")]
+    return merged.select(*PAIR, *columns).sort(PAIR)  # one column order, whatever ran

@@ -46,8 +46,13 @@ class Ranker:
         contiguous); users whose hash falls in the held-out share early-stop."""
         labels = np.clip(labels.astype(np.int64), 0, 30)
         queries = users if queries is None else queries
+        # a query without a positive label gives LambdaRank no gradient (and scores NDCG 1 in
+        # early stopping): leave it out, which on sparse next-window labels is most rows
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(queries)) + 1])
+        best = np.maximum.reduceat(labels, starts) if len(labels) else labels
+        informative = np.repeat(best > 0, group_sizes(queries))
         held = (users.astype(np.int64) * 2654435761 % 1000) < params.early_stopping_share * 1000
-        fit_rows, stop_rows = ~held, held
+        fit_rows, stop_rows = ~held & informative, held & informative
         booster_params = {
             "objective": "lambdarank",
             "metric": "ndcg",

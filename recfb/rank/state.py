@@ -34,6 +34,7 @@ class Snapshot:
     n_items: int
     spec: dict  # the resolved signal map
     category: np.ndarray | None = None  # item -> category code (-1 unknown)
+    time_cut: bool = True  # False: leave-last-out, held-out events lie inside the log
 
     @property
     def n_levels(self) -> int:
@@ -197,6 +198,7 @@ def snapshot_from_etl(etl: str | Path, upto: str) -> Snapshot:
         .pipe(canonical_events)
         .collect()
     )
+    time_cut = now is not None
     if now is None:
         now = end_ms
     return Snapshot(
@@ -207,4 +209,5 @@ def snapshot_from_etl(etl: str | Path, upto: str) -> Snapshot:
         n_items=data.n_items,
         spec=json.loads((etl / "stats.json").read_text())["signal_map_spec"],
         category=item_categories(etl, data.n_items),
+        time_cut=time_cut,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,28 +112,62 @@ def candidates(
     return merge_sources(frames)
 
 
-def delayed_rates(etl: str, cutoff_ms: int, n_items: int) -> pl.DataFrame | None:
-    """Delay-corrected CVR and refund rate per item at the cut (None: no cascade to fit)."""
-    from recfb.delayed import fit_delays, item_rates
+class DelayedRates:
+    """Delay-corrected CVR and refund rate per item at any cut of one ETL output.
 
-    try:
-        fits = fit_delays(etl, cutoff_ms)
-    except InputError as exc:
-        log.info("naive item rates: %s", exc)
-        return None
-    clicks = fits.trials["conversion"]
-    purchases = fits.trials.get("refund", clicks)
-    rates = item_rates(clicks, purchases, fits.conversion, fits.refund, n_items)
-    refund = rates["refund_corrected"] if "refund_corrected" in rates.columns else None
-    return pl.DataFrame(
-        {
-            "item_idx": rates["item_idx"].cast(pl.Int64),
-            "cvr": rates["cvr_corrected"],
-            "refund_rate": refund
-            if refund is not None
-            else pl.repeat(None, rates.height, dtype=pl.Float64, eager=True),
-        }
-    )
+    The delay models are fitted once, at the earliest cut asked for (`first_cut_ms`), so no
+    later snapshot's fit sees the future and the EM over the unlogged click runs once; each
+    snapshot then only rebuilds its trials at its own cut. Snapshots without a time cut
+    (leave-last-out: the held-out buys lie inside the log) get naive rates instead, because
+    the event log's trials would include the held-out purchases."""
+
+    def __init__(self, etl: str, first_cut_ms: int | None) -> None:
+        from recfb.delayed.fit import fit_delays, load_cascade
+
+        self.fits = None
+        self.etl = etl
+        if first_cut_ms is None:
+            log.info("naive item rates: no time cut to fit delay models before")
+            return
+        try:
+            self.events, self.signals = load_cascade(Path(etl))
+            self.fits = fit_delays(etl, first_cut_ms)
+        except InputError as exc:
+            log.info("naive item rates: %s", exc)
+
+    def at(self, cutoff_ms: int, n_items: int) -> pl.DataFrame | None:
+        """`item_idx, cvr, refund_rate` as of `cutoff_ms` (None: naive rates)."""
+        if self.fits is None:
+            return None
+        from recfb.delayed import click_trials, item_rates, purchase_trials
+
+        conversion = self.fits.conversion
+        clicks = click_trials(
+            self.events,
+            self.signals.clock,
+            self.signals.purchase,
+            cutoff_ms,
+            delay=conversion.overall,
+        )
+        purchases = purchase_trials(self.events, self.signals.purchase, cutoff_ms)
+        rates = item_rates(clicks, purchases, conversion, self.fits.refund, n_items)
+        refund = (
+            rates["refund_corrected"]
+            if "refund_corrected" in rates.columns
+            else pl.repeat(None, rates.height, dtype=pl.Float64, eager=True)
+        )
+        return pl.DataFrame(
+            {
+                "item_idx": rates["item_idx"].cast(pl.Int64),
+                "cvr": rates["cvr_corrected"],
+                "refund_rate": refund,
+            }
+        )
+
+
+def delayed_rates(etl: str, cutoff_ms: int | None, n_items: int) -> pl.DataFrame | None:
+    """Rates at one cut, delay models fitted there (None: naive rates)."""
+    return DelayedRates(etl, cutoff_ms).at(cutoff_ms, n_items) if cutoff_ms else None
 
 
 @dataclass
@@ -151,28 +186,33 @@ class Stage:
 
 
 def prepare(
-    etl: str, upto: str, users_from: pl.DataFrame, cfg: RankConfig, embedding: Any | None
+    etl: str,
+    upto: str,
+    users_from: pl.DataFrame,
+    cfg: RankConfig,
+    embedding: Any | None,
+    rates: DelayedRates | None = None,
 ) -> Stage:
     """Snapshot -> sources -> candidates -> features for the users with a positive pair in
     `users_from` (the window the stage is labelled or scored on)."""
-    snap = snapshot_from_etl(etl, upto)
+    return _stage_at(snapshot_from_etl(etl, upto), users_from, cfg, etl, embedding, rates)
+
+
+def _stage_at(
+    snap: Snapshot,
+    window: pl.DataFrame,
+    cfg: RankConfig,
+    etl: str,
+    embedding: Any | None = None,
+    rates: DelayedRates | None = None,
+) -> Stage:
+    """A stage from any snapshot for the users with a positive pair in `window`."""
     sources = fit_sources(snap, cfg, embedding)
-    rates = delayed_rates(etl, snap.now_ms, snap.n_items) if cfg.delay_corrected_rates else None
-    items = ItemTable(item_stats(snap, cfg.item_windows_days, rates))
-    users = np.unique(users_from.filter(pl.col("label") > 0)["user_idx"].to_numpy()).astype(
-        np.int64
-    )
-    cands = candidates(snap, sources, users, cfg)
-    columns = feature_columns(snap, list(FEATURE_GROUPS), cfg.item_windows_days)
-    x = build_features(cands, snap.events, items, snap, snap.now_ms, columns)
-    return Stage(snap, sources, items, users, cands, x, columns)
-
-
-def _stage_at(snap: Snapshot, window: pl.DataFrame, cfg: RankConfig, etl: str) -> Stage:
-    """A fitting stage from any snapshot, labelled by `window`'s pairs."""
-    sources = fit_sources(snap, cfg)
-    rates = delayed_rates(etl, snap.now_ms, snap.n_items) if cfg.delay_corrected_rates else None
-    items = ItemTable(item_stats(snap, cfg.item_windows_days, rates))
+    item_rates = None
+    if cfg.delay_corrected_rates and snap.time_cut:
+        rates = rates or DelayedRates(etl, snap.now_ms)
+        item_rates = rates.at(snap.now_ms, snap.n_items)
+    items = ItemTable(item_stats(snap, cfg.item_windows_days, item_rates))
     users = np.unique(window.filter(pl.col("label") > 0)["user_idx"].to_numpy()).astype(np.int64)
     cands = candidates(snap, sources, users, cfg)
     columns = feature_columns(snap, list(FEATURE_GROUPS), cfg.item_windows_days)
@@ -180,19 +220,25 @@ def _stage_at(snap: Snapshot, window: pl.DataFrame, cfg: RankConfig, etl: str) -
     return Stage(snap, sources, items, users, cands, x, columns)
 
 
-def _with_past_windows(first: Stage, data: Any, cfg: RankConfig) -> Stage:
-    """The valid window's stage plus `label_windows - 1` earlier windows of the same length
-    (temporal splits only), stacked into one training set; query = (window, user)."""
+def _past_stages(
+    data: Any,
+    cfg: RankConfig,
+    embedding: Any | None,
+    rates: DelayedRates | None,
+    first_k: int,
+    count: int,
+) -> list[Stage]:
+    """Fitting stages for `count` windows of the valid window's length before it: window k
+    runs [valid - k L, valid - (k-1) L), k = first_k, ..., each with the snapshot at its start
+    (temporal splits only; stops where the log does not reach back)."""
     from recfb.rank.state import cut_points, fold_at, snapshot_at
 
-    first.labels = graded_labels(first.candidates, data.valid)
-    first.queries = first.candidates["user_idx"].to_numpy().astype(np.int64)
     valid_ms, test_ms, _ = cut_points(data.stats)
-    if cfg.ranker.label_windows <= 1 or valid_ms is None or test_ms is None:
-        return first
+    if valid_ms is None or test_ms is None:
+        return []
     length = test_ms - valid_ms
-    stages = [first]
-    for k in range(1, cfg.ranker.label_windows):
+    stages = []
+    for k in range(first_k, first_k + count):
         start, end = valid_ms - k * length, valid_ms - (k - 1) * length
         later = snapshot_at(cfg.data, end)
         if later.events.height == 0 or later.events["ts_ms"].min() >= start:
@@ -203,10 +249,16 @@ def _with_past_windows(first: Stage, data: Any, cfg: RankConfig) -> Stage:
         window = fold_at(window_events, end, later.spec)
         if window.filter(pl.col("label") > 0).height == 0:
             break
-        stage = _stage_at(snapshot_at(cfg.data, start), window, cfg, cfg.data)
+        stage = _stage_at(snapshot_at(cfg.data, start), window, cfg, cfg.data, embedding, rates)
         stage.labels = graded_labels(stage.candidates, window)
-        stage.queries = k * first.snap.n_users + stage.candidates["user_idx"].to_numpy()
+        stage.queries = k * data.n_users + stage.candidates["user_idx"].to_numpy()
         stages.append(stage)
+    return stages
+
+
+def _stacked(stages: list[Stage]) -> Stage:
+    """Several labelled stages as one training set (query = window, user)."""
+    first = stages[0]
     log.info("ranker label windows: %d", len(stages))
     return Stage(
         first.snap,
@@ -319,10 +371,13 @@ def fit_two_stage(
     embedding_test: Any | None = None,
     extra: dict[str, tuple[Any, Any]] | None = None,
     ablation: bool = False,
+    on: str = "test",
 ) -> TwoStageResult:
-    """Fit the ranker on the valid window's labels and score the test window; `extra` maps a
-    name to (scorer fitted before valid, scorer fitted before test), evaluated in the same
-    run with the same masks."""
+    """Fit the ranker on the valid window's labels (and earlier windows') and score the test
+    window; `extra` maps a name to (scorer fitted before valid, scorer fitted before test),
+    evaluated in the same run with the same masks. `on="valid"` moves everything one window
+    back (fit on the windows before valid, score valid): where settings are chosen, so that
+    the test window is looked at once."""
     from recfb.train.data import Interactions
 
     data = Interactions.load(cfg.data)
@@ -331,16 +386,41 @@ def fit_two_stage(
             "the valid split has no positive pairs to label the ranker with",
             file=str(data.directory / "valid.parquet"),
         )
-    fit = prepare(cfg.data, "train", data.valid, cfg, embedding_train)
-    fit = _with_past_windows(fit, data, cfg)
+    from recfb.rank.state import cut_points
+
+    valid_ms, test_ms, _ = cut_points(data.stats)
+    shift = 1 if on == "valid" else 0  # scoring valid: every fitting window moves back one
+    first_cut = None
+    if valid_ms is not None and test_ms is not None:  # the earliest label window's start
+        first_cut = valid_ms - (cfg.ranker.label_windows - 1 + shift) * (test_ms - valid_ms)
+    rates = DelayedRates(cfg.data, first_cut) if cfg.delay_corrected_rates else None
+    if on == "valid":
+        stages = _past_stages(
+            data, cfg, embedding_train, rates, first_k=1, count=cfg.ranker.label_windows
+        )
+        if not stages:
+            raise InputError(
+                "scoring the valid window needs a temporal split with a window before it",
+                file=str(data.directory / "stats.json"),
+            )
+        test = prepare(cfg.data, "train", data.valid, cfg, embedding_train, rates)
+        heldout_split = data.valid
+    else:
+        first = prepare(cfg.data, "train", data.valid, cfg, embedding_train, rates)
+        first.labels = graded_labels(first.candidates, data.valid)
+        first.queries = first.candidates["user_idx"].to_numpy().astype(np.int64)
+        count = cfg.ranker.label_windows - 1
+        stages = [first, *_past_stages(data, cfg, embedding_train, rates, 1, count)]
+        test = prepare(cfg.data, "valid", data.test, cfg, embedding_test, rates)
+        heldout_split = data.test
+    fit = _stacked(stages)
     y_fit = fit.labels
     users_fit = fit.candidates["user_idx"].to_numpy()
     groups = list(cfg.features)
     cols = select_columns(fit.columns, groups, list(SOURCES))
     ranker = _fit_ranker(fit, y_fit, users_fit, cols, cfg)
-    test = prepare(cfg.data, "valid", data.test, cfg, embedding_test)
     ecfg = EvalConfig(ks=tuple(cfg.ks), exclude="signals", hidden_labels=test.snap.hidden_labels)
-    heldout = data.test.with_columns(pl.col(PAIR).cast(pl.Int64))
+    heldout = heldout_split.with_columns(pl.col(PAIR).cast(pl.Int64))
 
     def metrics_of(score: ScoreFn) -> dict[str, float]:
         return full_ranking_metrics(
@@ -380,7 +460,8 @@ def fit_two_stage(
     )
     if src.embedding is not None:
         results["history_then_embedding"] = metrics_of(_history_then(hist, src.embedding.score))
-    for name, (_, scorer) in (extra or {}).items():
+    for name, pair in (extra or {}).items():
+        scorer = pair[0] if on == "valid" else pair[1]
         results[name] = metrics_of(scorer.score)
         results[f"history_then_{name}"] = metrics_of(_history_then(hist, scorer.score))
     recall = _candidate_recall(test.candidates, heldout, test.snap)
