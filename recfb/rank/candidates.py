@@ -103,16 +103,16 @@ def trending_scores(snap: Snapshot, window_days: float = 7.0) -> np.ndarray:
 def merge_sources(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
     """One row per (user, item) proposed by any source, with every source's score and rank
     (null where a source did not propose it), sorted by user (the ranker's query groups)."""
-    merged: pl.DataFrame | None = None
-    for frame in frames.values():
-        merged = frame if merged is None else merged.join(frame, on=PAIR, how="full", coalesce=True)
-    if merged is None:
-        merged = pl.DataFrame(schema=dict.fromkeys(PAIR, pl.Int64))
-    for source in SOURCES:
-        if f"{source}_score" not in merged.columns:
-            merged = merged.with_columns(
-                pl.lit(None, dtype=pl.Float32).alias(f"{source}_score"),
-                pl.lit(None, dtype=pl.Int32).alias(f"{source}_rank"),
-            )
     columns = [f"{s}_{kind}" for s in SOURCES for kind in ("score", "rank")]
+    schema = {**dict.fromkeys(PAIR, pl.Int64)}
+    for s in SOURCES:
+        schema |= {f"{s}_score": pl.Float32, f"{s}_rank": pl.Int32}
+    parts = [pl.DataFrame(schema=schema), *frames.values()]
+    # one group-by over the stacked lists instead of a join per source: each source gives a
+    # pair at most once, so `first` non-null is its value
+    merged = (
+        pl.concat(parts, how="diagonal_relaxed")
+        .group_by(PAIR)
+        .agg(pl.col(c).drop_nulls().first() for c in columns)
+    )
     return merged.select(*PAIR, *columns).sort(PAIR)  # one column order, whatever ran

@@ -182,9 +182,14 @@ def build_features(
     )
     out = np.full((frame.height, len(columns)), np.nan, dtype=np.float32)
     item_rows = frame["item_idx"].to_numpy().astype(np.int64)
-    for j, name in enumerate(columns):
-        if name in frame.columns:
-            out[:, j] = frame[name].cast(pl.Float32).fill_null(np.nan).to_numpy()
-        elif name in items.column:
-            out[:, j] = items.matrix[item_rows, items.column[name]]
+    own = [(j, c) for j, c in enumerate(columns) if c in frame.columns]
+    if own:  # one conversion for every column the frame holds (a request has few rows)
+        block = frame.select(pl.col(c).cast(pl.Float32) for _, c in own).to_numpy()
+        out[:, [j for j, _ in own]] = block  # nulls arrive as NaN
+    from_items = [(j, items.column[c]) for j, c in enumerate(columns) if c in items.column]
+    from_items = [(j, k) for j, k in from_items if columns[j] not in frame.columns]
+    if from_items:
+        out[:, [j for j, _ in from_items]] = items.matrix[
+            np.ix_(item_rows, [k for _, k in from_items])
+        ]
     return out
