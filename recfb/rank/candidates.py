@@ -24,18 +24,21 @@ from recfb.rank.state import PAIR, Snapshot
 ScoreFn = Callable[[Any], Any]  # LongTensor (B,) -> (B, n_items); torch only offline
 
 
-def _ranked(frame: pl.DataFrame, source: str, n: int) -> pl.DataFrame:
-    """Keep each user's n best by score; add the 1-based rank; name the columns by source."""
-    ranked = (
-        frame.sort(["user_idx", "score", "item_idx"], descending=[False, True, False])
+def _ranked(frame: pl.DataFrame | pl.LazyFrame, source: str, n: int) -> pl.DataFrame:
+    """Keep each user's n best by score; add the 1-based rank; name the columns by source
+    (one lazy query: a request's handful of rows pays one collect, not one per step)."""
+    return (
+        frame.lazy()
+        .sort(["user_idx", "score", "item_idx"], descending=[False, True, False])
         .with_columns((pl.int_range(pl.len()).over("user_idx") + 1).alias("rank"))
         .filter(pl.col("rank") <= n)
-    )
-    return ranked.select(
-        pl.col("user_idx").cast(pl.Int64),
-        pl.col("item_idx").cast(pl.Int64),
-        pl.col("score").cast(pl.Float32).alias(f"{source}_score"),
-        pl.col("rank").cast(pl.Int32).alias(f"{source}_rank"),
+        .select(
+            pl.col("user_idx").cast(pl.Int64),
+            pl.col("item_idx").cast(pl.Int64),
+            pl.col("score").cast(pl.Float32).alias(f"{source}_score"),
+            pl.col("rank").cast(pl.Int32).alias(f"{source}_rank"),
+        )
+        .collect()
     )
 
 
@@ -55,13 +58,15 @@ def history_candidates(
             0,
         )
     pairs = (
-        events.filter(pl.col("level") > 0)
+        events.lazy()
+        .filter(pl.col("level") > 0)
         .group_by(PAIR)
         .agg(pl.col("level").max().alias("_lv"), pl.col("ts_ms").max().alias("_last"))
-        .join(hidden, on=PAIR, how="anti")
-        .with_columns(
-            history_score(pl.col("_lv"), (now_ms - pl.col("_last")) / HOUR_MS).alias("score")
-        )
+    )
+    if hidden.height:
+        pairs = pairs.join(hidden.lazy(), on=PAIR, how="anti")
+    pairs = pairs.with_columns(
+        history_score(pl.col("_lv"), (now_ms - pl.col("_last")) / HOUR_MS).alias("score")
     )
     return _ranked(pairs.select(*PAIR, "score"), "history", n)
 
@@ -110,9 +115,11 @@ def merge_sources(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
     parts = [pl.DataFrame(schema=schema), *frames.values()]
     # one group-by over the stacked lists instead of a join per source: each source gives a
     # pair at most once, so `first` non-null is its value
-    merged = (
-        pl.concat(parts, how="diagonal_relaxed")
+    return (
+        pl.concat([p.lazy() for p in parts], how="diagonal_relaxed")
         .group_by(PAIR)
         .agg(pl.col(c).drop_nulls().first() for c in columns)
+        .select(*PAIR, *columns)  # one column order, whatever ran
+        .sort(PAIR)
+        .collect()
     )
-    return merged.select(*PAIR, *columns).sort(PAIR)  # one column order, whatever ran
