@@ -61,11 +61,14 @@ SIGNALS = {
 
 
 # --- the synthetic bundle ---------------------------------------------------------------------
-def synthetic_bundle(work: Path, n_items: int, n_users: int, dim: int, seed: int = 0) -> Path:
-    """Clustered item vectors with varied norms (like trained embeddings) and users near them."""
+def synthetic_bundle(
+    work: Path, n_items: int, n_users: int, dim: int, seed: int = 0, two_stage: bool = False
+) -> Path:
+    """Clustered item vectors with varied norms (like trained embeddings) and users near them;
+    with `two_stage`, also the rank files (`add_two_stage`)."""
     from recfb.index import BundleParts, IndexConfig, write_bundle
 
-    name = f"synthetic-{n_items}"
+    name = f"synthetic-{n_items}" + ("-two-stage" if two_stage else "")
     if (work / name / "manifest.json").exists():
         return work / name
     rng = np.random.default_rng(seed)
@@ -112,7 +115,85 @@ def synthetic_bundle(work: Path, n_items: int, n_users: int, dim: int, seed: int
         f"{result.manifest['index']['recall']:.4f} in {time.perf_counter() - started:.0f} s",
         file=sys.stderr,
     )
+    if two_stage:
+        add_two_stage(result.path, seen_users, seen_items, n_users, n_items, rng)
     return result.path
+
+
+def add_two_stage(
+    bundle: Path,
+    users: np.ndarray,
+    items: np.ndarray,
+    n_users: int,
+    n_items: int,
+    rng: np.random.Generator,
+    cascade_per_user: int = 100,
+) -> None:
+    """The rank files of a two-stage bundle, synthetic but of the real shapes: 10 events of
+    history per user, item statistics computed from them by `recfb.rank.features`, 100
+    cascade candidates per user, and a LambdaRank model of the usual size (trained on random
+    features with the real columns: its cost, not its quality, is what is measured)."""
+    from recfb.index.bundle import sha256
+    from recfb.rank.candidates import trending_scores
+    from recfb.rank.config import FEATURE_GROUPS, RankConfig, RankerParams
+    from recfb.rank.features import feature_columns, item_stats
+    from recfb.rank.online import RANK_FILES
+    from recfb.rank.ranker import Ranker
+    from recfb.rank.state import Snapshot
+
+    now = int(time.time() * 1000)
+    names = np.array(["view", "click", "purchase"])
+    kind = rng.choice(3, size=len(users), p=[0.8, 0.17, 0.03])
+    events = pl.DataFrame(
+        {
+            "user_idx": users.astype(np.int64),
+            "item_idx": items.astype(np.int64),
+            "event": names[kind],
+            "level": (kind + 1).astype(np.int8),
+            "ts_ms": now - rng.integers(0, 7 * 86_400_000, len(users)),
+        }
+    )
+    snap = Snapshot(
+        pairs=pl.DataFrame(schema={"user_idx": pl.Int64, "item_idx": pl.Int64, "label": pl.Int8}),
+        events=events,
+        now_ms=now,
+        n_users=n_users,
+        n_items=n_items,
+        spec=SIGNALS,
+    )
+    cfg = RankConfig()
+    stats = item_stats(snap, cfg.item_windows_days).with_columns(
+        pl.Series("trend_score", trending_scores(snap))
+    )
+    stats.write_parquet(bundle / "item_stats.parquet")
+    events.write_parquet(bundle / "history.parquet")
+    cand_users = np.repeat(np.arange(n_users, dtype=np.int64), cascade_per_user)
+    pl.DataFrame(
+        {
+            "user_idx": cand_users,
+            "item_idx": rng.integers(0, n_items, len(cand_users)).astype(np.int64),
+            "cascade_score": rng.random(len(cand_users)).astype(np.float32),
+            "cascade_rank": np.tile(np.arange(1, cascade_per_user + 1, dtype=np.int32), n_users),
+        }
+    ).write_parquet(bundle / "cascade_candidates.parquet")
+    columns = feature_columns(snap, list(FEATURE_GROUPS), cfg.item_windows_days)
+    queries = np.repeat(np.arange(2000), 100)
+    x = rng.normal(size=(len(queries), len(columns))).astype(np.float32)
+    y = (rng.random(len(queries)) < 0.05).astype(np.int64)
+    params = RankerParams(n_estimators=80, early_stopping_share=0.01)
+    Ranker.fit(x, y, queries, columns, params).save(bundle / "ranker.txt")
+    meta = {
+        "columns": columns,
+        "sources": cfg.sources.model_dump(),
+        "config": cfg.model_dump(mode="json"),
+        "now_ms": now,
+        "n_users": n_users,
+    }
+    (bundle / "rank.json").write_text(json.dumps(meta))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["two_stage"] = True
+    manifest["files"] |= {f: sha256(bundle / f) for f in RANK_FILES}
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 # --- a small open-loop HTTP/1.1 client (keep-alive connections, no library overhead) -------------
@@ -266,7 +347,7 @@ def raw_faiss(bundle: Path, users: list[int], k: int) -> dict:
 def run_size(args: argparse.Namespace, n_items: int) -> dict:
     import httpx
 
-    bundle = synthetic_bundle(args.work, n_items, args.users, args.dim)
+    bundle = synthetic_bundle(args.work, n_items, args.users, args.dim, two_stage=args.two_stage)
     manifest = json.loads((bundle / "manifest.json").read_text())
     log = args.work / f"events-{n_items}-{uuid.uuid4().hex[:6]}.db"
     proc, port = start_server(bundle, log)
@@ -343,11 +424,14 @@ def main() -> None:
         "--steps", type=float, nargs="+", default=[200, 300, 400, 500, 600, 800, 1000, 1200]
     )
     parser.add_argument("--step-duration", type=float, default=8)
+    parser.add_argument(
+        "--two-stage", action="store_true", help="serve the two-stage ranker (synthetic rank files)"
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/recfb-loadtest"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = [run_size(args, n) for n in args.items]
-    out = ROOT / "benchmarks/results/loadtest.json"
+    out = ROOT / f"benchmarks/results/loadtest{'_two_stage' if args.two_stage else ''}.json"
     out.write_text(json.dumps(rows, indent=2) + "\n")
     print("| items | index | recall@20 | rate | p50 ms | p95 ms | p99 ms | max sustained rps |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
