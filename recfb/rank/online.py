@@ -11,6 +11,7 @@ users get history, embedding (fold-in) and popularity candidates. No torch here.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -153,8 +154,6 @@ class OnlineRanker:
         now_ms: int,
     ) -> tuple[list[int], list[float], dict[str, float]]:
         """Top-k item rows and ranker scores; seconds per part (candidates, features, score)."""
-        import time
-
         t0 = time.perf_counter()
         events = self.user_events(user_row, logged)
         cands = self.candidates(user_row, events, search, excluded, now_ms)
