@@ -80,6 +80,23 @@ def test_leave_last_buy_holds_out_the_buy_and_keeps_its_views(tmp_path: Path):
     last = events.group_by("user_idx").agg(pl.col("ts").max())
     held = events.join(test.select("user_idx", "item_idx"), on=["user_idx", "item_idx"])
     assert held.join(last, on=["user_idx", "ts"]).select("user_idx").n_unique() == test.height
+    # no time cut: the snapshot says so, and the rank stage then keeps delay-corrected item
+    # rates (fitted on the whole log, held-out buys included) out of the features
+    from recfb.rank.state import snapshot_from_etl
+    from recfb.rank.twostage import DelayedRates
+
+    snap = snapshot_from_etl(tmp_path / "out", "valid")
+    assert not snap.time_cut
+    assert (
+        snap.events.join(
+            test.select(pl.col(c).cast(pl.Int64) for c in ("user_idx", "item_idx")),
+            on=["user_idx", "item_idx"],
+        )
+        .filter(pl.col("level") == 3)
+        .height
+        == 0
+    )  # the held-out buys are not in the snapshot
+    assert DelayedRates(str(tmp_path / "out"), None).at(snap.now_ms, snap.n_items) is None
 
 
 @pytest.fixture(scope="module")
