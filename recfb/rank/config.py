@@ -57,6 +57,12 @@ class RankerParams(_Strict):
         "and the windows of the same length before it (each with its own snapshot); 5 chosen "
         "on Taobao's valid window (1, 3, 5, 7 windows: NDCG@10 0.104, 0.104, 0.111, 0.108)",
     )
+    max_queries: int = Field(
+        20_000,
+        ge=1,
+        description="at most this many (window, user) queries with a positive label train the "
+        "ranker, chosen by a hash (a 1M-event shop has ~50k; more cost minutes, not quality)",
+    )
     num_threads: int = Field(0, ge=0, description="training threads (0: LightGBM's default)")
     seed: int = 0
 

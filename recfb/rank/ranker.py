@@ -51,6 +51,10 @@ class Ranker:
         starts = np.concatenate([[0], np.flatnonzero(np.diff(queries)) + 1])
         best = np.maximum.reduceat(labels, starts) if len(labels) else labels
         informative = np.repeat(best > 0, group_sizes(queries))
+        n_informative = int((best > 0).sum())
+        if n_informative > params.max_queries:  # a hash sample of the queries, stable per run
+            share = params.max_queries / n_informative
+            informative &= (queries.astype(np.int64) * 40503 % 10007) < share * 10007
         held = (users.astype(np.int64) * 2654435761 % 1000) < params.early_stopping_share * 1000
         fit_rows, stop_rows = ~held & informative, held & informative
         booster_params = {
