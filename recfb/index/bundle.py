@@ -17,7 +17,7 @@ Layout of `models/<name>/` (schema version 1):
 |  | clock and purchase events of the last `rates_horizon_days`: where online rates start |
 | `rank.json`, `ranker.txt` | optional (two-stage): the LambdaRank model and its feature columns |
 | `item_stats.parquet` | item features as of the end of the log (`recfb.rank.features`) |
-| `history.parquet` | the last 30 days of events (200 per user): pair and user features |
+| `history.parquet` | the last 30 days of events (at most 2,000 per user): pair and user features |
 | `cascade_candidates.parquet` | the cascade walk's top items of every known user |
 
 Written into a temp directory and renamed into place; a bundle whose files do not match the

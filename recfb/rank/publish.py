@@ -24,7 +24,7 @@ from recfb.rank.features import item_stats
 from recfb.rank.state import cut_points, snapshot_at
 
 HISTORY_DAYS = 30.0
-HISTORY_PER_USER = 200
+HISTORY_PER_USER = 2000  # beyond it online pair counts would differ from offline ones
 
 
 def fit_rank_stage(cfg: RankConfig, run_id: str | None = None) -> tuple[Path, dict[str, Any]]:
@@ -87,10 +87,9 @@ def write_rank_files(
 ) -> list[str]:
     """Write the rank files into a bundle directory being built (the state at the end of
     the log, or at `now_ms`); returns their names."""
-    from recfb.models.baselines import make_baseline
     from recfb.rank.candidates import topn_candidates, trending_scores
     from recfb.rank.online import RANK_FILES
-    from recfb.rank.twostage import delayed_rates
+    from recfb.rank.twostage import delayed_rates, fit_cascade
 
     meta = json.loads((rank_dir / "rank.json").read_text())
     cfg = RankConfig.model_validate(meta["config"])
@@ -103,22 +102,13 @@ def write_rank_files(
     )
     items.write_parquet(target / "item_stats.parquet")
     recent = snap.events.filter(pl.col("ts_ms") >= end_ms - HISTORY_DAYS * 86_400_000)
-    recent = recent.sort(["user_idx", "ts_ms"]).filter(
-        pl.int_range(pl.len()).over("user_idx", order_by="ts_ms").reverse() < HISTORY_PER_USER
-    )
+    # each user's newest HISTORY_PER_USER events (rows sorted by time within the user)
+    from_end = pl.len().over("user_idx") - pl.int_range(pl.len()).over("user_idx")
+    recent = recent.sort(["user_idx", "ts_ms"]).filter(from_end <= HISTORY_PER_USER)
     recent.write_parquet(target / "history.parquet")
     frames = []
     if cfg.sources.cascade:
-        c = cfg.cascade
-        cascade = make_baseline(
-            "cascade",
-            alpha=c.alpha,
-            beta=c.beta,
-            level_weights=c.level_weights,
-            tol=c.tol,
-            max_iter=c.max_iter,
-            n_levels=snap.n_levels,
-        ).fit(snap.pairs, snap.n_users, snap.n_items)
+        cascade = fit_cascade(snap, cfg)
         users = np.arange(min(n_users, snap.n_users), dtype=np.int64)
         for start in range(0, len(users), 4096):
             frames.append(

@@ -60,22 +60,27 @@ def _level_weighted(snap: Snapshot) -> pl.DataFrame:
     )
 
 
+def fit_cascade(snap: Snapshot, cfg: RankConfig) -> Any:
+    """The cascade walk of `cfg.cascade` over the snapshot's folded pairs."""
+    from recfb.models.baselines import make_baseline
+
+    c = cfg.cascade
+    return make_baseline(
+        "cascade",
+        alpha=c.alpha,
+        beta=c.beta,
+        level_weights=c.level_weights,
+        tol=c.tol,
+        max_iter=c.max_iter,
+        n_levels=snap.n_levels,
+    ).fit(snap.pairs, snap.n_users, snap.n_items)
+
+
 def fit_sources(snap: Snapshot, cfg: RankConfig, embedding: Any | None = None) -> Sources:
     """Cascade, embedding (ALS fitted here, or the given scorer) and trending popularity."""
     from recfb.models.baselines import make_baseline
 
-    cascade = None
-    if cfg.sources.cascade:
-        c = cfg.cascade
-        cascade = make_baseline(
-            "cascade",
-            alpha=c.alpha,
-            beta=c.beta,
-            level_weights=c.level_weights,
-            tol=c.tol,
-            max_iter=c.max_iter,
-            n_levels=snap.n_levels,
-        ).fit(snap.pairs, snap.n_users, snap.n_items)
+    cascade = fit_cascade(snap, cfg) if cfg.sources.cascade else None
     if embedding is None and cfg.embedding == "als" and cfg.sources.embedding:
         embedding = make_baseline("als", factors=cfg.embedding_dim, seed=cfg.seed).fit(
             _level_weighted(snap), snap.n_users, snap.n_items
