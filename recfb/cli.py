@@ -212,9 +212,7 @@ def demo(
             .filter(pl.col("user_idx").is_in(users.implode()))["user_id"]
             .to_list()
         )
-        recs = run_recommend(
-            scorer, data, ids + ["a-new-visitor"], 5, eval_config(cfg_run, data)
-        )
+        recs = run_recommend(scorer, data, ids + ["a-new-visitor"], 5, eval_config(cfg_run, data))
         path = write_recommendations(recs, output / "recommendations.parquet")
         out.print(recs)
         out.print(f"wrote {path}")

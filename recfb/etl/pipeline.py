@@ -312,22 +312,21 @@ def _leave_last_deepest(
 ) -> tuple[dict[str, pl.DataFrame], None, pl.DataFrame]:
     """Each user's last buy tests, the one before validates: those pairs' deepest-level events
     move to the split, everything else (their views and carts included) folds into train."""
-    bought = events.filter(pl.col("level") == smap.n_levels).group_by(PAIR).agg(
-        pl.col("ts").max().alias("_bought")
+    bought = (
+        events.filter(pl.col("level") == smap.n_levels)
+        .group_by(PAIR)
+        .agg(pl.col("ts").max().alias("_bought"))
     )
     by_buy = pairs.join(bought, on=PAIR, how="left").with_columns(
         pl.coalesce("_bought", "last_ts").alias("last_ts")
     )
     held = leave_last_deepest(by_buy, smap.n_levels)
-    events = (
-        events.join(held, on=PAIR, how="left")
-        .with_columns(
-            pl.when(pl.col("split").is_not_null() & (pl.col("level") == smap.n_levels))
-            .then(pl.col("split"))
-            .otherwise(pl.lit("train"))
-            .cast(SPLIT_DTYPE)
-            .alias("split")
-        )
+    events = events.join(held, on=PAIR, how="left").with_columns(
+        pl.when(pl.col("split").is_not_null() & (pl.col("level") == smap.n_levels))
+        .then(pl.col("split"))
+        .otherwise(pl.lit("train"))
+        .cast(SPLIT_DTYPE)
+        .alias("split")
     )
     tables: dict[str, pl.DataFrame] = {}
     train_keys = None
