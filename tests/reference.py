@@ -152,3 +152,87 @@ def fold(
             "purchase_to_refund_s": min(p2r) if p2r else None,
         }
     return out
+
+
+# --- two-stage features: the earlier dataframe implementation -----------------------------------
+# recfb.rank.features computes them with numpy group-bys (one request's rows cost microseconds);
+# this is the Polars query the feature set was first written as, kept as an independent check.
+def polars_pair_user_features(candidates, events, snap, now_ms: int):
+    """The ``pair``, ``user`` and ``category`` groups for `candidates` (``user_idx,
+    item_idx``), row for row, as a Polars frame (nulls where missing)."""
+    import polars as pl
+
+    hour, day = 3_600_000.0, 86_400_000.0
+    pair = ["user_idx", "item_idx"]
+
+    def safe(name: str) -> str:
+        return "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+
+    ev = events.lazy().filter(pl.col("user_idx").is_in(candidates["user_idx"].unique().implode()))
+    aggs = [(pl.col("event") == s).sum().alias(f"pair_n_{safe(s)}") for s in snap.signal_names]
+    aggs += [
+        pl.col("level").max().cast(pl.Int32).alias("pair_max_level"),
+        pl.len().alias("pair_n_events"),
+        ((now_ms - pl.col("ts_ms").min()) / hour).alias("pair_h_since_first"),
+    ]
+    for t, name in enumerate(snap.level_names, start=1):
+        last = pl.col("ts_ms").filter(pl.col("level") == t).max()
+        aggs.append(((now_ms - last) / hour).alias(f"pair_h_since_{safe(name)}"))
+    users = ev.group_by("user_idx").agg(
+        pl.len().alias("user_n_events"),
+        pl.col("item_idx").n_unique().alias("user_n_items"),
+        (pl.col("ts_ms") >= now_ms - day).sum().alias("user_n_events_1d"),
+        (pl.col("level") == snap.n_levels).mean().alias("user_deep_share"),
+        ((now_ms - pl.col("ts_ms").max()) / hour).alias("user_h_since_last"),
+    )
+    plan = candidates.lazy().select(pair).with_row_index("_row")
+    plan = plan.join(ev.group_by(pair).agg(aggs), on=pair, how="left")
+    plan = plan.join(users, on="user_idx", how="left")
+    if snap.category is not None:
+        cat = pl.Series("cat", snap.category)
+        shares = (
+            ev.with_columns(pl.col("item_idx").map_batches(lambda s: cat.gather(s)).alias("cat"))
+            .group_by("user_idx", "cat")
+            .agg(pl.len().alias("_n"))
+            .with_columns(
+                (pl.col("_n") / pl.col("_n").sum().over("user_idx")).alias("cat_user_share")
+            )
+            .select("user_idx", "cat", "cat_user_share")
+        )
+        plan = plan.with_columns(
+            pl.col("item_idx").map_batches(lambda s: cat.gather(s)).alias("cat")
+        ).join(shares, on=["user_idx", "cat"], how="left")
+    names = plan.collect_schema().names()
+    filled = [c for c in names if c.startswith("pair_n_")] + ["pair_max_level", "cat_user_share"]
+    return (
+        plan.with_columns([pl.col(c).fill_null(0) for c in filled if c in names])
+        .sort("_row")
+        .collect()
+    )
+
+
+def polars_history_candidates(events, hidden, now_ms: int, n: int):
+    """The history source as a Polars query: ``user_idx, item_idx, score, rank``."""
+    import polars as pl
+
+    pair = ["user_idx", "item_idx"]
+    pairs = (
+        events.lazy()
+        .filter(pl.col("level") > 0)
+        .group_by(pair)
+        .agg(pl.col("level").max().alias("_lv"), pl.col("ts_ms").max().alias("_last"))
+        .join(hidden.lazy(), on=pair, how="anti")
+        .with_columns(
+            (
+                pl.col("_lv").cast(pl.Float64)
+                + pl.lit(0.5).pow((now_ms - pl.col("_last")) / 3_600_000.0 / 24.0)
+            ).alias("score")
+        )
+    )
+    return (
+        pairs.sort(["user_idx", "score", "item_idx"], descending=[False, True, False])
+        .with_columns((pl.int_range(pl.len()).over("user_idx") + 1).alias("rank"))
+        .filter(pl.col("rank") <= n)
+        .select(*pair, "score", "rank")
+        .collect()
+    )

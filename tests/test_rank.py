@@ -154,7 +154,7 @@ def test_online_features_match_offline(fitted, tmp_path: Path):
         ]
         events = online.user_events(user, logged)
         cands = online.candidates(user, events, None, set(), end_ms)
-        assert cands.height > 0
+        assert len(cands) > 0
         got = online.features(cands, events, end_ms)
         offline_events = full.events.filter(pl.col("user_idx") == user)
         want = build_features(
@@ -178,4 +178,67 @@ def test_online_features_match_offline(fitted, tmp_path: Path):
     ]
     events = online.user_events(user, logged)
     cands = online.candidates(user, events, None, set(), end_ms)
-    assert item in cands.filter(pl.col("history_rank").is_not_null())["item_idx"].to_list()
+    assert item in cands.item[cands.proposed_by("history")].tolist()
+
+
+def test_numpy_features_and_history_match_the_polars_reference(tmp_path: Path):
+    """The numpy group-bys the service and the offline stages share give, on the real Taobao
+    log with categories, the same history candidates and pair / user / category features as
+    the dataframe queries of `reference.py`, for pairs with events and pairs without."""
+    from recfb.rank.candidates import history_candidates, merge_sources
+    from recfb.rank.config import FEATURE_GROUPS
+    from recfb.rank.features import ItemTable, build_features, feature_columns, item_stats
+    from recfb.rank.state import item_categories
+
+    from reference import polars_history_candidates, polars_pair_user_features
+
+    path = shared_file("taobao_userbehavior_84k.csv")
+    run(
+        tmp_path,
+        [path],
+        CONF / "signals" / "taobao.yaml",
+        input={"adapter": "taobao", "min_ts": "2017-11-24T16:00:00", "max_ts": "2017-12-03T16:00:00"},
+        split={
+            "method": "temporal",
+            "valid_start": "2017-12-01T16:00:00",
+            "test_start": "2017-12-02T16:00:00",
+        },
+    )
+    etl = tmp_path / "out"
+    valid_ms, _, _ = cut_points(json.loads((etl / "stats.json").read_text()))
+    snap = snapshot_at(etl, valid_ms)
+    snap.category = item_categories(etl, snap.n_items)
+    assert snap.category is not None and snap.hidden_pairs().height > 0
+
+    got = history_candidates(snap.events, snap.hidden_pairs(), snap.now_ms, 50, snap)
+    want = polars_history_candidates(snap.events, snap.hidden_pairs(), snap.now_ms, 50)
+    assert got.height == want.height > 1000
+    for a, b in (("user_idx", "user_idx"), ("item_idx", "item_idx"), ("history_rank", "rank")):
+        np.testing.assert_array_equal(got[a].to_numpy(), want[b].to_numpy())
+    np.testing.assert_allclose(got["history_score"], want["score"], rtol=1e-6)
+
+    rng = np.random.default_rng(0)
+    users = got["user_idx"].unique().to_numpy()
+    other = pl.DataFrame(  # items the user mostly never touched
+        {
+            "user_idx": np.repeat(users, 20),
+            "item_idx": rng.integers(0, snap.n_items, 20 * len(users)),
+            "popularity_score": rng.random(20 * len(users)).astype(np.float32),
+            "popularity_rank": np.tile(np.arange(1, 21, dtype=np.int32), len(users)),
+        }
+    ).unique(["user_idx", "item_idx"])
+    cands = merge_sources({"history": got, "popularity": other})
+    columns = feature_columns(snap, list(FEATURE_GROUPS), [1.0, 7.0])
+    items = ItemTable(item_stats(snap, [1.0, 7.0]))
+    x = build_features(cands, snap.events, items, snap, snap.now_ms, columns)
+    ref = polars_pair_user_features(cands, snap.events, snap, snap.now_ms)
+    compared = [c for c in columns if c in ref.columns]
+    assert len(compared) >= 15 and "cat_user_share" in compared
+    for c in compared:
+        want_c = ref[c].cast(pl.Float32).to_numpy()
+        np.testing.assert_allclose(x[:, columns.index(c)], want_c, rtol=1e-6, equal_nan=True)
+    both = ~np.isnan(x[:, columns.index("pair_h_since_first")])
+    assert 0 < both.sum() < len(x)  # pairs with events and pairs without
+    n_sources = x[:, columns.index("n_sources")]
+    in_both = cands["history_rank"].is_not_null() & cands["popularity_rank"].is_not_null()
+    np.testing.assert_array_equal(n_sources, 1 + in_both.to_numpy())

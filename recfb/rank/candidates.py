@@ -18,57 +18,87 @@ import numpy as np
 import polars as pl
 
 from recfb.rank.config import SOURCES
-from recfb.rank.features import DAY_MS, HOUR_MS
-from recfb.rank.state import PAIR, Snapshot
+from recfb.rank.features import DAY_MS, HOUR_MS, CandidateSet, EventArrays, Groups
+from recfb.rank.state import Snapshot
 
 ScoreFn = Callable[[Any], Any]  # LongTensor (B,) -> (B, n_items); torch only offline
 
 
-def _ranked(frame: pl.DataFrame | pl.LazyFrame, source: str, n: int) -> pl.DataFrame:
-    """Keep each user's n best by score; add the 1-based rank; name the columns by source
-    (one lazy query: a request's handful of rows pays one collect, not one per step)."""
-    return (
-        frame.lazy()
-        .sort(["user_idx", "score", "item_idx"], descending=[False, True, False])
-        .with_columns((pl.int_range(pl.len()).over("user_idx") + 1).alias("rank"))
-        .filter(pl.col("rank") <= n)
-        .select(
-            pl.col("user_idx").cast(pl.Int64),
-            pl.col("item_idx").cast(pl.Int64),
-            pl.col("score").cast(pl.Float32).alias(f"{source}_score"),
-            pl.col("rank").cast(pl.Int32).alias(f"{source}_rank"),
-        )
-        .collect()
+def ranked(
+    user: np.ndarray, item: np.ndarray, score: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each user's `n` best by score (ties: the lower item index), with the 1-based rank:
+    (user, item, score, rank), sorted by user then rank."""
+    order = np.lexsort((item, -score, user))
+    user, item, score = user[order], item[order], score[order]
+    first = np.ones(len(user), dtype=bool)
+    first[1:] = user[1:] != user[:-1]
+    starts = np.flatnonzero(first)
+    rank = np.arange(len(user)) - np.repeat(starts, np.diff(np.append(starts, len(user)))) + 1
+    keep = rank <= n
+    return user[keep], item[keep], score[keep], rank[keep]
+
+
+def _frame(
+    source: str, user: np.ndarray, item: np.ndarray, score: np.ndarray, rank: np.ndarray
+) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "user_idx": pl.Series(user, dtype=pl.Int64),
+            "item_idx": pl.Series(item, dtype=pl.Int64),
+            f"{source}_score": pl.Series(score, dtype=pl.Float32),
+            f"{source}_rank": pl.Series(rank, dtype=pl.Int32),
+        }
     )
 
 
-def history_score(max_level: pl.Expr, hours_since_last: pl.Expr) -> pl.Expr:
+def _ranked(frame: pl.DataFrame, source: str, n: int) -> pl.DataFrame:
+    """`ranked` over a frame's ``user_idx, item_idx, score``, columns named by source."""
+    parts = ranked(
+        frame["user_idx"].cast(pl.Int64).to_numpy(),
+        frame["item_idx"].cast(pl.Int64).to_numpy(),
+        frame["score"].cast(pl.Float64).to_numpy(),
+        n,
+    )
+    return _frame(source, *parts)
+
+
+def history_score(max_level: np.ndarray, hours_since_last: np.ndarray) -> np.ndarray:
     """Deepest level first, then the newest (a day's half-life breaks ties within a level)."""
-    return max_level.cast(pl.Float64) + pl.lit(0.5).pow(hours_since_last / 24.0)
+    return max_level.astype(np.float64) + 0.5 ** (hours_since_last / 24.0)
+
+
+def history_arrays(
+    events: EventArrays, hidden_keys: np.ndarray | None, now_ms: int, n: int, n_items: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The users' own engaged items minus the hidden pairs (`user * n_items + item`, sorted),
+    best `n` by `history_score`: (user, item, score, rank)."""
+    positive = events.take(events.level > 0) if len(events) else events
+    if n == 0 or len(positive) == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, np.empty(0), empty
+    groups = Groups.of(positive.user * n_items + positive.item)
+    keys = groups.keys
+    level, last = groups.max(positive.level), groups.max(positive.ts)
+    if hidden_keys is not None and len(hidden_keys):
+        keep = ~np.isin(keys, hidden_keys)
+        keys, level, last = keys[keep], level[keep], last[keep]
+    score = history_score(level, (now_ms - last) / HOUR_MS)
+    return ranked(keys // n_items, keys % n_items, score, n)
 
 
 def history_candidates(
-    events: pl.DataFrame, hidden: pl.DataFrame, now_ms: int, n: int
+    events: pl.DataFrame, hidden: pl.DataFrame, now_ms: int, n: int, snap: Snapshot
 ) -> pl.DataFrame:
-    """The users' own engaged items minus the hidden pairs, best `n` by `history_score`."""
-    if n == 0 or events.height == 0:
-        return _ranked(
-            pl.DataFrame(schema={**dict.fromkeys(PAIR, pl.Int64), "score": pl.Float64}),
-            "history",
-            0,
-        )
-    pairs = (
-        events.lazy()
-        .filter(pl.col("level") > 0)
-        .group_by(PAIR)
-        .agg(pl.col("level").max().alias("_lv"), pl.col("ts_ms").max().alias("_last"))
-    )
+    """The users' own engaged items minus the `hidden` pairs, best `n` by `history_score`."""
+    arrays = EventArrays.from_frame(events, snap.signal_names)
+    hidden_keys = None
     if hidden.height:
-        pairs = pairs.join(hidden.lazy(), on=PAIR, how="anti")
-    pairs = pairs.with_columns(
-        history_score(pl.col("_lv"), (now_ms - pl.col("_last")) / HOUR_MS).alias("score")
-    )
-    return _ranked(pairs.select(*PAIR, "score"), "history", n)
+        hidden_keys = (
+            hidden["user_idx"].cast(pl.Int64).to_numpy() * snap.n_items
+            + hidden["item_idx"].cast(pl.Int64).to_numpy()
+        )
+    return _frame("history", *history_arrays(arrays, hidden_keys, now_ms, n, snap.n_items))
 
 
 def topn_candidates(
@@ -105,21 +135,37 @@ def trending_scores(snap: Snapshot, window_days: float = 7.0) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def merge_arrays(
+    parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+) -> CandidateSet:
+    """One row per (user, item) proposed by any source (`parts`: source -> user, item,
+    score, rank), sorted by user then item, with every source's score and rank."""
+    users = [p[0] for p in parts.values()]
+    items = [p[1] for p in parts.values()]
+    user = np.concatenate(users).astype(np.int64) if users else np.empty(0, np.int64)
+    item = np.concatenate(items).astype(np.int64) if items else np.empty(0, np.int64)
+    width = int(item.max()) + 1 if len(item) else 1
+    # one key per pair, ascending by (user, item); floor division keeps a new user's -1
+    keys = np.unique(user * width + item)
+    scores = np.full((len(keys), len(SOURCES)), np.nan, dtype=np.float32)
+    ranks = np.full((len(keys), len(SOURCES)), np.nan, dtype=np.float32)
+    for source, (u, i, s, r) in parts.items():
+        rows = np.searchsorted(keys, u.astype(np.int64) * width + i.astype(np.int64))
+        scores[rows, SOURCES.index(source)] = s
+        ranks[rows, SOURCES.index(source)] = r
+    return CandidateSet(keys // width, keys % width, scores, ranks)
+
+
 def merge_sources(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
-    """One row per (user, item) proposed by any source, with every source's score and rank
-    (null where a source did not propose it), sorted by user (the ranker's query groups)."""
-    columns = [f"{s}_{kind}" for s in SOURCES for kind in ("score", "rank")]
-    schema = {**dict.fromkeys(PAIR, pl.Int64)}
-    for s in SOURCES:
-        schema |= {f"{s}_score": pl.Float32, f"{s}_rank": pl.Int32}
-    parts = [pl.DataFrame(schema=schema), *frames.values()]
-    # one group-by over the stacked lists instead of a join per source: each source gives a
-    # pair at most once, so `first` non-null is its value
-    return (
-        pl.concat([p.lazy() for p in parts], how="diagonal_relaxed")
-        .group_by(PAIR)
-        .agg(pl.col(c).drop_nulls().first() for c in columns)
-        .select(*PAIR, *columns)  # one column order, whatever ran
-        .sort(PAIR)
-        .collect()
-    )
+    """`merge_arrays` over each source's frame (``user_idx, item_idx, {source}_score,
+    {source}_rank``), as a frame with every source's score and rank (null: not proposed)."""
+    parts = {
+        source: (
+            frame["user_idx"].cast(pl.Int64).to_numpy(),
+            frame["item_idx"].cast(pl.Int64).to_numpy(),
+            frame[f"{source}_score"].cast(pl.Float32).to_numpy(),
+            frame[f"{source}_rank"].cast(pl.Float32).to_numpy(),
+        )
+        for source, frame in frames.items()
+    }
+    return merge_arrays(parts).to_frame()

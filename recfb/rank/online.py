@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recfb.rank.candidates import history_candidates, merge_sources
-from recfb.rank.features import ItemTable, build_features
+from recfb.rank.candidates import history_arrays, merge_arrays
+from recfb.rank.features import CandidateSet, EventArrays, ItemTable, feature_matrix
 from recfb.rank.ranker import Ranker
 from recfb.rank.state import EVENT_COLUMNS, PAIR, Snapshot
 
@@ -31,28 +31,25 @@ RANK_FILES = (
     "cascade_candidates.parquet",
 )
 NEW_USER = -1  # user_idx of a user the bundle does not know
-_EVENT_SCHEMA = {
-    "user_idx": pl.Int64,
-    "item_idx": pl.Int64,
-    "event": pl.String,
-    "level": pl.Int8,
-    "ts_ms": pl.Int64,
-}
+Listed = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # user, item, score, rank
 
 
-def _by_user(frame: pl.DataFrame) -> tuple[pl.DataFrame, dict[int, tuple[int, int]]]:
-    """The frame sorted by user with each user's (offset, length): a request slices its rows."""
-    frame = frame.sort("user_idx", maintain_order=True)
-    counts = frame.group_by("user_idx", maintain_order=True).len()
-    users = counts["user_idx"].to_numpy()
-    lengths = counts["len"].to_numpy()
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    spans = {int(u): (int(o), int(n)) for u, o, n in zip(users, offsets, lengths, strict=True)}
-    return frame, spans
+class _ByUser:
+    """Rows sorted by user: a request slices its user's rows by binary search."""
+
+    def __init__(self, user: np.ndarray) -> None:
+        self.order = np.argsort(user, kind="stable")
+        self.user = user[self.order]
+
+    def span(self, user: int) -> slice:
+        lo, hi = np.searchsorted(self.user, [user, user + 1])
+        return slice(int(lo), int(hi))
 
 
 class OnlineRanker:
-    """Candidates -> features -> LambdaRank for one request, from a bundle directory."""
+    """Candidates -> features -> LambdaRank for one request, from a bundle directory. Every
+    step is numpy over the user's own rows (the offline stages run the same functions over
+    all users at once)."""
 
     def __init__(self, path: Path, spec: dict, category: np.ndarray | None) -> None:
         meta = json.loads((path / "rank.json").read_text())
@@ -63,85 +60,87 @@ class OnlineRanker:
         self.items = ItemTable(pl.read_parquet(path / "item_stats.parquet"))
         self.snap = Snapshot(
             pairs=pl.DataFrame(schema={**dict.fromkeys(PAIR, pl.Int64), "label": pl.Int8}),
-            events=pl.DataFrame(schema=_EVENT_SCHEMA),
+            events=pl.DataFrame(schema=dict.fromkeys(EVENT_COLUMNS, pl.Int64)),
             now_ms=int(meta["now_ms"]),
             n_users=int(meta["n_users"]),
             n_items=len(self.items.frame),
             spec=spec,
             category=category,
         )
-        self.history, self.history_span = _by_user(
-            pl.read_parquet(path / "history.parquet").select(EVENT_COLUMNS).cast(_EVENT_SCHEMA)
+        self.signal_code = {name: i for i, name in enumerate(self.snap.signal_names)}
+        history = EventArrays.from_frame(
+            pl.read_parquet(path / "history.parquet").select(EVENT_COLUMNS),
+            self.snap.signal_names,
         )
+        self.history_index = _ByUser(history.user)
+        self.history = history.take(self.history_index.order)
         cascade = pl.read_parquet(path / "cascade_candidates.parquet")
-        self.cascade, self.cascade_span = _by_user(cascade)
+        self.cascade_index = _ByUser(cascade["user_idx"].cast(pl.Int64).to_numpy())
+        order = self.cascade_index.order
+        self.cascade = (
+            cascade["item_idx"].cast(pl.Int64).to_numpy()[order],
+            cascade["cascade_score"].cast(pl.Float32).to_numpy()[order],
+            cascade["cascade_rank"].cast(pl.Float32).to_numpy()[order],
+        )
         trend = self.items.matrix[:, self.items.column["trend_score"]]
         self.popular = np.argsort(-trend, kind="stable")
         self.trend = trend
 
     def user_events(
         self, user_row: int | None, logged: list[tuple[int, str, int, int]]
-    ) -> pl.DataFrame:
+    ) -> EventArrays:
         """The bundle's history of the user plus the logged events (item row, event name,
-        level, ts ms) as one event frame."""
+        level, ts ms), all under the user's index (`NEW_USER` for one the bundle lacks)."""
         uid = NEW_USER if user_row is None else user_row
         parts = []
-        if user_row is not None and user_row in self.history_span:
-            offset, length = self.history_span[user_row]
-            parts.append(self.history.slice(offset, length))
+        if user_row is not None:
+            parts.append(self.history.take(self.history_index.span(user_row)))
         if logged:
             items, names, levels, ts = zip(*logged, strict=True)
             parts.append(
-                pl.DataFrame(
-                    {
-                        "user_idx": [uid] * len(items),
-                        "item_idx": list(items),
-                        "event": list(names),
-                        "level": list(levels),
-                        "ts_ms": list(ts),
-                    },
-                    schema=_EVENT_SCHEMA,
+                EventArrays(
+                    user=np.full(len(items), uid, dtype=np.int64),
+                    item=np.asarray(items, dtype=np.int64),
+                    signal=np.array([self.signal_code.get(e, -1) for e in names], np.int16),
+                    level=np.asarray(levels, dtype=np.int8),
+                    ts=np.asarray(ts, dtype=np.int64),
                 )
             )
-        if not parts:
-            return self.snap.events
-        return pl.concat(parts).with_columns(pl.lit(uid, pl.Int64).alias("user_idx"))
+        return EventArrays.concat(parts) if parts else EventArrays.empty()
 
     def candidates(
         self,
         user_row: int | None,
-        events: pl.DataFrame,
+        events: EventArrays,
         search: Callable[[int], tuple[list[int], list[float]]] | None,
         excluded: set[int],
         now_ms: int,
-    ) -> pl.DataFrame:
+    ) -> CandidateSet:
         """Every source's candidates for one user (excluded items removed)."""
         uid = NEW_USER if user_row is None else user_row
-        frames: dict[str, pl.DataFrame] = {}
-        empty_hidden = pl.DataFrame(schema=dict.fromkeys(PAIR, pl.Int64))
+        parts: dict[str, Listed] = {}
+        n_items = self.snap.n_items
         if self.sizes.get("history"):
-            frames["history"] = history_candidates(
-                events, empty_hidden, now_ms, self.sizes["history"] + len(excluded)
+            parts["history"] = history_arrays(
+                events, None, now_ms, self.sizes["history"] + len(excluded), n_items
             )
-        if user_row is not None and user_row in self.cascade_span and self.sizes.get("cascade"):
-            offset, length = self.cascade_span[user_row]
-            frames["cascade"] = self.cascade.slice(offset, length)
+        if user_row is not None and self.sizes.get("cascade"):
+            span = self.cascade_index.span(user_row)
+            items, scores, ranks = (a[span] for a in self.cascade)
+            parts["cascade"] = (np.full(len(items), uid, np.int64), items, scores, ranks)
         if search is not None and self.sizes.get("embedding"):
             rows, scores = search(self.sizes["embedding"])
-            frames["embedding"] = _listed(uid, rows, scores, "embedding")
+            parts["embedding"] = _listed(uid, np.asarray(rows, np.int64), np.asarray(scores))
         if self.sizes.get("popularity"):
-            n = self.sizes["popularity"] + len(excluded)
-            top = self.popular[:n]
-            frames["popularity"] = _listed(
-                uid, top.tolist(), self.trend[top].tolist(), "popularity"
-            )
-        merged = merge_sources(frames)
+            top = self.popular[: self.sizes["popularity"] + len(excluded)]
+            parts["popularity"] = _listed(uid, top, self.trend[top])
+        merged = merge_arrays(parts)
         if excluded:
-            merged = merged.filter(~pl.col("item_idx").is_in(list(excluded)))
+            merged = merged.take(~np.isin(merged.item, np.fromiter(excluded, np.int64)))
         return merged
 
-    def features(self, cands: pl.DataFrame, events: pl.DataFrame, now_ms: int) -> np.ndarray:
-        return build_features(cands, events, self.items, self.snap, now_ms, self.columns)
+    def features(self, cands: CandidateSet, events: EventArrays, now_ms: int) -> np.ndarray:
+        return feature_matrix(cands, events, self.items, self.snap, now_ms, self.columns)
 
     def rank(
         self,
@@ -158,30 +157,22 @@ class OnlineRanker:
         events = self.user_events(user_row, logged)
         cands = self.candidates(user_row, events, search, excluded, now_ms)
         if allowed is not None:
-            cands = cands.filter(pl.col("item_idx").is_in(allowed.tolist()))
+            cands = cands.take(np.isin(cands.item, allowed))
         t1 = time.perf_counter()
         x = self.features(cands, events, now_ms)
         t2 = time.perf_counter()
-        scores = self.ranker.predict(x, num_threads=1)
+        scores = self.ranker.predict(x, num_threads=1) if len(cands) else np.empty(0)
         order = np.argsort(-scores, kind="stable")[:k]
-        items = cands["item_idx"].to_numpy()
         t3 = time.perf_counter()
         timing = {"candidates": t1 - t0, "features": t2 - t1, "ranker": t3 - t2}
-        return items[order].tolist(), scores[order].tolist(), timing
+        return cands.item[order].tolist(), scores[order].tolist(), timing
 
 
-def _listed(uid: int, rows: list[int], scores: list[float], source: str) -> pl.DataFrame:
-    return pl.DataFrame(
-        {
-            "user_idx": [uid] * len(rows),
-            "item_idx": rows,
-            f"{source}_score": scores,
-            f"{source}_rank": list(range(1, len(rows) + 1)),
-        },
-        schema={
-            "user_idx": pl.Int64,
-            "item_idx": pl.Int64,
-            f"{source}_score": pl.Float32,
-            f"{source}_rank": pl.Int32,
-        },
+def _listed(uid: int, rows: np.ndarray, scores: np.ndarray) -> Listed:
+    n = len(rows)
+    return (
+        np.full(n, uid, np.int64),
+        rows,
+        scores.astype(np.float32),
+        np.arange(1, n + 1, dtype=np.float32),
     )

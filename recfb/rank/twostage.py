@@ -100,7 +100,7 @@ def candidates(
     if sizes.history:
         events = snap.events.join(user_frame, on="user_idx", how="semi")
         frames["history"] = history_candidates(
-            events, snap.hidden_pairs(), snap.now_ms, sizes.history
+            events, snap.hidden_pairs(), snap.now_ms, sizes.history, snap
         )
     if sources.cascade is not None:
         frames["cascade"] = topn_candidates(
