@@ -129,10 +129,11 @@ def add_two_stage(
     rng: np.random.Generator,
     cascade_per_user: int = 100,
 ) -> None:
-    """The rank files of a two-stage bundle, synthetic but of the real shapes: 10 events of
-    history per user, item statistics computed from them by `recfb.rank.features`, 100
-    cascade candidates per user, and a LambdaRank model of the usual size (trained on random
-    features with the real columns: its cost, not its quality, is what is measured)."""
+    """The rank files of a two-stage bundle, synthetic but of the real shapes: 50 events of
+    history per user (the demo shop's mean), half of them on the user's seen items, item
+    statistics computed from them by `recfb.rank.features`, 100 cascade candidates per user,
+    and a LambdaRank model of the usual size (trained on random features with the real
+    columns: its cost, not its quality, is what is measured)."""
     from recfb.index.bundle import sha256
     from recfb.rank.candidates import trending_scores
     from recfb.rank.config import FEATURE_GROUPS, RankConfig, RankerParams
@@ -143,14 +144,23 @@ def add_two_stage(
 
     now = int(time.time() * 1000)
     names = np.array(["view", "click", "purchase"])
-    kind = rng.choice(3, size=len(users), p=[0.8, 0.17, 0.03])
+    per_user = 50
+    seen_per_user = len(users) // n_users
+    history_users = np.repeat(np.arange(n_users, dtype=np.int64), per_user)
+    own = items.reshape(n_users, seen_per_user)[
+        history_users, rng.integers(0, seen_per_user, len(history_users))
+    ]
+    history_items = np.where(
+        rng.random(len(history_users)) < 0.5, own, rng.integers(0, n_items, len(history_users))
+    )
+    kind = rng.choice(3, size=len(history_users), p=[0.8, 0.17, 0.03])
     events = pl.DataFrame(
         {
-            "user_idx": users.astype(np.int64),
-            "item_idx": items.astype(np.int64),
+            "user_idx": history_users,
+            "item_idx": history_items.astype(np.int64),
             "event": names[kind],
             "level": (kind + 1).astype(np.int8),
-            "ts_ms": now - rng.integers(0, 7 * 86_400_000, len(users)),
+            "ts_ms": now - rng.integers(0, 7 * 86_400_000, len(history_users)),
         }
     )
     snap = Snapshot(

@@ -197,7 +197,11 @@ def test_numpy_features_and_history_match_the_polars_reference(tmp_path: Path):
         tmp_path,
         [path],
         CONF / "signals" / "taobao.yaml",
-        input={"adapter": "taobao", "min_ts": "2017-11-24T16:00:00", "max_ts": "2017-12-03T16:00:00"},
+        input={
+            "adapter": "taobao",
+            "min_ts": "2017-11-24T16:00:00",
+            "max_ts": "2017-12-03T16:00:00",
+        },
         split={
             "method": "temporal",
             "valid_start": "2017-12-01T16:00:00",

@@ -18,7 +18,7 @@ soon as the event log has it. Groups (the ablation drops one at a time):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import polars as pl
@@ -154,22 +154,15 @@ class EventArrays:
     def __len__(self) -> int:
         return len(self.ts)
 
-    def take(self, index: np.ndarray) -> EventArrays:
-        return EventArrays(
-            self.user[index], self.item[index], self.signal[index], self.level[index], self.ts[index]
-        )
+    def take(self, index: np.ndarray | slice) -> EventArrays:
+        return EventArrays(*(getattr(self, f.name)[index] for f in fields(self)))
 
     @staticmethod
     def concat(parts: list[EventArrays]) -> EventArrays:
         if len(parts) == 1:
             return parts[0]
-        return EventArrays(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in EventArrays._fields())
-        )
-
-    @staticmethod
-    def _fields() -> tuple[str, ...]:
-        return ("user", "item", "signal", "level", "ts")
+        names = [f.name for f in fields(EventArrays)]
+        return EventArrays(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
 
 
 @dataclass
@@ -262,9 +255,7 @@ def pair_features(
     out["pair_h_since_first"] = first
     for t, name in enumerate(level_names, start=1):
         last = groups.max(np.where(ev.level == t, ev.ts, _NO_TS))
-        out[f"pair_h_since_{_safe(name)}"] = _gather(
-            _hours_since(now_ms, last), pos, found, np.nan
-        )
+        out[f"pair_h_since_{_safe(name)}"] = _gather(_hours_since(now_ms, last), pos, found, np.nan)
     return out
 
 
