@@ -130,7 +130,7 @@ def test_two_stage_beats_popularity_and_never_proposes_hidden_items(fitted):
 def test_online_features_match_offline(fitted, tmp_path: Path):
     """A bundle's state at the valid cut plus the later events fed as the service's log gives
     the same candidates' features as the offline snapshot at the end of the log."""
-    from recfb.rank.features import build_features
+    from recfb.rank.features import build_features, recent_events
     from recfb.rank.online import OnlineRanker
     from recfb.rank.publish import save_ranker, write_rank_files
 
@@ -156,7 +156,12 @@ def test_online_features_match_offline(fitted, tmp_path: Path):
         cands = online.candidates(user, events, None, set(), end_ms)
         assert len(cands) > 0
         got = online.features(cands, events, end_ms)
-        offline_events = full.events.filter(pl.col("user_idx") == user)
+        offline_events = recent_events(
+            full.events.filter(pl.col("user_idx") == user),
+            end_ms,
+            cfg.history_days,
+            cfg.history_per_user,
+        )
         want = build_features(
             cands, offline_events, online.items, online.snap, end_ms, online.columns
         )
@@ -246,3 +251,26 @@ def test_numpy_features_and_history_match_the_polars_reference(tmp_path: Path):
     n_sources = x[:, columns.index("n_sources")]
     in_both = cands["history_rank"].is_not_null() & cands["popularity_rank"].is_not_null()
     np.testing.assert_array_equal(n_sources, 1 + in_both.to_numpy())
+
+
+def test_recent_events_keep_the_window_and_each_users_newest():
+    """The history horizon: events older than `days` go, then each user keeps the newest
+    `per_user` (what the bundle ships and the offline features see)."""
+    from recfb.rank.features import DAY_MS, recent_events
+
+    now = 100 * int(DAY_MS)
+    ts = [now - 40 * int(DAY_MS), now - 20 * int(DAY_MS), now - 3, now - 2, now - 1]
+    events = pl.DataFrame(
+        {
+            "user_idx": [0] * 5 + [1] * 5,
+            "item_idx": list(range(10)),
+            "event": ["view"] * 10,
+            "level": [1] * 10,
+            "ts_ms": ts[::-1] + ts,  # user 0's rows newest first: the order must not matter
+        }
+    )
+    kept = recent_events(events, now, days=30, per_user=3)
+    assert sorted(kept.filter(pl.col("user_idx") == 1)["item_idx"].to_list()) == [7, 8, 9]
+    assert sorted(kept.filter(pl.col("user_idx") == 0)["item_idx"].to_list()) == [0, 1, 2]
+    wide = recent_events(events, now, days=30, per_user=100)
+    assert wide.height == 8 and wide["ts_ms"].min() == now - 20 * int(DAY_MS)

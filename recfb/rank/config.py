@@ -88,6 +88,16 @@ class RankConfig(_Strict):
         default_factory=lambda: [1.0, 7.0],
         description="item popularity per level is counted over these recent windows (and all time)",
     )
+    history_days: float = Field(
+        90.0,
+        gt=0,
+        description="the pair, user and category features and the history source look at a "
+        "user's events of the last this many days; the bundle ships the same window, so the "
+        "service computes what the ranker was trained on",
+    )
+    history_per_user: int = Field(
+        2000, ge=1, description="... and at most this many of a user's newest events"
+    )
     delay_corrected_rates: bool = Field(
         True,
         description="item CVR and refund rate corrected for feedback not yet arrived "

@@ -102,6 +102,18 @@ def item_stats(
     return out.drop("_n_all", "_n_1d", "_n_span").sort("item_idx")
 
 
+def recent_events(events: pl.DataFrame, now_ms: int, days: float, per_user: int) -> pl.DataFrame:
+    """Each user's events of the last `days` before `now_ms`, at most the newest `per_user`:
+    the history the pair, user and category features and the history source see, offline
+    and (as the bundle's `history.parquet`) online."""
+    from_end = pl.len().over("user_idx") - pl.int_range(pl.len()).over("user_idx")
+    return (
+        events.filter(pl.col("ts_ms") >= now_ms - days * DAY_MS)
+        .sort(["user_idx", "ts_ms"], maintain_order=True)
+        .filter(from_end <= per_user)
+    )
+
+
 class ItemTable:
     """Item statistics as one float32 matrix (rows = item_idx), so a request gathers its
     candidates' rows without touching the frame."""

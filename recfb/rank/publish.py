@@ -20,11 +20,9 @@ import numpy as np
 import polars as pl
 
 from recfb.rank.config import RankConfig
-from recfb.rank.features import item_stats
+from recfb.rank.features import item_stats, recent_events
 from recfb.rank.state import cut_points, snapshot_at
 
-HISTORY_DAYS = 30.0
-HISTORY_PER_USER = 2000  # beyond it online pair counts would differ from offline ones
 
 
 def fit_rank_stage(cfg: RankConfig, run_id: str | None = None) -> tuple[Path, dict[str, Any]]:
@@ -101,11 +99,10 @@ def write_rank_files(
         pl.Series("trend_score", trending_scores(snap, max(cfg.item_windows_days)))
     )
     items.write_parquet(target / "item_stats.parquet")
-    recent = snap.events.filter(pl.col("ts_ms") >= end_ms - HISTORY_DAYS * 86_400_000)
-    # each user's newest HISTORY_PER_USER events (rows sorted by time within the user)
-    from_end = pl.len().over("user_idx") - pl.int_range(pl.len()).over("user_idx")
-    recent = recent.sort(["user_idx", "ts_ms"]).filter(from_end <= HISTORY_PER_USER)
-    recent.write_parquet(target / "history.parquet")
+    # the window of history the ranker's features were trained on (`cfg.history_days`)
+    recent_events(snap.events, end_ms, cfg.history_days, cfg.history_per_user).write_parquet(
+        target / "history.parquet"
+    )
     frames = []
     if cfg.sources.cascade:
         cascade = fit_cascade(snap, cfg)

@@ -29,7 +29,13 @@ from recfb.rank.candidates import (
     trending_scores,
 )
 from recfb.rank.config import FEATURE_GROUPS, SOURCES, RankConfig
-from recfb.rank.features import ItemTable, build_features, feature_columns, item_stats
+from recfb.rank.features import (
+    ItemTable,
+    build_features,
+    feature_columns,
+    item_stats,
+    recent_events,
+)
 from recfb.rank.ranker import Ranker
 from recfb.rank.state import PAIR, Snapshot, snapshot_from_etl
 
@@ -91,14 +97,15 @@ def fit_sources(snap: Snapshot, cfg: RankConfig, embedding: Any | None = None) -
 
 
 def candidates(
-    snap: Snapshot, sources: Sources, users: np.ndarray, cfg: RankConfig
+    snap: Snapshot, sources: Sources, users: np.ndarray, cfg: RankConfig, recent: pl.DataFrame
 ) -> pl.DataFrame:
-    """Every source's candidates for `users`, merged (one row per user, item)."""
+    """Every source's candidates for `users`, merged (one row per user, item); the history
+    source reads the `recent` events (`recent_events`)."""
     sizes = cfg.sources
     frames: dict[str, pl.DataFrame] = {}
     user_frame = pl.DataFrame({"user_idx": users.astype(np.int64)})
     if sizes.history:
-        events = snap.events.join(user_frame, on="user_idx", how="semi")
+        events = recent.join(user_frame, on="user_idx", how="semi")
         frames["history"] = history_candidates(
             events, snap.hidden_pairs(), snap.now_ms, sizes.history, snap
         )
@@ -219,9 +226,10 @@ def _stage_at(
         item_rates = rates.at(snap.now_ms, snap.n_items)
     items = ItemTable(item_stats(snap, cfg.item_windows_days, item_rates))
     users = np.unique(window.filter(pl.col("label") > 0)["user_idx"].to_numpy()).astype(np.int64)
-    cands = candidates(snap, sources, users, cfg)
+    recent = recent_events(snap.events, snap.now_ms, cfg.history_days, cfg.history_per_user)
+    cands = candidates(snap, sources, users, cfg, recent)
     columns = feature_columns(snap, list(FEATURE_GROUPS), cfg.item_windows_days)
-    x = build_features(cands, snap.events, items, snap, snap.now_ms, columns)
+    x = build_features(cands, recent, items, snap, snap.now_ms, columns)
     return Stage(snap, sources, items, users, cands, x, columns)
 
 
