@@ -24,7 +24,6 @@ from recfb.rank.features import item_stats, recent_events
 from recfb.rank.state import cut_points, snapshot_at
 
 
-
 def fit_rank_stage(cfg: RankConfig, run_id: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Fit, compare and log; returns the directory with `ranker.txt` and `rank.json`."""
     from recfb import tracking
