@@ -4,6 +4,7 @@ offline two-stage list against its own sources, and online features against offl
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +275,37 @@ def test_recent_events_keep_the_window_and_each_users_newest():
     assert sorted(kept.filter(pl.col("user_idx") == 0)["item_idx"].to_list()) == [0, 1, 2]
     wide = recent_events(events, now, days=30, per_user=100)
     assert wide.height == 8 and wide["ts_ms"].min() == now - 20 * int(DAY_MS)
+
+
+def test_gate_lists_hold_only_items_the_model_knows(fitted, tmp_path: Path):
+    """The gate's two-stage list of a model (production's, say) built on a newer ETL output
+    leaves out items its vectors do not know, though history and cascade propose them: the
+    service could not serve them either."""
+    from recfb.pipeline.gate import Vectors
+    from recfb.rank.publish import save_ranker
+    from recfb.rank.twostage import two_stage_lists
+
+    cfg, result = fitted
+    rank_dir = save_ranker(result, cfg, tmp_path / "rank")
+    etl = Path(cfg.data)
+    items = pl.read_parquet(etl / "items.parquet").sort("item_idx")
+    users = pl.read_parquet(etl / "users.parquet").sort("user_idx")
+    rng = np.random.default_rng(0)
+    full = Vectors(
+        users["user_id"].cast(pl.String).to_numpy(),
+        rng.normal(size=(users.height, 8)).astype(np.float32),
+        items["item_id"].cast(pl.String).to_numpy(),
+        rng.normal(size=(items.height, 8)).astype(np.float32),
+    )
+    lists = two_stage_lists(str(etl), full, str(rank_dir), k=10)
+    listed = {i for row in lists.values() for i in row}
+    # the model lacks the half of the catalogue its full lists use most
+    counts = Counter(i for row in lists.values() for i in row)
+    dropped = {i for i, _ in counts.most_common(len(listed) // 2)}
+    keep = ~np.isin(full.item_ids, list(dropped))
+    partial = Vectors(
+        full.user_ids, full.user_vectors, full.item_ids[keep], full.item_vectors[keep]
+    )
+    lists_partial = two_stage_lists(str(etl), partial, str(rank_dir), k=10)
+    assert dropped and not dropped & {i for row in lists_partial.values() for i in row}
+    assert sum(len(row) for row in lists_partial.values()) == sum(len(r) for r in lists.values())

@@ -351,7 +351,9 @@ def list_scorer(
         for u, i, s in zip(grouped["u"], grouped["i"], grouped["s"], strict=True)
     }
     base = torch.from_numpy(fill.astype(np.float32))
-    base = (base - base.min()) / max(float(base.max() - base.min()), 1e-9) - 2.0  # in [-2, -1]
+    finite = torch.isfinite(base)  # -inf: never listed
+    lo, hi = (float(base[finite].min()), float(base[finite].max())) if finite.any() else (0, 0)
+    base = torch.where(finite, (base - lo) / max(hi - lo, 1e-9) - 2.0, base)  # in [-2, -1]
 
     def score(batch: torch.Tensor) -> torch.Tensor:
         out = base.unsqueeze(0).repeat(len(batch), 1)
@@ -602,17 +604,23 @@ def two_stage_lists(
     stage = prepare(etl, upto, holdout, cfg, mapped)
     ranker = Ranker.load(Path(rank_dir) / "ranker.txt", meta["columns"])
     pred = ranker.predict(stage.features[:, [stage.columns.index(c) for c in ranker.columns]])
+    # items the model's bundle does not know cannot be served by it (the service drops them
+    # from history and the log), so they leave its list here too, however a source found them
+    cand_items = stage.candidates["item_idx"].to_numpy()
+    servable = mapped.known[cand_items]
+    fill = np.where(mapped.known, stage.sources.popularity, -np.inf)
     score = list_scorer(
-        stage.candidates["user_idx"].to_numpy(),
-        stage.candidates["item_idx"].to_numpy(),
-        pred,
+        stage.candidates["user_idx"].to_numpy()[servable],
+        cand_items[servable],
+        pred[servable],
         stage.snap.n_items,
-        stage.sources.popularity,
+        fill,
     )
     from recfb.evaluate import topk_items
 
     ecfg = EvalConfig(ks=(k,), exclude="signals", hidden_labels=stage.snap.hidden_labels)
-    items, _ = topk_items(score, stage.snap.n_items, stage.users, stage.snap.pairs, ecfg, k)
+    items, scores = topk_items(score, stage.snap.n_items, stage.users, stage.snap.pairs, ecfg, k)
+    items[~torch.isfinite(scores)] = -1  # an item the model does not know
     user_ids = pl.read_parquet(f"{etl}/users.parquet").sort("user_idx")["user_id"].cast(pl.String)
     item_ids = pl.read_parquet(f"{etl}/items.parquet").sort("item_idx")["item_id"].cast(pl.String)
     uid, iid = user_ids.to_numpy(), item_ids.to_numpy()
