@@ -19,6 +19,7 @@ soon as the event log has it. Groups (the ablation drops one at a time):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import lru_cache
 
 import numpy as np
 import polars as pl
@@ -207,6 +208,7 @@ class Groups:
         return np.diff(np.append(self.starts, len(self.order)))
 
     def max(self, values: np.ndarray) -> np.ndarray:
+        """Per group (along the first axis of a 1-d or 2-d `values`)."""
         return np.maximum.reduceat(values[self.order], self.starts) if len(self) else values[:0]
 
     def min(self, values: np.ndarray) -> np.ndarray:
@@ -215,12 +217,26 @@ class Groups:
     def sum(self, values: np.ndarray) -> np.ndarray:
         return np.add.reduceat(values[self.order], self.starts) if len(self) else values[:0]
 
-    def find(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The group of each `key` and whether it has one."""
+    def lookup(self, key: np.ndarray) -> Lookup:
+        """Where each of `key` is among the groups (a missing one points past the end)."""
         pos = np.searchsorted(self.keys, key)
-        pos = np.minimum(pos, max(len(self.keys) - 1, 0))
-        found = (self.keys[pos] == key) if len(self.keys) else np.zeros(len(key), dtype=bool)
-        return pos, found
+        hit = pos < len(self.keys)
+        hit[hit] = self.keys[pos[hit]] == key[hit]
+        return Lookup(np.where(hit, pos, len(self.keys)))
+
+
+@dataclass
+class Lookup:
+    """Per-group values gathered for other rows, with a fill where a row has no group."""
+
+    index: np.ndarray
+
+    def gather(self, values: np.ndarray, fill: float) -> np.ndarray:
+        """`values` (groups, ...) -> (rows, ...), float64."""
+        ext = np.empty((len(values) + 1, *values.shape[1:]), dtype=np.float64)
+        ext[:-1] = values
+        ext[-1] = fill
+        return ext[self.index]
 
 
 _NO_TS = np.iinfo(np.int64).min
@@ -233,64 +249,69 @@ def _hours_since(now_ms: int, ts: np.ndarray) -> np.ndarray:
     return out
 
 
-def _gather(values: np.ndarray, pos: np.ndarray, found: np.ndarray, fill: float) -> np.ndarray:
-    out = np.full(len(pos), fill, dtype=np.float64)
-    if len(values):
-        out[found] = values[pos[found]]
-    return out
-
-
 def pair_features(
     ev: EventArrays,
     cand_key: np.ndarray,
     n_items: int,
-    n_signals: int,
-    level_names: list[str],
     signal_names: list[str],
+    level_names: list[str],
     now_ms: int,
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], Groups]:
     """The ``pair`` group for candidate pairs (`user * n_items + item`): counts per signal,
-    deepest level (0 without events), hours since the first event and the last per level."""
+    deepest level (0 without events), hours since the first event and the last per level.
+    Also returns the pair groups (the user features count distinct items from them)."""
     groups = Groups.of(ev.user * n_items + ev.item)
-    pos, found = groups.find(cand_key)
+    at = groups.lookup(cand_key)
+    n_signals, n_levels = len(signal_names), len(level_names)
     known = ev.signal >= 0
     counts = np.bincount(
         groups.row_group[known] * n_signals + ev.signal[known], minlength=len(groups) * n_signals
     ).reshape(len(groups), n_signals)
-    out = {
-        f"pair_n_{_safe(s)}": _gather(counts[:, j], pos, found, 0.0)
-        for j, s in enumerate(signal_names)
-    }
-    out["pair_max_level"] = _gather(groups.max(ev.level), pos, found, 0.0)
-    out["pair_n_events"] = _gather(groups.sizes(), pos, found, 0.0)
-    first = _gather(_hours_since(now_ms, groups.min(ev.ts)), pos, found, np.nan)
-    out["pair_h_since_first"] = first
-    for t, name in enumerate(level_names, start=1):
-        last = groups.max(np.where(ev.level == t, ev.ts, _NO_TS))
-        out[f"pair_h_since_{_safe(name)}"] = _gather(_hours_since(now_ms, last), pos, found, np.nan)
-    return out
+    count_names, last_names = _pair_names(tuple(signal_names), tuple(level_names))
+    out = dict(zip(count_names, at.gather(counts, 0.0).T, strict=True))
+    out["pair_max_level"] = at.gather(groups.max(ev.level), 0.0)
+    out["pair_n_events"] = at.gather(groups.sizes(), 0.0)
+    out["pair_h_since_first"] = at.gather(_hours_since(now_ms, groups.min(ev.ts)), np.nan)
+    levels = np.arange(1, n_levels + 1, dtype=ev.level.dtype)
+    by_level = np.where(ev.level[:, None] == levels[None, :], ev.ts[:, None], _NO_TS)
+    last = at.gather(_hours_since(now_ms, groups.max(by_level)), np.nan)
+    out |= dict(zip(last_names, last.reshape(len(cand_key), n_levels).T, strict=True))
+    return out, groups
+
+
+@lru_cache(maxsize=64)
+def _pair_names(signals: tuple[str, ...], levels: tuple[str, ...]) -> tuple[list, list]:
+    return [f"pair_n_{_safe(s)}" for s in signals], [f"pair_h_since_{_safe(n)}" for n in levels]
 
 
 def user_features(
-    ev: EventArrays, cand_user: np.ndarray, n_items: int, n_levels: int, now_ms: int
+    ev: EventArrays, pairs: Groups, cand_user: np.ndarray, n_items: int, n_levels: int, now_ms: int
 ) -> dict[str, np.ndarray]:
-    """The ``user`` group for each candidate's user (NaN for a user without events)."""
+    """The ``user`` group for each candidate's user (NaN for a user without events); `pairs`
+    are `ev`'s (user, item) groups."""
     groups = Groups.of(ev.user)
-    pos, found = groups.find(cand_user)
-    pairs = np.unique(ev.user * n_items + ev.item) // n_items
-    n_items_of = np.searchsorted(pairs, groups.keys, side="right") - np.searchsorted(
-        pairs, groups.keys, side="left"
+    at = groups.lookup(cand_user)
+    pair_users = pairs.keys // n_items
+    n_items_of = np.searchsorted(pair_users, groups.keys, side="right") - np.searchsorted(
+        pair_users, groups.keys, side="left"
     )
     size = groups.sizes()
-    recent = groups.sum((ev.ts >= now_ms - DAY_MS).astype(np.int64))
-    deep = groups.sum((ev.level == n_levels).astype(np.int64))
-    return {
-        "user_n_events": _gather(size, pos, found, np.nan),
-        "user_n_items": _gather(n_items_of, pos, found, np.nan),
-        "user_n_events_1d": _gather(recent, pos, found, np.nan),
-        "user_deep_share": _gather(deep / np.maximum(size, 1), pos, found, np.nan),
-        "user_h_since_last": _gather(_hours_since(now_ms, groups.max(ev.ts)), pos, found, np.nan),
-    }
+    stats = (
+        np.stack(
+            [
+                size,
+                n_items_of,
+                groups.sum((ev.ts >= now_ms - DAY_MS).astype(np.int64)),
+                groups.sum((ev.level == n_levels).astype(np.int64)) / np.maximum(size, 1),
+                _hours_since(now_ms, groups.max(ev.ts)),
+            ],
+            axis=1,
+        )
+        if len(groups)
+        else np.empty((0, 5))
+    )
+    names = ("user_n_events", "user_n_items", "user_n_events_1d", "user_deep_share")
+    return dict(zip((*names, "user_h_since_last"), at.gather(stats, np.nan).T, strict=True))
 
 
 def category_share(
@@ -299,11 +320,9 @@ def category_share(
     """The share of each candidate's user's events in the candidate's category (0 if none)."""
     width = int(category.max(initial=0)) + 2  # codes -1 .. max
     groups = Groups.of(ev.user * width + category[ev.item] + 1)
-    pos, found = groups.find(cand_user * width + category[cand_item] + 1)
+    n = groups.lookup(cand_user * width + category[cand_item] + 1).gather(groups.sizes(), 0.0)
     users = Groups.of(ev.user)
-    upos, ufound = users.find(cand_user)
-    n = _gather(groups.sizes(), pos, found, 0.0)
-    total = _gather(users.sizes(), upos, ufound, 0.0)
+    total = users.lookup(cand_user).gather(users.sizes(), 0.0)
     return np.divide(n, total, out=np.zeros_like(n), where=total > 0)
 
 
@@ -374,41 +393,41 @@ def feature_matrix(
     one implementation the offline stages and the service share."""
     n_items = max(snap.n_items, len(items.matrix))
     users = np.unique(cands.user)
-    if len(users) < 64:  # a request: drop nothing it needs, cheaply
-        ev = events.take(np.isin(events.user, users)) if len(events) else events
-    else:
-        ev = events.take(np.isin(events.user, users, kind="sort"))
+    if len(events) and not (len(users) == 1 and (events.user == users[0]).all()):
+        events = events.take(np.isin(events.user, users, kind="sort" if len(users) > 64 else None))
     values: dict[str, np.ndarray] = {}
-    if any(c.startswith("pair_") for c in columns):
-        values |= pair_features(
-            ev,
+    pairs = None
+    if any(c.startswith("pair_") or c.startswith("user_") for c in columns):
+        found, pairs = pair_features(
+            events,
             cands.user * n_items + cands.item,
             n_items,
-            len(snap.signal_names),
-            snap.level_names,
             snap.signal_names,
+            snap.level_names,
             now_ms,
         )
+        values |= found
     if any(c.startswith("user_") for c in columns):
-        values |= user_features(ev, cands.user, n_items, snap.n_levels, now_ms)
+        values |= user_features(events, pairs, cands.user, n_items, snap.n_levels, now_ms)
     if "cat_user_share" in columns and snap.category is not None:
-        values["cat_user_share"] = category_share(ev, cands.user, cands.item, snap.category)
+        values["cat_user_share"] = category_share(events, cands.user, cands.item, snap.category)
     for j, s in enumerate(SOURCES):
         values[f"{s}_score"] = cands.scores[:, j]
         values[f"{s}_rank"] = cands.ranks[:, j]
     values["n_sources"] = (~np.isnan(cands.ranks)).sum(axis=1)
-    out = np.full((len(cands), len(columns)), np.nan, dtype=np.float32)
+    # filled column by column as rows of the transpose (contiguous writes), then turned once
+    block = np.full((len(columns), len(cands)), np.nan, dtype=np.float32)
     from_items = []
     for j, c in enumerate(columns):
         if c in values:
-            out[:, j] = values[c]
+            block[j] = values[c]
         elif c in items.column:
             from_items.append((j, items.column[c]))
     if from_items:
-        out[:, [j for j, _ in from_items]] = items.matrix[
+        block[[j for j, _ in from_items]] = items.matrix[
             np.ix_(cands.item, [k for _, k in from_items])
-        ]
-    return out
+        ].T
+    return np.ascontiguousarray(block.T)
 
 
 def build_features(
