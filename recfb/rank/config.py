@@ -89,7 +89,7 @@ class RankConfig(_Strict):
         description="item popularity per level is counted over these recent windows (and all time)",
     )
     history_days: float = Field(
-        90.0,
+        365.0,
         gt=0,
         description="the pair, user and category features and the history source look at a "
         "user's events of the last this many days; the bundle ships the same window, so the "
