@@ -45,6 +45,15 @@ class RankerParams(_Strict):
     num_leaves: int = Field(31, ge=2)
     min_child_samples: int = Field(20, ge=1)
     feature_fraction: float = Field(0.9, gt=0, le=1)
+    truncation_level: int = Field(
+        1000,
+        ge=1,
+        description="lambdarank_truncation_level: a pair gets a gradient only when one of its "
+        "items is in the current top this many of its query. LightGBM's 30 sees only the top "
+        "of a 150-400 candidate list; the whole list (1000) chosen on the valid windows "
+        "(NDCG@10, mean of 3-4 seeds: MovieLens 0.291 -> 0.300, Taobao 0.109 -> 0.110, "
+        "KuaiRand 0.049 -> 0.049)",
+    )
     early_stopping_rounds: int = Field(50, ge=1)
     eval_at: int = Field(10, ge=1, description="early stopping watches NDCG at this cut-off")
     early_stopping_share: float = Field(

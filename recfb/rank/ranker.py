@@ -59,6 +59,7 @@ class Ranker:
         fit_rows, stop_rows = ~held & informative, held & informative
         booster_params = {
             "objective": "lambdarank",
+            "lambdarank_truncation_level": params.truncation_level,
             "metric": "ndcg",
             "eval_at": [params.eval_at],
             "learning_rate": params.learning_rate,
