@@ -201,6 +201,7 @@ def markdown(result: dict) -> list[str]:
 def write_markdown() -> Path:
     order = list(DATASETS)
     results = [json.loads(p.read_text()) for p in RESULTS.glob("two_stage_*.json")]
+    results = [r for r in results if isinstance(r, dict) and "dataset" in r]  # not latency files
     results.sort(
         key=lambda r: (order.index(r["dataset"]) if r["dataset"] in order else 99, r.get("tag", ""))
     )
