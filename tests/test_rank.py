@@ -17,6 +17,13 @@ from recfb.rank.state import cut_points, snapshot_at
 
 from conftest import CONF, read_out, run, shared_file
 
+# the Taobao adapter and the log's valid time range (earlier and later stamps are corrupt)
+TAOBAO_INPUT = {
+    "adapter": "taobao",
+    "min_ts": "2017-11-24T16:00:00",
+    "max_ts": "2017-12-03T16:00:00",
+}
+
 
 def test_exclusion_rule_hides_bought_and_negatives_but_keeps_views_and_carts():
     spec = load_signal_map(CONF / "signals" / "simulator.yaml").model_dump(mode="json")
@@ -60,11 +67,7 @@ def test_leave_last_buy_holds_out_the_buy_and_keeps_its_views(tmp_path: Path):
         tmp_path,
         [path],
         CONF / "signals" / "taobao.yaml",
-        input={
-            "adapter": "taobao",
-            "min_ts": "2017-11-24T16:00:00",
-            "max_ts": "2017-12-03T16:00:00",
-        },
+        input=TAOBAO_INPUT,
         split={"method": "leave_last_out", "leave_out": "deepest"},
     )
     test, train = read_out(tmp_path, "test"), read_out(tmp_path, "train")
@@ -203,11 +206,7 @@ def test_numpy_features_and_history_match_the_polars_reference(tmp_path: Path):
         tmp_path,
         [path],
         CONF / "signals" / "taobao.yaml",
-        input={
-            "adapter": "taobao",
-            "min_ts": "2017-11-24T16:00:00",
-            "max_ts": "2017-12-03T16:00:00",
-        },
+        input=TAOBAO_INPUT,
         split={
             "method": "temporal",
             "valid_start": "2017-12-01T16:00:00",
