@@ -132,14 +132,13 @@ def add_two_stage(
     """The rank files of a two-stage bundle, synthetic but of the real shapes: 50 events of
     history per user (the demo shop's mean), half of them on the user's seen items, item
     statistics computed from them by `recfb.rank.features`, 100 cascade candidates per user,
-    and a LambdaRank model of the usual size (trained on random features with the real
-    columns: its cost, not its quality, is what is measured)."""
+    and a LambdaRank model of the demo's size (`synthetic_ranker`: its cost, not its quality,
+    is what is measured)."""
     from recfb.index.bundle import sha256
     from recfb.rank.candidates import trending_scores
-    from recfb.rank.config import FEATURE_GROUPS, RankConfig, RankerParams
+    from recfb.rank.config import FEATURE_GROUPS, RankConfig
     from recfb.rank.features import feature_columns, item_stats
     from recfb.rank.online import RANK_FILES
-    from recfb.rank.ranker import Ranker
     from recfb.rank.state import Snapshot
 
     now = int(time.time() * 1000)
@@ -187,11 +186,7 @@ def add_two_stage(
         }
     ).write_parquet(bundle / "cascade_candidates.parquet")
     columns = feature_columns(snap, list(FEATURE_GROUPS), cfg.item_windows_days)
-    queries = np.repeat(np.arange(2000), 100)
-    x = rng.normal(size=(len(queries), len(columns))).astype(np.float32)
-    y = (rng.random(len(queries)) < 0.05).astype(np.int64)
-    params = RankerParams(n_estimators=80, early_stopping_share=0.01)
-    Ranker.fit(x, y, queries, columns, params).save(bundle / "ranker.txt")
+    synthetic_ranker(columns, rng).save(bundle / "ranker.txt")
     meta = {
         "columns": columns,
         "sources": cfg.sources.model_dump(),
@@ -204,6 +199,22 @@ def add_two_stage(
     manifest["two_stage"] = True
     manifest["files"] |= {f: sha256(bundle / f) for f in RANK_FILES}
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def synthetic_ranker(columns: list[str], rng: np.random.Generator, n_trees: int = 250):
+    """A LambdaRank model of the demo's size (its rank stage early-stopped at 236 trees of 31
+    leaves), fitted on random features for a fixed number of rounds: on random labels early
+    stopping would keep a handful of trees and understate the ranker's cost."""
+    import lightgbm as lgb
+
+    from recfb.rank.ranker import Ranker, group_sizes
+
+    queries = np.repeat(np.arange(2000), 100)
+    x = rng.normal(size=(len(queries), len(columns))).astype(np.float32)
+    y = (rng.random(len(queries)) < 0.05).astype(np.int64)
+    params = {"objective": "lambdarank", "num_leaves": 31, "verbose": -1, "seed": 0}
+    data = lgb.Dataset(x, y, group=group_sizes(queries), feature_name=columns)
+    return Ranker(lgb.train(params, data, num_boost_round=n_trees), columns, n_trees)
 
 
 # --- a small open-loop HTTP/1.1 client (keep-alive connections, no library overhead) -------------

@@ -308,3 +308,24 @@ def test_gate_lists_hold_only_items_the_model_knows(fitted, tmp_path: Path):
     lists_partial = two_stage_lists(str(etl), partial, str(rank_dir), k=10)
     assert dropped and not dropped & {i for row in lists_partial.values() for i in row}
     assert sum(len(row) for row in lists_partial.values()) == sum(len(r) for r in lists.values())
+
+
+def test_compiled_ranker_scores_as_lightgbm(fitted, tmp_path: Path, monkeypatch):
+    """The service's native-code ranker (lleaves) gives LightGBM's scores on real candidate
+    features, NaNs (missing features) included, and a second load reuses the compiled file."""
+    from recfb.rank.publish import save_ranker
+    from recfb.rank.ranker import Ranker, compiled_predictor
+
+    monkeypatch.setenv("RECFB_CACHE_DIR", str(tmp_path / "cache"))
+    cfg, result = fitted
+    rank_dir = save_ranker(result, cfg, tmp_path / "rank")
+    ranker = Ranker.load(rank_dir / "ranker.txt", result.ranker.columns)
+    x = result.test_stage.features[:, [result.test_stage.columns.index(c) for c in ranker.columns]]
+    assert np.isnan(x).any() and len(x) > 1000
+    predict = compiled_predictor(rank_dir / "ranker.txt", ranker)
+    np.testing.assert_allclose(predict(x), ranker.predict(x), rtol=1e-9, atol=1e-9)
+    cached = list((tmp_path / "cache").glob("ranker-*.o"))
+    assert len(cached) == 1
+    again = compiled_predictor(rank_dir / "ranker.txt", ranker)
+    np.testing.assert_array_equal(again(x[:50]), predict(x[:50]))
+    assert predict(x[:0]).shape == (0,)

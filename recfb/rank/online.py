@@ -20,7 +20,7 @@ import polars as pl
 
 from recfb.rank.candidates import history_arrays, merge_arrays
 from recfb.rank.features import CandidateSet, EventArrays, ItemTable, feature_matrix
-from recfb.rank.ranker import Ranker
+from recfb.rank.ranker import Ranker, compiled_predictor
 from recfb.rank.state import EVENT_COLUMNS, PAIR, Snapshot
 
 RANK_FILES = (
@@ -57,6 +57,7 @@ class OnlineRanker:
         self.columns: list[str] = meta["columns"]
         self.sizes: dict[str, int] = meta["sources"]
         self.ranker = Ranker.load(path / "ranker.txt", self.columns)
+        self.predict = compiled_predictor(path / "ranker.txt", self.ranker)
         self.items = ItemTable(pl.read_parquet(path / "item_stats.parquet"))
         self.snap = Snapshot(
             pairs=pl.DataFrame(schema={**dict.fromkeys(PAIR, pl.Int64), "label": pl.Int8}),
@@ -172,7 +173,7 @@ class OnlineRanker:
         t1 = time.perf_counter()
         x = self.features(cands, events, now_ms)
         t2 = time.perf_counter()
-        scores = self.ranker.predict(x, num_threads=1) if len(cands) else np.empty(0)
+        scores = self.predict(x) if len(cands) else np.empty(0)
         order = np.argsort(-scores, kind="stable")[:k]
         t3 = time.perf_counter()
         timing = {"candidates": t1 - t0 - searching, "features": t2 - t1, "ranker": t3 - t2}

@@ -8,12 +8,18 @@ when other users come and go.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
 
 from recfb.rank.config import RankerParams
+
+log = logging.getLogger(__name__)
 
 
 def group_sizes(users: np.ndarray) -> np.ndarray:
@@ -120,3 +126,37 @@ class Ranker:
     def load(cls, path: Path, columns: list[str]) -> Ranker:
         booster = lgb.Booster(model_file=str(path))
         return cls(booster, columns, booster.current_iteration())
+
+
+def compiled_predictor(model_file: Path, ranker: Ranker) -> Callable[[np.ndarray], np.ndarray]:
+    """The saved ranker's trees compiled to native code (`lleaves`, LLVM): the same scores as
+    LightGBM's predict, about ten times faster on a request's few hundred rows, which is
+    what keeps a 250-tree ranker inside the service's latency budget. Compiling takes seconds
+    per hundred trees, so the object file is cached under ``$RECFB_CACHE_DIR`` (default
+    ``~/.cache/recfb``) by the model file's sha256. Falls back to LightGBM's predict (one
+    thread) where lleaves is missing or cannot compile."""
+
+    def fallback(x: np.ndarray) -> np.ndarray:
+        return ranker.predict(x, num_threads=1)
+
+    try:
+        import lleaves
+    except ImportError:
+        log.warning("lleaves is not installed: the ranker predicts with LightGBM")
+        return fallback
+    digest = hashlib.sha256(Path(model_file).read_bytes()).hexdigest()
+    cache = Path(os.environ.get("RECFB_CACHE_DIR", Path.home() / ".cache" / "recfb"))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        model = lleaves.Model(model_file=str(model_file))
+        model.compile(cache=str(cache / f"ranker-{digest}.o"))
+    except Exception as exc:  # a broken toolchain must not take the service down
+        log.warning("compiling the ranker failed (%s): it predicts with LightGBM", exc)
+        return fallback
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        if len(x) == 0:
+            return np.zeros(0)
+        return model.predict(np.asarray(x, dtype=np.float64), n_jobs=1)
+
+    return predict
