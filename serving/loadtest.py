@@ -317,6 +317,27 @@ def start_server(bundle: Path, log: Path) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("server did not become ready")
 
 
+def route_buckets(metrics_text: str) -> dict[str, float]:
+    """Cumulative counts of the recommendation route's server-side latency histogram."""
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("recfb_request_seconds_bucket") and "recommendations" in line:
+            le = re.search(r'le="([^"]+)"', line).group(1)
+            out[le] = out.get(le, 0.0) + float(line.split()[-1])
+    return out
+
+
+def server_over(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """Requests of a phase whose server-side time (the handler, as the server measured it)
+    exceeded 10 / 20 / 50 / 100 ms: a client tail the server did not see waited elsewhere."""
+    total = after.get("+Inf", 0.0) - before.get("+Inf", 0.0)
+    return {
+        f"{float(le) * 1000:g}": int(total - (after.get(le, 0.0) - before.get(le, 0.0)))
+        for le in ("0.01", "0.02", "0.05", "0.1")
+        if le in after
+    }
+
+
 def stage_means(metrics_text: str) -> dict[str, tuple[float, int]]:
     """(sum seconds, count) per stage and for the whole recommendation route."""
     out: dict[str, tuple[float, int]] = {}
@@ -394,9 +415,12 @@ def run_size(args: argparse.Namespace, n_items: int) -> dict:
             rng.shuffle(queried)
             paths = [f"/v1/users/u{u}/recommendations?k={args.k}" for u in queried]
             asyncio.run(open_loop(port, paths, 200, 3))  # warm-up
-            before = stage_means(c.get("/metrics").text)
+            text = c.get("/metrics").text
+            before, buckets_before = stage_means(text), route_buckets(text)
             fixed = asyncio.run(open_loop(port, paths, args.rate, args.duration))
-            after = stage_means(c.get("/metrics").text)
+            text = c.get("/metrics").text
+            after, buckets_after = stage_means(text), route_buckets(text)
+            fixed["server_over_ms"] = server_over(buckets_before, buckets_after)
         steps = []
         for rate in args.steps:
             # a shared machine has bursts of CPU steal (reported per step): a rate counts as
