@@ -18,7 +18,14 @@ import numpy as np
 import polars as pl
 
 from recfb.rank.config import SOURCES
-from recfb.rank.features import DAY_MS, HOUR_MS, CandidateSet, EventArrays, Groups
+from recfb.rank.features import (
+    DAY_MS,
+    HOUR_MS,
+    CandidateSet,
+    EventArrays,
+    Groups,
+    run_starts,
+)
 from recfb.rank.state import Snapshot
 
 ScoreFn = Callable[[Any], Any]  # LongTensor (B,) -> (B, n_items); torch only offline
@@ -31,9 +38,7 @@ def ranked(
     (user, item, score, rank), sorted by user then rank."""
     order = np.lexsort((item, -score, user))
     user, item, score = user[order], item[order], score[order]
-    first = np.ones(len(user), dtype=bool)
-    first[1:] = user[1:] != user[:-1]
-    starts = np.flatnonzero(first)
+    starts = np.flatnonzero(run_starts(user))
     rank = np.arange(len(user)) - np.repeat(starts, np.diff(np.append(starts, len(user)))) + 1
     keep = rank <= n
     return user[keep], item[keep], score[keep], rank[keep]

@@ -178,6 +178,14 @@ class EventArrays:
         return EventArrays(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
 
 
+def run_starts(ordered: np.ndarray) -> np.ndarray:
+    """Whether each row of a sorted array starts a run of equal values."""
+    first = np.empty(len(ordered), dtype=bool)
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    return first
+
+
 @dataclass
 class Groups:
     """`keys` grouped by a sort: the distinct keys (ascending), each row's group and the
@@ -192,13 +200,10 @@ class Groups:
     def of(cls, key: np.ndarray) -> Groups:
         order = np.argsort(key, kind="stable")
         ordered = key[order]
-        first = np.empty(len(key), dtype=bool)
-        first[:1] = True
-        np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+        first = run_starts(ordered)
         starts = np.flatnonzero(first)
-        group_sorted = np.cumsum(first) - 1
         row_group = np.empty(len(key), dtype=np.int64)
-        row_group[order] = group_sorted
+        row_group[order] = np.cumsum(first) - 1
         return cls(ordered[starts], order, starts, row_group)
 
     def __len__(self) -> int:
@@ -285,11 +290,16 @@ def _pair_names(signals: tuple[str, ...], levels: tuple[str, ...]) -> tuple[list
 
 
 def user_features(
-    ev: EventArrays, pairs: Groups, cand_user: np.ndarray, n_items: int, n_levels: int, now_ms: int
+    ev: EventArrays,
+    groups: Groups,
+    pairs: Groups,
+    cand_user: np.ndarray,
+    n_items: int,
+    n_levels: int,
+    now_ms: int,
 ) -> dict[str, np.ndarray]:
-    """The ``user`` group for each candidate's user (NaN for a user without events); `pairs`
-    are `ev`'s (user, item) groups."""
-    groups = Groups.of(ev.user)
+    """The ``user`` group for each candidate's user (NaN for a user without events); `groups`
+    and `pairs` are `ev`'s user and (user, item) groups."""
     at = groups.lookup(cand_user)
     pair_users = pairs.keys // n_items
     n_items_of = np.searchsorted(pair_users, groups.keys, side="right") - np.searchsorted(
@@ -315,13 +325,17 @@ def user_features(
 
 
 def category_share(
-    ev: EventArrays, cand_user: np.ndarray, cand_item: np.ndarray, category: np.ndarray
+    ev: EventArrays,
+    users: Groups,
+    cand_user: np.ndarray,
+    cand_item: np.ndarray,
+    category: np.ndarray,
 ) -> np.ndarray:
-    """The share of each candidate's user's events in the candidate's category (0 if none)."""
+    """The share of each candidate's user's events in the candidate's category (0 if none);
+    `users` are `ev`'s user groups."""
     width = int(category.max(initial=0)) + 2  # codes -1 .. max
     groups = Groups.of(ev.user * width + category[ev.item] + 1)
     n = groups.lookup(cand_user * width + category[cand_item] + 1).gather(groups.sizes(), 0.0)
-    users = Groups.of(ev.user)
     total = users.lookup(cand_user).gather(users.sizes(), 0.0)
     return np.divide(n, total, out=np.zeros_like(n), where=total > 0)
 
@@ -407,10 +421,16 @@ def feature_matrix(
             now_ms,
         )
         values |= found
+    wants_category = "cat_user_share" in columns and snap.category is not None
+    user_groups = Groups.of(events.user) if wants_category or pairs is not None else None
     if any(c.startswith("user_") for c in columns):
-        values |= user_features(events, pairs, cands.user, n_items, snap.n_levels, now_ms)
-    if "cat_user_share" in columns and snap.category is not None:
-        values["cat_user_share"] = category_share(events, cands.user, cands.item, snap.category)
+        values |= user_features(
+            events, user_groups, pairs, cands.user, n_items, snap.n_levels, now_ms
+        )
+    if wants_category:
+        values["cat_user_share"] = category_share(
+            events, user_groups, cands.user, cands.item, snap.category
+        )
     for j, s in enumerate(SOURCES):
         values[f"{s}_score"] = cands.scores[:, j]
         values[f"{s}_rank"] = cands.ranks[:, j]
