@@ -5,8 +5,6 @@ Taobao log (it must beat popularity when only purchases are hidden).
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +13,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-import recfb.models
 from recfb.config import read_yaml
 from recfb.evaluate import EvalConfig, full_ranking_metrics
-from recfb.models.baselines import BASELINES, Popularity, make_baseline
+from recfb.models.baselines import Popularity, make_baseline
 from recfb.models.cascade import CascadeConfig, CascadeRank
+from recfb.models.config import FAMILIES
 from recfb.train.data import Interactions
 
 from conftest import CONF, run, shared_file
@@ -300,24 +298,10 @@ def test_a_train_without_positives_scores_zero_except_negatives() -> None:
     np.testing.assert_array_equal(scores, [[0, 0, 0], [0, 0, -1]])
 
 
-def test_registered_as_a_baseline_whichever_module_comes_first() -> None:
-    assert BASELINES["cascade"] is CascadeRank
+def test_registered_as_a_baseline_family() -> None:
+    assert FAMILIES["cascade"].load_class() is CascadeRank
     model = make_baseline("cascade", min_label=1, beta=0.5)
     assert isinstance(model, CascadeRank) and model.config.beta == 0.5
-    # this module imported baselines first (above); now import cascade first, on fresh copies
-    # of both modules (the originals are put back, so the classes other tests hold stay valid)
-    names = ("recfb.models.baselines", "recfb.models.cascade")
-    saved = {name: sys.modules.pop(name) for name in names}
-    try:
-        fresh = importlib.import_module("recfb.models.cascade")
-        fresh_baselines = sys.modules["recfb.models.baselines"]
-        assert fresh_baselines is not saved["recfb.models.baselines"]
-        assert fresh_baselines.BASELINES["cascade"] is fresh.CascadeRank
-        assert issubclass(fresh.CascadeRank, fresh_baselines.Baseline)
-    finally:
-        sys.modules.update(saved)
-        for name, module in saved.items():
-            setattr(recfb.models, name.rsplit(".", 1)[1], module)
 
 
 # --- real data -------------------------------------------------------------------------------

@@ -311,3 +311,13 @@ def test_symmetric_lgconv_matches_pyg_lgconv_values_and_gradients():
     assert torch.allclose(out_pyg, out_sym, atol=1e-6)
     assert torch.allclose(x_pyg.grad, x_sym.grad, atol=1e-6)
     assert x_sym.grad.abs().sum() > 0
+
+
+def test_a_key_of_another_family_is_an_error_naming_that_family() -> None:
+    with pytest.raises(ValueError, match=r"model\.layers .*family 'mf'.*lightgcn"):
+        TrainConfig.model_validate({"model": {"family": "mf", "layers": 2}})
+    with pytest.raises(ValueError, match="not a known family"):
+        TrainConfig.model_validate({"model": {"family": "svd"}})
+    cfg = TrainConfig.model_validate({"model": {"family": "itemknn", "k": 20}})
+    assert cfg.kind == "baseline" and cfg.model.k == 20
+    assert TrainConfig().model.family == "mf" and TrainConfig().kind == "embedding"

@@ -1,14 +1,16 @@
-"""Model zoo: embedding recommenders sharing one training loop, plus baselines."""
+"""Model zoo: embedding recommenders sharing one training loop, plus baselines.
 
-from recfb.models.base import EmbeddingRecommender
-from recfb.models.gnolr import GNOLR
-from recfb.models.lightgcn import LightGCN
-from recfb.models.mf import MatrixFactorization
+Families are registered once, in `recfb.models.config.FAMILIES` (config class + model class).
+"""
 
-MODELS: dict[str, type[EmbeddingRecommender]] = {
-    "mf": MatrixFactorization,
-    "lightgcn": LightGCN,
-    "gnolr": GNOLR,
-}
+from recfb.models.config import FAMILIES, Family, ModelConfig, family
 
-__all__ = ["GNOLR", "MODELS", "EmbeddingRecommender", "LightGCN", "MatrixFactorization"]
+__all__ = ["FAMILIES", "EmbeddingRecommender", "Family", "ModelConfig", "family"]
+
+
+def __getattr__(name: str):  # torch is imported only when a model class is asked for
+    if name == "EmbeddingRecommender":
+        from recfb.models.base import EmbeddingRecommender
+
+        return EmbeddingRecommender
+    raise AttributeError(name)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recfb.train.config import DenoiseConfig, TrainConfig
+from recfb.models.config import DenoiseConfig, EmbeddingSettings
 
 
 class EmbeddingRecommender(L.LightningModule):
@@ -52,7 +52,7 @@ class EmbeddingRecommender(L.LightningModule):
                 "item_feature_codes",
             ]
         )
-        self.cfg = TrainConfig.model_validate(config)
+        self.cfg = EmbeddingSettings.model_validate(config)
         self.n_users, self.n_items, self.n_levels = n_users, n_items, n_levels
         pairs = train_pairs or _empty_pairs()
         for name, tensor in pairs.items():
@@ -64,15 +64,14 @@ class EmbeddingRecommender(L.LightningModule):
         self.register_buffer("propensity", theta.clamp(min=self.cfg.debias.clip), persistent=False)
         # sparse gradients on the embedding tables (SparseAdam), unless weight decay is asked
         # for or a DDP strategy is used (NCCL cannot all-reduce sparse gradients)
-        trainer = self.cfg.trainer
+        optim = self.cfg.optim
         self.sparse_embeddings = (
-            trainer.sparse_embeddings
-            and trainer.weight_decay == 0
-            and "ddp" not in str(trainer.strategy)
+            optim.sparse_embeddings and optim.weight_decay == 0 and not optim.distributed
         )
         # optimisation is manual so that sparse and dense parameters can have their own
         # optimisers (Lightning's automatic mode takes one)
         self.automatic_optimization = False
+        self.monitor: str | None = None  # the validation metric shown on the progress bar
         self.evaluator: Callable[[EmbeddingRecommender], dict[str, float]] | None = None
         self.history: list[dict[str, float]] = []
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -237,7 +236,7 @@ class EmbeddingRecommender(L.LightningModule):
             metrics = self.evaluator(self)
             self.train(was_training)
             for key, value in metrics.items():
-                self.log(f"valid/{key}", value, prog_bar=key == self.cfg.trainer.monitor)
+                self.log(f"valid/{key}", value, prog_bar=key == self.monitor)
                 row[f"valid/{key}"] = value
         self.history.append(row)
 
@@ -246,7 +245,7 @@ class EmbeddingRecommender(L.LightningModule):
         sparse = [m.weight for m in self.modules() if isinstance(m, nn.Embedding) and m.sparse]
         sparse_ids = {id(p) for p in sparse}
         dense = [p for p in self.parameters() if id(p) not in sparse_ids]
-        lr, decay = self.cfg.trainer.lr, self.cfg.trainer.weight_decay
+        lr, decay = self.cfg.optim.lr, self.cfg.optim.weight_decay
         optimizers: list[torch.optim.Optimizer] = []
         if sparse:
             optimizers.append(torch.optim.SparseAdam(sparse, lr=lr))

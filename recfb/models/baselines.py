@@ -305,19 +305,16 @@ class ImplicitBPR(_ImplicitFactors):
         )
 
 
-BASELINES: dict[str, type[Baseline]] = {
-    "popularity": Popularity,
-    "itemknn": ItemKNN,
-    "als": ImplicitALS,
-    "bpr_implicit": ImplicitBPR,
-}
-
-
 def make_baseline(name: str, **params: Any) -> Baseline:
-    """Build a baseline by its registry name with its constructor parameters."""
-    if name not in BASELINES:
-        raise ValueError(f"unknown baseline '{name}'; known: {sorted(BASELINES)}")
-    return BASELINES[name](**params)
+    """Build a baseline by its family name (`recfb.models.config.FAMILIES`) with its
+    constructor parameters."""
+    from recfb.models.config import FAMILIES
+
+    spec = FAMILIES.get(name)
+    if spec is None or spec.kind != "baseline":
+        known = sorted(n for n, f in FAMILIES.items() if f.kind == "baseline")
+        raise ValueError(f"unknown baseline '{name}'; known: {known}")
+    return spec.load_class()(**params)
 
 
 def positive_matrix(
@@ -361,9 +358,3 @@ def _check_train(train: pl.DataFrame, n_users: int, n_items: int) -> None:
         low, high = train[column].min(), train[column].max()
         if train[column].null_count() or low < 0 or high >= bound:  # type: ignore[operator]
             raise ValueError(f"{column} must lie in [0, {bound}) without nulls; got {low}..{high}")
-
-
-# CascadeRank (cascade.py) subclasses Baseline from this module and adds itself to BASELINES as
-# "cascade" when it is imported; importing it here, after everything it uses is defined, makes
-# the registry complete whichever of the two modules is imported first.
-import recfb.models.cascade  # noqa: E402, F401

@@ -47,7 +47,7 @@ import scipy.sparse as sp
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
-from recfb.models.baselines import BASELINES, Baseline
+from recfb.models.baselines import Baseline
 
 
 class CascadeConfig(BaseModel):
@@ -310,6 +310,3 @@ def _torch_csr(matrix: sp.csr_matrix) -> torch.Tensor:
             size=matrix.shape,
             check_invariants=False,
         )
-
-
-BASELINES["cascade"] = CascadeRank

@@ -1,105 +1,28 @@
-"""Typed training configuration (`conf/models/*.yaml`; every key overridable with --set)."""
+"""Typed training configuration (`conf/models/*.yaml`; every key overridable with --set).
+
+The model section is one family's config (`recfb.models.config`); the rest is how to train
+and evaluate it."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from recfb.models.config import (
+    DebiasConfig,
+    DenoiseConfig,
+    EmbeddingSettings,
+    MFConfig,
+    ModelConfig,
+    OptimConfig,
+    check_model_keys,
+    family,
+)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ModelConfig(_Strict):
-    """Which model family and its shape."""
-
-    family: Literal[
-        "mf", "lightgcn", "gnolr", "popularity", "itemknn", "als", "bpr_implicit", "cascade"
-    ] = Field(
-        "mf",
-        description="a model of recfb.models or a baseline fitted in the same harness "
-        "(cascade: the training-free cascaded multi-behaviour walk)",
-    )
-    dim: int = Field(64, ge=2, description="embedding size (GNOLR: per level)")
-    loss: Literal["bpr", "softmax", "bce"] = Field(
-        "bpr", description="bpr pairwise; softmax = in-batch + uniform negatives with log-q; bce"
-    )
-    item_features: list[str] = Field(
-        default_factory=list,
-        description="MF: categorical item columns the ETL passes (e.g. [category]); each adds an "
-        "embedding to the item tower, so rare items share what their category learned",
-    )
-    n_negatives: int = Field(4, ge=1, description="uniform negatives per positive")
-    hard_negative_prob: float = Field(
-        0.5, ge=0, le=1, description="chance a user's explicit negative replaces a sampled one"
-    )
-    temperature: float = Field(0.1, gt=0, description="softmax loss temperature")
-    layers: int = Field(
-        1,
-        ge=1,
-        description="LightGCN propagation layers (1 measured best on the sparse temporal "
-        "splits of MovieLens and Taobao; 3 over-smooths there)",
-    )
-    edge_min_label: int = Field(1, description="LightGCN: train pairs with label >= this are edges")
-    edge_weight_by_level: bool = Field(False, description="LightGCN: weight edges by level")
-    scale_init: float = Field(5.0, gt=0, description="GNOLR: initial per-level logit scale s_t")
-    ordinal_negatives: Literal["first_level", "all_levels"] = Field(
-        "all_levels",
-        description="GNOLR: a level-0 pair's NLL constrains z_1 only (first_level), or every "
-        "cumulative logit z_t (all_levels: keeps unseen items below engaged ones on z_T)",
-    )
-    level_towers: Literal["separate", "shared"] = Field(
-        "separate",
-        description="GNOLR: one embedding per id and level (separate; measured better on "
-        "MovieLens and Taobao), or T identity-initialised linear heads over one shared "
-        "embedding per id (shared)",
-    )
-    censor_immature: bool = Field(
-        True,
-        description="GNOLR: a pair whose label has not matured (it may still go deeper, e.g. a "
-        "recent view) contributes -log P(label >= y), not -log P(label = y)",
-    )
-    bias_prior: float = Field(
-        0.0, ge=0, description="GNOLR: item biases start at this x centred log-popularity"
-    )
-    serve_level: int | None = Field(
-        None,
-        ge=1,
-        description="GNOLR: the exported vectors rank by P(label >= this level) (default: the "
-        "deepest); the deeper levels' query columns are zeroed, so one index still serves it",
-    )
-
-
-class DenoiseConfig(_Strict):
-    """PLD resampling or truncated loss; both switchable on any model."""
-
-    method: Literal["none", "pld", "tce"] = "none"
-    warmup_epochs: int = Field(
-        5,
-        ge=0,
-        description="plain epochs before PLD resamples or T-CE starts dropping (5 measured "
-        "better than 1-2 for both: losses mean little before the model has learnt)",
-    )
-    pool: int = Field(5, ge=2, description="PLD: positives drawn per user for resampling")
-    tau: float = Field(0.1, gt=0, description="PLD: softmax temperature over -loss")
-    max_drop: float = Field(0.2, ge=0, lt=1, description="T-CE: final share of positives dropped")
-    ramp_epochs: int = Field(5, ge=1, description="T-CE: epochs after warm-up to reach max_drop")
-
-
-class DebiasConfig(_Strict):
-    """Inverse-propensity weighting for missing-not-at-random feedback (Rel-MF)."""
-
-    ips: bool = False
-    eta: float = Field(0.5, gt=0, description="propensity theta_i = (pop_i / max pop)^eta")
-    clip: float = Field(
-        0.5, gt=0, le=1, description="lower bound on theta (0.5 measured better than 0.2)"
-    )
-    nonnegative: bool = Field(
-        False,
-        description="BCE: clamp the weight (1 - y/theta) of l(s,0) at 0, so a rare positive's "
-        "loss stays bounded below (else its score is pushed up without limit)",
-    )
 
 
 class TrainerConfig(_Strict):
@@ -157,7 +80,9 @@ class TrainConfig(_Strict):
         "time - the pair's last event (embedding models' loss weights; the popularity "
         "baseline then counts decayed weights: trending). Off by default",
     )
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(
+        default_factory=MFConfig, description="the model family and its own keys"
+    )
     denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
     debias: DebiasConfig = Field(default_factory=DebiasConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
@@ -176,6 +101,32 @@ class TrainConfig(_Strict):
         "logged to the MLflow run either way)",
     )
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _family_keys(cls, value: object) -> object:
+        return check_model_keys(value)
+
+    @property
+    def kind(self) -> str:
+        """`embedding` (trained by the loop) or `baseline` (fitted)."""
+        return family(self.model.family).kind
+
+    def embedding_settings(self) -> EmbeddingSettings:
+        """What an embedding model is built from: its family's keys, denoising, debiasing
+        and the optimiser (models never see the rest of the training config)."""
+        t = self.trainer
+        return EmbeddingSettings(
+            model=self.model,
+            denoise=self.denoise,
+            debias=self.debias,
+            optim=OptimConfig(
+                lr=t.lr,
+                weight_decay=t.weight_decay,
+                sparse_embeddings=t.sparse_embeddings,
+                distributed="ddp" in str(t.strategy),
+            ),
+        )
+
     @model_validator(mode="after")
     def _monitor_is_measured(self) -> TrainConfig:
         """Early stopping needs its metric: `ndcg@20` only exists when 20 is in eval.ks."""
@@ -186,3 +137,13 @@ class TrainConfig(_Strict):
                 f"eval.ks (got {list(self.eval.ks)})"
             )
         return self
+
+
+__all__ = [
+    "DebiasConfig",
+    "DenoiseConfig",
+    "EvalSettings",
+    "ModelConfig",
+    "TrainConfig",
+    "TrainerConfig",
+]

@@ -19,14 +19,13 @@ from torch.utils.data import DataLoader
 from recfb import tracking
 from recfb.errors import InputError, RecfbError
 from recfb.evaluate import EvalConfig, full_ranking_metrics, level_auc
-from recfb.models import MODELS, EmbeddingRecommender
+from recfb.models import EmbeddingRecommender
+from recfb.models.config import family
 from recfb.models.gnolr import GNOLR
 from recfb.models.lightgcn import normalized_adjacency
 from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions, csr_by_user, item_attribute, recency_weighted
 from recfb.train.fallback import PopularityFallback, warm_users
-
-BASELINE_FAMILIES = ("popularity", "itemknn", "als", "bpr_implicit", "cascade")
 
 
 @dataclass
@@ -99,23 +98,25 @@ def build_model(cfg: TrainConfig, data: Interactions) -> EmbeddingRecommender:
             data.n_users,
             data.n_items,
         )
-    if cfg.model.item_features:
+    if getattr(cfg.model, "item_features", None):
         kwargs["item_feature_codes"] = item_feature_codes(data, cfg.model.item_features)
     if cfg.model.family == "gnolr":
         labels = tensors["pos_labels"]
         total = len(labels) * (1 + cfg.model.n_negatives)
         rates = torch.stack([(labels >= t).sum() for t in range(1, data.n_levels + 1)]) / total
         kwargs["level_rates"] = rates.float()
-    cls = MODELS[cfg.model.family]
-    return cls(
+    cls = family(cfg.model.family).load_class()
+    model = cls(
         data.n_users,
         data.n_items,
         data.n_levels,
-        cfg.model_dump(mode="json"),
+        cfg.embedding_settings().model_dump(mode="json"),
         train_pairs=tensors,
         item_popularity=popularity,
         **kwargs,
     )
+    model.monitor = cfg.trainer.monitor
+    return model
 
 
 def item_feature_codes(data: Interactions, names: list[str]) -> dict[str, torch.Tensor]:
@@ -172,17 +173,20 @@ def gnolr_level_auc(
 
 
 def _fit_baseline(cfg: TrainConfig, data: Interactions) -> Any:
-    from recfb.models.baselines import make_baseline
-
-    params: dict[str, Any] = {"min_label": cfg.train_min_label}
-    if cfg.model.family in ("als", "bpr_implicit"):
-        params["factors"] = cfg.model.dim
+    """A baseline built from its family's config keys and fitted on the train pairs."""
+    params: dict[str, Any] = cfg.model.model_dump(exclude={"family"})
+    params["min_label"] = cfg.train_min_label
+    if "dim" in params:  # implicit's factor models call it `factors`
+        params["factors"] = params.pop("dim")
     if cfg.model.family == "cascade":
-        params["n_levels"] = data.n_levels  # the walk's settings: conf/rank.yaml's defaults
+        params["n_levels"] = data.n_levels
     if cfg.model.family == "popularity" and cfg.recency_half_life_days:
         params["use_weights"] = True  # trending: decayed weights, not all-time counts
+    if cfg.model.family in ("als", "bpr_implicit"):
+        params["seed"] = cfg.seed
     train = recency_weighted(data.train, cfg.recency_half_life_days)
-    return make_baseline(cfg.model.family, **params).fit(train, data.n_users, data.n_items)
+    model = family(cfg.model.family).load_class()(**params)
+    return model.fit(train, data.n_users, data.n_items)
 
 
 def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
@@ -195,7 +199,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
         tracking.log_params(cfg.model_dump(mode="json"))
         tracking.log_text(yaml.safe_dump(cfg.model_dump(mode="json")), "config.yaml")
         tracking.log_json(data.stats, "dataset_stats.json")
-        if family in BASELINE_FAMILIES:
+        if cfg.kind == "baseline":
             model: Any = _fit_baseline(cfg, data)
             history: list[dict[str, float]] = []
         else:
@@ -245,7 +249,7 @@ def _refit(
     it saw (so the test masks and falls back on everything before the test window) and the
     epochs it trained."""
     merged = data.with_valid_in_train()
-    if cfg.model.family in BASELINE_FAMILIES:
+    if cfg.kind == "baseline":
         return _fit_baseline(cfg, merged), merged, 0
     monitor = f"valid/{cfg.trainer.monitor}"
     scored = [row for row in history if monitor in row]
@@ -268,7 +272,7 @@ def warm_start(model: EmbeddingRecommender, cfg: TrainConfig, data: Interactions
     keep their fresh initialisation. Returns how many rows were copied."""
     from recfb.train.runs import load_run
 
-    if cfg.model.family != "mf" or cfg.model.item_features:
+    if cfg.model.family != "mf" or getattr(cfg.model, "item_features", None):
         raise RecfbError("init_from_run: warm starts are implemented for MF without item features")
     old_cfg, old = load_run(cfg.init_from_run)
     copied = {}
