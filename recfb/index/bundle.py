@@ -57,6 +57,49 @@ FILES = (
 )
 
 
+RECOMMENDER_FILE = "recommender.json"  # family + config: what `recfb.Recommender.load` reads
+PAIRS_FILES = ("items.parquet", "users.parquet", "seen.parquet", "signals.json", "pairs.parquet")
+
+
+def write_pairs_bundle(
+    catalog: dict[str, Any], pairs: pl.DataFrame, recommender: dict[str, Any], target: Path
+) -> Path:
+    """The bundle of a training-free family: its fitted pairs instead of vectors (the
+    library refits from them; the HTTP service, which needs vectors, refuses it)."""
+    created = datetime.now(UTC)
+    with atomic_dir(target) as tmp:
+        catalog["items"].write_parquet(tmp / "items.parquet")
+        catalog["users"].write_parquet(tmp / "users.parquet")
+        catalog["seen"].write_parquet(tmp / "seen.parquet")
+        write_json(tmp / "signals.json", catalog["signals"])
+        pairs.write_parquet(tmp / "pairs.parquet")
+        write_json(tmp / RECOMMENDER_FILE, recommender)
+        files = [*PAIRS_FILES, RECOMMENDER_FILE]
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": target.name,
+            "created_at": created.isoformat(),
+            "family": recommender["family"],
+            "kind": "pairs",
+            "data": catalog.get("data"),
+            "data_end_ms": catalog.get("data_end_ms"),
+            "levels": catalog["levels"],
+            "files": {f: sha256(tmp / f) for f in files},
+        }
+        write_json(tmp / "manifest.json", manifest)
+    return target
+
+
+def read_pairs_bundle(path: Path) -> dict[str, Any]:
+    """A training-free family's bundle, verified."""
+    manifest = verify(path, required=PAIRS_FILES)
+    out: dict[str, Any] = {"manifest": manifest}
+    for name in ("items", "users", "seen", "pairs"):
+        out[name] = pl.read_parquet(path / f"{name}.parquet")
+    out["signals"] = json.loads((path / "signals.json").read_text())
+    return out
+
+
 class BundleError(RecfbError):
     """A bundle cannot be used: missing, corrupt or of an unknown schema."""
 
@@ -138,6 +181,51 @@ class BundleParts:
     delays: Any = None  # recfb.delayed.fit.DelayFits, where the log has a conversion cascade
     cascade_events: pl.DataFrame | None = None
     rank_dir: Path | None = None  # the rank stage's ranker: the bundle serves two stages
+    rank_data: Any = None  # the Interactions the rank files are built from (default: `data`)
+    recommender: dict[str, Any] | None = None  # `recommender.json`: family + config, for load
+    data_end_ms: int | None = None  # the end of the log the model saw (its clock)
+
+
+def catalog_parts(data: Any) -> dict[str, Any]:
+    """The parts of a bundle that come from the data rather than the model, from an
+    in-memory `Interactions`: items (with popularity and category), users, every seen
+    pair, the signal map and level names."""
+    from recfb.rank.state import cut_points
+
+    spec = data.stats.get("signal_map_spec")
+    if spec is None:
+        raise InputError(
+            "field 'signal_map_spec' missing: the ETL output predates bundles; rerun `recfb etl`",
+            file=str(data.directory or "<memory>"),
+        )
+    splits = [data.train, data.valid, data.test]
+    seen = pl.concat(
+        [f.select(pl.col("user_idx", "item_idx").cast(pl.UInt32), "label") for f in splits]
+    )
+    pop = seen.filter(pl.col("label") >= 1).group_by("item_idx").agg(pl.len().alias("popularity"))
+    items = (
+        data.items.select(pl.col("item_idx").cast(pl.UInt32), "item_id")
+        .join(pop, on="item_idx", how="left")
+        .with_columns(pl.col("popularity").fill_null(0).cast(pl.Int64))
+    )
+    if all("category" in f.columns for f in splits):
+        category = (
+            pl.concat([f.select(pl.col("item_idx").cast(pl.UInt32), "category") for f in splits])
+            .drop_nulls("category")
+            .group_by("item_idx")
+            .agg(pl.col("category").first())
+        )
+        items = items.join(category, on="item_idx", how="left")
+    _, _, end_ms = cut_points(data.stats)
+    return {
+        "items": items.sort("item_idx"),
+        "users": data.users.select("user_idx", "user_id").sort("user_idx"),
+        "seen": seen,
+        "signals": spec,
+        "levels": data.stats["levels"],
+        "data": str(data.directory) if data.directory else None,
+        "data_end_ms": end_ms,
+    }
 
 
 def build_bundle(cfg: IndexConfig) -> BundleResult:
@@ -221,10 +309,14 @@ def write_bundle(parts: BundleParts, cfg: IndexConfig) -> BundleResult:
             write_json(tmp / "delays.json", parts.delays.to_dict())
             parts.cascade_events.write_parquet(tmp / "cascade_events.parquet")
             files += ["delays.json", "cascade_events.parquet"]
-        if parts.rank_dir is not None and parts.data is not None:
+        rank_data = parts.rank_data if parts.rank_data is not None else parts.data
+        if parts.rank_dir is not None and rank_data is not None:
             from recfb.rank.publish import write_rank_files
 
-            files += write_rank_files(Path(parts.data), parts.rank_dir, tmp, len(users))
+            files += write_rank_files(rank_data, parts.rank_dir, tmp, len(users))
+        if parts.recommender is not None:
+            write_json(tmp / RECOMMENDER_FILE, parts.recommender)
+            files.append(RECOMMENDER_FILE)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": name,
@@ -232,6 +324,8 @@ def write_bundle(parts: BundleParts, cfg: IndexConfig) -> BundleResult:
             "run_id": parts.run_id,
             "family": parts.family,
             "data": parts.data,
+            "data_end_ms": parts.data_end_ms,
+            "kind": "vectors",
             "n_users": len(users),
             "n_items": len(items),
             "dim": int(items.shape[1]),
@@ -309,7 +403,7 @@ class Bundle:
         return str(self.manifest["name"])
 
 
-def verify(path: Path) -> dict[str, Any]:
+def verify(path: Path, required: tuple[str, ...] = FILES) -> dict[str, Any]:
     """The manifest, after checking schema version and every file's checksum."""
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
@@ -331,7 +425,13 @@ def verify(path: Path) -> dict[str, Any]:
             raise BundleError(
                 f"bundle {path}: file {name} fails its checksum (corrupt or modified); refused"
             )
-    missing = [f for f in FILES if f not in manifest.get("files", {})]
+    if manifest.get("kind") == "pairs" and required == FILES:
+        raise BundleError(
+            f"bundle {path}: family {manifest.get('family')!r} has no vectors to serve over "
+            "HTTP (popularity, itemknn and cascade are served by the library and "
+            "`recfb recommend`); publish an embedding or two-stage model"
+        )
+    missing = [f for f in required if f not in manifest.get("files", {})]
     if missing:
         raise BundleError(f"bundle {path}: manifest lists no checksum for {missing}")
     return manifest

@@ -210,11 +210,12 @@ class ServingBundle:
         exclude: set[int],
         category: str | None,
         timings: Timings,
+        allowed: np.ndarray | None = None,
     ) -> tuple[list[int], list[float]]:
-        """Top-k item rows for a query vector (None: popularity), minus `exclude`."""
+        """Top-k item rows for a query vector (None: popularity), minus `exclude`, within
+        `category` or the `allowed` rows."""
         started = time.perf_counter()
-        allowed = None
-        if category is not None:
+        if allowed is None and category is not None:
             allowed = self.category.get(category, np.empty(0, dtype=np.int64))
         n_items = len(self.item_ids)
         if query is None:

@@ -2,6 +2,10 @@
 
 The embedded default is a SQLite store in the working directory (`sqlite:///mlruns.db`,
 artifacts under `./mlruns/`); `MLFLOW_TRACKING_URI` points the same code at a server.
+
+Tracking is optional: the `log_*` functions record into the active run and do nothing when
+there is none, so a model fitted without a tracker never touches MLflow. `MlflowTracker` is
+what a caller passes to record a fit (`Recommender.fit(data, tracker=...)`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ import polars as pl
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 _BAD_KEY = re.compile(r"[^\w\-./ :]")
+
+
+# experiments are created as model-training experiments: `mlflow ui` opens on their runs and
+# plots, not on the GenAI traces page
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def configure() -> str:
@@ -67,14 +77,64 @@ def git_commit() -> str | None:
 def run(experiment: str, run_name: str | None, tags: dict[str, str]) -> Iterator[str]:
     """Start an MLflow run (yields its id); tags always include the git commit."""
     configure()
-    mlflow.set_experiment(experiment)
+    set_experiment(experiment)
     commit = git_commit()
     all_tags = tags | ({"git_commit": commit} if commit else {})
     with mlflow.start_run(run_name=run_name, tags=all_tags) as active:
         yield active.info.run_id
 
 
+def set_experiment(name: str) -> None:
+    """Make `name` the active experiment, created as a model-training experiment."""
+    client = mlflow.MlflowClient()
+    existing = client.get_experiment_by_name(name)
+    if existing is None:
+        client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    elif existing.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    mlflow.set_experiment(name)
+
+
+class MlflowTracker:
+    """Records a fit as one MLflow run (params, metrics, plots, the model as an MLflow
+    model). `tracking_uri` defaults to MLFLOW_TRACKING_URI or the embedded SQLite store."""
+
+    def __init__(
+        self,
+        experiment: str = "recfb",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        registered_model_name: str | None = None,
+    ) -> None:
+        self.experiment, self.run_name = experiment, run_name
+        self.tracking_uri = tracking_uri
+        self.registered_model_name = registered_model_name
+        self.model_uri: str | None = None
+
+    def run(self, tags: dict[str, str]) -> Any:
+        if self.tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
+        return run(self.experiment, self.run_name, tags)
+
+    def log_model(self, model: Any, run_id: str) -> str:
+        """Log the fitted model's bundle to the run as a pyfunc model; returns its URI."""
+        from recfb.tracking.pyfunc import log_recommender
+
+        configure()
+        with mlflow.start_run(run_id=run_id):
+            info = log_recommender(model, self.registered_model_name)
+        self.model_uri = info.model_uri
+        return info.model_uri
+
+
+def active() -> bool:
+    """Whether an MLflow run is active (the log functions record only into one)."""
+    return mlflow.active_run() is not None
+
+
 def log_params(config: dict[str, Any]) -> None:
+    if not active():
+        return
     params = flatten(config)
     items = list(params.items())
     for start in range(0, len(items), 100):  # the API takes at most 100 params per call
@@ -82,6 +142,8 @@ def log_params(config: dict[str, Any]) -> None:
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
+    if not active():
+        return
     clean = {
         metric_key(f"{prefix}{k}"): float(v)
         for k, v in metrics.items()
@@ -92,6 +154,8 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, prefix: str 
 
 
 def log_json(data: Any, name: str) -> None:
+    if not active():
+        return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.write_text(json.dumps(data, indent=2, default=str))
@@ -99,10 +163,14 @@ def log_json(data: Any, name: str) -> None:
 
 
 def log_text(text: str, name: str) -> None:
+    if not active():
+        return
     mlflow.log_text(text, name)
 
 
 def log_frame(frame: pl.DataFrame, name: str, artifact_path: str | None = None) -> None:
+    if not active():
+        return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         frame.write_parquet(path)
@@ -110,6 +178,8 @@ def log_frame(frame: pl.DataFrame, name: str, artifact_path: str | None = None) 
 
 
 def log_file(path: str | Path, artifact_path: str | None = None) -> None:
+    if not active():
+        return
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
@@ -117,7 +187,8 @@ def log_figure(figure: Any, name: str) -> None:
     """Log a matplotlib figure as a PNG artifact, then close it (pyplot keeps it otherwise)."""
     import matplotlib.pyplot as plt
 
-    mlflow.log_figure(figure, name)
+    if active():
+        mlflow.log_figure(figure, name)
     plt.close(figure)
 
 

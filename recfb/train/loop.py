@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,29 +174,53 @@ def gnolr_level_auc(
 
 
 def _fit_baseline(cfg: TrainConfig, data: Interactions) -> Any:
+    return fit_baseline(cfg, data.train, data.n_users, data.n_items, data.n_levels)
+
+
+def fit_baseline(
+    cfg: TrainConfig, train: pl.DataFrame, n_users: int, n_items: int, n_levels: int
+) -> Any:
     """A baseline built from its family's config keys and fitted on the train pairs."""
     params: dict[str, Any] = cfg.model.model_dump(exclude={"family"})
     params["min_label"] = cfg.train_min_label
     if "dim" in params:  # implicit's factor models call it `factors`
         params["factors"] = params.pop("dim")
     if cfg.model.family == "cascade":
-        params["n_levels"] = data.n_levels
+        params["n_levels"] = n_levels
     if cfg.model.family == "popularity" and cfg.recency_half_life_days:
         params["use_weights"] = True  # trending: decayed weights, not all-time counts
     if cfg.model.family in ("als", "bpr_implicit"):
         params["seed"] = cfg.seed
-    train = recency_weighted(data.train, cfg.recency_half_life_days)
+    train = recency_weighted(train, cfg.recency_half_life_days)
     model = family(cfg.model.family).load_class()(**params)
-    return model.fit(train, data.n_users, data.n_items)
+    return model.fit(train, n_users, n_items)
 
 
-def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
-    """Train (or fit a baseline), evaluate on valid and test, and log one MLflow run."""
+@dataclass
+class Fitted:
+    """A fitted model with its evaluation and the pairs it was fitted on (train, or train +
+    valid after a refit: what its exclusions and popularity fallback use)."""
+
+    model: Any
+    data: Interactions
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    run_id: str | None = None
+
+
+def fit_model(
+    cfg: TrainConfig, data: Interactions, *, quiet: bool = True, tracker: Any = None
+) -> Fitted:
+    """Train (or fit a baseline) and evaluate on valid and test. With a `tracker`
+    (`recfb.tracking.MlflowTracker`) everything is recorded in one run; without one nothing
+    touches MLflow."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = Interactions.load(cfg.data)
-    family = cfg.model.family
-    tags = {"model_family": family, "data_fingerprint": data.fingerprint(), "data": str(cfg.data)}
-    with tracking.run(cfg.experiment, cfg.run_name, tags) as run_id:
+    tags = {
+        "model_family": cfg.model.family,
+        "data_fingerprint": data.fingerprint(),
+        "data": str(data.directory or "memory"),
+    }
+    with tracker.run(tags) if tracker is not None else nullcontext(None) as run_id:
         tracking.log_params(cfg.model_dump(mode="json"))
         tracking.log_text(yaml.safe_dump(cfg.model_dump(mode="json")), "config.yaml")
         tracking.log_json(data.stats, "dataset_stats.json")
@@ -231,7 +256,30 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
         tracking.log_metrics(metrics)
         if isinstance(model, EmbeddingRecommender):
             _log_model_artifacts(model, data, cfg, history, metrics)
-    return TrainResult(run_id=run_id, metrics=metrics, model=model, history=history)
+    return Fitted(model=model, data=data, metrics=metrics, history=history, run_id=run_id)
+
+
+def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
+    """`recfb train`: fit the family on the ETL output `cfg.data`, evaluate it, and record
+    one MLflow run with the model logged as an MLflow model (`runs:/<id>/model`)."""
+    from recfb.recommender import Recommender
+    from recfb.tracking import MlflowTracker
+
+    data = Interactions.load(cfg.data)
+    rec = Recommender.create(cfg.model.family, cfg)
+    tracker = MlflowTracker(cfg.experiment, cfg.run_name)
+    rec.fit(data, tracker=tracker, quiet=quiet)
+    fitted = rec.fitted
+    return TrainResult(
+        run_id=fitted.run_id, metrics=fitted.metrics, model=fitted.model, history=fitted.history
+    )
+
+
+def fit_baseline_pairs(
+    cfg: TrainConfig, pairs: pl.DataFrame, n_users: int, n_items: int, signals: dict
+) -> Any:
+    """A training-free baseline refitted from its saved pairs (`recfb.Recommender.load`)."""
+    return fit_baseline(cfg, pairs, n_users, n_items, len(signals["levels"]))
 
 
 def fitted_data(cfg: TrainConfig) -> Interactions:

@@ -1,0 +1,66 @@
+"""The MLflow model flavour of a fitted recfb model: a pyfunc whose artifact is the bundle.
+
+    model = mlflow.pyfunc.load_model("models:/recfb@production")
+    model.predict(pd.DataFrame({"user_id": ["u1", "u2"]}), params={"k": 10})
+
+`predict` returns the recommendations frame (`user_id, rank, item_id, score`) of
+`recfb.Recommender.recommend`. The bundle inside the model (`artifacts/bundle/`) is what
+`recfb serve --bundle models:/NAME@ALIAS` downloads, verifies and serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+BUNDLE_ARTIFACT = "bundle"
+MODEL_NAME = "model"  # the logged model's name inside its run (`runs:/<id>/model`)
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "user_id")]),
+    outputs=Schema(
+        [
+            ColSpec("string", "user_id"),
+            ColSpec("integer", "rank"),
+            ColSpec("string", "item_id"),
+            ColSpec("double", "score"),
+        ]
+    ),
+    params=ParamSchema([ParamSpec("k", "long", 10)]),
+)
+
+
+class RecommenderModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: loads the bundle with `recfb.Recommender.load`."""
+
+    def load_context(self, context: Any) -> None:
+        from recfb.recommender import Recommender
+
+        self.model = Recommender.load(context.artifacts[BUNDLE_ARTIFACT])
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+        if hasattr(model_input, "columns"):
+            if "user_id" not in model_input.columns:
+                raise ValueError("recfb model input: a frame with a `user_id` column")
+            users = [str(u) for u in model_input["user_id"]]
+        else:
+            users = [str(u) for u in model_input]
+        k = int((params or {}).get("k", 10))
+        return self.model.recommend(users, k).to_pandas()
+
+
+def log_recommender(model: Any, registered_model_name: str | None = None) -> Any:
+    """Log `model`'s bundle into the active run as an MLflow model; returns the ModelInfo."""
+    from recfb import __version__
+
+    return mlflow.pyfunc.log_model(
+        name=MODEL_NAME,
+        python_model=RecommenderModel(),
+        artifacts={BUNDLE_ARTIFACT: str(model.path)},
+        signature=SIGNATURE,
+        pip_requirements=[f"recfb=={__version__}"],
+        registered_model_name=registered_model_name,
+    )
