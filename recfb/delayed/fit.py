@@ -1,14 +1,14 @@
 """Fit the cascade's delay models (click -> purchase, purchase -> refund) from an ETL output.
 
-``fit_delays(etl_dir)`` reads ``events.parquet`` and the signal map the ETL recorded in
-``stats.json``, builds the trials at the cut-off (default: the end of the log) and fits a
-censored cure model per stage, globally and per item segment (default: ``category`` when the
-ETL carries it). The result is JSON-serialisable (``delays.json`` in a bundle).
+``fit_delays(etl)`` reads the ETL's events and the signal map it recorded in its stats (``etl``
+is an output directory or an in-memory ``Interactions``), builds the trials at the cut-off
+(default: the end of the log) and fits a censored cure model per stage, globally and per item
+segment (default: ``category`` when the ETL carries it). The result is JSON-serialisable
+(``delays.json`` in a bundle).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import polars as pl
 from recfb.delayed.observations import click_links, purchase_trials
 from recfb.delayed.survival import FAMILIES, Family, SegmentedDelays, fit_best, fit_segments
 from recfb.errors import InputError
+from recfb.etl.interactions import Interactions, as_interactions, source_label
 from recfb.etl.signals import SignalMap
 
 
@@ -66,25 +67,21 @@ class DelayFits:
         )
 
 
-def load_cascade(etl: Path) -> tuple[pl.LazyFrame, CascadeSignals]:
+def load_cascade(etl: str | Path | Interactions) -> tuple[pl.LazyFrame, CascadeSignals]:
     """The ETL's events (lazy) and the cascade signals of its signal map."""
-    stats_path = etl / "stats.json"
-    if not stats_path.is_file():
-        raise InputError(
-            "not an ETL output directory (no stats.json); run `recfb etl`", file=str(etl)
-        )
-    stats = json.loads(stats_path.read_text())
-    if "signal_map_spec" not in stats:
-        raise InputError("field 'signal_map_spec' missing; rerun `recfb etl`", file=str(stats_path))
-    signals = CascadeSignals.from_spec(stats["signal_map_spec"])
+    data = as_interactions(etl)
+    where = source_label(data)
+    if "signal_map_spec" not in data.stats:
+        raise InputError("field 'signal_map_spec' missing; rerun `recfb etl`", file=where)
+    signals = CascadeSignals.from_spec(data.stats["signal_map_spec"])
     if not signals.clock or not signals.purchase:
         raise InputError(
             "the signal map names no clock signal (attribution.clock_signals) or no purchase "
             "level: there is no conversion to model",
-            file=str(stats_path),
+            file=where,
             field="signal_map_spec",
         )
-    return pl.scan_parquet(etl / "events.parquet"), signals
+    return data.events, signals
 
 
 def item_segments(events: pl.LazyFrame, column: str, n_items: int) -> np.ndarray:
@@ -134,7 +131,7 @@ def _stage_fit(
 
 
 def fit_delays(
-    etl: str | Path,
+    etl: str | Path | Interactions,
     cutoff_ms: int | None = None,
     segment: str | None = "category",
     min_events: int = 30,
@@ -146,15 +143,16 @@ def fit_delays(
 
     Conversion alternates fit and attribution: purchases go to clicks by the stack rule first,
     then ``attribution_rounds`` times to their candidate clicks in proportion to the fitted
-    delay density, refitting after each (an EM over the unlogged click a purchase came from)."""
-    etl = Path(etl)
-    events, signals = load_cascade(etl)
+    delay density, refitting after each (an EM over the unlogged click a purchase came from).
+    ``etl`` is an ETL output directory or an ``Interactions``."""
+    data = as_interactions(etl)
+    events, signals = load_cascade(data)
     if cutoff_ms is None:
         last = events.select(pl.col("ts").max().cast(pl.Datetime("ms")).dt.epoch("ms")).collect()
         cutoff_ms = int(last.item()) + 1
     if segment is not None and segment not in events.collect_schema():
         segment = None
-    n_items = pl.read_parquet(etl / "items.parquet", columns=["item_idx"]).height
+    n_items = data.n_items
     seg_of = item_segments(events, segment, n_items) if segment else None
 
     links = click_links(events, signals.clock, signals.purchase, cutoff_ms)
@@ -164,7 +162,7 @@ def fit_delays(
         raise InputError(
             f"only {n_bought} purchases follow a clock event ({signals.clock}) before the "
             "cut-off: too few to fit a delay model",
-            file=str(etl / "events.parquet"),
+            file=source_label(data),
         )
     model, conversion, clicks = None, None, None
     for _ in range(1 + attribution_rounds):
@@ -201,11 +199,13 @@ def fit_delays(
     return DelayFits(conversion, refund, cutoff_ms, segment, trials)
 
 
-def recent_cascade_events(etl: str | Path, cutoff_ms: int, horizon_days: float) -> pl.DataFrame:
+def recent_cascade_events(
+    etl: str | Path | Interactions, cutoff_ms: int, horizon_days: float
+) -> pl.DataFrame:
     """The clock, purchase and refunded-purchase events of the last ``horizon_days`` before the
     cut-off (``user_idx, item_idx, event, ts, cancelled_at``): the history the service's online
     rates start from."""
-    events, signals = load_cascade(Path(etl))
+    events, signals = load_cascade(etl)
     since = cutoff_ms - int(horizon_days * 86_400_000)
     return (
         events.filter(

@@ -12,6 +12,7 @@ from recfb.delayed.cvr import DAY_MS, ContinuousResult, CvrConfig, run_continuou
 from recfb.delayed.fit import fit_delays, load_cascade
 from recfb.delayed.stream import Mode, click_outcomes, refund_trials
 from recfb.errors import InputError
+from recfb.etl.interactions import Interactions, as_interactions, source_label
 
 
 class ReplayConfig(BaseModel):
@@ -29,10 +30,11 @@ class ReplayConfig(BaseModel):
     run_name: str | None = None
 
 
-def replay(cfg: ReplayConfig) -> ContinuousResult:
+def replay(cfg: ReplayConfig, data: str | Path | Interactions | None = None) -> ContinuousResult:
     """Build the click and purchase trials of the ETL output and run the day-by-day replay;
-    labels for testing are those known at the end of the log."""
-    etl = Path(cfg.data)
+    labels for testing are those known at the end of the log. `data` (a directory or an
+    `Interactions`) replaces `cfg.data` when given."""
+    etl = as_interactions(cfg.data if data is None else data)
     events, signals = load_cascade(etl)
     bounds = events.select(
         pl.col("ts").min().cast(pl.Datetime("ms")).dt.epoch("ms").alias("lo"),
@@ -45,12 +47,11 @@ def replay(cfg: ReplayConfig) -> ContinuousResult:
         raise InputError(
             f"the log spans {(hi - lo) / DAY_MS:.1f} days: first_test_day {cfg.first_test_day} "
             f"+ test_days {cfg.test_days} run past its end",
-            file=str(etl / "events.parquet"),
+            file=source_label(etl),
             field="first_test_day",
         )
     clicks = click_outcomes(events, signals.clock, signals.purchase, hi)
-    n_users = pl.read_parquet(etl / "users.parquet", columns=["user_idx"]).height
-    n_items = pl.read_parquet(etl / "items.parquet", columns=["item_idx"]).height
+    n_users, n_items = etl.n_users, etl.n_items
     delay = None
     if cfg.cvr.fast_weight > 0:  # the weight needs a delay model, fitted before the first day
         delay = fit_delays(etl, cutoff_ms=days[0], segment=None).conversion.overall

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
+from pydantic import BaseModel
 
-from recfb.errors import InputError
+from recfb.config import build_model
+from recfb.errors import ConfigError, InputError
 from recfb.etl.aggregate import PAIR, aggregate_pairs
-from recfb.etl.config import EtlConfig
+from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import apply_filters
+from recfb.etl.interactions import Interactions
 from recfb.etl.link import conversion_delays, link_cancellations
-from recfb.etl.readers import PROVENANCE, read_events
+from recfb.etl.readers import MEMORY_SOURCE, PROVENANCE, read_events, read_frame
 from recfb.etl.signals import SignalMap, load_signal_map
 from recfb.etl.split import (
     SPLIT_DTYPE,
@@ -34,10 +37,11 @@ from recfb.etl.split import (
     temporal_windows,
 )
 from recfb.etl.validate import REASON_EXPECTED, bad_rows, good_rows, validate
-from recfb.etl.vocab import VOCAB_FILES, attach_index, extend_vocab, load_vocab
-from recfb.io import atomic_dir, write_json
+from recfb.etl.vocab import attach_index, extend_vocab, load_vocab
+from recfb.io import atomic_dir
 from recfb.progress import StageTimer
 
+M = TypeVar("M", bound=BaseModel)
 _QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 
@@ -70,12 +74,12 @@ def _counts(df: pl.DataFrame, column: str) -> dict[str, int]:
     return {str(k): int(v) for k, v in grouped.iter_rows()}
 
 
-def _stage_validation(
-    cfg: EtlConfig, smap: SignalMap, stage_dir: Path
-) -> tuple[list[str], list[Path]]:
-    """Validate and sink good rows and quarantine to parquet in one streaming pass."""
-    raw, files = read_events(cfg.input)
-    validated, extras = validate(raw, cfg.input, list(smap.signals))
+def _validated(
+    raw: pl.LazyFrame, input_cfg: InputConfig, smap: SignalMap
+) -> tuple[pl.LazyFrame, list[str]]:
+    """Typed rows with their quarantine reason; an unknown event is an error when the signal
+    map says so (`unknown_events: error`)."""
+    validated, extras = validate(raw, input_cfg, list(smap.signals))
     if smap.unknown_events == "error":
         unknown = (
             validated.filter(pl.col("reason") == "unknown_event")
@@ -92,6 +96,15 @@ def _stage_validation(
                 row=r,
                 field="event",
             )
+    return validated, extras
+
+
+def _stage_validation(
+    cfg: EtlConfig, smap: SignalMap, stage_dir: Path
+) -> tuple[list[str], list[Path]]:
+    """Validate and sink good rows and quarantine to parquet in one streaming pass."""
+    raw, files = read_events(cfg.input)
+    validated, extras = _validated(raw, cfg.input, smap)
     try:
         pl.collect_all(
             [
@@ -106,6 +119,20 @@ def _stage_validation(
         names = ", ".join(str(f) for f in files[:5])
         raise InputError(f"reading failed: {exc}", file=names) from exc
     return extras, files
+
+
+def validate_in_memory(
+    raw: pl.LazyFrame, input_cfg: InputConfig, smap: SignalMap, source: str
+) -> tuple[pl.DataFrame, pl.DataFrame, list[str]]:
+    """Good rows, quarantined rows and the extra column names, collected (no stage files)."""
+    validated, extras = _validated(raw, input_cfg, smap)
+    try:
+        good, bad = pl.collect_all(
+            [good_rows(validated, extras), bad_rows(validated, extras)], engine="streaming"
+        )
+    except pl.exceptions.PolarsError as exc:
+        raise InputError(f"reading failed: {exc}", file=source) from exc
+    return good, bad, extras
 
 
 def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
@@ -160,110 +187,145 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
             extras, files = _stage_validation(cfg, smap, stage)
             quarantine = pl.read_parquet(stage / "quarantine.parquet")
             events = pl.read_parquet(stage / "good.parquet")
-        rows_in = events.height + quarantine.height
-
-        with timer.stage("deduplicate"):
-            events, duplicates = _dedupe(events)
-
-        with timer.stage("canonicalise"):
-            # every event is known after validation: an Enum holds it in one byte, not a string
-            event_type = pl.Enum(list(smap.signals))
-            table = (
-                pl.DataFrame(smap.signal_table())
-                .drop("cancels", "is_exposure")
-                .with_columns(
-                    pl.col("event").cast(event_type),
-                    pl.col("code").cast(pl.UInt8),
-                    pl.col("level").cast(pl.Int8),
-                    pl.col("fallback_level").cast(pl.Int8),
-                    pl.col("min_dwell_s").cast(pl.Float64),
-                )
-            )
-            events = events.with_columns(pl.col("event").cast(event_type)).join(
-                table, on="event", how="left"
-            )
-            noise = (
-                pl.col("min_dwell_s").is_not_null()
-                & pl.col("value").is_not_null()
-                & (pl.col("value") < pl.col("min_dwell_s"))
-            )
-            removed = [("noise_dwell", events.filter(noise))]
-            events = events.filter(~noise).drop("min_dwell_s")
-            events, more = apply_filters(events, cfg.filters)
-            removed += more
-            filtered = pl.concat(
-                [_filtered_frame(r, rows) for r, rows in removed], how="diagonal_relaxed"
-            )
-
-        if events.height == 0:
-            raise InputError(
-                "no usable events left after validation and filters; see quarantine reasons "
-                f"{_counts(quarantine, 'reason')}",
-                file=", ".join(str(f) for f in files[:5]),
-            )
-
-        with timer.stage("vocabularies"):
-            users_vocab = extend_vocab(users_vocab, events, "user")
-            items_vocab = extend_vocab(items_vocab, events, "item")
-            events = attach_index(events, users_vocab, "user")
-            events = attach_index(events, items_vocab, "item")
-            # from here on rows are addressed by index; provenance only served the reports
-            events = events.drop("user_id", "item_id", *PROVENANCE)
-
-        with timer.stage("link cancellations + delays"):
-            cancel_map = {n: s.cancels for n, s in smap.signals.items() if s.cancels}
-            events = link_cancellations(events, cancel_map)
-            events = conversion_delays(events)
-
-        with timer.stage("split + fold pairs"):
-            pair_tables, windows, events = _split_and_fold(events, smap, cfg, extras)
-
+        data = build_tables(
+            events,
+            quarantine,
+            extras,
+            [str(f) for f in files],
+            smap,
+            cfg.split,
+            cfg.filters,
+            users_vocab,
+            items_vocab,
+            timer,
+        )
         with timer.stage("write"):
-            for name, table_ in pair_tables.items():
-                table_.write_parquet(tmp / f"{name}.parquet")
-            seq = (
-                events.lazy()
-                .sort(["user_idx", "ts", "row"])
-                .select(
-                    "user_idx",
-                    "item_idx",
-                    "event",
-                    pl.col("level").cast(pl.Int8),
-                    pl.col("ts").cast(pl.Datetime("ms")),
-                    "value",
-                    "split",
-                    pl.col("cancelled_at").cast(pl.Datetime("ms")),
-                    (pl.col("clock_delay_ms") / 1000).alias("click_to_purchase_s"),
-                    "event_id",
-                    "order_id",
-                    *extras,
-                )
-            )
-            seq.sink_parquet(tmp / "events.parquet", engine="streaming")
-            users_vocab.write_parquet(tmp / VOCAB_FILES["user"])
-            items_vocab.write_parquet(tmp / VOCAB_FILES["item"])
-            quarantine.write_parquet(tmp / "quarantine.parquet")
-            filtered.write_parquet(tmp / "filtered.parquet")
-            stats = _stats(
-                cfg,
-                smap,
-                files,
-                rows_in,
-                quarantine,
-                duplicates,
-                filtered,
-                events,
-                pair_tables,
-                windows,
-                users_vocab,
-                items_vocab,
-            )
-            stats["timings_s"] = timer.seconds
-            write_json(tmp / "stats.json", stats)
+            # the event log is still a lazy query here: the streaming sink writes it
+            data.write_into(tmp)
             (stage / "good.parquet").unlink()
             (stage / "quarantine.parquet").unlink()
             stage.rmdir()
-    return EtlResult(out=out, stats=stats)
+    return EtlResult(out=out, stats=data.stats)
+
+
+def build_tables(
+    events: pl.DataFrame,
+    quarantine: pl.DataFrame,
+    extras: list[str],
+    inputs: list[str],
+    smap: SignalMap,
+    split: SplitConfig,
+    filters: FilterConfig,
+    users_vocab: pl.DataFrame,
+    items_vocab: pl.DataFrame,
+    timer: StageTimer,
+) -> Interactions:
+    """Validated rows -> de-duplicated, canonical, linked, split and folded tables: the one
+    implementation behind both `run_etl` (files) and `recfb.etl.run` (memory). The returned
+    event log is a lazy query over the folded events; the caller sinks or collects it."""
+    rows_in = events.height + quarantine.height
+
+    with timer.stage("deduplicate"):
+        events, duplicates = _dedupe(events)
+
+    with timer.stage("canonicalise"):
+        # every event is known after validation: an Enum holds it in one byte, not a string
+        event_type = pl.Enum(list(smap.signals))
+        table = (
+            pl.DataFrame(smap.signal_table())
+            .drop("cancels", "is_exposure")
+            .with_columns(
+                pl.col("event").cast(event_type),
+                pl.col("code").cast(pl.UInt8),
+                pl.col("level").cast(pl.Int8),
+                pl.col("fallback_level").cast(pl.Int8),
+                pl.col("min_dwell_s").cast(pl.Float64),
+            )
+        )
+        events = events.with_columns(pl.col("event").cast(event_type)).join(
+            table, on="event", how="left"
+        )
+        noise = (
+            pl.col("min_dwell_s").is_not_null()
+            & pl.col("value").is_not_null()
+            & (pl.col("value") < pl.col("min_dwell_s"))
+        )
+        removed = [("noise_dwell", events.filter(noise))]
+        events = events.filter(~noise).drop("min_dwell_s")
+        events, more = apply_filters(events, filters)
+        removed += more
+        filtered = pl.concat(
+            [_filtered_frame(r, rows) for r, rows in removed], how="diagonal_relaxed"
+        )
+
+    if events.height == 0:
+        raise InputError(
+            "no usable events left after validation and filters; see quarantine reasons "
+            f"{_counts(quarantine, 'reason')}",
+            file=", ".join(inputs[:5]),
+        )
+
+    with timer.stage("vocabularies"):
+        users_vocab = extend_vocab(users_vocab, events, "user")
+        items_vocab = extend_vocab(items_vocab, events, "item")
+        events = attach_index(events, users_vocab, "user")
+        events = attach_index(events, items_vocab, "item")
+        # from here on rows are addressed by index; provenance only served the reports
+        events = events.drop("user_id", "item_id", *PROVENANCE)
+
+    with timer.stage("link cancellations + delays"):
+        cancel_map = {n: s.cancels for n, s in smap.signals.items() if s.cancels}
+        events = link_cancellations(events, cancel_map)
+        events = conversion_delays(events)
+
+    with timer.stage("split + fold pairs"):
+        pair_tables, windows, events = _split_and_fold(events, smap, split, extras)
+
+    seq = (
+        events.lazy()
+        .sort(["user_idx", "ts", "row"])
+        .select(
+            "user_idx",
+            "item_idx",
+            "event",
+            pl.col("level").cast(pl.Int8),
+            pl.col("ts").cast(pl.Datetime("ms")),
+            "value",
+            "split",
+            pl.col("cancelled_at").cast(pl.Datetime("ms")),
+            (pl.col("clock_delay_ms") / 1000).alias("click_to_purchase_s"),
+            "event_id",
+            "order_id",
+            *extras,
+        )
+    )
+    stats = _stats(
+        split,
+        smap,
+        inputs,
+        rows_in,
+        quarantine,
+        duplicates,
+        filtered,
+        events,
+        pair_tables,
+        windows,
+        users_vocab,
+        items_vocab,
+    )
+    stats["timings_s"] = timer.seconds
+    return Interactions(
+        train=pair_tables["train"],
+        valid=pair_tables["valid"],
+        test=pair_tables["test"],
+        users=users_vocab,
+        items=items_vocab,
+        events=seq,
+        quarantine=quarantine.lazy(),
+        filtered=filtered.lazy(),
+        stats=stats,
+        signal_map=smap,
+    )
 
 
 def _pair_key() -> pl.Expr:
@@ -272,12 +334,12 @@ def _pair_key() -> pl.Expr:
 
 
 def _split_and_fold(
-    events: pl.DataFrame, smap: SignalMap, cfg: EtlConfig, features: list[str]
+    events: pl.DataFrame, smap: SignalMap, split_cfg: SplitConfig, features: list[str]
 ) -> tuple[dict[str, pl.DataFrame], Windows | None, pl.DataFrame]:
     """Pair tables per split, the temporal windows (if any), and events with `split`."""
-    method = cfg.split.method
+    method = split_cfg.method
     if method == "temporal":
-        windows = temporal_windows(events["ts"], cfg.split)
+        windows = temporal_windows(events["ts"], split_cfg)
         events = assign_temporal(events, windows)
         tables: dict[str, pl.DataFrame] = {}
         earlier: list[pl.Series] = []  # pair keys of the earlier windows
@@ -299,7 +361,7 @@ def _split_and_fold(
         empty = pairs.clear()
         tables = {"train": pairs.sort(PAIR), "valid": empty, "test": empty}
         return tables, None, events.with_columns(pl.lit("train").alias("split"))
-    if cfg.split.leave_out == "deepest":
+    if split_cfg.leave_out == "deepest":
         return _leave_last_deepest(events, pairs, smap, end, features)
     assigned = leave_last_out(pairs)
     events = events.join(assigned.select(*PAIR, "split"), on=PAIR, how="left")
@@ -343,9 +405,9 @@ def _leave_last_deepest(
 
 
 def _stats(
-    cfg: EtlConfig,
+    split_cfg: SplitConfig,
     smap: SignalMap,
-    files: list[Path],
+    inputs: list[str],
     rows_in: int,
     quarantine: pl.DataFrame,
     duplicates: dict[str, int],
@@ -384,7 +446,7 @@ def _stats(
         # the whole resolved map, so later stages (the serving fold-in) read online events
         # with the meaning the training data was built with
         "signal_map_spec": smap.model_dump(mode="json"),
-        "inputs": [str(f) for f in files],
+        "inputs": inputs,
         "reconciliation": {
             "rows_in": rows_in,
             "rows_used": used,
@@ -395,7 +457,7 @@ def _stats(
         },
         "quarantine_expected": {r: REASON_EXPECTED[r] for r in quarantined},
         "time_range": {"first": _ms_text(events["ts"].min()), "last": _ms_text(events["ts"].max())},
-        "split": {"method": cfg.split.method},
+        "split": {"method": split_cfg.method},
         "events_per_signal": _counts(events, "event"),
         "splits": per_split,
         "cancellations": {
@@ -423,3 +485,117 @@ def _stats(
             "end": _ms_text(windows.end),
         }
     return stats
+
+
+# a pandas DataFrame is accepted too (converted with pl.from_pandas; pandas stays optional)
+EventsInput = pl.DataFrame | pl.LazyFrame | str | Path | list[str | Path]
+SignalMapInput = SignalMap | dict[str, Any] | str | Path
+
+
+def _as_signal_map(obj: SignalMapInput) -> SignalMap:
+    """A SignalMap from a SignalMap, a dict or the path of a YAML file."""
+    if isinstance(obj, SignalMap):
+        return obj
+    if isinstance(obj, dict):
+        return build_model(SignalMap, obj, "signal map")
+    if isinstance(obj, str | Path):
+        return load_signal_map(obj)
+    raise ConfigError(
+        f"signal_map: expected a SignalMap, a dict or a YAML path, got {type(obj).__name__}"
+    )
+
+
+def _section(model: type[M], value: M | dict[str, Any] | None, name: str) -> M:
+    """A config section given as the model, a dict (validated, errors name the field) or None
+    (the defaults)."""
+    if isinstance(value, model):
+        return value
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        got = type(value).__name__
+        raise ConfigError(f"{name}: expected a dict or {model.__name__}, got {got}")
+    return build_model(model, value, name)
+
+
+def _raw_events(events: Any, input: Any) -> tuple[pl.LazyFrame, InputConfig, list[str]]:
+    """The raw canonical rows (with provenance), the input settings and the inputs' names."""
+    if type(events).__module__.split(".")[0] == "pandas":
+        events = pl.from_pandas(events)
+    if isinstance(events, pl.DataFrame | pl.LazyFrame):
+        # the paths only say where file input comes from: a frame needs none
+        cfg = _section(InputConfig, _with_paths(input, [MEMORY_SOURCE]), "input")
+        if cfg.adapter != "canonical":
+            raise ConfigError(
+                f"input.adapter: '{cfg.adapter}' reads files; a frame must already be in the "
+                "canonical schema (rename columns with input.columns)"
+            )
+        return read_frame(events, cfg), cfg, [MEMORY_SOURCE]
+    if isinstance(events, str | Path):
+        events = [events]
+    if isinstance(events, list | tuple) and all(isinstance(e, str | Path) for e in events):
+        cfg = _section(InputConfig, _with_paths(input, [str(e) for e in events]), "input")
+        raw, files = read_events(cfg)
+        return raw, cfg, [str(f) for f in files]
+    raise ConfigError(
+        "events: expected a Polars DataFrame/LazyFrame, a pandas DataFrame, or a path, glob "
+        f"or list of them, got {type(events).__name__}"
+    )
+
+
+def _with_paths(input: Any, paths: list[str]) -> Any:
+    """`input` with its paths set to where the events come from (they are given apart)."""
+    if isinstance(input, InputConfig):
+        return input.model_copy(update={"paths": paths})
+    if input is None:
+        return {"paths": paths}
+    if isinstance(input, dict):
+        return input | {"paths": paths}
+    return input  # _section names the wrong type
+
+
+def run(
+    events: EventsInput,
+    signal_map: SignalMapInput,
+    *,
+    split: SplitConfig | dict[str, Any] | None = None,
+    filters: FilterConfig | dict[str, Any] | None = None,
+    input: InputConfig | dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    vocab_from: str | Path | Interactions | None = None,
+    quiet: bool = True,
+) -> Interactions:
+    """The ETL on events held in memory (a Polars or pandas frame) or read from paths/globs,
+    returning its tables in memory. Same validation, quarantine, de-duplication, folding and
+    split as `recfb etl`; nothing is written unless `out` is given, then the directory
+    `recfb etl` writes is written there atomically. The vocabularies extend `vocab_from` (a
+    directory or an earlier run), by default `out`'s, as `recfb etl` does."""
+    smap = _as_signal_map(signal_map)
+    split_cfg = _section(SplitConfig, split, "split")
+    filter_cfg = _section(FilterConfig, filters, "filters")
+    raw, input_cfg, inputs = _raw_events(events, input)
+    if isinstance(vocab_from, Interactions):
+        users_vocab, items_vocab = vocab_from.users, vocab_from.items
+    else:
+        vocab_dir = vocab_from if vocab_from is not None else out
+        users_vocab, items_vocab = load_vocab(vocab_dir, "user"), load_vocab(vocab_dir, "item")
+    timer = StageTimer(quiet)
+    with timer.stage("read + validate"):
+        good, quarantine, extras = validate_in_memory(raw, input_cfg, smap, ", ".join(inputs[:5]))
+    data = build_tables(
+        good,
+        quarantine,
+        extras,
+        inputs,
+        smap,
+        split_cfg,
+        filter_cfg,
+        users_vocab,
+        items_vocab,
+        timer,
+    )
+    with timer.stage("collect"):
+        data.events = data.events.collect(engine="streaming").lazy()
+    if out is not None:
+        data.directory = data.save(out)
+    return data

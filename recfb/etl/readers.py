@@ -21,6 +21,7 @@ REQUIRED = ("user_id", "item_id", "event", "ts")
 OPTIONAL = ("value", "event_id", "order_id")
 CANONICAL = REQUIRED + OPTIONAL
 PROVENANCE = ("source_file", "source_row")
+MEMORY_SOURCE = "<memory>"  # `source_file` of events handed over as a frame
 
 _SUFFIX_FORMAT = {
     ".parquet": "parquet",
@@ -131,7 +132,7 @@ def _read_event_log(path: Path) -> pl.LazyFrame:
     return frame.lazy()
 
 
-def _rename_canonical(lf: pl.LazyFrame, mapping: dict[str, str], path: Path) -> pl.LazyFrame:
+def _rename_canonical(lf: pl.LazyFrame, mapping: dict[str, str], path: Path | str) -> pl.LazyFrame:
     schema = lf.collect_schema()
     rename = {src: dst for src, dst in mapping.items() if src in schema and src != dst}
     lf = lf.rename(rename)
@@ -263,6 +264,17 @@ def read_kuairand(path: Path, cfg: InputConfig) -> pl.LazyFrame:
     return lf.with_columns(
         pl.concat_str(["user_id", "item_id", "ts", "event"], separator=":").alias("event_id")
     )
+
+
+def read_frame(frame: pl.DataFrame | pl.LazyFrame, cfg: InputConfig) -> pl.LazyFrame:
+    """Events already in memory, in the canonical schema (after `input.columns` renames);
+    provenance is `MEMORY_SOURCE` and the 1-based row number."""
+    lf = frame.lazy().with_row_index("source_row", offset=1)
+    lf = lf.with_columns(
+        pl.lit(MEMORY_SOURCE).cast(pl.Categorical).alias("source_file"),
+        pl.col("source_row").cast(pl.Int64),
+    )
+    return _rename_canonical(lf, cfg.columns, MEMORY_SOURCE)
 
 
 ADAPTERS = {

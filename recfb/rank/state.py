@@ -9,7 +9,6 @@ service builds the same from its bundle plus the event log.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from recfb.errors import InputError
+from recfb.etl.interactions import Interactions, as_interactions, source_label
 from recfb.etl.signals import exclusion_labels
 
 EVENT_COLUMNS = ["user_idx", "item_idx", "event", "level", "ts_ms"]
@@ -75,14 +75,13 @@ def canonical_events(
     return frame.lazy().select(cols)
 
 
-def item_categories(etl: Path, n_items: int) -> np.ndarray | None:
+def item_categories(etl: str | Path | Interactions, n_items: int) -> np.ndarray | None:
     """Dense category codes per item (-1 unknown), or None where the ETL has no category."""
-    path = etl / "events.parquet"
-    if "category" not in pl.read_parquet_schema(path):
+    events = as_interactions(etl).events
+    if "category" not in events.collect_schema():
         return None
     cats = (
-        pl.scan_parquet(path)
-        .select("item_idx", "category")
+        events.select("item_idx", "category")
         .drop_nulls()
         .group_by("item_idx")
         .agg(pl.col("category").first())
@@ -151,16 +150,25 @@ def fold_at(events: pl.DataFrame, cut_ms: int, spec: dict) -> pl.DataFrame:
     )
 
 
-def snapshot_at(etl: str | Path, cut_ms: int) -> Snapshot:
-    """The state at any cut (events before it, pairs folded by `fold_at`)."""
-    from recfb.train.data import Interactions
+def _spec(data: Interactions) -> dict:
+    """The resolved signal map the ETL recorded."""
+    spec = data.stats.get("signal_map_spec")
+    if spec is None:
+        raise InputError(
+            "stats.json has no 'signal_map_spec'; rerun `recfb etl`",
+            file=source_label(data),
+            field="signal_map_spec",
+        )
+    return spec
 
-    etl = Path(etl)
-    data = Interactions.load(etl)
-    spec = json.loads((etl / "stats.json").read_text())["signal_map_spec"]
+
+def snapshot_at(etl: str | Path | Interactions, cut_ms: int) -> Snapshot:
+    """The state at any cut (events before it, pairs folded by `fold_at`); `etl` is an ETL
+    output directory or an `Interactions`."""
+    data = as_interactions(etl)
+    spec = _spec(data)
     events = (
-        pl.scan_parquet(etl / "events.parquet")
-        .filter(pl.col("ts").cast(pl.Datetime("ms")).dt.epoch("ms") < cut_ms)
+        data.events.filter(pl.col("ts").cast(pl.Datetime("ms")).dt.epoch("ms") < cut_ms)
         .pipe(canonical_events, with_cancellation=True)
         .collect()
     )
@@ -171,20 +179,18 @@ def snapshot_at(etl: str | Path, cut_ms: int) -> Snapshot:
         n_users=data.n_users,
         n_items=data.n_items,
         spec=spec,
-        category=item_categories(etl, data.n_items),
+        category=item_categories(data, data.n_items),
     )
 
 
-def snapshot_from_etl(etl: str | Path, upto: str) -> Snapshot:
+def snapshot_from_etl(etl: str | Path | Interactions, upto: str) -> Snapshot:
     """The state before the valid window (`upto="train"`: what the ranker learns from) or
     before the test window (`upto="valid"`: train + valid folded, what the test is scored on).
 
     With a temporal split the cut is the window's start; with leave-last-out (no time cut)
-    the snapshot holds every event of its splits and `now` is the end of the log."""
-    from recfb.train.data import Interactions  # the pair tables and the fold of two windows
-
-    etl = Path(etl)
-    data = Interactions.load(etl)
+    the snapshot holds every event of its splits and `now` is the end of the log. `etl` is
+    an ETL output directory or an `Interactions`."""
+    data = as_interactions(etl)
     valid_ms, test_ms, end_ms = cut_points(data.stats)
     if upto == "train":
         splits, pairs, now = ["train"], data.train, valid_ms
@@ -193,8 +199,7 @@ def snapshot_from_etl(etl: str | Path, upto: str) -> Snapshot:
     else:
         raise ValueError(f"upto must be 'train' or 'valid', got {upto!r}")
     events = (
-        pl.scan_parquet(etl / "events.parquet")
-        .filter(pl.col("split").cast(pl.String).is_in(splits))
+        data.events.filter(pl.col("split").cast(pl.String).is_in(splits))
         .pipe(canonical_events)
         .collect()
     )
@@ -207,7 +212,7 @@ def snapshot_from_etl(etl: str | Path, upto: str) -> Snapshot:
         now_ms=int(now),
         n_users=data.n_users,
         n_items=data.n_items,
-        spec=json.loads((etl / "stats.json").read_text())["signal_map_spec"],
-        category=item_categories(etl, data.n_items),
+        spec=_spec(data),
+        category=item_categories(data, data.n_items),
         time_cut=time_cut,
     )

@@ -1,10 +1,10 @@
-"""Training data read from an ETL output directory (the stage contract, not its internals)."""
+"""Training data read from an ETL output directory (the stage contract, not its internals).
+
+`Interactions` lives in `recfb.etl.interactions` (no torch there) and is re-exported here;
+the torch helpers training needs stay in this module."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,109 +12,16 @@ import polars as pl
 import torch
 
 from recfb.errors import InputError
-from recfb.evaluate import item_popularity
+from recfb.etl.interactions import PAIR_COLUMNS, SPLITS, Interactions
 
-PAIR_COLUMNS = ["user_idx", "item_idx", "label", "weight", "matured", "last_ts"]
-
-
-@dataclass
-class Interactions:
-    """Pair tables of one ETL run with the catalogue sizes and level names."""
-
-    directory: Path
-    n_users: int
-    n_items: int
-    level_names: dict[int, str]
-    train: pl.DataFrame
-    valid: pl.DataFrame
-    test: pl.DataFrame
-    stats: dict
-
-    @classmethod
-    def load(cls, directory: str | Path) -> Interactions:
-        directory = Path(directory)
-        needed = [
-            "train.parquet",
-            "valid.parquet",
-            "test.parquet",
-            "users.parquet",
-            "items.parquet",
-            "stats.json",
-        ]
-        missing = [n for n in needed if not (directory / n).is_file()]
-        if missing:
-            raise InputError(
-                f"not an ETL output directory (missing {missing}); run `recfb etl` first",
-                file=str(directory),
-            )
-        stats = json.loads((directory / "stats.json").read_text())
-        levels = {int(k): v for k, v in stats["levels"].items() if int(k) > 0}
-
-        def pairs(name: str) -> pl.DataFrame:
-            return pl.read_parquet(directory / f"{name}.parquet", columns=PAIR_COLUMNS)
-
-        return cls(
-            directory=directory,
-            n_users=pl.scan_parquet(directory / "users.parquet").select(pl.len()).collect().item(),
-            n_items=pl.scan_parquet(directory / "items.parquet").select(pl.len()).collect().item(),
-            level_names=levels,
-            train=pairs("train"),
-            valid=pairs("valid"),
-            test=pairs("test"),
-            stats=stats,
-        )
-
-    @property
-    def n_levels(self) -> int:
-        return len(self.level_names)
-
-    @property
-    def hidden_labels(self) -> tuple[int, ...]:
-        """Pair labels the signal map hides from their user (`exclusion_labels`); an older
-        ETL output without the resolved map hides negatives and the deepest level."""
-        from recfb.etl.signals import exclusion_labels
-
-        spec = self.stats.get("signal_map_spec")
-        if spec is None:
-            return (-1, self.n_levels)
-        return exclusion_labels(spec)
-
-    def fingerprint(self) -> str:
-        """A short content hash of the data (stats + pair tables' sizes) for run tags."""
-        h = hashlib.sha256((self.directory / "stats.json").read_bytes())
-        for name in ("train", "valid", "test", "users", "items"):
-            h.update(str((self.directory / f"{name}.parquet").stat().st_size).encode())
-        return h.hexdigest()[:16]
-
-    def with_valid_in_train(self) -> Interactions:
-        """Train = train and valid pairs folded together, valid empty (for a refit before the
-        test). A pair in both windows keeps its deepest label, unless its newer (valid) label
-        is an explicit negative: the newest explicit signal wins."""
-        both = pl.concat(
-            [
-                self.train.with_columns(window=pl.lit(0, pl.Int8)),
-                self.valid.with_columns(window=pl.lit(1, pl.Int8)),
-            ]
-        )
-        newest = pl.col("label").sort_by("window").last()
-        merged = (
-            both.group_by("user_idx", "item_idx", maintain_order=True)
-            .agg(
-                pl.when(newest < 0).then(newest).otherwise(pl.col("label").max()).alias("label"),
-                pl.col("weight").max(),
-                pl.col("matured").sort_by("window").last(),
-                pl.col("last_ts").max(),
-            )
-            .select(self.train.columns)
-        )
-        return replace(self, train=merged, valid=self.valid.clear())
-
-    def item_popularity(self, min_label: int = 1) -> np.ndarray:
-        """Train pairs with label >= min_label per item."""
-        return item_popularity(self.train, self.n_items, min_label).astype(np.float64)
-
-
-SPLITS = ("train", "valid", "test")
+__all__ = [
+    "PAIR_COLUMNS",
+    "SPLITS",
+    "Interactions",
+    "csr_by_user",
+    "item_attribute",
+    "recency_weighted",
+]
 
 
 def recency_weighted(train: pl.DataFrame, half_life_days: float | None) -> pl.DataFrame:

@@ -1,0 +1,197 @@
+"""One ETL run's tables, in memory or read from its output directory (the stage contract).
+
+`recfb.etl.run` returns an `Interactions` without touching disk; `Interactions.load` reads a
+directory `recfb etl` wrote; `save` writes the same layout. The event log, the quarantine and
+the filtered rows are lazy (a scan for a loaded directory) so loading stays cheap; the pair
+tables and the vocabularies are frames. No torch here: the server and notebooks import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from recfb.errors import InputError
+from recfb.etl.signals import SignalMap, exclusion_labels
+from recfb.etl.vocab import VOCAB_FILES
+from recfb.io import atomic_dir, write_json
+
+if TYPE_CHECKING:
+    import numpy as np
+
+SPLITS = ("train", "valid", "test")
+# the columns training reads; `with_valid_in_train` folds exactly these
+PAIR_COLUMNS = ["user_idx", "item_idx", "label", "weight", "matured", "last_ts"]
+_NEEDED = ["train.parquet", "valid.parquet", "test.parquet", "users.parquet", "items.parquet"]
+
+
+@dataclass(kw_only=True)
+class Interactions:
+    """Pair tables per split (every column the ETL folds), the user and item vocabularies
+    (`<kind>_idx, <kind>_id, first_seen`), the event log, the quarantined and filtered rows,
+    the statistics and the resolved signal map. `directory` is None for a run held in memory."""
+
+    train: pl.DataFrame
+    valid: pl.DataFrame
+    test: pl.DataFrame
+    users: pl.DataFrame
+    items: pl.DataFrame
+    events: pl.LazyFrame
+    quarantine: pl.LazyFrame
+    filtered: pl.LazyFrame | None
+    stats: dict
+    signal_map: SignalMap | None
+    directory: Path | None = None
+
+    @classmethod
+    def load(cls, directory: str | Path, columns: list[str] | None = None) -> Interactions:
+        """Read an ETL output directory; `columns` restricts the pair tables (e.g. to
+        `PAIR_COLUMNS`, what training needs) where memory matters."""
+        directory = Path(directory)
+        missing = [n for n in [*_NEEDED, "stats.json"] if not (directory / n).is_file()]
+        if missing:
+            raise InputError(
+                f"not an ETL output directory (missing {missing}); run `recfb etl` first",
+                file=str(directory),
+            )
+        stats = json.loads((directory / "stats.json").read_text())
+        spec = stats.get("signal_map_spec")
+
+        def pairs(name: str) -> pl.DataFrame:
+            return pl.read_parquet(directory / f"{name}.parquet", columns=columns)
+
+        def scan(name: str) -> pl.LazyFrame | None:
+            path = directory / f"{name}.parquet"
+            return pl.scan_parquet(path) if path.is_file() else None
+
+        events = scan("events")
+        if events is None:
+            raise InputError(
+                "not an ETL output directory (missing events.parquet)", file=str(directory)
+            )
+        quarantine = scan("quarantine")
+        return cls(
+            train=pairs("train"),
+            valid=pairs("valid"),
+            test=pairs("test"),
+            users=pl.read_parquet(directory / "users.parquet"),
+            items=pl.read_parquet(directory / "items.parquet"),
+            events=events,
+            quarantine=quarantine if quarantine is not None else pl.LazyFrame(),
+            filtered=scan("filtered"),
+            stats=stats,
+            signal_map=SignalMap.model_validate(spec) if spec is not None else None,
+            directory=directory,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the layout `recfb etl` writes, atomically (the old directory is replaced
+        only once everything is written); returns the directory."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            self.write_into(tmp)
+        return path
+
+    def write_into(self, directory: Path) -> None:
+        """Every table and `stats.json` into an existing (temporary) directory."""
+        for name in SPLITS:
+            getattr(self, name).write_parquet(directory / f"{name}.parquet")
+        self.events.sink_parquet(directory / "events.parquet", engine="streaming")
+        self.users.write_parquet(directory / VOCAB_FILES["user"])
+        self.items.write_parquet(directory / VOCAB_FILES["item"])
+        self.quarantine.collect().write_parquet(directory / "quarantine.parquet")
+        if self.filtered is not None:
+            self.filtered.collect().write_parquet(directory / "filtered.parquet")
+        write_json(directory / "stats.json", self.stats)
+
+    @property
+    def n_users(self) -> int:
+        return self.users.height
+
+    @property
+    def n_items(self) -> int:
+        return self.items.height
+
+    @property
+    def level_names(self) -> dict[int, str]:
+        """Positive levels 1..T by name (from the stats, as written)."""
+        return {int(k): v for k, v in self.stats["levels"].items() if int(k) > 0}
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.level_names)
+
+    @property
+    def hidden_labels(self) -> tuple[int, ...]:
+        """Pair labels the signal map hides from their user (`exclusion_labels`); an older
+        ETL output without the resolved map hides negatives and the deepest level."""
+        spec = self.stats.get("signal_map_spec")
+        if spec is None:
+            return (-1, self.n_levels)
+        return exclusion_labels(spec)
+
+    def fingerprint(self) -> str:
+        """A short content hash for run tags. A directory: stats.json plus the tables' file
+        sizes (as always). In memory: the stats (less timings) plus row hashes of the pair
+        tables and vocabularies, so equal data gives an equal fingerprint within a session."""
+        if self.directory is not None:
+            h = hashlib.sha256((self.directory / "stats.json").read_bytes())
+            for name in ("train", "valid", "test", "users", "items"):
+                h.update(str((self.directory / f"{name}.parquet").stat().st_size).encode())
+            return h.hexdigest()[:16]
+        stats = {k: v for k, v in self.stats.items() if k != "timings_s"}
+        h = hashlib.sha256(json.dumps(stats, sort_keys=True, default=str).encode())
+        for name in ("train", "valid", "test", "users", "items"):
+            frame = getattr(self, name)
+            digest = int(frame.hash_rows(seed=0).sum()) if frame.height else 0
+            h.update(f"{name}:{frame.height}:{digest}".encode())
+        return h.hexdigest()[:16]
+
+    def with_valid_in_train(self) -> Interactions:
+        """Train = train and valid pairs folded together, valid empty (for a refit before the
+        test). A pair in both windows keeps its deepest label, unless its newer (valid) label
+        is an explicit negative: the newest explicit signal wins. The fold is defined for the
+        training columns (`PAIR_COLUMNS`) only, so train and valid keep just those."""
+        both = pl.concat(
+            [
+                self.train.select(PAIR_COLUMNS).with_columns(window=pl.lit(0, pl.Int8)),
+                self.valid.select(PAIR_COLUMNS).with_columns(window=pl.lit(1, pl.Int8)),
+            ]
+        )
+        newest = pl.col("label").sort_by("window").last()
+        merged = (
+            both.group_by("user_idx", "item_idx", maintain_order=True)
+            .agg(
+                pl.when(newest < 0).then(newest).otherwise(pl.col("label").max()).alias("label"),
+                pl.col("weight").max(),
+                pl.col("matured").sort_by("window").last(),
+                pl.col("last_ts").max(),
+            )
+            .select(PAIR_COLUMNS)
+        )
+        return replace(self, train=merged, valid=self.valid.select(PAIR_COLUMNS).clear())
+
+    def item_popularity(self, min_label: int = 1) -> np.ndarray:
+        """Train pairs with label >= min_label per item."""
+        import numpy as np
+
+        from recfb.evaluate import item_popularity  # imports torch: only when asked
+
+        return item_popularity(self.train, self.n_items, min_label).astype(np.float64)
+
+
+def as_interactions(data: str | Path | Interactions) -> Interactions:
+    """An ETL output as `Interactions`: a directory is loaded, an `Interactions` returned."""
+    if isinstance(data, Interactions):
+        return data
+    return Interactions.load(data)
+
+
+def source_label(data: Interactions) -> str:
+    """Where the data came from, for error messages."""
+    return str(data.directory) if data.directory is not None else "<in-memory ETL output>"
