@@ -262,7 +262,9 @@ class VectorRecommender(Recommender):
                 self._now_ms(),
                 seen_rule=rule,
             )
-            rows += [(user, r + 1, it, s) for r, (it, s) in enumerate(zip(items, scores, strict=True))]
+            rows += [
+                (user, r + 1, it, s) for r, (it, s) in enumerate(zip(items, scores, strict=True))
+            ]
         return pl.DataFrame(rows, schema=LIST_SCHEMA, orient="row")
 
     def similar_items(self, item_ids, k=10) -> pl.DataFrame:
@@ -281,7 +283,9 @@ class VectorRecommender(Recommender):
         for user in _ids(user_ids):
             targets, _ = served.session_state(self._online.get(user, []), self._now_ms())
             q = served.query_vector(served.user_row.get(user), targets)
-            out.append(np.zeros(served.bundle.item_vectors.shape[1], np.float32) if q is None else q)
+            out.append(
+                np.zeros(served.bundle.item_vectors.shape[1], np.float32) if q is None else q
+            )
         return np.stack(out) if out else np.zeros((0, served.bundle.item_vectors.shape[1]))
 
 

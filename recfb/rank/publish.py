@@ -80,20 +80,23 @@ def save_ranker(result: Any, cfg: RankConfig, out: Path) -> Path:
 
 
 def write_rank_files(
-    etl: Path, rank_dir: Path, target: Path, n_users: int, now_ms: int | None = None
+    etl: Any, rank_dir: Path, target: Path, n_users: int, now_ms: int | None = None
 ) -> list[str]:
     """Write the rank files into a bundle directory being built (the state at the end of
-    the log, or at `now_ms`); returns their names."""
+    the log, or at `now_ms`) from `etl` (an `Interactions` or its directory); returns
+    their names."""
+    from recfb.etl.interactions import as_interactions
     from recfb.rank.candidates import topn_candidates, trending_scores
     from recfb.rank.online import RANK_FILES
     from recfb.rank.twostage import delayed_rates, fit_cascade
 
     meta = json.loads((rank_dir / "rank.json").read_text())
     cfg = RankConfig.model_validate(meta["config"])
-    _, _, end_ms = cut_points(json.loads((etl / "stats.json").read_text()))
+    etl = as_interactions(etl)
+    _, _, end_ms = cut_points(etl.stats)
     end_ms = end_ms if now_ms is None else int(now_ms)
     snap = snapshot_at(etl, end_ms)
-    rates = delayed_rates(str(etl), end_ms, snap.n_items) if cfg.delay_corrected_rates else None
+    rates = delayed_rates(etl, end_ms, snap.n_items) if cfg.delay_corrected_rates else None
     items = item_stats(snap, cfg.item_windows_days, rates).with_columns(
         pl.Series("trend_score", trending_scores(snap, max(cfg.item_windows_days)))
     )

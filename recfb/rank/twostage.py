@@ -133,7 +133,7 @@ class DelayedRates:
     (leave-last-out: the held-out buys lie inside the log) get naive rates instead, because
     the event log's trials would include the held-out purchases."""
 
-    def __init__(self, etl: str, first_cut_ms: int | None) -> None:
+    def __init__(self, etl: Any, first_cut_ms: int | None) -> None:
         from recfb.delayed.fit import fit_delays, load_cascade
 
         self.fits = None
@@ -142,7 +142,7 @@ class DelayedRates:
             log.info("naive item rates: no time cut to fit delay models before")
             return
         try:
-            self.events, self.signals = load_cascade(Path(etl))
+            self.events, self.signals = load_cascade(etl)
             self.fits = fit_delays(etl, first_cut_ms)
         except InputError as exc:
             log.info("naive item rates: %s", exc)
@@ -177,7 +177,7 @@ class DelayedRates:
         )
 
 
-def delayed_rates(etl: str, cutoff_ms: int | None, n_items: int) -> pl.DataFrame | None:
+def delayed_rates(etl: Any, cutoff_ms: int | None, n_items: int) -> pl.DataFrame | None:
     """Rates at one cut, delay models fitted there (None: naive rates)."""
     return DelayedRates(etl, cutoff_ms).at(cutoff_ms, n_items) if cutoff_ms else None
 
@@ -198,7 +198,7 @@ class Stage:
 
 
 def prepare(
-    etl: str,
+    etl: Any,
     upto: str,
     users_from: pl.DataFrame,
     cfg: RankConfig,
@@ -214,7 +214,7 @@ def _stage_at(
     snap: Snapshot,
     window: pl.DataFrame,
     cfg: RankConfig,
-    etl: str,
+    etl: Any,
     embedding: Any | None = None,
     rates: DelayedRates | None = None,
 ) -> Stage:
@@ -253,7 +253,7 @@ def _past_stages(
     stages = []
     for k in range(first_k, first_k + count):
         start, end = valid_ms - k * length, valid_ms - (k - 1) * length
-        later = snapshot_at(cfg.data, end)
+        later = snapshot_at(data, end)
         if later.events.height == 0 or later.events["ts_ms"].min() >= start:
             break  # the log does not reach back this far
         window_events = later.events.filter(pl.col("ts_ms") >= start).with_columns(
@@ -262,7 +262,7 @@ def _past_stages(
         window = fold_at(window_events, end, later.spec)
         if window.filter(pl.col("label") > 0).height == 0:
             break
-        stage = _stage_at(snapshot_at(cfg.data, start), window, cfg, cfg.data, embedding, rates)
+        stage = _stage_at(snapshot_at(data, start), window, cfg, data, embedding, rates)
         stage.labels = graded_labels(stage.candidates, window)
         stage.queries = k * data.n_users + stage.candidates["user_idx"].to_numpy()
         stages.append(stage)
@@ -387,19 +387,21 @@ def fit_two_stage(
     extra: dict[str, tuple[Any, Any]] | None = None,
     ablation: bool = False,
     on: str = "test",
+    data: Any = None,
 ) -> TwoStageResult:
     """Fit the ranker on the valid window's labels (and earlier windows') and score the test
     window; `extra` maps a name to (scorer fitted before valid, scorer fitted before test),
     evaluated in the same run with the same masks. `on="valid"` moves everything one window
     back (fit on the windows before valid, score valid): where settings are chosen, so that
-    the test window is looked at once."""
-    from recfb.train.data import Interactions
+    the test window is looked at once. `data` (an `Interactions`) replaces reading
+    `cfg.data`."""
+    from recfb.etl.interactions import as_interactions
 
-    data = Interactions.load(cfg.data)
+    data = as_interactions(cfg.data if data is None else data)
     if data.valid.filter(pl.col("label") > 0).height == 0:
         raise InputError(
             "the valid split has no positive pairs to label the ranker with",
-            file=str(data.directory / "valid.parquet"),
+            file=str(data.directory or "<memory>"),
         )
     from recfb.rank.state import cut_points
 
@@ -408,7 +410,7 @@ def fit_two_stage(
     first_cut = None
     if valid_ms is not None and test_ms is not None:  # the earliest label window's start
         first_cut = valid_ms - (cfg.ranker.label_windows - 1 + shift) * (test_ms - valid_ms)
-    rates = DelayedRates(cfg.data, first_cut) if cfg.delay_corrected_rates else None
+    rates = DelayedRates(data, first_cut) if cfg.delay_corrected_rates else None
     if on == "valid":
         stages = _past_stages(
             data, cfg, embedding_train, rates, first_k=1, count=cfg.ranker.label_windows
@@ -416,17 +418,17 @@ def fit_two_stage(
         if not stages:
             raise InputError(
                 "scoring the valid window needs a temporal split with a window before it",
-                file=str(data.directory / "stats.json"),
+                file=str(data.directory or "<memory>"),
             )
-        test = prepare(cfg.data, "train", data.valid, cfg, embedding_train, rates)
+        test = prepare(data, "train", data.valid, cfg, embedding_train, rates)
         heldout_split = data.valid
     else:
-        first = prepare(cfg.data, "train", data.valid, cfg, embedding_train, rates)
+        first = prepare(data, "train", data.valid, cfg, embedding_train, rates)
         first.labels = graded_labels(first.candidates, data.valid)
         first.queries = first.candidates["user_idx"].to_numpy().astype(np.int64)
         count = cfg.ranker.label_windows - 1
         stages = [first, *_past_stages(data, cfg, embedding_train, rates, 1, count)]
-        test = prepare(cfg.data, "valid", data.test, cfg, embedding_test, rates)
+        test = prepare(data, "valid", data.test, cfg, embedding_test, rates)
         heldout_split = data.test
     fit = _stacked(stages)
     y_fit = fit.labels
@@ -589,7 +591,6 @@ def two_stage_lists(
     """Top-k item ids per user id of a two-stage model (its vectors and ranker) on the
     snapshot before `split` of `etl`: what the gate compares, for any model version."""
     import json
-    from pathlib import Path
 
     from recfb.train.data import Interactions
 
