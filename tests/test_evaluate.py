@@ -6,6 +6,7 @@ shares no code (and hopefully no mistake) with the vectorised torch implementati
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 
@@ -22,6 +23,7 @@ from recfb.evaluate import (
     level_auc,
     topk_items,
 )
+from recfb.evaluate.ranking import hit_matrix, ranking_metrics
 
 LEVELS = {1: "view", 2: "click", 3: "engage", 4: "purchase"}
 
@@ -404,3 +406,110 @@ def test_level_auc_extremes() -> None:
     assert level_auc(labels.astype(float), labels, [1, 3]) == {1: 1.0, 3: 1.0}
     assert level_auc(-labels.astype(float), labels, [2]) == {2: 0.0}
     assert level_auc(np.zeros(5), labels, [2]) == {2: 0.5}
+
+
+# --------------------------------------------------------------------------------------------
+# the per-list metrics shared by evaluation and the promotion gate
+
+
+def test_ranking_metrics_on_a_hand_computed_example() -> None:
+    """Two users, values worked out by hand from the definitions.
+
+    a: list x y z w, relevant {y, w, q} (q never listed, e.g. an item the model does not know)
+      k=2: 1 hit (rank 2); recall 1 / min(2, 3); DCG 1/log2(3); ideal 1 + 1/log2(3)
+      k=4: 2 hits (ranks 2, 4); recall 2 / min(4, 3); DCG 1/log2(3) + 1/log2(5);
+           ideal over 3 slots 1 + 1/log2(3) + 1/2
+    b: list p p (a duplicate), relevant {p}: one hit at rank 1, slots past the list are misses
+    """
+    hits, n_relevant = hit_matrix(
+        [["x", "y", "z", "w"], ["p", "p"]], [{"y", "w", "q"}, {"p"}], depth=4
+    )
+    assert hits.tolist() == [[False, True, False, True], [True, False, False, False]]
+    assert n_relevant.tolist() == [3, 1]
+    m = ranking_metrics(hits, n_relevant, ks=(2, 4))
+    l3, l5 = math.log2(3), math.log2(5)
+    assert m["recall"] == pytest.approx(np.array([[1 / 2, 2 / 3], [1.0, 1.0]]))
+    assert m["ndcg"] == pytest.approx(
+        np.array([[(1 / l3) / (1 + 1 / l3), (1 / l3 + 1 / l5) / (1 + 1 / l3 + 1 / 2)], [1, 1]])
+    )
+    assert m["hr"].tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    # k past the end of the lists: the missing slots are misses, recall still caps at k
+    short = ranking_metrics(hits[:, :1], n_relevant, ks=(3,))
+    assert short["recall"] == pytest.approx(np.array([[0.0], [1.0]]))
+
+
+def test_ranking_metrics_rejects_users_without_relevant_items() -> None:
+    with pytest.raises(ValueError, match="at least one relevant"):
+        ranking_metrics(np.zeros((1, 3), dtype=bool), np.array([0]), ks=(3,))
+    with pytest.raises(ValueError, match="more hits"):
+        ranking_metrics(np.ones((1, 3), dtype=bool), np.array([2]), ks=(3,))
+
+
+def write_etl(path, n_users: int, n_items: int, splits: dict[str, list[Pair]]) -> None:
+    """The part of an ETL output directory the gate reads: id maps, splits, the signal map."""
+    pl.DataFrame({"user_idx": range(n_users), "user_id": [f"u{u}" for u in range(n_users)]}).cast(
+        {"user_idx": pl.UInt32}
+    ).write_parquet(path / "users.parquet")
+    pl.DataFrame({"item_idx": range(n_items), "item_id": [f"i{i}" for i in range(n_items)]}).cast(
+        {"item_idx": pl.UInt32}
+    ).write_parquet(path / "items.parquet")
+    for name, pairs in splits.items():
+        frame(pairs).write_parquet(path / f"{name}.parquet")
+    # three levels; the deepest (purchase, 3) does not repeat, so it is hidden with -1
+    spec = {"levels": [{"name": "view"}, {"name": "cart"}, {"name": "purchase"}], "signals": {}}
+    (path / "stats.json").write_text(json.dumps({"signal_map_spec": spec}))
+
+
+@pytest.mark.parametrize("source", ["vectors", "lists"])
+@pytest.mark.parametrize("seed", range(3))
+def test_gate_and_evaluation_report_the_same_ndcg_and_recall(tmp_path, seed, source) -> None:
+    """The same rankings through `full_ranking_metrics` and the gate's `holdout_metrics` give
+    the same ndcg@k and recall@k, on data where the definitions used to differ: users with more
+    relevant items than k, holdout positives that are hidden earlier purchases, negatives."""
+    from recfb.pipeline.gate import Vectors, holdout_metrics
+
+    rng = np.random.default_rng(seed)
+    n_users, n_items, k = 20, 30, 5
+    cells = [(u, i) for u in range(n_users) for i in range(n_items)]
+    order = rng.permutation(len(cells))
+    train = [(*cells[j], int(rng.choice([-1, 1, 2, 3]))) for j in order[:150]]
+    valid = [(*cells[j], int(rng.choice([-1, 1, 3]))) for j in order[150:180]]
+    fresh = [(*cells[j], int(rng.choice([-1, 1, 2, 3]))) for j in order[180:330]]
+    again = [(u, i, 3) for u, i, label in train[:40] if label in (-1, 3)]  # hidden, bought again
+    test = fresh + again
+    write_etl(tmp_path, n_users, n_items, {"train": train, "valid": valid, "test": test})
+    hidden = {(u, i) for u, i, label in train + valid if label in (-1, 3)}
+    relevant = defaultdict(set)
+    for u, i, label in test:
+        if label >= 1 and (u, i) not in hidden:
+            relevant[u].add(i)
+    assert any(len(r) > k for r in relevant.values())  # the recall cap matters
+    assert any(label >= 1 and (u, i) in hidden for u, i, label in test)  # so does the mask
+
+    user_vectors = rng.standard_normal((n_users, 8))
+    item_vectors = rng.standard_normal((n_items, 8))
+    model = Vectors(
+        np.array([f"u{u}" for u in range(n_users)]),
+        user_vectors,
+        np.array([f"i{i}" for i in range(n_items)]),
+        item_vectors,
+    )
+    if source == "vectors":
+        table = torch.from_numpy(user_vectors @ item_vectors.T)
+        lists = None
+    else:  # another ranking, handed to the gate as id lists (as the two-stage recommender does)
+        table = torch.from_numpy(rng.standard_normal((n_users, n_items)))
+        lists = {}
+        for u in range(n_users):
+            allowed = [i for i in range(n_items) if (u, i) not in hidden]
+            ranked = sorted(allowed, key=lambda i, u=u: -float(table[u, i]))[:k]
+            lists[f"u{u}"] = [f"i{i}" for i in ranked]
+
+    config = EvalConfig(ks=(k,), exclude="signals", hidden_labels=(-1, 3))
+    want = full_ranking_metrics(
+        table_scorer(table), n_items, frame(test), frame(train + valid), {}, config
+    )
+    got = holdout_metrics(model, tmp_path, k=k, lists=lists)
+    assert got["users"] == want["n_users"] == len(relevant)
+    assert got[f"ndcg@{k}"] == pytest.approx(want[f"ndcg@{k}"], rel=1e-12)
+    assert got[f"recall@{k}"] == pytest.approx(want[f"recall@{k}"], rel=1e-12)

@@ -255,6 +255,7 @@ def test_holdout_metrics_by_id_on_a_hand_built_split(tmp_path):
     # a: z seen, top-1 y (disliked, a miss); b: x and z seen, top-1 y (a hit);
     # c: unknown, popularity (z 2/3, x 1/3), nothing seen: z, a miss
     assert m["ndcg@1"] == pytest.approx(1 / 3)
+    assert m["recall@1"] == pytest.approx(1 / 3)  # each user has one relevant item
     assert m["negative_share@1"] == pytest.approx(1 / 3)
     assert m["users"] == 3 and m["users_unknown"] == 1
 

@@ -20,7 +20,8 @@ Semantics
   as a miss). Per level ``t`` of ``level_names`` the same with ``label >= t`` ("at least this
   deep"; the deepest level alone is e.g. purchases). Duplicate held-out pairs keep their highest
   label. A user whose relevant set is empty is skipped for that group of metrics.
-* Metrics at each cut-off k, averaged over the evaluated users of the group:
+* Metrics at each cut-off k, averaged over the evaluated users of the group, computed by
+  `recfb.evaluate.ranking.ranking_metrics` (the one definition the promotion gate uses too):
   ``recall@k = hits / min(k, |relevant|)`` (recall capped at k, so that a perfect list scores 1
   even when a user has more relevant items than k); ``ndcg@k`` with binary gains
   ``1 / log2(rank + 1)`` and an ideal DCG over ``min(k, |relevant|)`` items; ``hr@k`` = 1 when
@@ -47,6 +48,8 @@ import numpy as np
 import polars as pl
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from recfb.evaluate.ranking import METRICS, ranking_metrics
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 """User indices (LongTensor (B,)) -> scores of every item (float tensor (B, n_items))."""
@@ -199,9 +202,6 @@ def full_ranking_metrics(
     ks = config.ks
     depth = min(ks[-1], n_items)  # columns of the top-k matrix
     at_k = np.array([min(k, depth) - 1 for k in ks])  # column of each cut-off
-    ks_arr = np.array(ks)
-    discount = 1.0 / np.log2(np.arange(2, depth + 2, dtype=np.float64))
-    ideal = np.cumsum(discount)
     percentile = popularity_percentile(item_popularity(train, n_items))
     unseen = np.iinfo(np.int64).max
     best_rank = np.full(n_items, unseen, dtype=np.int64)  # best slot of each item in any list
@@ -223,12 +223,8 @@ def full_ranking_metrics(
             keep = n_rel > 0
             if not keep.any():
                 continue
-            hit = top_labels[keep] >= t
-            hits = np.cumsum(hit, 1, dtype=np.float64)[:, at_k]
-            dcg = np.cumsum(hit * discount, 1)[:, at_k]
-            cap = np.minimum(ks_arr, n_rel[keep, None])
-            ndcg = dcg / ideal[cap - 1]
-            per_user[g].append(np.stack([hits / cap, ndcg, (hits > 0).astype(np.float64)], 1))
+            m = ranking_metrics(top_labels[keep] >= t, n_rel[keep], ks)
+            per_user[g].append(np.stack([m[name] for name in METRICS], 1))
             if g == 0:
                 kept_top, kept_ok = top[keep], ok[keep]
                 ranks = np.where(kept_ok, np.arange(depth), unseen)
@@ -244,7 +240,7 @@ def full_ranking_metrics(
         if n == 0:
             continue
         means = _stacked(per_user[g]).mean(0)  # (3, len(ks))
-        for m, metric in enumerate(("recall", "ndcg", "hr")):
+        for m, metric in enumerate(METRICS):
             for j, k in enumerate(ks):
                 out[f"{metric}@{k}{suffix}"] = float(means[m, j])
     if pop_sum:

@@ -2,14 +2,17 @@
 
 A candidate and the production model may have different vocabularies (new users and items), so
 both are scored through their own id maps against one holdout: the newest split of the
-candidate's ETL output. Every holdout user with a positive pair counts for both models: the
+candidate's ETL output. Every holdout user with a relevant pair counts for both models: the
 top-k items by inner product (by popularity for a user the model does not know, as the service
 serves them), minus the user's earlier pairs that the signal map hides (train and valid splits:
 bought and not refunded, explicit negatives; `recfb.etl.signals.exclusion_labels`), scored by
-NDCG@k against all of the user's positive holdout items (an item the model does not know is a
-miss). ``negative_share@k`` is the share of recommended (user, item)
-pairs the user went on to dislike or refund in the holdout; ``popularity`` is each recommended
-item's share of positive training pairs (for the report's distribution plot).
+NDCG@k and recall@k against the user's positive holdout items minus those hidden ones (an item
+the model does not know is a miss). The metrics are offline evaluation's own
+(`recfb.evaluate.ranking`, e.g. recall@k = hits / min(k, |relevant|)), so a gate figure and an
+evaluation figure of the same name mean the same. ``negative_share@k`` is the share of
+recommended (user, item) pairs the user went on to dislike or refund in the holdout;
+``popularity`` is each recommended item's share of positive training pairs (for the report's
+distribution plot).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import polars as pl
 
 from recfb.errors import InputError
 from recfb.etl.signals import exclusion_labels
+from recfb.evaluate.ranking import hit_matrix, ranking_metrics
 
 
 @dataclass(frozen=True)
@@ -87,18 +91,26 @@ def holdout_metrics(
         grouped = df.group_by("user_id").agg(pl.col("item_id"))
         return {u: set(r) for u, r in zip(grouped["user_id"], grouped["item_id"], strict=True)}
 
-    positives = ids_by_user(holdout.filter(pl.col("label") >= 1))
     negatives = ids_by_user(holdout.filter(pl.col("label") < 0))
     hidden = exclusion_labels(json.loads((etl / "stats.json").read_text())["signal_map_spec"])
+    hidden_ids = ids_by_user(earlier.filter(pl.col("label").is_in(hidden)))
     seen = {
         u: np.asarray([item_row[i] for i in items if i in item_row], dtype=np.int64)
-        for u, items in ids_by_user(earlier.filter(pl.col("label").is_in(hidden))).items()
+        for u, items in hidden_ids.items()
     }
-    # the same users for every model: those with a positive in the holdout; a user the model
+    # relevant as in offline evaluation: the positive holdout items minus those hidden from the
+    # user (they cannot be recommended, so they are no one's miss); a user left with none is
+    # skipped. New items stay relevant: a model that does not know them missed them.
+    positives = {
+        u: rel
+        for u, items in ids_by_user(holdout.filter(pl.col("label") >= 1)).items()
+        if (rel := items - hidden_ids.get(u, set()))
+    }
+    # the same users for every model: those with a relevant holdout item; a user the model
     # does not know gets its popularity list, as the service would serve them
     users = sorted(positives)[:max_users]
-    discount = 1.0 / np.log2(np.arange(2, k + 2))
-    ndcg, recall, neg, n_recs, recommended = [], [], 0, 0, []
+    top_lists: list[np.ndarray] = []
+    neg, n_recs, recommended = 0, 0, []
     known = 0
     for start in range(0, len(users), 1024):
         chunk = users[start : start + 1024]
@@ -114,22 +126,22 @@ def holdout_metrics(
                 scores[j, seen[u]] = -np.inf
         top = np.argsort(-scores, axis=1)[:, :k]
         for j, u in enumerate(chunk):
-            pos, negs = positives[u], negatives.get(u, set())
+            negs = negatives.get(u, set())
             top_ids = model.item_ids[top[j]]
             if lists is not None and u in lists:
                 top_ids = np.asarray(lists[u][:k], dtype=object)
                 top[j, : len(top_ids)] = [item_row.get(i, 0) for i in top_ids]
-            hits = np.array([i in pos for i in top_ids], dtype=float)
-            ideal = discount[: min(len(pos), k)].sum()  # new items count: the model missed them
-            ndcg.append(float(hits @ discount) / ideal)
-            recall.append(hits.sum() / len(pos))
+            top_lists.append(top_ids)
             neg += sum(i in negs for i in top_ids)
             n_recs += len(top_ids)
             recommended.append(top[j])
+    hits, n_relevant = hit_matrix(top_lists, [positives[u] for u in users], k)
+    per_user = ranking_metrics(hits, n_relevant, (k,))
+    ndcg, recall = per_user["ndcg"][:, 0], per_user["recall"][:, 0]
     recs = np.concatenate(recommended) if recommended else np.empty(0, dtype=np.int64)
     return {
-        f"ndcg@{k}": float(np.mean(ndcg)) if ndcg else 0.0,
-        f"recall@{k}": float(np.mean(recall)) if recall else 0.0,
+        f"ndcg@{k}": float(np.mean(ndcg)) if ndcg.size else 0.0,
+        f"recall@{k}": float(np.mean(recall)) if recall.size else 0.0,
         f"negative_share@{k}": neg / max(n_recs, 1),
         "users": float(len(users)),
         "users_unknown": float(len(users) - known),
