@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
-import polars as pl
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -167,14 +166,12 @@ def demo(
     from recfb import tracking
     from recfb.config import load_config
     from recfb.pipeline import load_pipeline, run_pipeline
+    from recfb.recommender import Recommender
     from recfb.serving import ServeConfig
     from recfb.serving import serve as run_server
+    from recfb.serving.fetch import resolve
     from recfb.simulate import SimConfig
     from recfb.simulate import simulate as run_simulation
-    from recfb.train.loop import eval_config, fitted_data
-    from recfb.train.recommend import recommend as run_recommend
-    from recfb.train.recommend import write_recommendations
-    from recfb.train.runs import load_run
 
     try:
         sim_dir = output / "sim"
@@ -204,22 +201,21 @@ def demo(
             client.get_run(run_id).data.metrics, f"MF-BPR on the default shop: run {run_id}"
         )
         print_pipeline(result)
-        cfg_run, scorer = load_run(run_id)
-        data = fitted_data(cfg_run)
-        users = data.train["user_idx"].unique().sort().head(3)
-        ids = (
-            pl.read_parquet(data.directory / "users.parquet")
-            .filter(pl.col("user_idx").is_in(users.implode()))["user_id"]
-            .to_list()
-        )
-        recs = run_recommend(scorer, data, ids + ["a-new-visitor"], 5, eval_config(cfg_run, data))
-        path = write_recommendations(recs, output / "recommendations.parquet")
+        # the production model, as any host would load it from the registry: its lists are
+        # the ones the service answers with (two-stage where the pipeline ranks)
+        production = client.get_model_version_by_alias(spec.registered_model, "production")
+        bundle = resolve(production.source)
+        served = Recommender.load(bundle)
+        ids = served.user_ids()[:3]
+        recs = served.recommend([*ids, "a-new-visitor"], 5)
+        path = output / "recommendations.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        recs.write_parquet(path)
         out.print(recs)
         out.print(f"wrote {path}")
-        production = client.get_model_version_by_alias(spec.registered_model, "production")
-        bundle = Path(production.source)
         out.print(
-            f"alias production -> {spec.registered_model} v{production.version} ({bundle})\n"
+            f"alias production -> {spec.registered_model} v{production.version} "
+            f"({production.source}, cached at {bundle})\n"
             "Review the runs: mlflow ui --backend-store-uri sqlite:///mlruns.db "
             "(then open http://127.0.0.1:5000)\n"
             "Refresh from the events posted to the service: "
@@ -317,7 +313,16 @@ def evaluate(
 
 @app.command()
 def recommend(
-    run_id: Annotated[str, typer.Option("--run-id", help="MLflow run id of a trained model.")],
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="MLflow run whose logged model to use.")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="A saved model directory or an MLflow model URI (models:/recfb@production).",
+        ),
+    ] = None,
     output: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")] = Path(
         "data/recommendations.parquet"
     ),
@@ -325,28 +330,29 @@ def recommend(
         Path | None, typer.Option(help="Text file with one external user id per line; default all.")
     ] = None,
     k: Annotated[int, typer.Option("-k", help="Items per user.")] = 20,
-    overrides: SetOpt = None,
 ) -> None:
-    """Top-k items per user from a trained run, with the run's exclusion rule; unknown users
-    get the most popular items.
+    """Top-k items per user from any fitted model (every family: embedding models, baselines,
+    the two-stage recommender), with the signal map's exclusion rule; unknown users get the
+    most popular items.
 
     Example: `recfb recommend --run-id 0123abcd --users users.txt -k 50 -o recs.parquet`
     """
-    from recfb.train.loop import eval_config, fitted_data
-    from recfb.train.recommend import recommend as run_recommend
-    from recfb.train.recommend import write_recommendations
-    from recfb.train.runs import load_run
+    from recfb.recommender import Recommender
+    from recfb.serving.fetch import resolve
 
     try:
-        cfg, scorer = load_run(run_id, list(overrides or []))
+        if (run_id is None) == (model is None):
+            raise RecfbError("recommend: give exactly one of --run-id or --model")
+        location = f"runs:/{run_id}/model" if run_id else str(model)
+        fitted = Recommender.load(resolve(location))
         ids = (
             [line.strip() for line in users.read_text().splitlines() if line.strip()]
             if users
-            else None
+            else fitted.user_ids()
         )
-        fitted = fitted_data(cfg)
-        frame = run_recommend(scorer, fitted, ids, k, eval_config(cfg, fitted))
-        write_recommendations(frame, output)
+        frame = fitted.recommend(ids, k)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        frame.write_parquet(output)
     except RecfbError as exc:
         _fail(exc)
         return

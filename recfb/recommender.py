@@ -31,7 +31,13 @@ import polars as pl
 from recfb.errors import RecfbError
 
 RECOMMENDER_FILE = "recommender.json"
-LIST_SCHEMA = {"user_id": pl.String, "rank": pl.Int32, "item_id": pl.String, "score": pl.Float64}
+LIST_SCHEMA = {
+    "user_id": pl.String,
+    "rank": pl.Int32,
+    "item_id": pl.String,
+    "score": pl.Float64,
+    "source": pl.String,  # model | two_stage | session (folded-in events) | popularity
+}
 SIMILAR_SCHEMA = {
     "item_id": pl.String,
     "rank": pl.Int32,
@@ -105,7 +111,7 @@ class Recommender:
         exclude: str | Iterable[str] = "signals",
         filter: Iterable[str] | None = None,
     ) -> pl.DataFrame:
-        """Top-k per user: `user_id, rank, item_id, score` (in the order asked).
+        """Top-k per user: `user_id, rank, item_id, score, source` (in the order asked).
 
         `exclude`: `signals` (the signal map's rule: bought and not refunded, explicit
         negatives), `none`, or item ids hidden from every listed user (on top of the rule).
@@ -123,14 +129,20 @@ class Recommender:
         frame = _events_frame(events)
         from recfb.serving.eventlog import LoggedEvent
 
-        for user, item, event, ts in frame.select("user_id", "item_id", "event", "ts").iter_rows():
-            self._online.setdefault(user, []).append(LoggedEvent(item, event, int(ts)))
+        cols = ["user_id", "item_id", "event", "ts", "value", "order_id"]
+        for user, item, event, ts, value, order in frame.select(cols).iter_rows():
+            logged = LoggedEvent(item, event, int(ts), value, order)
+            self._online.setdefault(user, []).append(logged)
         for user in frame["user_id"].unique().to_list():
             self._online[user].sort(key=lambda e: e.ts)
         self._refresh_online(frame["user_id"].unique().to_list())
 
     def _refresh_online(self, users: list[str]) -> None:
         """Hook: families that precompute per-user state update it here."""
+
+    def user_ids(self) -> list[str]:
+        """Every user the fitted model knows (its vocabulary)."""
+        raise NotImplementedError
 
     def save(self, path: str | Path) -> Path:
         """Copy the fitted bundle to `path` (a new directory); returns it."""
@@ -205,7 +217,7 @@ class VectorRecommender(Recommender):
         return self
 
     def _publish(self, data: Any, users: np.ndarray, items: np.ndarray, fitted: Any) -> None:
-        from recfb.index.bundle import BundleParts, catalog_parts, write_bundle
+        from recfb.index.bundle import BundleParts, catalog_parts, delay_parts, write_bundle
         from recfb.index.config import IndexConfig
 
         parts = BundleParts(
@@ -215,9 +227,12 @@ class VectorRecommender(Recommender):
             family=self.family_name,
             recommender=self._meta(),
         )
-        self._extend_parts(parts, data)
         tmp = Path(tempfile.mkdtemp(prefix="recfb-model-"))
-        result = write_bundle(parts, IndexConfig(models_dir=str(tmp), name="bundle"))
+        index = IndexConfig(models_dir=str(tmp), name="bundle")
+        if index.delays:  # the delay models the service's online rates start from
+            parts.delays, parts.cascade_events = delay_parts(data, index.rates_horizon_days)
+        self._extend_parts(parts, data)
+        result = write_bundle(parts, index)
         self._attach(result.path, owned=False)
         weakref.finalize(self, shutil.rmtree, str(tmp), True)
 
@@ -252,7 +267,7 @@ class VectorRecommender(Recommender):
             )
         rows = []
         for user in _ids(user_ids):
-            items, scores, _ = served_list(
+            items, scores, source = served_list(
                 served,
                 user,
                 self._online.get(user, []),
@@ -262,10 +277,13 @@ class VectorRecommender(Recommender):
                 self._now_ms(),
                 seen_rule=rule,
             )
-            rows += [
-                (user, r + 1, it, s) for r, (it, s) in enumerate(zip(items, scores, strict=True))
-            ]
+            pairs = enumerate(zip(items, scores, strict=True))
+            rows += [(user, r + 1, it, s, source) for r, (it, s) in pairs]
         return pl.DataFrame(rows, schema=LIST_SCHEMA, orient="row")
+
+    def user_ids(self) -> list[str]:
+        self._require_fitted()
+        return self._served.bundle.users["user_id"].cast(pl.String).to_list()
 
     def similar_items(self, item_ids, k=10) -> pl.DataFrame:
         self._require_fitted()
@@ -380,17 +398,22 @@ class PairsRecommender(Recommender):
         return fit_baseline_pairs(self.config, pairs, n_users, len(self._item_ids), self._signals)
 
     def _refresh_online(self, users: list[str]) -> None:
-        """A training-free model recalculates a user by refitting with the folded pairs."""
-        from recfb.signals.fold import fold_user
+        """A training-free model recalculates a user by refitting with the folded pairs
+        (the same fold as the ETL's: `recfb.signals.SignalFold`)."""
+        from recfb.signals.fold import SignalFold
 
+        fold = SignalFold(self._signals)
         rows = []
         for user in users:
             if user not in self._user_row:
                 self._user_row[user] = len(self._user_row)
-            folded = fold_user(self._signals, self._online[user])
+            events = self._online[user]
+            folded = fold.fold((e.item_id, e.event, e.ts, e.value, e.order_id) for e in events)
             for item, state in folded.items():
                 if item in self._item_row and state.label != 0:
-                    rows.append((self._user_row[user], self._item_row[item], state.label, state.ts))
+                    rows.append(
+                        (self._user_row[user], self._item_row[item], state.label, state.last_ts)
+                    )
         if not rows:
             return
         new = pl.DataFrame(
@@ -433,7 +456,8 @@ class PairsRecommender(Recommender):
             allowed[[self._item_row[i] for i in filter if i in self._item_row]] = True
         out = []
         for j, (user, row) in enumerate(zip(users, rows_known, strict=True)):
-            s = scores[j] if row is not None and scores[j].any() else popularity.copy()
+            warm = row is not None and scores[j].any()
+            s = scores[j] if warm else popularity.copy()
             s = s.astype(np.float64)
             if row is not None:
                 s[hide.get(row, [])] = -np.inf
@@ -442,8 +466,15 @@ class PairsRecommender(Recommender):
                 s[~allowed] = -np.inf
             order = np.argsort(-s, kind="stable")[:k]
             order = order[np.isfinite(s[order])]
-            out += [(user, r + 1, self._item_ids[i], float(s[i])) for r, i in enumerate(order)]
+            source = "model" if warm else "popularity"
+            out += [
+                (user, r + 1, self._item_ids[i], float(s[i]), source) for r, i in enumerate(order)
+            ]
         return pl.DataFrame(out, schema=LIST_SCHEMA, orient="row")
+
+    def user_ids(self) -> list[str]:
+        self._require_fitted()
+        return list(self._user_row)
 
     def _popularity(self) -> np.ndarray:
         return self._items["popularity"].to_numpy().astype(np.float64)
@@ -527,9 +558,22 @@ def _events_frame(events: Any) -> pl.DataFrame:
     ts = pl.col("ts")
     if events.schema["ts"] != pl.Int64:
         ts = ts.cast(pl.Datetime("ms")).dt.epoch("ms")
-    return events.with_columns(
-        pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String), ts.alias("ts")
-    ).sort("ts")
+    optional = [
+        pl.lit(None, pl.Float64).alias(c) if c == "value" else pl.lit(None, pl.String).alias(c)
+        for c in ("value", "order_id")
+        if c not in events.columns
+    ]
+    return (
+        events.with_columns(*optional)
+        .with_columns(
+            pl.col("user_id").cast(pl.String),
+            pl.col("item_id").cast(pl.String),
+            ts.alias("ts"),
+            pl.col("value").cast(pl.Float64),
+            pl.col("order_id").cast(pl.String),
+        )
+        .sort("ts")
+    )
 
 
 def _similar_by_matrix(

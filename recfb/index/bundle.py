@@ -118,40 +118,6 @@ class BundleResult:
     manifest: dict[str, Any]
 
 
-def _item_table(etl: Path, n_items: int) -> pl.DataFrame:
-    """Item ids with recent popularity (positive pairs over all splits) and a category."""
-    from recfb.train.data import SPLITS, item_attribute  # torch: kept out of the server
-
-    items = pl.read_parquet(etl / "items.parquet", columns=["item_idx", "item_id"])
-    pairs = [pl.scan_parquet(etl / f"{s}.parquet").select("item_idx", "label") for s in SPLITS]
-    pop = (
-        pl.concat(pairs)
-        .filter(pl.col("label") >= 1)
-        .group_by("item_idx")
-        .agg(pl.len().alias("popularity"))
-        .collect()
-    )
-    out = items.join(pop, on="item_idx", how="left").with_columns(
-        pl.col("popularity").fill_null(0).cast(pl.Int64)
-    )
-    with contextlib.suppress(InputError):  # no category column: no business filter
-        out = out.join(item_attribute(etl, "category"), on="item_idx", how="left")
-    if out.height != n_items:
-        raise InputError(f"items.parquet has {out.height} rows, vectors {n_items}", file=str(etl))
-    return out.sort("item_idx")
-
-
-def _seen_pairs(etl: Path) -> pl.DataFrame:
-    from recfb.train.data import SPLITS
-
-    return pl.concat(
-        [
-            pl.read_parquet(etl / f"{s}.parquet", columns=["user_idx", "item_idx", "label"])
-            for s in SPLITS
-        ]
-    )
-
-
 def foldin_targets(users: np.ndarray, items: np.ndarray, sample: np.ndarray) -> dict[str, float]:
     """Scores a fold-in aims for: `positive` = a user's typical best score (mean top-10),
     `negative` = a low one (mean 5th percentile); measured on the model's own users."""
@@ -234,38 +200,40 @@ def build_bundle(cfg: IndexConfig) -> BundleResult:
 
     if not cfg.run_id:
         raise RecfbError("index.run_id: name the MLflow run to index (recfb index --run ID)")
+    from recfb.etl.interactions import Interactions
+
     train_cfg, scorer = load_run(cfg.run_id)
-    etl = Path(train_cfg.data)
-    stats = json.loads((etl / "stats.json").read_text())
-    if "signal_map_spec" not in stats:
-        raise InputError(
-            "field 'signal_map_spec' missing: the ETL output predates bundles; rerun `recfb etl`",
-            file=str(etl / "stats.json"),
-        )
+    data = Interactions.load(train_cfg.data)
     items = scorer.item_vectors.numpy().astype(np.float32)
+    catalog = catalog_parts(data)
+    if catalog["items"].height != len(items):
+        raise InputError(
+            f"items.parquet has {catalog['items'].height} rows, vectors {len(items)}",
+            file=str(train_cfg.data),
+        )
+    family = "two_stage" if cfg.rank_dir else train_cfg.model.family
+    config: dict[str, Any] = train_cfg.model_dump(mode="json")
+    if cfg.rank_dir:
+        rank_meta = json.loads((Path(cfg.rank_dir) / "rank.json").read_text())
+        config = {"embedding": config, "rank": rank_meta["config"]}
     parts = BundleParts(
-        items=_item_table(etl, len(items)),
-        users=pl.read_parquet(etl / "users.parquet", columns=["user_idx", "user_id"]).sort(
-            "user_idx"
-        ),
+        **catalog,
         item_vectors=items,
         user_vectors=scorer.user_vectors.numpy().astype(np.float32),
-        seen=_seen_pairs(etl),
-        signals=stats["signal_map_spec"],
-        levels=stats["levels"],
         run_id=cfg.run_id,
-        family=train_cfg.model.family,
-        data=str(etl),
+        family=family,
         rank_dir=Path(cfg.rank_dir) if cfg.rank_dir else None,
+        rank_data=data,
+        recommender={"family": family, "config": config},
     )
     if cfg.delays:
-        parts.delays, parts.cascade_events = _cascade(etl, cfg.rates_horizon_days)
+        parts.delays, parts.cascade_events = delay_parts(data, cfg.rates_horizon_days)
     result = write_bundle(parts, cfg)
     _log_to_run(cfg.run_id, result.manifest["index"], result.manifest["name"], parts.delays)
     return result
 
 
-def _cascade(etl: Path, horizon_days: float) -> tuple[Any, pl.DataFrame | None]:
+def delay_parts(etl: Any, horizon_days: float) -> tuple[Any, pl.DataFrame | None]:
     """Delay models and recent cascade events, or (None, None) where the signal map has no
     conversion (no clock signal or purchase level) or too few purchases to fit."""
     from recfb.delayed.fit import fit_delays, recent_cascade_events

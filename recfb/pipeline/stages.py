@@ -188,8 +188,11 @@ def stage_evaluate(spec: StageSpec, ctx: Context) -> dict:
     prod_version = _production(ctx)
     prod = None
     if prod_version is not None:
-        prod_vectors = Vectors.from_bundle(prod_version.source)
-        prod_rank = prod_version.source if _has_ranker(prod_version.source) else None
+        from recfb.serving.fetch import resolve
+
+        prod_bundle = str(resolve(prod_version.source))
+        prod_vectors = Vectors.from_bundle(prod_bundle)
+        prod_rank = prod_bundle if _has_ranker(prod_bundle) else None
         prod = holdout_metrics(
             prod_vectors,
             etl,
@@ -216,14 +219,23 @@ def stage_evaluate(spec: StageSpec, ctx: Context) -> dict:
 
 def stage_index(spec: StageSpec, ctx: Context) -> dict:
     from recfb.index import build_bundle
+    from recfb.tracking.pyfunc import log_bundle
 
     result = build_bundle(_index_config(spec, ctx))
     info = result.manifest["index"]
     run_id = ctx.child_run("index")
     ctx.client.log_metric(run_id, f"recall_at_{info['recall_k']}", info["recall"])
     ctx.client.log_param(run_id, "bundle", str(result.path))
+    # the bundle as an MLflow model of the training run: what the registry version points
+    # at, so any host that reaches the tracking server can load or serve it
+    model_uri = log_bundle(result.path, ctx.outputs["train"]["run_id"])
+    ctx.client.log_param(run_id, "model_uri", model_uri)
     ctx.client.set_terminated(run_id)
-    return {"bundle": str(Path(result.path).resolve()), "recall": info["recall"]}
+    return {
+        "bundle": str(Path(result.path).resolve()),
+        "recall": info["recall"],
+        "model_uri": model_uri,
+    }
 
 
 def stage_register(spec: StageSpec, ctx: Context) -> dict:
@@ -238,7 +250,7 @@ def stage_register(spec: StageSpec, ctx: Context) -> dict:
     bundle = ctx.outputs["index"]["bundle"]
     version = ctx.client.create_model_version(
         name,
-        source=bundle,
+        source=ctx.outputs["index"]["model_uri"],
         run_id=ctx.outputs["train"]["run_id"],
         tags={"bundle": Path(bundle).name, "pipeline": ctx.spec.name},
     )

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -54,12 +55,26 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
 
 def log_recommender(model: Any, registered_model_name: str | None = None) -> Any:
     """Log `model`'s bundle into the active run as an MLflow model; returns the ModelInfo."""
+    return _log(model.path, registered_model_name)
+
+
+def log_bundle(path: str | Path, run_id: str) -> str:
+    """Log a published bundle directory as an MLflow model of run `run_id`; returns the
+    model URI (`models:/m-<id>`), what a registry version's source names."""
+    from recfb.tracking import configure
+
+    configure()
+    with mlflow.start_run(run_id=run_id):
+        return _log(path, None).model_uri
+
+
+def _log(bundle: str | Path, registered_model_name: str | None) -> Any:
     from recfb import __version__
 
     return mlflow.pyfunc.log_model(
         name=MODEL_NAME,
         python_model=RecommenderModel(),
-        artifacts={BUNDLE_ARTIFACT: str(model.path)},
+        artifacts={BUNDLE_ARTIFACT: str(bundle)},
         signature=SIGNATURE,
         pip_requirements=[f"recfb=={__version__}"],
         registered_model_name=registered_model_name,
