@@ -55,15 +55,21 @@ def bracket_match(targets: pl.DataFrame, cancels: pl.DataFrame, keys: list[str])
 def link_cancellations(events: pl.DataFrame, cancel_map: dict[str, str]) -> pl.DataFrame:
     """Add `cancelled_at` (ts of the event that cancelled this one), `linked_ts` (for a
     cancellation: ts of the event it cancelled) and `link` ('order_id' | 'sequence' | null).
+    `cancel_map` is cancelling signal -> the signal it cancels.
 
     `events` needs a unique `row` column, PAIR, `event`, `ts`, `order_id`.
     """
     links = []
+    # the signals that cancel one target (refund and chargeback of a purchase) share its
+    # stack: two of them never both cancel the same target
+    cancellers: dict[str, list[str]] = {}
     for cancel_name, target_name in cancel_map.items():
+        cancellers.setdefault(target_name, []).append(cancel_name)
+    for target_name, cancel_names in cancellers.items():
         targets = events.filter(pl.col("event") == target_name).select(
             *PAIR, "ts", "row", "order_id"
         )
-        cancels = events.filter(pl.col("event") == cancel_name).select(
+        cancels = events.filter(pl.col("event").is_in(cancel_names)).select(
             *PAIR, "ts", "row", "order_id"
         )
         if cancels.height == 0:

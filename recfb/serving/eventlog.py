@@ -41,6 +41,8 @@ class LoggedEvent:
     item_id: str
     event: str
     ts: int  # epoch ms
+    value: float | None = None  # dwell seconds, price...: the fold drops dwell noise by it
+    order_id: str | None = None  # links a refund to its purchase, as in the ETL
 
 
 class EventLog:
@@ -88,11 +90,12 @@ class EventLog:
             return self._writer.total_changes - before
 
     def user_events(self, user_id: str, limit: int) -> list[LoggedEvent]:
-        """A user's most recent events, oldest first."""
+        """A user's most recent events, oldest first (equal times: in arrival order)."""
         rows = (
             self._reader()
             .execute(
-                "SELECT item_id, event, ts FROM events WHERE user_id = ? ORDER BY ts DESC LIMIT ?",
+                "SELECT item_id, event, ts, value, order_id FROM events "
+                "WHERE user_id = ? ORDER BY ts DESC, rowid DESC LIMIT ?",
                 (user_id, limit),
             )
             .fetchall()

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from recfb.etl.signals import exclusion_labels
 from recfb.index import Bundle
 from recfb.serving.config import ServeConfig
 from recfb.serving.eventlog import LoggedEvent
 from recfb.serving.rates import OnlineRates, RatesTable
+from recfb.signals import SignalFold, as_signal_map, exclusion_labels
 
 
 @dataclass
@@ -67,14 +67,13 @@ class ServingBundle:
                 self.category[value] = np.asarray(rows, dtype=np.int64)
         self.popular = np.argsort(-bundle.items["popularity"].to_numpy(), kind="stable")
         self.pop_score = bundle.items["popularity"].to_numpy().astype(np.float32)
-        smap = bundle.signals
-        self.n_levels = len(smap["levels"])
-        self.level_weight = {i + 1: lv["weight"] for i, lv in enumerate(smap["levels"])}
-        level_of = {lv["name"]: i + 1 for i, lv in enumerate(smap["levels"])}
-        self.signals = smap["signals"]
-        self.event_level = {
-            name: level_of[s["level"]] for name, s in self.signals.items() if s.get("level")
-        }
+        smap = as_signal_map(bundle.signals, f"{bundle.path}/signals.json")
+        self.n_levels = smap.n_levels
+        self.level_weight = {i + 1: lv.weight for i, lv in enumerate(smap.levels)}
+        # the ETL's fold, so that an online event means what it meant in training
+        self.fold = SignalFold(smap)
+        self.signals = smap.signals  # the event names the API accepts
+        self.event_level = {name: rule.level for name, rule in self.fold.rules.items()}
         self.hidden_levels = self._hidden_levels(cfg.exclude)
         self.excluded = self._seen_exclusions(bundle.seen)
         foldin = bundle.manifest["foldin"]
@@ -140,47 +139,32 @@ class ServingBundle:
         out = []
         for ev in events:
             row = self.item_row.get(ev.item_id)
-            if row is not None and ev.event in self.signals:
-                out.append((row, ev.event, self.event_level.get(ev.event, 0), ev.ts))
+            if row is not None and self.fold.keeps(ev.event, ev.value):
+                out.append((row, ev.event, self.event_level[ev.event], ev.ts))
         return out
 
     # --- the user's online state ---------------------------------------------------------
     def session_state(self, events: list[LoggedEvent], now_ms: int) -> tuple[dict, set[int]]:
-        """(item row -> (target, weight)) for the fold-in and the item rows to exclude."""
-        level: dict[int, int] = {}
-        negative: dict[int, bool] = {}
-        last_ts: dict[int, int] = {}
-        for ev in events:  # oldest first: later events override earlier state
-            row = self.item_row.get(ev.item_id)
-            spec = self.signals.get(ev.event)
-            if row is None or spec is None:
-                continue
-            last_ts[row] = ev.ts
-            if spec.get("negative"):
-                negative[row] = True
-            elif spec.get("cancels"):
-                cancelled = self.signals.get(spec["cancels"], {})
-                if cancelled.get("negative"):
-                    negative[row] = False
-                elif spec.get("fallback") == "negative":
-                    negative[row], level[row] = True, 0
-                else:
-                    level[row] = max(0, self.event_level.get(spec["cancels"], 1) - 1)
-            elif ev.event in self.event_level:
-                level[row] = max(level.get(row, 0), self.event_level[ev.event])
+        """(item row -> (target, weight)) for the fold-in and the item rows to exclude.
+
+        Each item's events fold into the ETL's pair state (`recfb.signals.SignalFold`:
+        dwell noise dropped, cancellations matched, negative vs positive by recency); an
+        item is excluded when its label is -1 or a hidden level (`exclusion_labels`)."""
+        states = self.fold.fold(
+            (row, ev.event, ev.ts, ev.value, ev.order_id)
+            for ev in events
+            if (row := self.item_row.get(ev.item_id)) is not None
+        )
         half_life_ms = self.cfg.foldin.half_life_hours * 3_600_000
         targets: dict[int, tuple[float, float]] = {}
         exclude: set[int] = set()
-        for row, ts in last_ts.items():
-            decay = 0.5 ** (max(0, now_ms - ts) / half_life_ms)
-            if negative.get(row):
+        for row, state in states.items():
+            decay = 0.5 ** (max(0, now_ms - state.last_ts) / half_life_ms)
+            if state.negative:
                 targets[row] = (self.target_neg, self.cfg.foldin.negative_weight * decay)
-                exclude.add(row)
-                continue
-            lv = level.get(row, 0)
-            if lv >= 1:
-                targets[row] = (self.target_pos, self.level_weight[lv] * decay)
-            if lv in self.hidden_levels:
+            elif state.level >= 1:
+                targets[row] = (self.target_pos, self.level_weight[state.level] * decay)
+            if state.label == -1 or state.label in self.hidden_levels:
                 exclude.add(row)
         return targets, exclude
 
