@@ -111,8 +111,10 @@ class SignalFold:
         rules = self.rules
         cancelled: set[int] = set()  # positions in evs of the targets that were cancelled
         if self.cancellers:
+            present = {event for _, event, _ in evs}
             for target, names in self.cancellers.items():
-                cancelled |= _match(evs, target, names)
+                if target in present and not names.isdisjoint(present):
+                    cancelled |= _match(evs, target, names)
         level = 0
         last_pos = last_neg = None
         last_ts = evs[0][0]
