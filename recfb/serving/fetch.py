@@ -83,12 +83,16 @@ def fetch(uri: str, key: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
-        download_artifacts(artifact_uri=uri, dst_path=str(tmp))
-        bundle = tmp / BUNDLE_SUBDIR
+        # a run's artifact path lands in a subdirectory named after it; a model URI does not
+        model_dir = Path(download_artifacts(artifact_uri=uri, dst_path=str(tmp / "download")))
+        bundle = model_dir / BUNDLE_SUBDIR
         if not (bundle / "manifest.json").is_file():
             raise RecfbError(f"{uri}: not a recfb model (no {BUNDLE_SUBDIR}/manifest.json)")
         verify(bundle, required=())
-        os.replace(tmp, target)
+        os.replace(model_dir, tmp / "model")
+        shutil.rmtree(tmp / "download", ignore_errors=True)
+        os.replace(tmp / "model", target)
+        shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

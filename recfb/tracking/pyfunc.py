@@ -42,13 +42,17 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
 
         self.model = Recommender.load(context.artifacts[BUNDLE_ARTIFACT])
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 (mlflow reads hints)
         if hasattr(model_input, "columns"):
             if "user_id" not in model_input.columns:
                 raise ValueError("recfb model input: a frame with a `user_id` column")
-            users = [str(u) for u in model_input["user_id"]]
+            column = list(model_input["user_id"])
         else:
-            users = [str(u) for u in model_input]
+            column = list(model_input)
+        users = []  # a dict of lists arrives as one row holding the list
+        for value in column:
+            many = isinstance(value, list | tuple) or hasattr(value, "tolist")
+            users += [str(u) for u in (list(value) if many else [value])]
         k = int((params or {}).get("k", 10))
         return self.model.recommend(users, k).to_pandas()
 
