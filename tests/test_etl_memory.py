@@ -268,3 +268,15 @@ def test_consumers_take_an_interactions_as_a_directory(
     assert fits_mem.to_dict() == fits_disk.to_dict()
     recent = recent_cascade_events(in_memory, end_ms, 30)
     assert_frame_equal(recent, recent_cascade_events(on_disk.directory, end_ms, 30))
+
+
+def test_the_etl_and_interactions_import_no_torch():
+    """Notebooks and the server use them without the training stack."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = "import sys, recfb.etl; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -29,10 +29,18 @@ SPLITS = ("train", "valid", "test")
 PAIR_COLUMNS = ["user_idx", "item_idx", "label", "weight", "matured", "last_ts"]
 # columns every ETL pair table has (the per-signal counts and features vary with the data)
 _ETL_PAIR_COLUMNS = [*PAIR_COLUMNS, "level", "negative", "first_ts", "seen_before"]
-_NEEDED = ["train.parquet", "valid.parquet", "test.parquet", "users.parquet", "items.parquet"]
+_NEEDED = [
+    "train.parquet",
+    "valid.parquet",
+    "test.parquet",
+    "users.parquet",
+    "items.parquet",
+    "events.parquet",
+    "stats.json",
+]
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class Interactions:
     """Pair tables per split (every column the ETL folds), the user and item vocabularies
     (`<kind>_idx, <kind>_id, first_seen`), the event log, the quarantined and filtered rows,
@@ -55,7 +63,7 @@ class Interactions:
         """Read an ETL output directory; `columns` restricts the pair tables (e.g. to
         `PAIR_COLUMNS`, what training needs) where memory matters."""
         directory = Path(directory)
-        missing = [n for n in [*_NEEDED, "stats.json"] if not (directory / n).is_file()]
+        missing = [n for n in _NEEDED if not (directory / n).is_file()]
         if missing:
             raise InputError(
                 f"not an ETL output directory (missing {missing}); run `recfb etl` first",
@@ -71,11 +79,6 @@ class Interactions:
             path = directory / f"{name}.parquet"
             return pl.scan_parquet(path) if path.is_file() else None
 
-        events = scan("events")
-        if events is None:
-            raise InputError(
-                "not an ETL output directory (missing events.parquet)", file=str(directory)
-            )
         quarantine = scan("quarantine")
         return cls(
             train=pairs("train"),
@@ -83,13 +86,18 @@ class Interactions:
             test=pairs("test"),
             users=pl.read_parquet(directory / "users.parquet"),
             items=pl.read_parquet(directory / "items.parquet"),
-            events=events,
+            events=pl.scan_parquet(directory / "events.parquet"),
             quarantine=quarantine if quarantine is not None else pl.LazyFrame(),
             filtered=scan("filtered"),
             stats=stats,
             signal_map=SignalMap.model_validate(spec) if spec is not None else None,
             directory=directory,
         )
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={getattr(self, s).height:,} pairs" for s in SPLITS)
+        where = f", directory={str(self.directory)!r}" if self.directory else " (in memory)"
+        return f"Interactions({sizes}, users={self.n_users:,}, items={self.n_items:,}{where})"
 
     def save(self, path: str | Path) -> Path:
         """Write the layout `recfb etl` writes, atomically (the old directory is replaced
