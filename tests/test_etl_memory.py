@@ -16,6 +16,7 @@ import recfb.etl.pipeline
 from recfb.errors import ConfigError, InputError
 from recfb.etl import Interactions, load_signal_map
 from recfb.etl import run as etl_run
+from recfb.etl.interactions import PAIR_COLUMNS
 from recfb.simulate import SimConfig, simulate
 
 from conftest import CONF, run
@@ -83,6 +84,25 @@ def test_in_memory_run_equals_the_file_run(in_memory: Interactions, on_disk: Int
     assert folded_mem.valid.height == 0
 
 
+def test_valid_folds_into_train_with_every_pair_column(in_memory: Interactions):
+    """A pair in both windows: its counts add up and its time span covers both."""
+    train, valid = in_memory.train, in_memory.valid
+    folded = in_memory.with_valid_in_train().train
+    assert folded.schema == train.schema
+    keys = ["user_idx", "item_idx"]
+    both = train.join(valid, on=keys, suffix="_v")
+    assert both.height > 10
+    got = both.select(keys).join(folded, on=keys)
+    want = both.select(
+        *keys,
+        (pl.col("n_view") + pl.col("n_view_v")).alias("n_view"),
+        pl.min_horizontal("first_ts", "first_ts_v").alias("first_ts"),
+        pl.max_horizontal("last_ts", "last_ts_v").alias("last_ts"),
+    )
+    assert_frame_equal(got.select(want.columns).sort(keys), want.sort(keys), check_dtypes=False)
+    assert folded.height == pl.concat([train.select(keys), valid.select(keys)]).unique().height
+
+
 def test_paths_and_globs_read_with_the_file_readers(world: Path, on_disk: Interactions):
     data = etl_run(str(world / "events" / "*.parquet"), SIGNALS)
     _assert_same(data, on_disk)
@@ -139,6 +159,13 @@ def test_save_then_load_round_trips(in_memory: Interactions, tmp_path: Path, on_
     assert loaded.signal_map == in_memory.signal_map
     # a save from memory is a directory the ETL's consumers take as they take `recfb etl`'s
     assert Interactions.load(loaded.save(tmp_path / "again")).stats == loaded.stats
+    # training's columns only: cheaper to load, and not an ETL output any more
+    slim = Interactions.load(path, columns=PAIR_COLUMNS)
+    assert slim.train.columns == PAIR_COLUMNS
+    assert_frame_equal(slim.train, in_memory.train.select(PAIR_COLUMNS))
+    with pytest.raises(InputError, match="lack ETL columns"):
+        slim.save(tmp_path / "slim")
+    assert not (tmp_path / "slim").exists()
 
 
 def test_run_with_out_writes_the_directory(sim_events: pl.DataFrame, tmp_path: Path):
@@ -241,3 +268,15 @@ def test_consumers_take_an_interactions_as_a_directory(
     assert fits_mem.to_dict() == fits_disk.to_dict()
     recent = recent_cascade_events(in_memory, end_ms, 30)
     assert_frame_equal(recent, recent_cascade_events(on_disk.directory, end_ms, 30))
+
+
+def test_the_etl_and_interactions_import_no_torch():
+    """Notebooks and the server use them without the training stack."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = "import sys, recfb.etl; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -27,10 +27,20 @@ if TYPE_CHECKING:
 SPLITS = ("train", "valid", "test")
 # the columns training reads; `with_valid_in_train` folds exactly these
 PAIR_COLUMNS = ["user_idx", "item_idx", "label", "weight", "matured", "last_ts"]
-_NEEDED = ["train.parquet", "valid.parquet", "test.parquet", "users.parquet", "items.parquet"]
+# columns every ETL pair table has (the per-signal counts and features vary with the data)
+_ETL_PAIR_COLUMNS = [*PAIR_COLUMNS, "level", "negative", "first_ts", "seen_before"]
+_NEEDED = [
+    "train.parquet",
+    "valid.parquet",
+    "test.parquet",
+    "users.parquet",
+    "items.parquet",
+    "events.parquet",
+    "stats.json",
+]
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class Interactions:
     """Pair tables per split (every column the ETL folds), the user and item vocabularies
     (`<kind>_idx, <kind>_id, first_seen`), the event log, the quarantined and filtered rows,
@@ -53,7 +63,7 @@ class Interactions:
         """Read an ETL output directory; `columns` restricts the pair tables (e.g. to
         `PAIR_COLUMNS`, what training needs) where memory matters."""
         directory = Path(directory)
-        missing = [n for n in [*_NEEDED, "stats.json"] if not (directory / n).is_file()]
+        missing = [n for n in _NEEDED if not (directory / n).is_file()]
         if missing:
             raise InputError(
                 f"not an ETL output directory (missing {missing}); run `recfb etl` first",
@@ -69,11 +79,6 @@ class Interactions:
             path = directory / f"{name}.parquet"
             return pl.scan_parquet(path) if path.is_file() else None
 
-        events = scan("events")
-        if events is None:
-            raise InputError(
-                "not an ETL output directory (missing events.parquet)", file=str(directory)
-            )
         quarantine = scan("quarantine")
         return cls(
             train=pairs("train"),
@@ -81,7 +86,7 @@ class Interactions:
             test=pairs("test"),
             users=pl.read_parquet(directory / "users.parquet"),
             items=pl.read_parquet(directory / "items.parquet"),
-            events=events,
+            events=pl.scan_parquet(directory / "events.parquet"),
             quarantine=quarantine if quarantine is not None else pl.LazyFrame(),
             filtered=scan("filtered"),
             stats=stats,
@@ -89,9 +94,22 @@ class Interactions:
             directory=directory,
         )
 
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={getattr(self, s).height:,} pairs" for s in SPLITS)
+        where = f", directory={str(self.directory)!r}" if self.directory else " (in memory)"
+        return f"Interactions({sizes}, users={self.n_users:,}, items={self.n_items:,}{where})"
+
     def save(self, path: str | Path) -> Path:
         """Write the layout `recfb etl` writes, atomically (the old directory is replaced
         only once everything is written); returns the directory."""
+        for name in SPLITS:
+            lacking = [c for c in _ETL_PAIR_COLUMNS if c not in getattr(self, name).columns]
+            if lacking:
+                raise InputError(
+                    f"the {name} pairs lack ETL columns {lacking} (loaded with `columns=`?): "
+                    "saving them would not be an ETL output",
+                    field=name,
+                )
         path = Path(path)
         with atomic_dir(path) as tmp:
             self.write_into(tmp)
@@ -155,26 +173,45 @@ class Interactions:
     def with_valid_in_train(self) -> Interactions:
         """Train = train and valid pairs folded together, valid empty (for a refit before the
         test). A pair in both windows keeps its deepest label, unless its newer (valid) label
-        is an explicit negative: the newest explicit signal wins. The fold is defined for the
-        training columns (`PAIR_COLUMNS`) only, so train and valid keep just those."""
+        is an explicit negative: the newest explicit signal wins. The other columns fold as
+        one window over both would: counts add up, first/last times widen, weight is the
+        larger, maturity and pass-through features come from the newer window, delays and
+        `seen_before` from the older one."""
         both = pl.concat(
             [
-                self.train.select(PAIR_COLUMNS).with_columns(window=pl.lit(0, pl.Int8)),
-                self.valid.select(PAIR_COLUMNS).with_columns(window=pl.lit(1, pl.Int8)),
+                self.train.with_columns(_window=pl.lit(0, pl.Int8)),
+                self.valid.with_columns(_window=pl.lit(1, pl.Int8)),
             ]
         )
-        newest = pl.col("label").sort_by("window").last()
+        newest = pl.col("label").sort_by("_window").last()
+        label = pl.when(newest < 0).then(newest).otherwise(pl.col("label").max())
+        folds = {
+            "label": label,
+            "negative": label < 0,
+            "level": pl.col("level").max(),
+            "weight": pl.col("weight").max(),
+            "first_ts": pl.col("first_ts").min(),
+            "last_ts": pl.col("last_ts").max(),
+            "click_to_purchase_s": pl.col("click_to_purchase_s").drop_nulls().first(),
+            "purchase_to_refund_s": pl.col("purchase_to_refund_s").drop_nulls().first(),
+            "seen_before": pl.col("seen_before").first(),
+        }
+        keys = ["user_idx", "item_idx"]
+
+        def fold(name: str) -> pl.Expr:
+            if name in folds:
+                return folds[name].alias(name)
+            if name.startswith("n_"):  # per-signal counts
+                return pl.col(name).sum()
+            return pl.col(name).sort_by("_window").last()  # maturity, features
+
         merged = (
-            both.group_by("user_idx", "item_idx", maintain_order=True)
-            .agg(
-                pl.when(newest < 0).then(newest).otherwise(pl.col("label").max()).alias("label"),
-                pl.col("weight").max(),
-                pl.col("matured").sort_by("window").last(),
-                pl.col("last_ts").max(),
-            )
-            .select(PAIR_COLUMNS)
+            both.group_by(keys, maintain_order=True)
+            .agg(fold(c) for c in self.train.columns if c not in keys)
+            .select(self.train.columns)
+            .cast(dict(self.train.schema))
         )
-        return replace(self, train=merged, valid=self.valid.select(PAIR_COLUMNS).clear())
+        return replace(self, train=merged, valid=self.valid.clear())
 
     def item_popularity(self, min_label: int = 1) -> np.ndarray:
         """Train pairs with label >= min_label per item."""
@@ -185,11 +222,15 @@ class Interactions:
         return item_popularity(self.train, self.n_items, min_label).astype(np.float64)
 
 
-def as_interactions(data: str | Path | Interactions) -> Interactions:
-    """An ETL output as `Interactions`: a directory is loaded, an `Interactions` returned."""
+def as_interactions(
+    data: str | Path | Interactions, columns: list[str] | None = PAIR_COLUMNS
+) -> Interactions:
+    """An ETL output as `Interactions`: an `Interactions` is returned as it is, a directory is
+    loaded (its pair tables with `columns`: by default the training ones, which is all the
+    consumers that take either form read)."""
     if isinstance(data, Interactions):
         return data
-    return Interactions.load(data)
+    return Interactions.load(data, columns=columns)
 
 
 def source_label(data: Interactions) -> str:
