@@ -1,0 +1,195 @@
+"""The service's state: the bundle being served, the event log, metrics, the alias follower.
+
+Every request reads `Service.current` once, so a swap (an atomic reference assignment) never
+mixes two versions inside one answer and never fails a request in flight. `startup_bundle`
+is the one place that decides which bundle a starting server loads; `Service.load` the one
+place that loads a bundle path (at start, on POST /v1/admin/bundle, when the alias moves).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+from fastapi import HTTPException
+
+from recfb.index import load_bundle
+from recfb.serving.config import ServeConfig
+from recfb.serving.eventlog import EventLog
+from recfb.serving.retrieval import ServingBundle
+from recfb.serving.telemetry import Metrics
+
+log = logging.getLogger("recfb.serving")
+
+
+class Service:
+    """Holds the current bundle and the event log; swaps bundles in the background."""
+
+    def __init__(self, cfg: ServeConfig, api_key: str | None) -> None:
+        self.cfg = cfg
+        self.api_key = api_key
+        self.metrics = Metrics()
+        self.log = EventLog(cfg.event_log, cfg.synchronous)
+        self.current: ServingBundle | None = None
+        self.loading: str | None = None
+        self.last_error: str | None = None
+        self.follower: AliasFollower | None = None
+        self._swap_lock = threading.Lock()
+
+    def load(self, path: str | Path) -> ServingBundle:
+        """Load the bundle at `path` and swap it in (one reference assignment)."""
+        started = time.perf_counter()
+        served = ServingBundle(load_bundle(path), self.cfg)
+        if served.rates is not None:
+            served.rates.refresh(self.log)
+        old = self.current
+        self.current = served
+        _freeze_long_lived_objects()
+        if old is not None:
+            self.metrics.bundle.remove(old.version)
+        self.metrics.bundle.labels(version=served.version).set(1)
+        log.info(
+            "bundle loaded",
+            extra={"bundle": served.version, "seconds": round(time.perf_counter() - started, 3)},
+        )
+        return served
+
+    def swap_in_background(self, path: str) -> bool:
+        """Start loading `path`; False if a load is already running."""
+        if not self._swap_lock.acquire(blocking=False):
+            return False
+        self.loading, self.last_error = path, None
+        threading.Thread(target=self._swap, args=(path,), name="bundle-swap", daemon=True).start()
+        return True
+
+    def _swap(self, path: str) -> None:
+        try:
+            self.load(path)
+        except Exception as exc:  # reported on GET /v1/admin/bundle, old bundle kept
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("bundle swap failed", extra={"path": path, "error": self.last_error})
+        finally:
+            self.loading = None
+            self._swap_lock.release()
+
+    def bundle(self) -> ServingBundle:
+        """The bundle a request uses (read once per request); 503 before the first load."""
+        served = self.current
+        if served is None:
+            raise HTTPException(503, "no bundle loaded yet (see GET /readyz)")
+        return served
+
+
+def _freeze_long_lived_objects() -> None:
+    """A bundle is millions of long-lived objects (id maps); a full GC pass over them stalls
+    every request for ~100 ms at 1M items, so they leave the collector's view (refcounting
+    still frees a swapped-out bundle; unfreeze lets a cycle go too)."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
+class AliasFollower:
+    """Polls the registry alias and swaps to the bundle of the version that holds it."""
+
+    def __init__(self, service: Service, model: str, alias: str, poll_s: float) -> None:
+        from recfb import tracking  # mlflow: imported only by a server that follows an alias
+
+        self.service, self.model, self.alias, self.poll_s = service, model, alias, poll_s
+        self.tracking_uri = tracking.configure()  # resolved once, not on every poll
+        self.version: str | None = None
+        self.error: str | None = None
+
+    def lookup(self) -> tuple[str, str] | None:
+        """(version, bundle path) holding the alias now; None (and `error`) when unknown."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = MlflowClient(tracking_uri=self.tracking_uri).get_model_version_by_alias(
+                self.model, self.alias
+            )
+        except MlflowException as exc:
+            self.error = f"{self.model}@{self.alias}: {exc}"
+            return None
+        self.error = None
+        return str(mv.version), mv.source
+
+    def poll_once(self) -> None:
+        found = self.lookup()
+        if found is None:
+            return
+        version, source = found
+        current = self.service.current
+        if version == self.version and current is not None:
+            return
+        if current is not None and Path(source).resolve() == Path(current.bundle.path).resolve():
+            self.version = version
+            return
+        if self.service.swap_in_background(source):
+            log.info("alias moved", extra={"alias": self.alias, "version": version, "path": source})
+            self.version = version
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            try:
+                self.poll_once()
+            except Exception as exc:  # keep following; the error shows on /v1/admin/bundle
+                self.error = f"{type(exc).__name__}: {exc}"
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, name="alias-follower", daemon=True).start()
+
+    def status(self) -> dict:
+        return {
+            "model": self.model,
+            "alias": self.alias,
+            "version": self.version,
+            "error": self.error,
+        }
+
+
+def newest_bundle(models_dir: str | Path) -> Path | None:
+    """The most recently created bundle in the model store (by manifest created_at)."""
+    found = []
+    for manifest in Path(models_dir).glob("*/manifest.json"):
+        try:
+            found.append((json.loads(manifest.read_text())["created_at"], manifest.parent))
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(found)[1] if found else None
+
+
+def startup_bundle(cfg: ServeConfig, follower: AliasFollower | None) -> str | Path | None:
+    """The bundle a starting server loads: `cfg.bundle`, else the followed alias's version,
+    else the newest bundle in `cfg.models_dir`; None when there is none (not ready)."""
+    if cfg.bundle:
+        return cfg.bundle
+    if follower is not None:
+        found = follower.lookup()
+        if found is not None:
+            follower.version, path = found
+            return path
+    return newest_bundle(cfg.models_dir)
+
+
+def start_service(cfg: ServeConfig, api_key: str | None) -> Service:
+    """A service with its startup bundle loaded (and the alias followed, when configured)."""
+    service = Service(cfg, api_key)
+    if cfg.follow.model:
+        service.follower = AliasFollower(
+            service, cfg.follow.model, cfg.follow.alias, cfg.follow.poll_s
+        )
+    path = startup_bundle(cfg, service.follower)
+    if service.follower is not None:
+        service.follower.start()
+    if path is not None:
+        service.load(path)
+    else:
+        log.warning("no bundle found; not ready", extra={"models_dir": cfg.models_dir})
+    return service
