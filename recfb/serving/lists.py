@@ -7,9 +7,23 @@ delay-corrected re-rank and its timings around it; `recfb.Recommender` calls it 
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import numpy as np
 
-from recfb.serving.retrieval import ServingBundle, Timings
+from recfb.serving.rates import RatesTable
+from recfb.serving.retrieval import ServingBundle, Timings, rerank
+
+
+@dataclass
+class Rerank:
+    """The delay-corrected NetCVR re-rank of a one-stage list (`serve.rerank`)."""
+
+    table: RatesTable
+    weight: float
+    floor: float
+    candidates: int
 
 
 def served_list(
@@ -22,26 +36,52 @@ def served_list(
     now_ms: int,
     seen_rule: str = "signals",
     timings: Timings | None = None,
+    rerank_by: Rerank | None = None,
 ) -> tuple[list[str], list[float], str]:
     """(item ids, scores, source) of `user_id`'s top-k. `events` are the user's logged
-    events (oldest first); `seen_rule` `none` shows everything, seen or not."""
+    events (oldest first); `seen_rule` `none` shows everything, seen or not; `allowed`
+    restricts the list to these item rows (a category, a filter)."""
     timings = timings or Timings()
+    started = time.perf_counter()
     user_row = served.user_row.get(user_id)
     targets, online_excluded = served.session_state(events, now_ms)
     query = served.query_vector(user_row, targets)
+    started = timings.add("foldin", started)
     excluded: set[int] = set()
     if seen_rule != "none":
         excluded = online_excluded | served.excluded.get(user_row, frozenset())
     excluded.update(served.item_row[i] for i in exclude_ids if i in served.item_row)
+    timings.add("filter", started)
     if served.online is not None:
         rows, scores = two_stage_rows(
             served, user_row, query, events, excluded, allowed, k, now_ms, timings
         )
         source = "two_stage" if user_row is not None or events else "popularity"
     else:
-        rows, scores = served.rank(query, k, excluded, None, timings, allowed=allowed)
+        rows, scores = one_stage_rows(served, query, k, excluded, allowed, timings, rerank_by)
         source = "popularity" if query is None else ("model" if user_row is not None else "session")
     return [served.item_ids[r] for r in rows], [float(s) for s in scores], source
+
+
+def one_stage_rows(
+    served: ServingBundle,
+    query: np.ndarray | None,
+    k: int,
+    excluded: set[int],
+    allowed: np.ndarray | None,
+    timings: Timings,
+    rerank_by: Rerank | None,
+) -> tuple[list[int], list[float]]:
+    """Search (popularity without a query); with a re-rank, fetch its candidates and blend
+    their scores with the log of corrected NetCVR."""
+    if rerank_by is None or query is None:
+        return served.rank(query, k, excluded, None, timings, allowed=allowed)
+    fetch = max(k, rerank_by.candidates)
+    rows, scores = served.rank(query, fetch, excluded, None, timings, allowed=allowed)
+    started = time.perf_counter()
+    rows, scores = rerank(rows, scores, rerank_by.table, rerank_by.weight, rerank_by.floor, k)
+    timings.add("rerank", started)
+    return rows, scores
 
 
 def two_stage_rows(

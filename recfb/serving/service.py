@@ -42,8 +42,10 @@ class Service:
 
     def load(self, path: str | Path) -> ServingBundle:
         """Load the bundle at `path` and swap it in (one reference assignment)."""
+        from recfb.serving.fetch import resolve  # a models:/ URI: fetched and verified
+
         started = time.perf_counter()
-        served = ServingBundle(load_bundle(path), self.cfg)
+        served = ServingBundle(load_bundle(resolve(path)), self.cfg)
         if served.rates is not None:
             served.rates.refresh(self.log)
         old = self.current
@@ -123,14 +125,17 @@ class AliasFollower:
         found = self.lookup()
         if found is None:
             return
+        from recfb.serving.fetch import resolve
+
         version, source = found
         current = self.service.current
         if version == self.version and current is not None:
             return
-        if current is not None and Path(source).resolve() == Path(current.bundle.path).resolve():
+        local = resolve(source)  # a version's source is its model URI: fetched into the cache
+        if current is not None and local.resolve() == Path(current.bundle.path).resolve():
             self.version = version
             return
-        if self.service.swap_in_background(source):
+        if self.service.swap_in_background(str(local)):
             log.info("alias moved", extra={"alias": self.alias, "version": version, "path": source})
             self.version = version
 
