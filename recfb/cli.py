@@ -489,7 +489,11 @@ def netcvr(config: ConfigOpt = Path("conf/netcvr.yaml"), overrides: SetOpt = Non
 @app.command()
 def serve(
     bundle: Annotated[
-        Path | None, typer.Option(help="Bundle directory; default the newest in models/.")
+        str | None,
+        typer.Option(
+            help="Bundle directory or MLflow model URI (models:/recfb@production: fetched from "
+            "the tracking server into a verified cache); default the newest in models/."
+        ),
     ] = None,
     config: ConfigOpt = Path("conf/serve.yaml"),
     overrides: SetOpt = None,
@@ -497,7 +501,7 @@ def serve(
     """Serve recommendations over HTTP (FastAPI on uvicorn) from a model bundle, logging
     posted events durably. Writes need the X-API-Key header: set RECFB_API_KEY.
 
-    Example: `RECFB_API_KEY=secret recfb serve --bundle models/mf-0123abcd --set port=8080`
+    Example: `RECFB_API_KEY=secret recfb serve --bundle models:/recfb@production`
     """
     import os
 
