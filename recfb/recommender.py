@@ -114,7 +114,8 @@ class Recommender:
         """Top-k per user: `user_id, rank, item_id, score, source` (in the order asked).
 
         `exclude`: `signals` (the signal map's rule: bought and not refunded, explicit
-        negatives), `none`, or item ids hidden from every listed user (on top of the rule).
+        negatives), `purchased`, `any` (everything the user engaged with), `none`, or item
+        ids hidden from every listed user (on top of the signal map's rule).
         `filter`: only these item ids may be recommended. Unknown users get the
         popularity list, never an error."""
         raise NotImplementedError
@@ -228,7 +229,7 @@ class VectorRecommender(Recommender):
             recommender=self._meta(),
         )
         tmp = Path(tempfile.mkdtemp(prefix="recfb-model-"))
-        index = IndexConfig(models_dir=str(tmp), name="bundle")
+        index = IndexConfig(models_dir=str(tmp), name="bundle", low_recall="exact")
         if index.delays:  # the delay models the service's online rates start from
             parts.delays, parts.cascade_events = delay_parts(data, index.rates_horizon_days)
         self._extend_parts(parts, data)
@@ -438,7 +439,13 @@ class PairsRecommender(Recommender):
         users = _ids(user_ids)
         extra, rule = _exclusion(exclude)
         n_items = len(self._item_ids)
-        hidden = exclusion_labels(self._signals) if rule == "signals" else ()
+        n_levels = len(self._signals["levels"])
+        hidden = {
+            "signals": exclusion_labels(self._signals),
+            "purchased": (-1, n_levels),
+            "any": (-1, *range(1, n_levels + 1)),
+            "none": (),
+        }[rule]
         rows_known = [self._user_row.get(u) for u in users]
         known = [r for r in rows_known if r is not None]
         scores = np.zeros((len(users), n_items), dtype=np.float64)
@@ -538,12 +545,15 @@ def _ids(ids: Iterable[str] | str) -> list[str]:
     return [str(i) for i in ids]
 
 
+EXCLUDE_RULES = ("signals", "purchased", "any", "none")
+
+
 def _exclusion(exclude: str | Iterable[str]) -> tuple[list[str], str]:
     """(extra item ids to hide, the seen-pairs rule) from `recommend`'s `exclude`."""
     if isinstance(exclude, str):
-        if exclude not in ("signals", "none"):
+        if exclude not in EXCLUDE_RULES:
             raise ValueError(
-                f"exclude={exclude!r}: use 'signals', 'none' or a list of item ids to hide"
+                f"exclude={exclude!r}: use one of {EXCLUDE_RULES} or a list of item ids to hide"
             )
         return [], exclude
     return [str(i) for i in exclude], "signals"

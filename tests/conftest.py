@@ -16,6 +16,16 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 CONF = ROOT / "conf"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models:/ and runs:/ fetches land in a temp cache, never in ~/.cache/recfb."""
+    import os
+
+    path = tmp_path_factory.mktemp("recfb-cache")
+    os.environ["RECFB_CACHE_DIR"] = str(path)
+    return path
+
+
 def shared_file(name: str) -> Path:
     """A file of ../shared/data, or skip the test with the reason."""
     path = SHARED_DATA / name

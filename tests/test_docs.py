@@ -63,3 +63,46 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     for page in sorted((ROOT / "docs").glob("*.md")):
         built = site / ("index.html" if page.stem == "index" else f"{page.stem}/index.html")
         assert built.is_file(), f"docs/{page.name} was not built into {built}"
+
+
+def readme_python_block() -> str:
+    """The fenced Python block of the README's "Python in ten lines" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Python in ten lines", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "the README's Python section has no ```python block"
+    return match.group(1)
+
+
+def test_the_readme_python_example_runs(tmp_path: Path) -> None:
+    """Run as written, in a fresh process, from a directory holding the repository's conf/."""
+    code = readme_python_block()
+    assert len([line for line in code.splitlines() if line.strip()]) <= 12
+    (tmp_path / "conf").symlink_to(ROOT / "conf")
+    (tmp_path / "example.py").write_text(code)
+    done = subprocess.run(
+        [sys.executable, "example.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "two_stage" in done.stdout  # the lists came from the two-stage recommender
+    assert (tmp_path / "my-model" / "manifest.json").is_file()
+
+
+def test_the_notebook_style_walkthrough_runs(tmp_path: Path) -> None:
+    """docs/examples/quickstart.py: fits the two-stage recommender in memory, saves, loads in
+    a fresh process and asserts the same lists."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "examples" / "quickstart.py"), str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same lists after save -> load in a fresh process" in done.stdout

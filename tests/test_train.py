@@ -16,11 +16,12 @@ from recfb.config import build_model
 from recfb.errors import InputError
 from recfb.models.base import tce_drop_share
 from recfb.models.baselines import Popularity
+from recfb.recommender import Recommender
+from recfb.serving.fetch import resolve
 from recfb.simulate import SimConfig, simulate
 from recfb.train.config import DenoiseConfig, TrainConfig
 from recfb.train.data import Interactions, recency_weighted
-from recfb.train.loop import eval_config, evaluate_scorer, fitted_data, train
-from recfb.train.recommend import recommend
+from recfb.train.loop import evaluate_scorer, train
 from recfb.train.runs import load_run
 
 from conftest import CONF, RandomScorer, run
@@ -170,12 +171,11 @@ def test_refit_trains_on_valid_for_the_chosen_epochs_and_masks_it_at_test(shop: 
     assert result.metrics["test/ndcg@20"] > 2 * random["ndcg@20"]
     # its recommendations exclude what the signal map hides from the valid window (bought,
     # disliked), as they would in production, and are the run's model, not the fallback
-    cfg, scorer = load_run(result.run_id)
-    merged = fitted_data(cfg)
+    served = Recommender.load(resolve(f"runs:/{result.run_id}/model"))
     hidden = data.valid.filter(pl.col("label").is_in(list(data.hidden_labels)))
     user = int(hidden["user_idx"][0])
     user_id = pl.read_parquet(shop / "users.parquet").filter(pl.col("user_idx") == user)
-    recs = recommend(scorer, merged, user_id["user_id"].to_list(), 50, eval_config(cfg, merged))
+    recs = served.recommend(user_id["user_id"].to_list(), 50)
     hidden_items = set(
         hidden.filter(pl.col("user_idx") == user)
         .join(pl.read_parquet(shop / "items.parquet"), on="item_idx")["item_id"]
@@ -186,9 +186,6 @@ def test_refit_trains_on_valid_for_the_chosen_epochs_and_masks_it_at_test(shop: 
 
 
 def test_run_is_recorded_in_mlflow_and_reloads_for_recommend(shop: Path, tmp_path: Path):
-    from recfb.evaluate import EvalConfig
-    from recfb.train.recommend import recommend
-    from recfb.train.runs import load_run
 
     result = train(config(shop, "mf", run_name="recorded"), quiet=True)
     client = mlflow.MlflowClient()
@@ -211,9 +208,11 @@ def test_run_is_recorded_in_mlflow_and_reloads_for_recommend(shop: Path, tmp_pat
 
     cfg, scorer = load_run(result.run_id)
     assert cfg.model.family == "mf"
+    assert scorer.item_vectors.shape[1] == 16
     data = Interactions.load(shop)
     users = pl.read_parquet(shop / "users.parquet")["user_id"].head(3).to_list()
-    recs = recommend(scorer, data, users + ["never-seen"], 10, EvalConfig(exclude="any"))
+    model = Recommender.load(resolve(f"runs:/{result.run_id}/model"))  # the logged MLflow model
+    recs = model.recommend(users + ["never-seen"], 10, exclude="any")
     assert recs.columns == ["user_id", "rank", "item_id", "score", "source"]
     assert recs.filter(pl.col("user_id") == "never-seen")["source"].unique().to_list() == [
         "popularity"

@@ -252,6 +252,16 @@ def write_bundle(parts: BundleParts, cfg: IndexConfig) -> BundleResult:
     rng = np.random.default_rng(cfg.seed)
     sample = rng.choice(len(users), size=min(cfg.recall_sample, len(users)), replace=False)
     built, recall = build_measured(items, users[sample], cfg)
+    if recall < cfg.recall_floor and cfg.low_recall == "exact":
+        log.warning(
+            "index %r recalls %.3f@%d of exact search (floor %.2f): the bundle searches exactly",
+            built.factory,
+            recall,
+            cfg.recall_k,
+            cfg.recall_floor,
+        )
+        cfg = cfg.model_copy(update={"factory": "Flat", "search_params": None})
+        built, recall = build_measured(items, users[sample], cfg)
     index_info = _index_info(built, recall, cfg, len(sample))
     if recall < cfg.recall_floor:
         raise RecfbError(

@@ -28,6 +28,12 @@ class IndexConfig(BaseModel):
         None, description="FAISS parameter string, e.g. 'efSearch=128' or 'nprobe=16'"
     )
     exact_below: int = Field(50_000, ge=0, description="catalogues smaller than this: exact")
+    low_recall: Literal["refuse", "exact"] = Field(
+        "refuse",
+        description="an index below recall_floor: refuse to publish (the pipeline's index "
+        "stage), or fall back to exact search with a warning (a fitted library model: its "
+        "lists must not depend on an approximate index the vectors do not suit)",
+    )
     hnsw_m: int = Field(32, ge=4)
     ef_construction: int = Field(80, ge=8)
     ef_search: int = Field(128, ge=1)

@@ -34,14 +34,16 @@ def served_list(
     exclude_ids: list[str],
     allowed: np.ndarray | None,
     now_ms: int,
-    seen_rule: str = "signals",
+    seen_rule: str | None = None,
     timings: Timings | None = None,
     rerank_by: Rerank | None = None,
 ) -> tuple[list[str], list[float], str]:
     """(item ids, scores, source) of `user_id`'s top-k. `events` are the user's logged
-    events (oldest first); `seen_rule` `none` shows everything, seen or not; `allowed`
+    events (oldest first); `seen_rule` says which of the bundle's pairs are hidden
+    (`signals`, `purchased`, `any`; `none` shows everything, seen or not); `allowed`
     restricts the list to these item rows (a category, a filter)."""
     timings = timings or Timings()
+    seen_rule = seen_rule or served.cfg.exclude
     started = time.perf_counter()
     user_row = served.user_row.get(user_id)
     targets, online_excluded = served.session_state(events, now_ms)
@@ -49,7 +51,7 @@ def served_list(
     started = timings.add("foldin", started)
     excluded: set[int] = set()
     if seen_rule != "none":
-        excluded = online_excluded | served.excluded.get(user_row, frozenset())
+        excluded = online_excluded | served.exclusions(seen_rule).get(user_row, frozenset())
     excluded.update(served.item_row[i] for i in exclude_ids if i in served.item_row)
     timings.add("filter", started)
     if served.online is not None:

@@ -75,7 +75,8 @@ class ServingBundle:
         self.signals = smap.signals  # the event names the API accepts
         self.event_level = {name: rule.level for name, rule in self.fold.rules.items()}
         self.hidden_levels = self._hidden_levels(cfg.exclude)
-        self.excluded = self._seen_exclusions(bundle.seen)
+        self.excluded = self._seen_exclusions(bundle.seen, self.hidden_levels)
+        self._excluded_by_rule = {cfg.exclude: self.excluded}
         foldin = bundle.manifest["foldin"]
         self.target_pos, self.target_neg = foldin["positive"], foldin["negative"]
         self.ridge = cfg.foldin.l2 * foldin["item_sq_norm"]
@@ -122,10 +123,25 @@ class ServingBundle:
             return frozenset(range(1, self.n_levels + 1))
         return frozenset()
 
-    def _seen_exclusions(self, seen: pl.DataFrame) -> dict[int, frozenset[int]]:
+    def exclusions(self, rule: str) -> dict[int, frozenset[int]]:
+        """user row -> item rows the bundle's pairs exclude under `rule` (`signals`,
+        `purchased`, `any`, `none`); the service's own rule is built at load, others once
+        on first use (the library's `recommend(exclude=...)`)."""
+        if rule not in self._excluded_by_rule:
+            if rule not in ("signals", "purchased", "any", "none"):
+                raise ValueError(f"exclusion rule {rule!r}: signals, purchased, any or none")
+            hidden = self._hidden_levels(rule)
+            self._excluded_by_rule[rule] = (
+                {} if rule == "none" else self._seen_exclusions(self.bundle.seen, hidden)
+            )
+        return self._excluded_by_rule[rule]
+
+    def _seen_exclusions(
+        self, seen: pl.DataFrame, hidden_levels: frozenset[int]
+    ) -> dict[int, frozenset[int]]:
         """user row -> item rows excluded by the bundle's pairs under the rule (sets, built
         once here so that a request only unions them)."""
-        hidden = [-1, *sorted(self.hidden_levels)]
+        hidden = [-1, *sorted(hidden_levels)]
         rows = (
             seen.filter(pl.col("label").is_in(hidden)).group_by("user_idx").agg(pl.col("item_idx"))
         )
