@@ -149,8 +149,8 @@ def run_pipeline(spec: PipelineSpec, definition_text: str = "") -> PipelineResul
     with pipeline_lock(state_dir):
         tracking.configure()
         client = MlflowClient()
-        exp = client.get_experiment_by_name(spec.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(spec.experiment)
+        tracking.set_experiment(spec.experiment)  # created as a model-training experiment
+        exp_id = client.get_experiment_by_name(spec.experiment).experiment_id
         started = datetime.now(UTC)
         tags = {"recfb.pipeline": spec.name}
         commit = tracking.git_commit()

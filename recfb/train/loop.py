@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -381,7 +383,29 @@ def _fit_embedding(
         )
         callbacks.append(checkpoint)
     t = cfg.trainer
-    trainer = L.Trainer(
+    with _lightning_quiet(quiet):
+        trainer = _trainer(cfg, callbacks, checkpoint, quiet)
+        if t.max_epochs > 0:
+            trainer.fit(model, _loader(model, cfg))
+    return _finish_fit(model, cfg, checkpoint, log_history)
+
+
+@contextmanager
+def _lightning_quiet(quiet: bool) -> Iterator[None]:
+    """Lightning's start-up notes (accelerators, tips) at WARNING while a quiet fit runs."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _trainer(cfg: TrainConfig, callbacks: list, checkpoint: Any, quiet: bool) -> L.Trainer:
+    t = cfg.trainer
+    return L.Trainer(
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=t.devices,
@@ -396,14 +420,21 @@ def _fit_embedding(
         deterministic=True,
         num_sanity_val_steps=0,
     )
-    loader = DataLoader(
+
+
+def _loader(model: EmbeddingRecommender, cfg: TrainConfig) -> DataLoader:
+    return DataLoader(
         torch.arange(len(model.pos_users)),
-        batch_size=t.batch_size,
+        batch_size=cfg.trainer.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    if t.max_epochs > 0:
-        trainer.fit(model, loader)
+
+
+def _finish_fit(
+    model: EmbeddingRecommender, cfg: TrainConfig, checkpoint: Any, log_history: bool
+) -> tuple[EmbeddingRecommender, list[dict[str, float]]]:
+    """The best checkpoint's weights back into the model, the history logged."""
     history = list(model.history)
     for row in history if log_history else []:
         tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
