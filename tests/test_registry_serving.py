@@ -177,7 +177,7 @@ def test_production_is_served_from_the_registry_on_another_host(tracking_server,
     finally:
         stop(proc)
     cached = list((host / "cache" / "models").iterdir())
-    assert len(cached) == 1 and (cached[0] / "artifacts/bundle/manifest.json").is_file()
+    assert len(cached) == 1 and len(list(cached[0].glob("artifacts/*/manifest.json"))) == 1
 
 
 def test_a_tampered_cache_is_fetched_again(tracking_server, tmp_path, monkeypatch):
@@ -199,3 +199,17 @@ def test_a_tampered_cache_is_fetched_again(tracking_server, tmp_path, monkeypatc
     assert again == path and (again / "pairs.parquet").read_bytes() == original
     loaded = recfb.Recommender.load(again)
     assert loaded.recommend(["x"], k=3).equals(model.recommend(["x"], k=3))
+
+
+def test_a_run_without_a_logged_model_is_a_clear_error(tmp_path, monkeypatch):
+    from recfb.errors import RecfbError
+    from recfb.serving.fetch import resolve
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("no-model")
+    with mlflow.start_run() as run:
+        mlflow.log_param("nothing", 1)
+    with pytest.raises(RecfbError, match=f"runs:/{run.info.run_id}/model: cannot fetch"):
+        resolve(f"runs:/{run.info.run_id}/model")

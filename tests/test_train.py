@@ -16,6 +16,7 @@ from recfb.config import build_model
 from recfb.errors import InputError
 from recfb.models.base import tce_drop_share
 from recfb.models.baselines import Popularity
+from recfb.models.config import FAMILIES
 from recfb.recommender import Recommender
 from recfb.serving.fetch import resolve
 from recfb.simulate import SimConfig, simulate
@@ -46,9 +47,12 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def config(data: Path, family: str, **overrides) -> TrainConfig:
+    model = {"family": family}
+    if "dim" in FAMILIES[family].config.model_fields:  # each family takes only its own keys
+        model["dim"] = 16
     base = {
         "data": str(data),
-        "model": {"family": family, "dim": 16},
+        "model": model,
         "trainer": {"max_epochs": 4, "batch_size": 1024, "lr": 0.01, "patience": 5},
         "eval": {"ks": [10, 20]},
     }

@@ -21,7 +21,6 @@ from recfb.errors import RecfbError
 
 log = logging.getLogger(__name__)
 MODEL_URI = re.compile(r"^(models|runs):/")
-BUNDLE_SUBDIR = Path("artifacts") / "bundle"  # the pyfunc model's bundle artifact
 
 
 def is_model_uri(location: str | Path) -> bool:
@@ -75,19 +74,24 @@ def fetch(uri: str, key: str) -> Path:
     target = cache_root() / key
     if target.is_dir():
         try:
-            verify(target / BUNDLE_SUBDIR, required=())
-            return target / BUNDLE_SUBDIR
-        except BundleError as exc:
+            bundle = bundle_in(target, uri)
+            verify(bundle, required=())
+            return bundle
+        except (BundleError, RecfbError) as exc:
             log.warning("cached copy of %s fails verification (%s); fetching again", uri, exc)
             shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
         # a run's artifact path lands in a subdirectory named after it; a model URI does not
-        model_dir = Path(download_artifacts(artifact_uri=uri, dst_path=str(tmp / "download")))
-        bundle = model_dir / BUNDLE_SUBDIR
-        if not (bundle / "manifest.json").is_file():
-            raise RecfbError(f"{uri}: not a recfb model (no {BUNDLE_SUBDIR}/manifest.json)")
+        try:
+            model_dir = Path(download_artifacts(artifact_uri=uri, dst_path=str(tmp / "download")))
+        except Exception as exc:  # mlflow raises its own types per store; name the model
+            raise RecfbError(
+                f"{uri}: cannot fetch the model ({type(exc).__name__}: {exc}); runs trained "
+                "before models were logged have none: train again, or pass a bundle directory"
+            ) from exc
+        bundle = bundle_in(model_dir, uri)
         verify(bundle, required=())
         os.replace(model_dir, tmp / "model")
         shutil.rmtree(tmp / "download", ignore_errors=True)
@@ -97,7 +101,17 @@ def fetch(uri: str, key: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("fetched %s into %s", uri, target)
-    return target / BUNDLE_SUBDIR
+    return bundle_in(target, uri)
+
+
+def bundle_in(model_dir: Path, uri: str) -> Path:
+    """The bundle inside a downloaded pyfunc model (`artifacts/<bundle name>/`)."""
+    found = [m.parent for m in (model_dir / "artifacts").glob("*/manifest.json")]
+    if len(found) != 1:
+        raise RecfbError(
+            f"{uri}: not a recfb model (expected one bundle under artifacts/, found {len(found)})"
+        )
+    return found[0]
 
 
 def _safe(text: str) -> str:

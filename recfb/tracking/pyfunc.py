@@ -4,7 +4,7 @@
     model.predict(pd.DataFrame({"user_id": ["u1", "u2"]}), params={"k": 10})
 
 `predict` returns the recommendations frame (`user_id, rank, item_id, score`) of
-`recfb.Recommender.recommend`. The bundle inside the model (`artifacts/bundle/`) is what
+`recfb.Recommender.recommend`. The bundle inside the model (`artifacts/<bundle name>/`) is what
 `recfb serve --bundle models:/NAME@ALIAS` downloads, verifies and serves.
 """
 
