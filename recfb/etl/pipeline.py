@@ -11,6 +11,7 @@ strings), which is what bounds memory at tens of millions of events.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +26,7 @@ from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import apply_filters
 from recfb.etl.interactions import Interactions
 from recfb.etl.link import conversion_delays, link_cancellations
-from recfb.etl.readers import MEMORY_SOURCE, PROVENANCE, read_events, read_frame
+from recfb.etl.readers import MEMORY_SOURCE, PROVENANCE, excerpt, read_events, read_frame
 from recfb.etl.signals import SignalMap, load_signal_map
 from recfb.etl.split import (
     SPLIT_DTYPE,
@@ -42,6 +43,7 @@ from recfb.io import atomic_dir
 from recfb.progress import StageTimer
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 _QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 
@@ -90,7 +92,7 @@ def _validated(
         if unknown.height:
             f, r, e = unknown.row(0)
             raise InputError(
-                f"unknown event '{e}'; expected one of {sorted(smap.signals)} "
+                f"unknown event '{excerpt(e)}'; expected one of {sorted(smap.signals)} "
                 "(or set unknown_events: quarantine in the signal map)",
                 file=f,
                 row=r,
@@ -103,9 +105,10 @@ def _stage_validation(
     cfg: EtlConfig, smap: SignalMap, stage_dir: Path
 ) -> tuple[list[str], list[Path]]:
     """Validate and sink good rows and quarantine to parquet in one streaming pass."""
-    raw, files = read_events(cfg.input)
-    validated, extras = _validated(raw, cfg.input, smap)
-    try:
+
+    def sink(tolerant: bool) -> tuple[list[str], list[Path]]:
+        raw, files = read_events(cfg.input, tolerant=tolerant)
+        validated, extras = _validated(raw, cfg.input, smap)
         pl.collect_all(
             [
                 good_rows(validated, extras).sink_parquet(stage_dir / "good.parquet", lazy=True),
@@ -115,24 +118,39 @@ def _stage_validation(
             ],
             engine="streaming",
         )
+        return extras, files
+
+    return _read_tolerantly(sink, ", ".join(cfg.input.paths[:5]))
+
+
+def _read_tolerantly(attempt: Callable[[bool], T], source: str) -> T:
+    """`attempt(False)`: Polars reads every file as it is (the fast path). When Polars fails
+    on the data, `attempt(True)`: the readers find the file it fails on and split a CSV/JSONL
+    file's malformed records off into the quarantine, so only broken input pays for it."""
+    try:
+        return attempt(False)
+    except pl.exceptions.PolarsError:
+        pass
+    try:
+        return attempt(True)
     except pl.exceptions.PolarsError as exc:
-        names = ", ".join(str(f) for f in files[:5])
-        raise InputError(f"reading failed: {exc}", file=names) from exc
-    return extras, files
+        raise InputError(f"reading failed: {excerpt(str(exc))}", file=source) from exc
 
 
 def validate_in_memory(
-    raw: pl.LazyFrame, input_cfg: InputConfig, smap: SignalMap, source: str
+    read: Callable[[bool], pl.LazyFrame], input_cfg: InputConfig, smap: SignalMap, source: str
 ) -> tuple[pl.DataFrame, pl.DataFrame, list[str]]:
-    """Good rows, quarantined rows and the extra column names, collected (no stage files)."""
-    validated, extras = _validated(raw, input_cfg, smap)
-    try:
+    """Good rows, quarantined rows and the extra column names, collected (no stage files);
+    `read(tolerant)` gives the raw rows (see `_read_tolerantly`)."""
+
+    def collect(tolerant: bool) -> tuple[pl.DataFrame, pl.DataFrame, list[str]]:
+        validated, extras = _validated(read(tolerant), input_cfg, smap)
         good, bad = pl.collect_all(
             [good_rows(validated, extras), bad_rows(validated, extras)], engine="streaming"
         )
-    except pl.exceptions.PolarsError as exc:
-        raise InputError(f"reading failed: {exc}", file=source) from exc
-    return good, bad, extras
+        return good, bad, extras
+
+    return _read_tolerantly(collect, source)
 
 
 def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
@@ -518,8 +536,11 @@ def _section(model: type[M], value: M | dict[str, Any] | None, name: str) -> M:
     return build_model(model, value, name)
 
 
-def _raw_events(events: Any, input: Any) -> tuple[pl.LazyFrame, InputConfig, list[str]]:
-    """The raw canonical rows (with provenance), the input settings and the inputs' names."""
+def _raw_events(
+    events: Any, input: Any
+) -> tuple[Callable[[bool], pl.LazyFrame], InputConfig, list[str]]:
+    """`read(tolerant)` giving the raw canonical rows (with provenance; see
+    `_read_tolerantly`), the input settings and the inputs' names."""
     if type(events).__module__.split(".")[0] == "pandas":
         events = pl.from_pandas(events)
     if isinstance(events, pl.DataFrame | pl.LazyFrame):
@@ -530,13 +551,18 @@ def _raw_events(events: Any, input: Any) -> tuple[pl.LazyFrame, InputConfig, lis
                 f"input.adapter: '{cfg.adapter}' reads files; a frame must already be in the "
                 "canonical schema (rename columns with input.columns)"
             )
-        return read_frame(events, cfg), cfg, [MEMORY_SOURCE]
+        raw = read_frame(events, cfg)
+        return lambda tolerant: raw, cfg, [MEMORY_SOURCE]
     if isinstance(events, str | Path):
         events = [events]
     if isinstance(events, list | tuple) and all(isinstance(e, str | Path) for e in events):
         cfg = _section(InputConfig, _with_paths(input, [str(e) for e in events]), "input")
         raw, files = read_events(cfg)
-        return raw, cfg, [str(f) for f in files]
+
+        def read(tolerant: bool) -> pl.LazyFrame:
+            return read_events(cfg, tolerant=True)[0] if tolerant else raw
+
+        return read, cfg, [str(f) for f in files]
     raise ConfigError(
         "events: expected a Polars DataFrame/LazyFrame, a pandas DataFrame, or a path, glob "
         f"or list of them, got {type(events).__name__}"
@@ -573,7 +599,7 @@ def run(
     smap = _as_signal_map(signal_map)
     split_cfg = _section(SplitConfig, split, "split")
     filter_cfg = _section(FilterConfig, filters, "filters")
-    raw, input_cfg, inputs = _raw_events(events, input)
+    read, input_cfg, inputs = _raw_events(events, input)
     if isinstance(vocab_from, Interactions):
         users_vocab, items_vocab = vocab_from.users, vocab_from.items
     else:
@@ -581,7 +607,7 @@ def run(
         users_vocab, items_vocab = load_vocab(vocab_dir, "user"), load_vocab(vocab_dir, "item")
     timer = StageTimer(quiet)
     with timer.stage("read + validate"):
-        good, quarantine, extras = validate_in_memory(raw, input_cfg, smap, ", ".join(inputs[:5]))
+        good, quarantine, extras = validate_in_memory(read, input_cfg, smap, ", ".join(inputs[:5]))
     data = build_tables(
         good,
         quarantine,

@@ -5,11 +5,22 @@ Every reader returns a LazyFrame in the canonical schema (`user_id, item_id, eve
 optional `value, event_id, order_id` and pass-through feature columns) with two provenance
 columns, `source_file` and `source_row` (1-based record number in that file), so that a bad
 row can be traced back to where it came from.
+
+Polars reads each file first. Only when it fails on a CSV or JSONL file is that file read again
+line by line: malformed records (bytes that are not UTF-8, JSON that does not parse or is not an
+object, CSV rows with more fields than the header) are split off as quarantine rows carrying
+their record number, a reason and a printable excerpt, and Polars parses the remaining lines.
+Well-formed files never take that path.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -22,6 +33,11 @@ OPTIONAL = ("value", "event_id", "order_id")
 CANONICAL = REQUIRED + OPTIONAL
 PROVENANCE = ("source_file", "source_row")
 MEMORY_SOURCE = "<memory>"  # `source_file` of events handed over as a frame
+# Quarantine reasons of records that cannot be parsed at all (checked before any field rule).
+MALFORMED_REASONS = ("bad_utf8", "bad_json", "not_json_object", "ragged_row", "unclosed_quote")
+# Internal columns of malformed records: their reason and a printable excerpt of the record.
+MALFORMED_REASON, MALFORMED_RAW = "_malformed_reason", "_malformed_raw"
+EXCERPT_CHARS = 200
 
 _SUFFIX_FORMAT = {
     ".parquet": "parquet",
@@ -35,6 +51,38 @@ _SUFFIX_FORMAT = {
     ".db": "sqlite",
     ".sqlite": "sqlite",
 }
+
+
+def excerpt(data: bytes | str, limit: int = EXCERPT_CHARS) -> str:
+    """At most `limit` printable characters of `data`, for error messages and the quarantine:
+    bytes that are not UTF-8 and non-printable characters (controls, terminal escapes,
+    direction overrides) become \\xNN / \\uNNNN escapes; a cut ends in '...'."""
+    if isinstance(data, bytes):
+        data = data[: limit * 4].decode("utf-8", errors="backslashreplace")
+    out: list[str] = []
+    size = 0
+    for ch in data[: limit * 4]:
+        if ch.isprintable():
+            piece = ch
+        else:
+            code = ord(ch)
+            piece = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+            if code > 0xFFFF:
+                piece = f"\\U{code:08x}"
+        if size + len(piece) > limit:
+            return "".join(out) + "..."
+        out.append(piece)
+        size += len(piece)
+    return "".join(out) + ("..." if len(data) > limit * 4 else "")
+
+
+@dataclass
+class _Reading:
+    """State of one read: whether every text file is checked (after Polars failed on the
+    combined query) and the malformed records split off so far."""
+
+    tolerant: bool = False
+    malformed: list[pl.DataFrame] = field(default_factory=list)
 
 
 def resolve_paths(paths: list[str]) -> list[Path]:
@@ -72,42 +120,261 @@ def file_format(path: Path, configured: str) -> str:
     return fmt
 
 
-def _scan_one(path: Path, cfg: InputConfig, string_cols: tuple[str, ...]) -> pl.LazyFrame:
-    """Scan one file, keep ids/ts/event as read (strings for text formats)."""
+def _scan(
+    path: Path, fmt: str, sep: str, cfg: InputConfig, string_cols: tuple[str, ...]
+) -> pl.LazyFrame:
+    if fmt == "sqlite":
+        return _read_event_log(path)
+    if fmt == "parquet":
+        return pl.scan_parquet(path)
+    if fmt == "csv":
+        return pl.scan_csv(
+            path,
+            separator=sep,
+            has_header=cfg.csv_has_header,
+            infer_schema_length=10_000,
+            schema_overrides={c: pl.String for c in string_cols},
+            truncate_ragged_lines=False,
+        )
+    return pl.scan_ndjson(path, infer_schema_length=None)
+
+
+def _scan_one(
+    path: Path, cfg: InputConfig, string_cols: tuple[str, ...], reading: _Reading
+) -> pl.LazyFrame:
+    """Scan one file, keep ids/ts/event as read (strings for text formats). A CSV or JSONL
+    file that Polars cannot read is read again with its malformed records split off."""
     fmt = file_format(path, cfg.format)
     sep = "\t" if path.suffix.lower() == ".tsv" and cfg.csv_separator == "," else cfg.csv_separator
+    if fmt == "csv" and cfg.csv_has_header:
+        _refuse_duplicate_header(path, sep)
+    split = False
     try:
-        if fmt == "sqlite":
-            lf = _read_event_log(path)
-        elif fmt == "parquet":
-            lf = pl.scan_parquet(path)
+        lf = _scan(path, fmt, sep, cfg, string_cols)
+        schema = lf.collect_schema()
+        if reading.tolerant:  # Polars failed on the whole query: find the file it fails on
+            lf.select(pl.all().null_count()).collect(engine="streaming")
+    except Exception as exc:  # polars raises several types; the message is what matters
+        if fmt == "parquet" and isinstance(exc, pl.exceptions.DuplicateError):
+            _refuse_duplicate_parquet(path)
+        if fmt not in ("csv", "jsonl"):
+            raise InputError(f"cannot read as {fmt}: {excerpt(str(exc))}", file=str(path)) from exc
+        lf = _read_splitting(path, fmt, sep, cfg, string_cols, reading).lazy()
+        schema = lf.collect_schema()
+        split = True
+    if fmt == "csv" and not cfg.csv_has_header and cfg.columns:
+        # headerless CSV: polars names columns column_1..column_n; map them by position
+        names = list(cfg.columns)
+        read = [c for c in schema.names() if not (split and c == "source_row")]
+        if len(names) != len(read):
+            raise InputError(
+                f"headerless CSV has {len(read)} columns but input.columns names {len(names)}",
+                file=str(path),
+            )
+        lf = lf.rename(dict(zip(read, names, strict=True)))
+    if not split:
+        lf = lf.with_row_index("source_row", offset=1)
+    return lf.with_columns(
+        pl.lit(str(path)).cast(pl.Categorical).alias("source_file"),
+        pl.col("source_row").cast(pl.Int64),
+    )
+
+
+def _duplicates(names: list[str]) -> list[str]:
+    return sorted({n for n in names if names.count(n) > 1})
+
+
+def _refuse_duplicate_header(path: Path, sep: str) -> None:
+    """Polars would rename a repeated column to `<name>_duplicated_0`: refuse it by name."""
+    with path.open("rb") as fh:
+        first = next(_csv_records(fh), (b"", False))[0]
+    header = _csv_fields(first.decode("utf-8", errors="replace"), sep)
+    dups = _duplicates(header)
+    if dups:
+        shown = ", ".join(repr(excerpt(d, 60)) for d in dups[:10])
+        raise InputError(
+            f"duplicate column name(s) in the CSV header: {shown}; each column must be named "
+            "once (rename or drop the copies)",
+            file=str(path),
+        )
+
+
+def _refuse_duplicate_parquet(path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    dups = _duplicates(pq.read_schema(path).names)
+    if dups:
+        shown = ", ".join(repr(excerpt(d, 60)) for d in dups[:10])
+        raise InputError(
+            f"duplicate column name(s) in the parquet schema: {shown}; each column must be "
+            "named once",
+            file=str(path),
+        )
+
+
+def _csv_records(fh: io.BufferedReader) -> Iterator[tuple[bytes, bool]]:
+    """The file's CSV records as raw bytes (a quoted field may span lines), each with whether
+    its quote is still open at the end of the file. Quotes are counted as Polars does."""
+    parts: list[bytes] = []
+    quotes = 0
+    for line in fh:
+        parts.append(line)
+        quotes += line.count(b'"')
+        if quotes % 2 == 0:
+            yield b"".join(parts), False
+            parts, quotes = [], 0
+    if parts:
+        yield b"".join(parts), True
+
+
+def _csv_fields(text: str, sep: str) -> list[str]:
+    return next(csv.reader(io.StringIO(text.rstrip("\r\n"), newline=""), delimiter=sep), [])
+
+
+def _split_csv(
+    path: Path, sep: str, has_header: bool, width: int | None
+) -> tuple[bytes, list[int], list[tuple[int, str, str]]]:
+    """(header + well-formed records, their record numbers, (record, reason, excerpt) of the
+    malformed ones). A record with more fields than the header (or than `width`, or the first
+    record of a headerless file) is ragged; one with fewer is padded with nulls by Polars, as
+    on the fast path, and validation judges its missing fields."""
+    good = bytearray()
+    rows: list[int] = []
+    bad: list[tuple[int, str, str]] = []
+    with path.open("rb") as fh:
+        records = _csv_records(fh)
+        if has_header:
+            header = next(records, (b"", False))[0]
+            good += header if header.endswith(b"\n") else header + b"\n"
+            width = len(_csv_fields(header.decode("utf-8", errors="replace"), sep))
+        for number, (record, unclosed) in enumerate(records, start=1):
+            try:
+                text = record.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append((number, "bad_utf8", excerpt(record.rstrip(b"\r\n"))))
+                continue
+            if unclosed:
+                bad.append((number, "unclosed_quote", excerpt(text.rstrip("\r\n"))))
+                continue
+            fields = len(_csv_fields(text, sep))
+            if width is None:
+                width = fields
+            if fields > width:
+                bad.append((number, "ragged_row", excerpt(text.rstrip("\r\n"))))
+                continue
+            good += record if record.endswith(b"\n") else record + b"\n"
+            rows.append(number)
+    return bytes(good), rows, bad
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _split_jsonl(path: Path) -> tuple[bytes, list[int], list[tuple[int, str, str]]]:
+    """(well-formed lines, their record numbers, (record, reason, excerpt) of the malformed
+    ones). Blank lines are not records (Polars skips them too)."""
+    good = bytearray()
+    rows: list[int] = []
+    bad: list[tuple[int, str, str]] = []
+    number = 0
+    with path.open("rb") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            number += 1
+            raw = line.rstrip(b"\r\n")
+            try:
+                value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            except UnicodeDecodeError:
+                bad.append((number, "bad_utf8", excerpt(raw)))
+                continue
+            except (ValueError, RecursionError):
+                bad.append((number, "bad_json", excerpt(raw)))
+                continue
+            if not isinstance(value, dict):
+                bad.append((number, "not_json_object", excerpt(raw)))
+                continue
+            good += raw + b"\n"
+            rows.append(number)
+    return bytes(good), rows, bad
+
+
+def _read_splitting(
+    path: Path,
+    fmt: str,
+    sep: str,
+    cfg: InputConfig,
+    string_cols: tuple[str, ...],
+    reading: _Reading,
+) -> pl.DataFrame:
+    """The file's well-formed records parsed by Polars, with `source_row` (their record
+    number); the malformed ones go to `reading.malformed`. Holds the file in memory: this is
+    the slow path, taken only for a file Polars could not read."""
+    if fmt == "csv":
+        width = len(cfg.columns) if not cfg.csv_has_header and cfg.columns else None
+        good, rows, bad = _split_csv(path, sep, cfg.csv_has_header, width)
+    else:
+        good, rows, bad = _split_jsonl(path)
+    try:
+        if not rows:
+            frame = _empty_frame(good, fmt, sep, cfg, string_cols)
         elif fmt == "csv":
-            lf = pl.scan_csv(
-                path,
+            frame = pl.read_csv(
+                io.BytesIO(good),
                 separator=sep,
                 has_header=cfg.csv_has_header,
-                infer_schema_length=10_000,
+                infer_schema_length=None,
                 schema_overrides={c: pl.String for c in string_cols},
                 truncate_ragged_lines=False,
             )
         else:
-            lf = pl.scan_ndjson(path, infer_schema_length=None)
-        schema = lf.collect_schema()
-    except Exception as exc:  # polars raises several types; the message is what matters
-        raise InputError(f"cannot read as {fmt}: {exc}", file=str(path)) from exc
-    if fmt == "csv" and not cfg.csv_has_header and cfg.columns:
-        # headerless CSV: polars names columns column_1..column_n; map them by position
-        names = list(cfg.columns)
-        if len(names) != len(schema):
-            raise InputError(
-                f"headerless CSV has {len(schema)} columns but input.columns names {len(names)}",
-                file=str(path),
-            )
-        lf = lf.rename(dict(zip(schema.names(), names, strict=True)))
-    return lf.with_row_index("source_row", offset=1).with_columns(
-        pl.lit(str(path)).cast(pl.Categorical).alias("source_file"),
-        pl.col("source_row").cast(pl.Int64),
-    )
+            frame = pl.read_ndjson(io.BytesIO(good), infer_schema_length=None)
+    except Exception as exc:  # polars raises several types
+        raise InputError(
+            f"cannot read as {fmt}, even without its {len(bad)} malformed record(s): "
+            f"{excerpt(str(exc))}",
+            file=str(path),
+        ) from exc
+    if frame.height != len(rows):  # the split and Polars disagree on what a record is
+        raise InputError(
+            f"cannot read as {fmt}: {len(rows)} well-formed records gave {frame.height} rows",
+            file=str(path),
+        )
+    if bad:
+        numbers, reasons, texts = zip(*bad, strict=True)
+        reading.malformed.append(
+            pl.DataFrame(
+                {
+                    "source_file": [str(path)] * len(bad),
+                    "source_row": list(numbers),
+                    MALFORMED_REASON: list(reasons),
+                    MALFORMED_RAW: list(texts),
+                },
+                schema={
+                    "source_file": pl.String,
+                    "source_row": pl.Int64,
+                    MALFORMED_REASON: pl.String,
+                    MALFORMED_RAW: pl.String,
+                },
+            ).with_columns(pl.col("source_file").cast(pl.Categorical))
+        )
+    return frame.with_columns(pl.Series("source_row", rows, dtype=pl.Int64))
+
+
+def _empty_frame(
+    good: bytes, fmt: str, sep: str, cfg: InputConfig, string_cols: tuple[str, ...]
+) -> pl.DataFrame:
+    """No well-formed record: the columns the header names (CSV), else the required ones
+    under their source names, all text."""
+    if fmt == "csv" and cfg.csv_has_header:
+        names = _csv_fields(good.decode("utf-8", errors="replace"), sep)
+    elif fmt == "csv" and cfg.columns:
+        names = [f"column_{i + 1}" for i in range(len(cfg.columns))]
+    else:
+        source = {dst: src for src, dst in cfg.columns.items()}
+        names = [source.get(c, c) for c in REQUIRED]
+    return pl.DataFrame(schema={n: pl.String for n in names})
 
 
 def _read_event_log(path: Path) -> pl.LazyFrame:
@@ -147,14 +414,14 @@ def _rename_canonical(lf: pl.LazyFrame, mapping: dict[str, str], path: Path | st
     return lf
 
 
-def read_canonical(path: Path, cfg: InputConfig) -> pl.LazyFrame:
+def read_canonical(path: Path, cfg: InputConfig, reading: _Reading) -> pl.LazyFrame:
     """A file already in the canonical schema (optionally with renamed columns)."""
     text_ids = tuple(c for c in CANONICAL if c not in ("value",))
-    lf = _scan_one(path, cfg, string_cols=text_ids if cfg.csv_has_header else ())
+    lf = _scan_one(path, cfg, text_ids if cfg.csv_has_header else (), reading)
     return _rename_canonical(lf, cfg.columns, path)
 
 
-def read_taobao(path: Path, cfg: InputConfig) -> pl.LazyFrame:
+def read_taobao(path: Path, cfg: InputConfig, reading: _Reading) -> pl.LazyFrame:
     """Taobao UserBehavior: headerless `user_id,item_id,category_id,behavior,timestamp`."""
     cfg = cfg.model_copy(
         update={
@@ -169,7 +436,7 @@ def read_taobao(path: Path, cfg: InputConfig) -> pl.LazyFrame:
             },
         }
     )
-    lf = _scan_one(path, cfg, string_cols=())
+    lf = _scan_one(path, cfg, (), reading)
     return lf.with_columns(
         pl.col("user_id").cast(pl.String),
         pl.col("item_id").cast(pl.String),
@@ -178,14 +445,16 @@ def read_taobao(path: Path, cfg: InputConfig) -> pl.LazyFrame:
     )
 
 
-def read_movielens(path: Path, cfg: InputConfig) -> pl.LazyFrame:
+def read_movielens(path: Path, cfg: InputConfig, reading: _Reading) -> pl.LazyFrame:
     """MovieLens ratings (`user|item|rating|timestamp` with header, or u.data's tab form).
 
     Each rating becomes an event named `rating_<r>` (value = r); the signal map turns ratings
     into levels (e.g. 5 > 4 > 3) and explicit negatives (1-2).
     """
-    sep = "|" if "|" in path.open().readline() else "\t"
-    has_header = not path.open().readline().split(sep)[0].strip().isdigit()
+    with path.open("rb") as fh:  # bytes: a stray non-UTF-8 byte is the reader's to report
+        first = fh.readline().decode("utf-8", errors="replace")
+    sep = "|" if "|" in first else "\t"
+    has_header = not first.split(sep)[0].strip().isdigit()
     cfg = cfg.model_copy(
         update={
             "format": "csv",
@@ -196,7 +465,7 @@ def read_movielens(path: Path, cfg: InputConfig) -> pl.LazyFrame:
             else {"user": "", "item": "", "rating": "", "timestamp": ""},
         }
     )
-    lf = _scan_one(path, cfg, string_cols=())
+    lf = _scan_one(path, cfg, (), reading)
     rating = pl.col("rating").cast(pl.String)
     return lf.select(
         pl.col("user").cast(pl.String).alias("user_id"),
@@ -219,14 +488,14 @@ _KUAIRAND_FLAGS = {
 }
 
 
-def read_kuairand(path: Path, cfg: InputConfig) -> pl.LazyFrame:
+def read_kuairand(path: Path, cfg: InputConfig, reading: _Reading) -> pl.LazyFrame:
     """KuaiRand like/hate extract: one event per set flag, plus `like` or `hate` from label.
 
     Clicks carry play time in seconds as `value` (for the dwell rule); `event_id` is
     `user:video:time_ms:event`, so re-ingesting the same file is idempotent.
     """
     cfg = cfg.model_copy(update={"format": "csv", "csv_separator": "\t", "csv_has_header": True})
-    base = _scan_one(path, cfg, string_cols=())
+    base = _scan_one(path, cfg, (), reading)
     schema = base.collect_schema()
     missing = [c for c in ("user_id", "video_id", "time_ms", "label") if c not in schema]
     if missing:
@@ -285,9 +554,17 @@ ADAPTERS = {
 }
 
 
-def read_events(cfg: InputConfig) -> tuple[pl.LazyFrame, list[Path]]:
-    """All input files as one LazyFrame in the canonical schema (not yet validated)."""
+def read_events(cfg: InputConfig, tolerant: bool = False) -> tuple[pl.LazyFrame, list[Path]]:
+    """All input files as one LazyFrame in the canonical schema (not yet validated).
+
+    Records no reader could parse ride along as rows with only `source_file`, `source_row`
+    and the internal `MALFORMED_REASON` / `MALFORMED_RAW` columns; validation quarantines them.
+    `tolerant`: Polars failed on the combined query, so every file is parsed in full here and
+    a CSV/JSONL file that fails is split into its well-formed and malformed records.
+    """
     files = resolve_paths(cfg.paths)
     reader = ADAPTERS[cfg.adapter]
-    frames = [reader(f, cfg) for f in files]
+    reading = _Reading(tolerant=tolerant)
+    frames = [reader(f, cfg, reading) for f in files]
+    frames += [m.lazy() for m in reading.malformed]
     return pl.concat(frames, how="diagonal_relaxed"), files

@@ -16,10 +16,17 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 
 from recfb.etl.config import InputConfig
-from recfb.etl.readers import OPTIONAL, PROVENANCE
+from recfb.etl.readers import (
+    MALFORMED_RAW,
+    MALFORMED_REASON,
+    MALFORMED_REASONS,
+    OPTIONAL,
+    PROVENANCE,
+)
 
 # Reasons, in the order they are checked (a row gets the first that applies).
 REASONS = (
+    *MALFORMED_REASONS,  # records no reader could parse (set by the readers)
     "null_user_id",
     "null_item_id",
     "null_event",
@@ -30,6 +37,7 @@ REASONS = (
     "bad_value",
 )
 REASON_FIELD = {
+    **dict.fromkeys(MALFORMED_REASONS),  # the whole record, no one field
     "null_user_id": "user_id",
     "null_item_id": "item_id",
     "null_event": "event",
@@ -40,6 +48,11 @@ REASON_FIELD = {
     "bad_value": "value",
 }
 REASON_EXPECTED = {
+    "bad_utf8": "UTF-8 text (the record's raw bytes are in `raw_line`, escaped)",
+    "bad_json": "one JSON object per line",
+    "not_json_object": "a JSON object ({...}) per line, not an array, string, number or null",
+    "ragged_row": "no more fields than the CSV header names",
+    "unclosed_quote": "every quoted CSV field closed before the end of the file",
     "null_user_id": "a non-empty user id",
     "null_item_id": "a non-empty item id",
     "null_event": "a non-empty event name",
@@ -59,6 +72,7 @@ _DATETIME_FORMATS = (
     "%Y-%m-%d",
 )
 _CANON = ("user_id", "item_id", "event", "ts", *OPTIONAL)
+_MALFORMED = (MALFORMED_REASON, MALFORMED_RAW)
 _UNIT_TO_MS = {"s": 1000.0, "ms": 1.0, "us": 0.001}
 
 
@@ -122,7 +136,7 @@ def validate(
     arrived, not what the parser made of it.
     """
     schema = lf.collect_schema()
-    extras = [c for c in schema.names() if c not in (*_CANON, *PROVENANCE)]
+    extras = [c for c in schema.names() if c not in (*_CANON, *PROVENANCE, *_MALFORMED)]
     min_ms = to_ms(cfg.min_ts)
     max_ms = to_ms(cfg.max_ts or datetime.now(UTC) + timedelta(days=1))
 
@@ -160,8 +174,13 @@ def validate(
     value_bad = pl.col("value_raw").is_not_null() & (
         pl.col("value_num").is_null() | ~pl.col("value_num").is_finite() | (pl.col("value_num") < 0)
     )
+    malformed = pl.col(MALFORMED_REASON) if MALFORMED_REASON in schema else pl.lit(None, pl.String)
+    raw_line = pl.col(MALFORMED_RAW) if MALFORMED_RAW in schema else pl.lit(None, pl.String)
+    typed = typed.with_columns(raw_line.alias(MALFORMED_RAW))
     reason = (
-        pl.when(pl.col("user_id").is_null())
+        pl.when(malformed.is_not_null())
+        .then(malformed)
+        .when(pl.col("user_id").is_null())
         .then(pl.lit("null_user_id"))
         .when(pl.col("item_id").is_null())
         .then(pl.lit("null_item_id"))
@@ -212,4 +231,6 @@ def bad_rows(validated: pl.LazyFrame, extras: list[str]) -> pl.LazyFrame:
         pl.col("event_id").cast(pl.String),
         "order_id",
         *[pl.col(c).cast(pl.String) for c in extras],
+        # a record no reader could parse: a bounded, printable excerpt of it
+        pl.col(MALFORMED_RAW).alias("raw_line"),
     )
