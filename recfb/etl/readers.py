@@ -406,8 +406,8 @@ def _rename_canonical(lf: pl.LazyFrame, mapping: dict[str, str], path: Path | st
     missing = [c for c in REQUIRED if c not in lf.collect_schema()]
     if missing:
         raise InputError(
-            f"required column(s) {missing} missing; found {schema.names()}. The canonical "
-            f"schema needs {list(REQUIRED)} (map other names with input.columns)",
+            f"required column(s) {missing} missing; found {excerpt(str(schema.names()))}. "
+            f"The canonical schema needs {list(REQUIRED)} (map other names with input.columns)",
             file=str(path),
             field=missing[0],
         )
