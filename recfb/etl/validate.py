@@ -7,6 +7,8 @@ Rules (documented in the README):
   (|ts| < 1e11 -> seconds, < 1e14 -> milliseconds, else microseconds); other strings are parsed
   as ISO-8601 date/times. Internally `ts` is Int64 milliseconds since the epoch (UTC).
 - value: must be a finite number >= 0 when present.
+- records no reader could parse (`MALFORMED_REASONS`, set by the readers) keep that reason
+  and a printable excerpt in `raw_line`; no field rule applies to them.
 """
 
 from __future__ import annotations
