@@ -97,8 +97,8 @@ class EventLog:
 
     def _error(self, problem: str) -> EventLogError:
         return EventLogError(
-            f"event log {self.path}: {problem}; not started (the file was not modified). Restore the "
-            f"file from a backup, or move it and {self.marker.name} aside to start a new log"
+            f"event log {self.path}: {problem}; not started (the file was not modified). "
+            f"Restore it from a backup, or move it and {self.marker.name} aside for a new log"
         )
 
     def _read_marker(self) -> dict:
