@@ -492,7 +492,8 @@ def serve(
         str | None,
         typer.Option(
             help="Bundle directory or MLflow model URI (models:/recfb@production: fetched from "
-            "the tracking server into a verified cache); default the newest in models/."
+            "the tracking server into a verified cache); default the registry's production "
+            "version, else the newest bundle in models/ that passed the gate."
         ),
     ] = None,
     config: ConfigOpt = Path("conf/serve.yaml"),

@@ -26,6 +26,17 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bundle_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Bundles are signed with a key file of the test session, never ~/.config/recfb's."""
+    import os
+
+    path = tmp_path_factory.mktemp("recfb-config")
+    os.environ["RECFB_CONFIG_DIR"] = str(path)
+    os.environ.pop("RECFB_BUNDLE_KEY", None)
+    return path
+
+
 def shared_file(name: str) -> Path:
     """A file of ../shared/data, or skip the test with the reason."""
     path = SHARED_DATA / name

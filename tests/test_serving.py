@@ -289,7 +289,9 @@ def test_hot_swap_under_concurrent_requests_has_no_errors(served_shop, tmp_path,
     v2 = build_bundle(
         IndexConfig(run_id=served_shop["run_id"], models_dir=str(served_shop["models"]), name="v2")
     ).path
-    srv = Server(served_shop["bundle"], tmp_path / "events.db")
+    # the swap takes bundles of the server's model store only
+    models = f"models_dir={served_shop['models']}"
+    srv = Server(served_shop["bundle"], tmp_path / "events.db", "--set", models)
     loops = RequestLoops(srv.url, known_user(served_shop), 4)
     try:
         time.sleep(1.0)

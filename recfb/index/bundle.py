@@ -22,14 +22,29 @@ Layout of `models/<name>/` (schema version 1):
 
 Written into a temp directory and renamed into place; a bundle whose files do not match the
 manifest's checksums is refused at load.
+
+Authenticity: `manifest.sig` holds an HMAC-SHA256 of the canonical manifest (sorted keys, no
+spaces), which names every file's sha256, under the bundle key: `RECFB_BUNDLE_KEY` (at least
+16 characters) or the key file `$RECFB_CONFIG_DIR/bundle.key` (default
+`~/.config/recfb/bundle.key`, created 0600 with 32 random bytes on the first publish when no
+key is configured). A host that serves bundles built elsewhere needs the builder's key. A
+bundle whose signature is missing or does not match is refused, unless the insecure switch is
+on: `RECFB_ALLOW_UNSIGNED=1` (any process) or `serve.allow_unsigned: true` (the service);
+checksums are checked either way. Every name in the manifest's `files` must be a plain
+relative name of a regular file inside the bundle directory (no absolute path, no `..`, no
+symlink out of it). `gate.json` beside the manifest is the promotion gate's signed verdict on
+this bundle (`write_gate_verdict`), read by `recfb serve` when it picks a default bundle.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
+import os
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,6 +102,7 @@ def write_pairs_bundle(
             "files": {f: sha256(tmp / f) for f in files},
         }
         write_json(tmp / "manifest.json", manifest)
+        sign_manifest(tmp, manifest)
     return target
 
 
@@ -110,6 +126,170 @@ def sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+SIGNATURE_FILE = "manifest.sig"
+GATE_FILE = "gate.json"
+KEY_ENV, KEY_FILE_ENV, UNSIGNED_ENV = "RECFB_BUNDLE_KEY", "RECFB_CONFIG_DIR", "RECFB_ALLOW_UNSIGNED"
+MIN_KEY_CHARS = 16
+
+
+def key_path() -> Path:
+    """Where the bundle key file lives: `$RECFB_CONFIG_DIR/bundle.key`, default
+    `~/.config/recfb/bundle.key`."""
+    base = os.environ.get(KEY_FILE_ENV) or Path.home() / ".config" / "recfb"
+    return Path(base) / "bundle.key"
+
+
+def bundle_key(create: bool = False) -> bytes | None:
+    """The signing key: `RECFB_BUNDLE_KEY`, else the key file; with `create` (a publish) a
+    missing key file is created 0600 with a random key, so a fresh machine works end to end."""
+    env = os.environ.get(KEY_ENV)
+    if env:
+        if len(env) < MIN_KEY_CHARS:
+            raise BundleError(f"{KEY_ENV} is {len(env)} characters; use at least {MIN_KEY_CHARS}")
+        return env.encode()
+    path = key_path()
+    if not path.exists() and create:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it first: use theirs
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+            log.warning("created the bundle signing key %s (copy it to hosts that serve)", path)
+    if not path.exists():
+        return None
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise BundleError(f"bundle key {path} cannot be read: {exc}") from exc
+    if len(text) < MIN_KEY_CHARS:
+        raise BundleError(f"bundle key {path} holds {len(text)} characters; expected a key")
+    if path.stat().st_mode & 0o077:
+        log.warning("bundle key %s is readable by other users; chmod 600 it", path)
+    return text.encode()
+
+
+def canonical(manifest: dict[str, Any]) -> bytes:
+    """The bytes a signature covers: the manifest as sorted, compact JSON."""
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def _mac(key: bytes, data: bytes) -> str:
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def key_id(key: bytes) -> str:
+    """A short public fingerprint of a key: names which key signed, never the key."""
+    return hashlib.sha256(b"recfb-key-id:" + key).hexdigest()[:12]
+
+
+def sign_manifest(bundle: Path, manifest: dict[str, Any]) -> None:
+    """Write `manifest.sig` for `manifest` (already written as manifest.json) with the key."""
+    key = bundle_key(create=True)
+    assert key is not None  # create=True makes one
+    sig = {"alg": "HMAC-SHA256", "key_id": key_id(key), "mac": _mac(key, canonical(manifest))}
+    write_json(bundle / SIGNATURE_FILE, sig)
+
+
+def allow_unsigned_default() -> bool:
+    return os.environ.get(UNSIGNED_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_signature(path: Path, manifest: dict[str, Any], allow_unsigned: bool) -> None:
+    """Refuse a bundle whose manifest signature is missing or wrong (unless allowed)."""
+    problem = _signature_problem(path, manifest)
+    if problem is None:
+        return
+    if allow_unsigned:
+        log.warning(
+            "bundle %s: %s; loaded anyway (insecure: unsigned bundles allowed)", path, problem
+        )
+        return
+    raise BundleError(
+        f"bundle {path}: {problem}; refused. Sign bundles with the same key on every host "
+        f"({KEY_ENV} or {key_path()}), or set {UNSIGNED_ENV}=1 / serve.allow_unsigned=true "
+        "to accept unsigned bundles (insecure)"
+    )
+
+
+def _signature_problem(path: Path, manifest: dict[str, Any]) -> str | None:
+    sig_path = path / SIGNATURE_FILE
+    if not sig_path.is_file():
+        return f"{SIGNATURE_FILE} missing (unsigned)"
+    try:
+        sig = json.loads(sig_path.read_text())
+        mac, signer = str(sig["mac"]), str(sig.get("key_id"))
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{SIGNATURE_FILE} is not a signature ({type(exc).__name__})"
+    key = bundle_key()
+    if key is None:
+        return f"signed with key {signer}, but no key is configured here"
+    if not hmac.compare_digest(mac, _mac(key, canonical(manifest))):
+        if signer != key_id(key):
+            return f"signed with key {signer}, not this host's key {key_id(key)}"
+        return "signature does not match the manifest (modified after signing)"
+    return None
+
+
+def bundle_file(path: Path, name: Any) -> Path:
+    """The file a manifest names, refused unless it is a plain relative name of a regular
+    file inside the bundle directory."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        raise BundleError(f"bundle {path}: manifest names a file {name!r}; expected a file name")
+    rel = Path(name)
+    if rel.is_absolute() or any(part in ("", ".", "..") for part in name.split("/")):
+        raise BundleError(
+            f"bundle {path}: manifest names {name!r}, outside the bundle directory; refused"
+        )
+    file = path / rel
+    root = path.resolve()
+    if not file.resolve().is_relative_to(root) or file.resolve() == root:
+        raise BundleError(f"bundle {path}: {name} leads outside the bundle directory; refused")
+    return file
+
+
+def write_gate_verdict(
+    bundle: str | Path, passed: bool, reason: str, model: str | None, version: str | None
+) -> None:
+    """Record the promotion gate's verdict on a published bundle (`gate.json`, signed and
+    bound to this manifest): what `recfb serve` trusts when it picks a default bundle."""
+    bundle = Path(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    verdict = {
+        "gate": "passed" if passed else "rejected",
+        "reason": reason,
+        "model": model,
+        "version": version,
+        "decided_at": datetime.now(UTC).isoformat(),
+        "manifest_sha256": hashlib.sha256(canonical(manifest)).hexdigest(),
+    }
+    key = bundle_key(create=True)
+    assert key is not None
+    write_json(bundle / GATE_FILE, verdict | {"mac": _mac(key, canonical(verdict))})
+
+
+def gate_verdict(bundle: Path) -> str | None:
+    """'passed' or 'rejected' from a bundle's `gate.json`, None when never judged; a verdict
+    that is unsigned, forged or about another manifest counts as 'rejected'."""
+    path = Path(bundle) / GATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        mac = data.pop("mac")
+        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+        key = bundle_key()
+    except (OSError, ValueError, KeyError, AttributeError, BundleError):
+        return "rejected"
+    if key is None or not hmac.compare_digest(str(mac), _mac(key, canonical(data))):
+        return "rejected"
+    if data.get("manifest_sha256") != hashlib.sha256(canonical(manifest)).hexdigest():
+        return "rejected"
+    return "passed" if data.get("gate") == "passed" else "rejected"
 
 
 @dataclass
@@ -314,6 +494,7 @@ def write_bundle(parts: BundleParts, cfg: IndexConfig) -> BundleResult:
             "files": {f: sha256(tmp / f) for f in files},
         }
         write_json(tmp / "manifest.json", manifest)
+        sign_manifest(tmp, manifest)
     return BundleResult(target, manifest)
 
 
@@ -381,22 +562,36 @@ class Bundle:
         return str(self.manifest["name"])
 
 
-def verify(path: Path, required: tuple[str, ...] = FILES) -> dict[str, Any]:
-    """The manifest, after checking schema version and every file's checksum."""
+def verify(
+    path: Path, required: tuple[str, ...] = FILES, allow_unsigned: bool | None = None
+) -> dict[str, Any]:
+    """The manifest, after checking schema version, the signature, that every file it names
+    lies inside the bundle, and every file's checksum. `allow_unsigned` None: the
+    `RECFB_ALLOW_UNSIGNED` environment variable decides."""
+    path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise BundleError(f"bundle {path}: manifest.json missing (not a bundle directory?)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"bundle {path}: manifest.json is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"bundle {path}: manifest.json is not a JSON object")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise BundleError(
             f"bundle {path}: schema_version {manifest.get('schema_version')!r}, "
             f"this recfb reads {SCHEMA_VERSION}"
         )
-    for name, expected in manifest.get("files", {}).items():
-        file = path / name
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise BundleError(f"bundle {path}: manifest field 'files' is not an object")
+    located = {name: bundle_file(path, name) for name in files}
+    if allow_unsigned is None:
+        allow_unsigned = allow_unsigned_default()
+    check_signature(path, manifest, allow_unsigned)
+    for name, expected in files.items():
+        file = located[name]
         if not file.is_file():
             raise BundleError(f"bundle {path}: file {name} listed in the manifest is missing")
         if sha256(file) != expected:
@@ -409,18 +604,22 @@ def verify(path: Path, required: tuple[str, ...] = FILES) -> dict[str, Any]:
             "HTTP (popularity, itemknn and cascade are served by the library and "
             "`recfb recommend`); publish an embedding or two-stage model"
         )
-    missing = [f for f in required if f not in manifest.get("files", {})]
+    missing = [f for f in required if f not in files]
     if missing:
         raise BundleError(f"bundle {path}: manifest lists no checksum for {missing}")
     return manifest
 
 
-def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
-    """Verify and load a bundle; the index goes to the GPU when one is usable."""
+def load_bundle(
+    path: str | Path, device: str = "auto", allow_unsigned: bool | None = None
+) -> Bundle:
+    """Verify and load a bundle; the index goes to the GPU when one is usable. Optional
+    files are read only when the (signed) manifest lists them."""
     from recfb.index.ann import gpu_available
 
     path = Path(path)
-    manifest = verify(path)
+    manifest = verify(path, allow_unsigned=allow_unsigned)
+    listed = manifest["files"]
     index = faiss.read_index(str(path / "index.faiss"))
     apply_search_params(index, manifest["index"].get("search_params"))
     if device == "gpu" or (device == "auto" and gpu_available()):
@@ -437,10 +636,8 @@ def load_bundle(path: str | Path, device: str = "auto") -> Bundle:
         index=IpIndex(index, manifest["index"].get("mips_augment")),
         seen=pl.read_parquet(path / "seen.parquet"),
         signals=json.loads((path / "signals.json").read_text()),
-        delays=json.loads((path / "delays.json").read_text())
-        if (path / "delays.json").is_file()
-        else None,
+        delays=json.loads((path / "delays.json").read_text()) if "delays.json" in listed else None,
         cascade_events=pl.read_parquet(path / "cascade_events.parquet")
-        if (path / "cascade_events.parquet").is_file()
+        if "cascade_events.parquet" in listed
         else None,
     )

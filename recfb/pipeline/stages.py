@@ -285,6 +285,11 @@ def stage_promote(spec: StageSpec, ctx: Context) -> dict:
         ctx.client.set_registered_model_alias(name, PRODUCTION, version)
     ctx.client.set_model_version_tag(name, version, "gate", "passed" if passed else "rejected")
     ctx.client.set_model_version_tag(name, version, "gate_reason", reason)
+    bundle = Path(ctx.outputs["register"]["bundle"])
+    if (bundle / "manifest.json").is_file():  # serve's default bundle: never a rejected one
+        from recfb.index.bundle import write_gate_verdict
+
+        write_gate_verdict(bundle, passed, reason, name, version)
     run_id = ctx.child_run("promote", {"recfb.gate": "passed" if passed else "rejected"})
     ctx.client.log_param(run_id, "decision", "promoted" if passed else "rejected")
     ctx.client.log_param(run_id, "reason", reason[:500])

@@ -62,8 +62,15 @@ class FollowConfig(BaseModel):
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    bundle: str | None = Field(None, description="bundle directory (default: newest in models_dir)")
+    bundle: str | None = Field(
+        None,
+        description="bundle directory or models:/ URI (default: the registry's `production`, "
+        "else the newest bundle in models_dir that passed the gate)",
+    )
     models_dir: str = "models"
+    allow_unsigned: bool = Field(
+        False, description="INSECURE: serve bundles whose signature is missing or wrong"
+    )
     event_log: str = Field("events.db", description="SQLite file of the durable event log")
     synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="FULL: an acknowledged event survives a power cut; NORMAL: a crash"

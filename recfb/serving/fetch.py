@@ -5,7 +5,9 @@
 tracking server's artifact store into `$RECFB_CACHE_DIR/models/<key>` (default
 `~/.cache/recfb`), verifies every file against the bundle's manifest checksums, and serves
 that directory. A second start finds the verified copy and downloads nothing; a copy that
-fails its checksums is fetched again, and a download that fails them is refused.
+fails its checksums is fetched again, and a download that fails them is refused. The bundle's
+signature is checked like a local bundle's (`recfb.index.bundle`): the serving host needs the
+publishing host's key (`RECFB_BUNDLE_KEY`).
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("RECFB_CACHE_DIR", Path.home() / ".cache" / "recfb")) / "models"
 
 
-def resolve(location: str | Path) -> Path:
+def resolve(location: str | Path, allow_unsigned: bool | None = None) -> Path:
     """A bundle directory for a path or an MLflow model URI (downloaded and verified)."""
     if not is_model_uri(location):
         return Path(location)
     uri, key = concrete_uri(str(location))
-    return fetch(uri, key)
+    return fetch(uri, key, allow_unsigned)
 
 
 def concrete_uri(uri: str) -> tuple[str, str]:
@@ -65,7 +67,7 @@ def concrete_uri(uri: str) -> tuple[str, str]:
     return uri, _safe(uri.split(":/", 1)[1])
 
 
-def fetch(uri: str, key: str) -> Path:
+def fetch(uri: str, key: str, allow_unsigned: bool | None = None) -> Path:
     """The verified bundle of model `uri`, downloaded once into the cache under `key`."""
     from mlflow.artifacts import download_artifacts
 
@@ -75,7 +77,7 @@ def fetch(uri: str, key: str) -> Path:
     if target.is_dir():
         try:
             bundle = bundle_in(target, uri)
-            verify(bundle, required=())
+            verify(bundle, required=(), allow_unsigned=allow_unsigned)
             return bundle
         except (BundleError, RecfbError) as exc:
             log.warning("cached copy of %s fails verification (%s); fetching again", uri, exc)
@@ -92,7 +94,7 @@ def fetch(uri: str, key: str) -> Path:
                 "before models were logged have none: train again, or pass a bundle directory"
             ) from exc
         bundle = bundle_in(model_dir, uri)
-        verify(bundle, required=())
+        verify(bundle, required=(), allow_unsigned=allow_unsigned)
         os.replace(model_dir, tmp / "model")
         shutil.rmtree(tmp / "download", ignore_errors=True)
         os.replace(tmp / "model", target)

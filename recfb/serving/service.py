@@ -4,20 +4,31 @@ Every request reads `Service.current` once, so a swap (an atomic reference assig
 mixes two versions inside one answer and never fails a request in flight. `startup_bundle`
 is the one place that decides which bundle a starting server loads; `Service.load` the one
 place that loads a bundle path (at start, on POST /v1/admin/bundle, when the alias moves).
+
+Without `--bundle`, a server starts on the registry's alias (`follow.alias`, `production`) of
+`follow.model` (default `recfb`, the pipelines' registered model), else on the newest bundle in
+`models_dir` that the promotion gate passed (its signed `gate.json`), never a rejected one. A
+bundle never judged counts as passed only when no registry knows the model (no tracking store,
+or no registered model of that name: bundles built by hand with `recfb index`); where the
+registry has the model but no alias, or cannot be reached, only a passed bundle is served.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
+import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastapi import HTTPException
 
 from recfb.index import load_bundle
+from recfb.index.bundle import gate_verdict
 from recfb.serving.config import ServeConfig
 from recfb.serving.eventlog import EventLog
 from recfb.serving.retrieval import ServingBundle
@@ -45,7 +56,9 @@ class Service:
         from recfb.serving.fetch import resolve  # a models:/ URI: fetched and verified
 
         started = time.perf_counter()
-        served = ServingBundle(load_bundle(resolve(path)), self.cfg)
+        allow = True if self.cfg.allow_unsigned else None  # None: RECFB_ALLOW_UNSIGNED decides
+        local = resolve(path, allow_unsigned=allow)
+        served = ServingBundle(load_bundle(local, allow_unsigned=allow), self.cfg)
         if served.rates is not None:
             served.rates.refresh(self.log)
         old = self.current
@@ -159,28 +172,100 @@ class AliasFollower:
         }
 
 
-def newest_bundle(models_dir: str | Path) -> Path | None:
-    """The most recently created bundle in the model store (by manifest created_at)."""
+DEFAULT_MODEL = "recfb"  # the registered model of pipelines/*.yaml
+
+
+def newest_bundle(models_dir: str | Path, require_passed: bool = False) -> Path | None:
+    """The most recently created bundle in the model store (by manifest created_at) that the
+    gate did not reject; with `require_passed`, only one it passed."""
     found = []
     for manifest in Path(models_dir).glob("*/manifest.json"):
         try:
-            found.append((json.loads(manifest.read_text())["created_at"], manifest.parent))
-        except (OSError, ValueError, KeyError):
+            created = json.loads(manifest.read_text())["created_at"]
+        except (OSError, ValueError, KeyError, TypeError):
             continue
+        verdict = gate_verdict(manifest.parent)
+        if verdict == "rejected" or (require_passed and verdict != "passed"):
+            log.info("skipping bundle %s (gate: %s)", manifest.parent.name, verdict or "none")
+            continue
+        found.append((str(created), manifest.parent))
     return max(found)[1] if found else None
 
 
+@contextlib.contextmanager
+def _quick_registry() -> Iterator[None]:
+    """A start-up probe of a remote registry fails fast instead of retrying for minutes."""
+    saved = {
+        k: os.environ.get(k)
+        for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    }
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def registry_alias(model: str, alias: str) -> tuple[str, tuple[str, str] | None]:
+    """What the registry says about `model@alias`: ('alias', (version, source)); ('model',
+    None) when it has the model but not the alias; ('none', None) when there is no tracking
+    store or no such model; ('error', None) when it cannot be asked. Never creates a store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return "none", None
+    try:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        from recfb import tracking
+
+        with _quick_registry():
+            client = MlflowClient(tracking_uri=tracking.configure())
+            try:
+                client.get_registered_model(model)
+            except MlflowException as exc:
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    return "none", None
+                raise
+            try:
+                mv = client.get_model_version_by_alias(model, alias)
+            except MlflowException:
+                return "model", None
+            return "alias", (str(mv.version), mv.source)
+    except Exception as exc:  # mlflow raises its own types per store; serve from models_dir
+        log.warning("registry %s cannot be asked for %s@%s: %s", uri, model, alias, exc)
+        return "error", None
+
+
 def startup_bundle(cfg: ServeConfig, follower: AliasFollower | None) -> str | Path | None:
-    """The bundle a starting server loads: `cfg.bundle`, else the followed alias's version,
-    else the newest bundle in `cfg.models_dir`; None when there is none (not ready)."""
+    """The bundle a starting server loads: `cfg.bundle`, else the registry's alias of the
+    followed (or default) model, else the newest bundle in `cfg.models_dir` the gate passed
+    (or, where no registry knows the model, any it did not reject); None: not ready."""
     if cfg.bundle:
         return cfg.bundle
-    if follower is not None:
-        found = follower.lookup()
-        if found is not None:
-            follower.version, path = found
-            return path
-    return newest_bundle(cfg.models_dir)
+    model = cfg.follow.model or DEFAULT_MODEL
+    state, found = registry_alias(model, cfg.follow.alias)
+    if found is not None:
+        version, source = found
+        if follower is not None:
+            follower.version = version
+        log.info("serving %s@%s (version %s)", model, cfg.follow.alias, version)
+        return source
+    path = newest_bundle(cfg.models_dir, require_passed=state != "none")
+    if path is None and state != "none":
+        log.warning(
+            "no %s@%s in the registry and no bundle in %s that passed the gate; pass --bundle "
+            "to serve one anyway",
+            model,
+            cfg.follow.alias,
+            cfg.models_dir,
+        )
+    return path
 
 
 def start_service(cfg: ServeConfig, api_key: str | None) -> Service:
