@@ -452,3 +452,31 @@ def test_the_quarantine_reasons_are_one_list(tmp_path):
     assert api_reasons <= set(REASONS)
     assert set(REASONS) <= set(REASON_EXPECTED)
     assert pl.Series(list(REASONS)).n_unique() == len(REASONS)
+
+
+def test_the_python_and_polars_forms_of_the_id_rules_agree():
+    """The API (Python) and the ETL (Polars) must strip and judge every id the same way."""
+    from recfb.signals import rules
+
+    ids = [
+        "u1", " u1 ", "\u00a0u1\u3000", "u" * 256, "u" * 257, "é" * 256, "a\tb", "\tab\n",
+        "a\x7fb", "a\x9fb", "a\xa0b", "a\u200bb", "a\u061cb", "a\u200eb", "a\u202ab",
+        "a\u2069b", "a\u206ab", "\x1c", "   ", "",
+    ]  # fmt: skip
+    python = [rules.id_reason("user_id", rules.clean_id(i)) for i in ids]
+    text = rules.strip_expr(pl.col("id"))
+    frame = pl.DataFrame({"id": ids}).select(
+        pl.when(text == "")
+        .then(pl.lit("null_user_id"))
+        .when(rules.id_bad_expr(text))
+        .then(pl.lit("bad_user_id"))
+        .alias("reason")
+    )
+    assert frame["reason"].to_list() == python
+    ok, bad, null = None, "bad_user_id", "null_user_id"
+    assert python == [
+        ok, ok, ok, ok, bad, ok, bad, ok,  # u1 stripped x3, 256/257/256 chars, tab in/around
+        bad, bad, ok, ok, bad, bad, bad,  # DEL, C1, NBSP inside, ZWSP, ALM, LRM, LRE
+        bad, ok, bad, null, null,  # PDI, U+206A (not a bidi control), FS, blank, empty
+    ]  # fmt: skip
+    assert [rules.clean_id(i) for i in ids[:3]] == ["u1"] * 3
