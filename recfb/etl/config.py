@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from recfb.signals.rules import DEFAULT_MIN_TS
+
 
 class InputConfig(BaseModel):
     """Where the raw events are and how to read them."""
@@ -24,7 +26,7 @@ class InputConfig(BaseModel):
         "auto",
         description="unit of integer timestamps; auto: |ts| < 1e11 -> s, < 1e14 -> ms, else us",
     )
-    min_ts: datetime = Field(datetime(2000, 1, 1), description="earlier events are quarantined")
+    min_ts: datetime = Field(DEFAULT_MIN_TS, description="earlier events are quarantined")
     max_ts: datetime | None = Field(
         None, description="later events are quarantined; default: now + 1 day"
     )

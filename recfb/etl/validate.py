@@ -1,7 +1,9 @@
 """Validation: type every canonical column and give each bad row one quarantine reason.
 
 Rules (documented in the README):
-- ids: integers stay integers, anything else becomes a stripped string; empty -> null.
+- ids: integers stay integers, anything else becomes a stripped string; empty -> null; text
+  ids longer than 256 characters or holding control or bidirectional-control characters are
+  quarantined (`recfb.signals.rules`, the rules the API applies to each posted event too).
 - ts: datetimes are used as they are (time zones converted to UTC); integers (or integer
   strings) are Unix time in the configured unit, or by magnitude when `ts_unit: auto`
   (|ts| < 1e11 -> seconds, < 1e14 -> milliseconds, else microseconds); other strings are parsed
@@ -13,7 +15,7 @@ Rules (documented in the README):
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import polars as pl
 
@@ -25,23 +27,33 @@ from recfb.etl.readers import (
     OPTIONAL,
     PROVENANCE,
 )
+from recfb.signals import rules
+from recfb.signals.rules import to_ms
 
 # Reasons, in the order they are checked (a row gets the first that applies).
 REASONS = (
     *MALFORMED_REASONS,  # records no reader could parse (set by the readers)
     "null_user_id",
     "null_item_id",
+    "bad_user_id",
+    "bad_item_id",
     "null_event",
     "null_ts",
     "bad_ts",
     "ts_out_of_range",
     "unknown_event",
     "bad_value",
+    "bad_event_id",
+    "bad_order_id",
 )
 REASON_FIELD = {
     **dict.fromkeys(MALFORMED_REASONS),  # the whole record, no one field
     "null_user_id": "user_id",
     "null_item_id": "item_id",
+    "bad_user_id": "user_id",
+    "bad_item_id": "item_id",
+    "bad_event_id": "event_id",
+    "bad_order_id": "order_id",
     "null_event": "event",
     "null_ts": "ts",
     "bad_ts": "ts",
@@ -55,14 +67,12 @@ REASON_EXPECTED = {
     "not_json_object": "a JSON object ({...}) per line, not an array, string, number or null",
     "ragged_row": "no more fields than the CSV header names",
     "unclosed_quote": "every quoted CSV field closed before the end of the file",
-    "null_user_id": "a non-empty user id",
-    "null_item_id": "a non-empty item id",
+    **rules.EXPECTED,
     "null_event": "a non-empty event name",
     "null_ts": "a timestamp",
     "bad_ts": "a datetime, Unix seconds/milliseconds, or an ISO-8601 string",
     "ts_out_of_range": "a timestamp inside input.min_ts .. input.max_ts",
     "unknown_event": "an event name listed in the signal map",
-    "bad_value": "a finite number >= 0",
 }
 
 _DATETIME_FORMATS = (
@@ -82,7 +92,7 @@ def _id_expr(name: str, dtype: pl.DataType) -> pl.Expr:
     col = pl.col(name)
     if dtype.is_integer():
         return col.cast(pl.Int64)
-    text = col.cast(pl.String).str.strip_chars()
+    text = rules.strip_expr(col.cast(pl.String))
     return pl.when(text == "").then(None).otherwise(text).alias(name)
 
 
@@ -122,13 +132,6 @@ def _ts_expr(dtype: pl.DataType, unit: str) -> pl.Expr:
     )
 
 
-def to_ms(moment: datetime) -> int:
-    """A datetime (naive = UTC) as epoch milliseconds."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
-
-
 def validate(
     lf: pl.LazyFrame, cfg: InputConfig, known_events: list[str]
 ) -> tuple[pl.LazyFrame, list[str]]:
@@ -140,7 +143,7 @@ def validate(
     schema = lf.collect_schema()
     extras = [c for c in schema.names() if c not in (*_CANON, *PROVENANCE, *_MALFORMED)]
     min_ms = to_ms(cfg.min_ts)
-    max_ms = to_ms(cfg.max_ts or datetime.now(UTC) + timedelta(days=1))
+    max_ms = to_ms(cfg.max_ts or datetime.now(UTC) + rules.ETL_FUTURE_SKEW)
 
     has_value = "value" in schema
     typed = lf.with_columns(
@@ -173,12 +176,17 @@ def validate(
     ts_missing = pl.col("ts_raw").is_null()
     if schema["ts"] == pl.String:
         ts_missing = ts_missing | (pl.col("ts_raw").str.strip_chars() == "")
-    value_bad = pl.col("value_raw").is_not_null() & (
-        pl.col("value_num").is_null() | ~pl.col("value_num").is_finite() | (pl.col("value_num") < 0)
-    )
+    value_bad = rules.value_bad_expr(pl.col("value_raw"), pl.col("value_num"))
     malformed = pl.col(MALFORMED_REASON) if MALFORMED_REASON in schema else pl.lit(None, pl.String)
     raw_line = pl.col(MALFORMED_RAW) if MALFORMED_RAW in schema else pl.lit(None, pl.String)
     typed = typed.with_columns(raw_line.alias(MALFORMED_RAW))
+
+    def id_bad(name: str) -> pl.Expr:
+        """Text ids only (integers cannot break the rules); nulls pass (their own reason)."""
+        if name in schema and not schema[name].is_integer():
+            return rules.id_bad_expr(pl.col(name).cast(pl.String)).fill_null(False)
+        return pl.lit(False)
+
     reason = (
         pl.when(malformed.is_not_null())
         .then(malformed)
@@ -186,18 +194,26 @@ def validate(
         .then(pl.lit("null_user_id"))
         .when(pl.col("item_id").is_null())
         .then(pl.lit("null_item_id"))
+        .when(id_bad("user_id"))
+        .then(pl.lit("bad_user_id"))
+        .when(id_bad("item_id"))
+        .then(pl.lit("bad_item_id"))
         .when(pl.col("event").is_null() | (pl.col("event") == ""))
         .then(pl.lit("null_event"))
         .when(ts_missing)
         .then(pl.lit("null_ts"))
         .when(pl.col("ts_ms").is_null())
         .then(pl.lit("bad_ts"))
-        .when((pl.col("ts_ms") < min_ms) | (pl.col("ts_ms") > max_ms))
+        .when(rules.ts_out_of_range_expr(pl.col("ts_ms"), min_ms, max_ms))
         .then(pl.lit("ts_out_of_range"))
         .when(~pl.col("event").is_in(known_events))
         .then(pl.lit("unknown_event"))
         .when(value_bad)
         .then(pl.lit("bad_value"))
+        .when(id_bad("event_id"))
+        .then(pl.lit("bad_event_id"))
+        .when(id_bad("order_id"))
+        .then(pl.lit("bad_order_id"))
         .otherwise(None)
     )
     return typed.with_columns(reason.alias("reason")), extras

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from recfb.signals.rules import DEFAULT_MIN_TS
+
+MAX_LIST = 10_000  # the schema's cap on any list in a request (config caps may be lower)
 
 
 class FoldinConfig(BaseModel):
@@ -88,8 +93,31 @@ class ServeConfig(BaseModel):
     )
     default_k: int = Field(20, ge=1)
     max_k: int = Field(500, ge=1)
-    max_batch_users: int = Field(1000, ge=1)
-    max_events_per_post: int = Field(10_000, ge=1)
+    max_batch_users: int = Field(1000, ge=1, le=MAX_LIST)
+    max_events_per_post: int = Field(10_000, ge=1, le=MAX_LIST)
+    max_exclude: int = Field(1000, ge=0, le=MAX_LIST, description="excluded ids per request")
+    min_ts: datetime = Field(
+        DEFAULT_MIN_TS, description="earlier events are refused (the ETL's input.min_ts)"
+    )
+    max_future_skew_s: float = Field(
+        300.0, ge=0, description="events timed later than now + this are refused"
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="largest request body; larger: 413 before it is read"
+    )
+    max_events_body_bytes: int = Field(
+        8 << 20, ge=1024, description="largest body of POST /v1/events"
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="a request body not fully received this long after its headers: 408"
+    )
+    auth_failures: int = Field(
+        10,
+        ge=1,
+        description="failed authentications from one client address within "
+        "auth_window_s before its write and admin requests get 429",
+    )
+    auth_window_s: float = Field(60.0, gt=0, description="the window of auth_failures")
     exact_filter_below: int = Field(
         20_000, ge=0, description="a category filter this narrow is scored exactly"
     )

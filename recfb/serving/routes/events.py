@@ -1,6 +1,6 @@
 """POST /v1/events: a batch of events committed to the durable log before the 2xx."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
@@ -8,6 +8,7 @@ from fastapi.responses import Response
 from recfb.serving.routes.common import api_key_check, json_response, unprocessable, utc
 from recfb.serving.schemas import EventBatch, EventsAccepted
 from recfb.serving.service import Service
+from recfb.signals import rules
 
 
 def router(service: Service) -> APIRouter:
@@ -22,7 +23,9 @@ def router(service: Service) -> APIRouter:
         if len(batch.events) > cfg.max_events_per_post:
             raise unprocessable(["body", "events"], f"at most {cfg.max_events_per_post} events")
         check_signals(service, batch)
-        rows = log_rows(batch)
+        now = datetime.now(UTC)
+        check_times(service, batch, now)
+        rows = log_rows(batch, now)
         new = service.log.append(rows)
         service.metrics.events.labels(kind="new").inc(new)
         service.metrics.events.labels(kind="repeat").inc(len(rows) - new)
@@ -43,12 +46,28 @@ def check_signals(service: Service, batch: EventBatch) -> None:
                 ["body", "events", i, "event"],
                 f"{ev.event!r} is not a signal of the bundle's signal map; "
                 f"expected one of {sorted(served.signals)}",
+                "unknown_event",
             )
 
 
-def log_rows(batch: EventBatch) -> list[tuple]:
+def check_times(service: Service, batch: EventBatch, now: datetime) -> None:
+    """422 `ts_out_of_range` for an event before `min_ts` (the ETL's bound) or later than now
+    plus `max_future_skew_s` (a future event would keep its full fold-in weight until then)."""
+    cfg = service.cfg
+    low = rules.to_ms(cfg.min_ts)
+    high = rules.to_ms(now + timedelta(seconds=cfg.max_future_skew_s))
+    for i, ev in enumerate(batch.events):
+        if ev.ts is not None and not rules.ts_ok(rules.to_ms(ev.ts), low, high):
+            raise unprocessable(
+                ["body", "events", i, "ts"],
+                f"ts: expected a time between {cfg.min_ts.isoformat()} (min_ts) and "
+                f"{cfg.max_future_skew_s:g} s from now (max_future_skew_s)",
+                "ts_out_of_range",
+            )
+
+
+def log_rows(batch: EventBatch, now: datetime) -> list[tuple]:
     """The log's rows; an event without `ts` happened now, a naive `ts` is UTC."""
-    now = datetime.now(UTC)
     return [
         (
             ev.event_id,

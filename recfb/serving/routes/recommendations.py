@@ -38,6 +38,8 @@ def router(service: Service) -> APIRouter:
         served = service.bundle()
         timings = Timings()
         extra = [i for i in exclude.split(",") if i] if exclude else []
+        if len(extra) > cfg.max_exclude:
+            raise unprocessable(["query", "exclude"], f"at most {cfg.max_exclude} item ids")
         body = recommend_one(service, served, user_id, k or cfg.default_k, extra, category, timings)
         return respond(service, body, timings, request, started)
 
@@ -47,6 +49,8 @@ def router(service: Service) -> APIRouter:
         started = time.perf_counter()
         if len(body.user_ids) > cfg.max_batch_users:
             raise unprocessable(["body", "user_ids"], f"at most {cfg.max_batch_users} users")
+        if len(body.exclude) > cfg.max_exclude:
+            raise unprocessable(["body", "exclude"], f"at most {cfg.max_exclude} item ids")
         if body.k is not None and body.k > cfg.max_k:
             raise unprocessable(["body", "k"], f"k must be <= {cfg.max_k}")
         served = service.bundle()
