@@ -134,7 +134,7 @@ def add_two_stage(
     statistics computed from them by `recfb.rank.features`, 100 cascade candidates per user,
     and a LambdaRank model of the demo's size (`synthetic_ranker`: its cost, not its quality,
     is what is measured)."""
-    from recfb.index.bundle import sha256
+    from recfb.index.bundle import sha256, sign_manifest
     from recfb.rank.candidates import trending_scores
     from recfb.rank.config import FEATURE_GROUPS, RankConfig
     from recfb.rank.features import feature_columns, item_stats
@@ -199,6 +199,7 @@ def add_two_stage(
     manifest["two_stage"] = True
     manifest["files"] |= {f: sha256(bundle / f) for f in RANK_FILES}
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    sign_manifest(bundle, manifest)  # the manifest changed: sign it again
 
 
 def synthetic_ranker(columns: list[str], rng: np.random.Generator, n_trees: int = 250):
