@@ -114,8 +114,9 @@ class Recommender:
         """Top-k per user: `user_id, rank, item_id, score, source` (in the order asked).
 
         `exclude`: `signals` (the signal map's rule: bought and not refunded, explicit
-        negatives), `purchased`, `any` (everything the user engaged with), `none`, or item
-        ids hidden from every listed user (on top of the signal map's rule).
+        negatives), `purchased`, `any` (everything the user engaged with), `none` (no level;
+        explicit negatives stay hidden under every rule, as in the service), or item ids
+        hidden from every listed user (on top of the signal map's rule).
         `filter`: only these item ids may be recommended. Unknown users get the
         popularity list, never an error."""
         raise NotImplementedError
@@ -433,19 +434,13 @@ class PairsRecommender(Recommender):
     def recommend(self, user_ids, k=10, *, exclude="signals", filter=None) -> pl.DataFrame:
         import torch
 
-        from recfb.signals import exclusion_labels
+        from recfb.signals import rule_labels
 
         self._require_fitted()
         users = _ids(user_ids)
         extra, rule = _exclusion(exclude)
         n_items = len(self._item_ids)
-        n_levels = len(self._signals["levels"])
-        hidden = {
-            "signals": exclusion_labels(self._signals),
-            "purchased": (-1, n_levels),
-            "any": (-1, *range(1, n_levels + 1)),
-            "none": (),
-        }[rule]
+        hidden = rule_labels(self._signals, rule)
         rows_known = [self._user_row.get(u) for u in users]
         known = [r for r in rows_known if r is not None]
         scores = np.zeros((len(users), n_items), dtype=np.float64)
@@ -545,15 +540,14 @@ def _ids(ids: Iterable[str] | str) -> list[str]:
     return [str(i) for i in ids]
 
 
-EXCLUDE_RULES = ("signals", "purchased", "any", "none")
-
-
 def _exclusion(exclude: str | Iterable[str]) -> tuple[list[str], str]:
     """(extra item ids to hide, the seen-pairs rule) from `recommend`'s `exclude`."""
+    from recfb.signals import EXCLUSION_RULES
+
     if isinstance(exclude, str):
-        if exclude not in EXCLUDE_RULES:
+        if exclude not in EXCLUSION_RULES:
             raise ValueError(
-                f"exclude={exclude!r}: use one of {EXCLUDE_RULES} or a list of item ids to hide"
+                f"exclude={exclude!r}: use one of {EXCLUSION_RULES} or a list of item ids to hide"
             )
         return [], exclude
     return [str(i) for i in exclude], "signals"

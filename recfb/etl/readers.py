@@ -189,25 +189,23 @@ def _refuse_duplicate_header(path: Path, sep: str) -> None:
     with path.open("rb") as fh:
         first = next(_csv_records(fh), (b"", False))[0]
     header = _csv_fields(first.decode("utf-8", errors="replace"), sep)
-    dups = _duplicates(header)
-    if dups:
-        shown = ", ".join(repr(excerpt(d, 60)) for d in dups[:10])
-        raise InputError(
-            f"duplicate column name(s) in the CSV header: {shown}; each column must be named "
-            "once (rename or drop the copies)",
-            file=str(path),
-        )
+    _refuse_duplicates(header, "the CSV header", path)
 
 
 def _refuse_duplicate_parquet(path: Path) -> None:
     import pyarrow.parquet as pq
 
-    dups = _duplicates(pq.read_schema(path).names)
+    _refuse_duplicates(pq.read_schema(path).names, "the parquet schema", path)
+
+
+def _refuse_duplicates(names: list[str], where: str, path: Path) -> None:
+    """A column named twice is refused by name (Polars would rename the copy silently)."""
+    dups = _duplicates(names)
     if dups:
         shown = ", ".join(repr(excerpt(d, 60)) for d in dups[:10])
         raise InputError(
-            f"duplicate column name(s) in the parquet schema: {shown}; each column must be "
-            "named once",
+            f"duplicate column name(s) in {where}: {shown}; each column must be named once "
+            "(rename or drop the copies)",
             file=str(path),
         )
 

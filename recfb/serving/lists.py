@@ -40,7 +40,7 @@ def served_list(
 ) -> tuple[list[str], list[float], str]:
     """(item ids, scores, source) of `user_id`'s top-k. `events` are the user's logged
     events (oldest first); `seen_rule` says which of the bundle's pairs are hidden
-    (`signals`, `purchased`, `any`; `none` shows everything, seen or not); `allowed`
+    (`recfb.signals.rule_labels`; default the service's `serve.exclude`); `allowed`
     restricts the list to these item rows (a category, a filter)."""
     timings = timings or Timings()
     seen_rule = seen_rule or served.cfg.exclude
@@ -49,9 +49,7 @@ def served_list(
     targets, online_excluded = served.session_state(events, now_ms)
     query = served.query_vector(user_row, targets)
     started = timings.add("foldin", started)
-    excluded: set[int] = set()
-    if seen_rule != "none":
-        excluded = online_excluded | served.exclusions(seen_rule).get(user_row, frozenset())
+    excluded = online_excluded | served.exclusions(seen_rule).get(user_row, frozenset())
     excluded.update(served.item_row[i] for i in exclude_ids if i in served.item_row)
     timings.add("filter", started)
     if served.online is not None:

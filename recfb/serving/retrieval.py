@@ -29,7 +29,7 @@ from recfb.index import Bundle
 from recfb.serving.config import ServeConfig
 from recfb.serving.eventlog import LoggedEvent
 from recfb.serving.rates import OnlineRates, RatesTable
-from recfb.signals import SignalFold, as_signal_map, exclusion_labels
+from recfb.signals import SignalFold, as_signal_map, rule_labels
 
 
 @dataclass
@@ -115,25 +115,15 @@ class ServingBundle:
 
     def _hidden_levels(self, rule: str) -> frozenset[int]:
         """Positive levels whose items are not shown again (explicit negatives: always)."""
-        if rule == "signals":
-            return frozenset(t for t in exclusion_labels(self.bundle.signals) if t > 0)
-        if rule == "purchased":
-            return frozenset({self.n_levels})
-        if rule == "any":
-            return frozenset(range(1, self.n_levels + 1))
-        return frozenset()
+        return frozenset(t for t in rule_labels(self.bundle.signals, rule) if t > 0)
 
     def exclusions(self, rule: str) -> dict[int, frozenset[int]]:
         """user row -> item rows the bundle's pairs exclude under `rule` (`signals`,
         `purchased`, `any`, `none`); the service's own rule is built at load, others once
         on first use (the library's `recommend(exclude=...)`)."""
         if rule not in self._excluded_by_rule:
-            if rule not in ("signals", "purchased", "any", "none"):
-                raise ValueError(f"exclusion rule {rule!r}: signals, purchased, any or none")
             hidden = self._hidden_levels(rule)
-            self._excluded_by_rule[rule] = (
-                {} if rule == "none" else self._seen_exclusions(self.bundle.seen, hidden)
-            )
+            self._excluded_by_rule[rule] = self._seen_exclusions(self.bundle.seen, hidden)
         return self._excluded_by_rule[rule]
 
     def _seen_exclusions(

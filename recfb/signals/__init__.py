@@ -3,6 +3,7 @@ one definition, read by the ETL, evaluation, the gate and the service."""
 
 from recfb.signals.fold import PairState, SignalFold
 from recfb.signals.map import (
+    EXCLUSION_RULES,
     Attribution,
     Level,
     Signal,
@@ -10,9 +11,11 @@ from recfb.signals.map import (
     as_signal_map,
     exclusion_labels,
     load_signal_map,
+    rule_labels,
 )
 
 __all__ = [
+    "EXCLUSION_RULES",
     "Attribution",
     "Level",
     "PairState",
@@ -22,4 +25,5 @@ __all__ = [
     "as_signal_map",
     "exclusion_labels",
     "load_signal_map",
+    "rule_labels",
 ]

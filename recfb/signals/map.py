@@ -190,6 +190,23 @@ def exclusion_labels(spec: dict) -> tuple[int, ...]:
     return tuple(hidden)
 
 
+EXCLUSION_RULES = ("signals", "purchased", "any", "none")
+
+
+def rule_labels(spec: dict, rule: str) -> tuple[int, ...]:
+    """The pair labels an exclusion rule hides from their user: `signals` (the map's own
+    rule, `exclusion_labels`), `purchased` (the deepest level), `any` (every level), `none`
+    (no level); explicit negatives (-1) under every rule. The service's `serve.exclude` and
+    the library's `recommend(exclude=...)` both read it."""
+    deepest = len(spec["levels"])
+    if rule == "signals":
+        return exclusion_labels(spec)
+    levels = {"purchased": (deepest,), "any": tuple(range(1, deepest + 1)), "none": ()}
+    if rule not in levels:
+        raise ValueError(f"exclusion rule {rule!r}: one of {EXCLUSION_RULES}")
+    return (-1, *levels[rule])
+
+
 def load_signal_map(path: str | Path) -> SignalMap:
     """Read and validate a signal map YAML; errors name the file and the field."""
     return build_model(SignalMap, read_yaml(path), str(path))
