@@ -166,16 +166,15 @@ class Recommender:
             raise RecfbError(f"{path}: no {RECOMMENDER_FILE}; not a saved recfb model")
         meta = json.loads(meta_path.read_text())
         model = cls.create(meta["family"], meta.get("config"))
-        model._attach(path, owned=False)
+        model._attach(path)
         model.metrics = meta.get("metrics", {})
         return model
 
     # --- shared machinery ----------------------------------------------------------------
-    def _attach(self, path: Path, owned: bool) -> None:
-        """Answer from the bundle at `path` (a private directory is removed with the model)."""
+    def _attach(self, path: Path) -> None:
+        """Answer from the bundle at `path` (a fit's private copy is removed with the model,
+        by the finaliser `fit` registers)."""
         self.path = Path(path)
-        if owned:
-            weakref.finalize(self, shutil.rmtree, str(path), True)
 
     def _require_fitted(self) -> Path:
         if self.path is None:
@@ -235,18 +234,18 @@ class VectorRecommender(Recommender):
             parts.delays, parts.cascade_events = delay_parts(data, index.rates_horizon_days)
         self._extend_parts(parts, data)
         result = write_bundle(parts, index)
-        self._attach(result.path, owned=False)
+        self._attach(result.path)
         weakref.finalize(self, shutil.rmtree, str(tmp), True)
 
     def _extend_parts(self, parts: Any, data: Any) -> None:
         """Hook: add family files (the two-stage ranker) to the bundle before it is written."""
 
-    def _attach(self, path: Path, owned: bool) -> None:
+    def _attach(self, path: Path) -> None:
         from recfb.index.bundle import load_bundle
         from recfb.serving.config import ServeConfig
         from recfb.serving.retrieval import ServingBundle
 
-        super()._attach(path, owned)
+        super()._attach(path)
         self._served = ServingBundle(load_bundle(path, device="cpu"), ServeConfig())
 
     def _now_ms(self) -> int:
@@ -374,15 +373,15 @@ class PairsRecommender(Recommender):
         pairs = fitted.data.train.select("user_idx", "item_idx", "label", "weight", "last_ts")
         tmp = Path(tempfile.mkdtemp(prefix="recfb-model-"))
         path = write_pairs_bundle(catalog_parts(data), pairs, self._meta(), tmp / "bundle")
-        self._attach(path, owned=False)
+        self._attach(path)
         weakref.finalize(self, shutil.rmtree, str(tmp), True)
         _log_model(self, tracker, fitted.run_id)
         return self
 
-    def _attach(self, path: Path, owned: bool) -> None:
+    def _attach(self, path: Path) -> None:
         from recfb.index.bundle import read_pairs_bundle
 
-        super()._attach(path, owned)
+        super()._attach(path)
         bundle = read_pairs_bundle(path)
         self._items: pl.DataFrame = bundle["items"]
         self._users: pl.DataFrame = bundle["users"]
