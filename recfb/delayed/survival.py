@@ -99,23 +99,116 @@ class DelayModel:
         return cls(**{k: d[k] for k in keys}, **extra)
 
 
-def _neg_log_lik(
-    theta: np.ndarray,
-    family: str,
-    delays: np.ndarray,
-    ages: np.ndarray,
-    w_delay: np.ndarray,
-    w_age: np.ndarray,
-) -> float:
-    logit_p, log_scale = theta[0], theta[1]
-    log_shape = theta[2] if _N_SHAPE[family] else 0.0
-    dist = _dist(family, log_scale, log_shape)
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+# Log-time bin width of the likelihood's data (see _Data.of) and the size from which it bins.
+BIN_WIDTH = 1e-3
+BIN_FROM = 50_000
+
+
+def _binned(t: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Times pooled into log-time bins of width BIN_WIDTH, each at its weighted mean log-time
+    with the summed weight: ``(t, log t, w)`` of the bins."""
+    x = np.log(t)
+    if t.size < BIN_FROM:
+        return t, x, w
+    idx = np.floor(x / BIN_WIDTH).astype(np.int64)
+    idx -= idx.min()
+    total = np.bincount(idx, weights=w)
+    used = total > 0
+    total = total[used]
+    xb = np.bincount(idx, weights=w * x)[used] / total
+    return np.exp(xb), xb, total
+
+
+@dataclass(frozen=True)
+class _Data:
+    """A fit's data, prepared once: delays and ages with their logs and weights.
+
+    Large arrays are pooled into log-time bins of width BIN_WIDTH (0.1%) at each bin's weighted
+    mean log-time: a term's first-order error cancels within a bin, so the log-likelihood moves
+    by about ``n * BIN_WIDTH**2 / 24`` (relative ~1e-7) and the fitted parameters far less
+    than 0.1%, while a 3M-click stage shrinks to ~20k points. Ages of 0 are dropped: S(0) = 1
+    adds nothing to the likelihood or its gradient."""
+
+    delays: np.ndarray
+    log_d: np.ndarray
+    w_d: np.ndarray
+    ages: np.ndarray
+    log_a: np.ndarray
+    w_a: np.ndarray
+
+    @classmethod
+    def of(cls, delays: np.ndarray, ages: np.ndarray, w_d: np.ndarray, w_a: np.ndarray) -> _Data:
+        keep = (ages > 0) & (w_a > 0)
+        return cls(*_binned(delays, w_d), *_binned(ages[keep], w_a[keep]))
+
+
+def _log_terms(family: str, log_scale: float, log_shape: float, x: np.ndarray, t: np.ndarray):
+    """log f, d log f / d(log_scale, log_shape) at log-times ``x`` (times ``t``)."""
+    if family == "exponential":
+        z = t * math.exp(-log_scale)
+        return -log_scale - z, (z - 1.0, None)
+    if family == "weibull":
+        k = math.exp(log_shape)
+        u = k * (x - log_scale)
+        z = np.exp(u)
+        logf = log_shape - log_scale + (k - 1.0) * (x - log_scale) - z
+        return logf, (k * (z - 1.0), 1.0 + u - u * z)
+    if family == "lognormal":
+        sigma = math.exp(log_shape)
+        z = (x - log_scale) / sigma
+        logf = -0.5 * z * z - _HALF_LOG_2PI - log_shape - x
+        return logf, (z / sigma, z * z - 1.0)
+    raise ValueError(f"unknown delay family {family!r}; expected one of {FAMILIES}")
+
+
+def _log_sf_terms(family: str, log_scale: float, log_shape: float, x: np.ndarray, t: np.ndarray):
+    """log S, d log S / d(log_scale, log_shape) at log-times ``x`` (times ``t``)."""
+    if family == "exponential":
+        z = t * math.exp(-log_scale)
+        return -z, (z, None)
+    if family == "weibull":
+        k = math.exp(log_shape)
+        u = k * (x - log_scale)
+        z = np.exp(u)
+        return -z, (k * z, -u * z)
+    if family == "lognormal":
+        sigma = math.exp(log_shape)
+        z = (x - log_scale) / sigma
+        logsf = special.log_ndtr(-z)
+        mills = np.exp(-0.5 * z * z - _HALF_LOG_2PI - logsf)  # phi(z) / Phi(-z)
+        return logsf, (mills / sigma, mills * z)
+    raise ValueError(f"unknown delay family {family!r}; expected one of {FAMILIES}")
+
+
+def _neg_log_lik_grad(theta: np.ndarray, family: str, data: _Data) -> tuple[float, np.ndarray]:
+    """Negative log-likelihood of the cure model and its exact gradient in ``theta`` =
+    (logit p, log scale[, log shape]): the same value as scipy.stats' densities give, without
+    freezing a distribution per call and with no numerical differencing."""
+    logit_p, log_scale = float(theta[0]), float(theta[1])
+    shaped = _N_SHAPE[family] > 0
+    log_shape = float(theta[2]) if shaped else 0.0
     log_p = -np.logaddexp(0.0, -logit_p)
-    log_q = -np.logaddexp(0.0, logit_p)  # log(1 - p)
-    ll = w_delay.sum() * log_p + w_delay @ dist.logpdf(delays)
-    # log(1 - p + p S(e)) for trials with no outcome yet
-    ll += w_age @ np.logaddexp(log_q, log_p + dist.logsf(ages))
-    return -float(ll) if np.isfinite(ll) else 1e300
+    log_q = -np.logaddexp(0.0, logit_p)
+    q = math.exp(log_q)
+    logf, (df_s, df_h) = _log_terms(family, log_scale, log_shape, data.log_d, data.delays)
+    logsf, (ds_s, ds_h) = _log_sf_terms(family, log_scale, log_shape, data.log_a, data.ages)
+    n_d = float(data.w_d.sum())
+    lp_s = log_p + logsf
+    a = np.logaddexp(log_q, lp_s)  # log(1 - p + p S(e))
+    ll = n_d * log_p + float(data.w_d @ logf) + float(data.w_a @ a)
+    if not np.isfinite(ll):
+        return 1e300, np.zeros(len(theta))
+    r = np.exp(lp_s - a)  # p S / (1 - p + p S): the open trial's odds of converting later
+    wr = data.w_a * r
+    grad = np.empty(len(theta))
+    grad[0] = q * n_d - q * float(data.w_a @ np.exp(log_p - a)) + q * float(wr.sum())
+    grad[1] = float(data.w_d @ df_s) + float(wr @ ds_s)
+    if shaped:
+        grad[2] = float(data.w_d @ df_h) + float(wr @ ds_h)
+    return -ll, -grad
 
 
 def _weights(w: np.ndarray | None, n: int) -> np.ndarray:
@@ -152,13 +245,15 @@ def fit_cure(
         theta0.append(0.0)
     elif family == "lognormal":
         theta0.append(math.log(spread))
+    data = _Data.of(delays, ages, w_d, w_a)
     res = optimize.minimize(
-        _neg_log_lik,
+        lambda th: tuple(v / n for v in _neg_log_lik_grad(th, family, data)),
         np.array(theta0),
-        args=(family, delays, ages, w_d, w_a),
-        method="Nelder-Mead",
-        options={"xatol": 1e-6, "fatol": 1e-6, "maxiter": 4000, "maxfev": 8000},
+        jac=True,
+        method="L-BFGS-B",
+        options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 1000},
     )
+    res.fun = res.fun * n
     theta = res.x
     ll = -float(res.fun)
     k = 2 + _N_SHAPE[family]

@@ -1,0 +1,206 @@
+"""Wall time and peak memory of `recfb delays` on a 30-day simulated stream of about 3M clicks,
+for this checkout and (optionally) a checkout of the code before the speed-up, with every fitted
+parameter of the two delays.json compared.
+
+The stream is simulated once into --work (the delayed-feedback benchmark's shop, 30 days, a
+higher click rate so that ~16M events hold ~3M clicks) and ETL'd there; later runs reuse it.
+Each `recfb delays` runs as a child process (peak RSS from wait4, CPU steal share of the
+machine while it ran). The peer row, measured in the same run, is a bare Polars read of what
+the fit needs (clock, purchase and refund rows of events.parquet with their times) followed by
+one scipy.stats.lognorm.fit of the observed click -> purchase delays (the uncensored MLE of one
+family, no cure, no segments): the figures are ratios against it.
+
+    # the base commit's code checked out at /work/wt-delays-base (git worktree add --detach)
+    flock /tmp/recfb-bench.lock python benchmarks/delays_speed.py \
+        --base-worktree /work/wt-delays-base --name delays_speed
+
+Parameters are compared on their natural scale (p, scale = exp(log_scale), shape =
+exp(log_shape), median hours, log-likelihood, AIC; n_trials and n_events exactly), over the
+overall fit, every family's candidate and every segment of both stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, cpu_steal, simulated_etl, steal_share  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+PEER = r"""
+import json, sys, time
+import numpy as np, polars as pl
+from scipy import stats
+t0 = time.perf_counter()
+ev = (
+    pl.scan_parquet(sys.argv[1] + "/events.parquet")
+    .with_columns(pl.col("event").cast(pl.String))
+    .filter(pl.col("event").is_in(["click", "purchase"]))
+    .select("user_idx", "item_idx", "event", pl.col("ts").dt.epoch("ms"),
+            pl.col("cancelled_at").dt.epoch("ms"))
+    .collect()
+)
+t1 = time.perf_counter()
+first = (
+    ev.group_by("user_idx", "item_idx")
+    .agg(pl.col("ts").filter(pl.col("event") == "click").min().alias("c"),
+         pl.col("ts").filter(pl.col("event") == "purchase").min().alias("b"))
+    .drop_nulls()
+    .filter(pl.col("b") >= pl.col("c"))
+)
+d = np.maximum((first["b"] - first["c"]).to_numpy() / 1000.0, 1.0)
+shape, _, scale = stats.lognorm.fit(d, floc=0)
+print(json.dumps({"read_s": t1 - t0, "rows": ev.height, "delays": int(d.size),
+                  "lognorm_shape": shape, "lognorm_scale_h": scale / 3600}))
+"""
+
+
+def sim_config(n_events: int):
+    """benchmarks/delayed.py's shop over 30 days with ~19% of events clicks."""
+    from benchmarks.delayed import sim_config as delayed_config
+
+    return delayed_config(n_events).model_copy(update={"days": 30.0, "click_logit": -1.8})
+
+
+def run_child(cmd: list[str], env: dict[str, str], cwd: Path) -> dict:
+    """Run one child: wall time, its own peak RSS (wait4, so earlier children do not count) and
+    the machine's CPU steal share while it ran; its stdout is kept."""
+    steal0 = cpu_steal()
+    start = time.perf_counter()
+    with open(os.devnull, "wb") as null:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=null, env=env, cwd=cwd)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"{cmd} failed with status {status}")
+    return {
+        "seconds": round(wall, 2),
+        "peak_rss_gib": round(usage.ru_maxrss / 1024**2, 3),
+        "cpu_steal_share": steal_share(steal0, cpu_steal()),
+        "stdout": out.decode(),
+    }
+
+
+def run_delays(code: Path, etl: Path, cutoff: str, out: Path) -> dict:
+    """`recfb delays` of the checkout at ``code`` (PYTHONPATH wins over the installed one)."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    cmd = [sys.executable, "-m", "recfb.cli", "delays", "--etl", str(etl), "--cutoff", cutoff]
+    res = run_child([*cmd, "-o", str(out)], env, code)
+    res.pop("stdout")
+    return res
+
+
+def _models(d: dict, prefix: str = ""):
+    """Every fitted model in a delays.json, by a path name."""
+    for stage in ("conversion", "refund"):
+        s = d.get(stage)
+        if not s:
+            continue
+        yield f"{stage}.overall", s["overall"]
+        for fam, m in s["candidates"].items():
+            yield f"{stage}.candidates.{fam}", m
+        for key, m in s["segments"].items():
+            yield f"{stage}.segments.{key}", m
+
+
+def _natural(m: dict) -> dict[str, float]:
+    return {
+        "p": m["p"],
+        "scale": math.exp(m["log_scale"]),
+        "shape": math.exp(m["log_shape"]),
+        "median_hours": m["median_hours"],
+        "log_likelihood": m.get("log_likelihood"),
+        "aic": m.get("aic"),
+        "n_trials": m["n_trials"],
+        "n_events": m["n_events"],
+    }
+
+
+def compare(base: dict, new: dict) -> dict:
+    """Max relative difference over every parameter of every model; models or families that
+    are in one file only are listed (a mismatch, not a number)."""
+    a, b = dict(_models(base)), dict(_models(new))
+    only = sorted(set(a) ^ set(b))
+    worst, where, n = 0.0, None, 0
+    for name in sorted(set(a) & set(b)):
+        if a[name]["family"] != b[name]["family"]:
+            only.append(f"{name}: family {a[name]['family']} vs {b[name]['family']}")
+            continue
+        na, nb = _natural(a[name]), _natural(b[name])
+        for key, x in na.items():
+            y = nb[key]
+            if x is None or y is None or (isinstance(x, float) and math.isnan(x)):
+                continue
+            n += 1
+            rel = abs(y - x) / max(abs(x), 1e-300)
+            if rel > worst:
+                worst, where = rel, f"{name}.{key}"
+    return {"max_rel_diff": worst, "at": where, "n_compared": n, "mismatched": only}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--events", type=int, default=16_000_000)
+    ap.add_argument("--work", default="/tmp/recfb-delays-bench")
+    ap.add_argument("--base-worktree", type=Path, help="checkout of the code before the change")
+    ap.add_argument("--name", default="delays_speed", help="results/<name>.json and .md")
+    args = ap.parse_args()
+
+    work = Path(args.work)
+    cfg = sim_config(args.events)
+    etl = work / "etl"
+    if not (etl / "events.parquet").exists():
+        simulated_etl(cfg, work, split={"method": "none"})
+    cutoff = cfg.end_iso()
+    import polars as pl
+
+    counts = dict(
+        pl.scan_parquet(etl / "events.parquet")
+        .group_by(pl.col("event").cast(pl.String))
+        .len()
+        .collect()
+        .iter_rows()
+    )
+    rows: dict[str, dict] = {}
+    peer = run_child([sys.executable, "-c", PEER, str(etl)], dict(os.environ), ROOT)
+    rows["peer: Polars read + scipy lognorm.fit"] = {
+        **{k: v for k, v in peer.items() if k != "stdout"},
+        **json.loads(peer["stdout"].strip().splitlines()[-1]),
+    }
+    fits: dict[str, dict] = {}
+    codes = [("new", ROOT)] + ([("base", args.base_worktree)] if args.base_worktree else [])
+    for label, code in codes:
+        out = work / f"delays-{label}"
+        rows[f"recfb delays ({label})"] = run_delays(code, etl, cutoff, out)
+        fits[label] = json.loads((out / "delays.json").read_text())
+    peer_s = rows["peer: Polars read + scipy lognorm.fit"]["seconds"]
+    for row in rows.values():
+        row["ratio_to_peer"] = round(row["seconds"] / peer_s, 2)
+    result = {
+        "config": cfg.model_dump(mode="json"),
+        "events": counts,
+        "cutoff": cutoff,
+        "rows": rows,
+        "fits_new": fits["new"],
+    }
+    if "base" in fits:
+        result["param_diff_new_vs_base"] = compare(fits["base"], fits["new"])
+        result["base_worktree"] = str(args.base_worktree)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("config", "fits_new")}))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
