@@ -27,6 +27,8 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, cpu_steal, simulated_etl, steal_share  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+PEER_ROW = "peer: Polars read + scipy lognorm.fit"
 
 PEER = r"""
 import json, sys, time
@@ -71,37 +74,57 @@ def sim_config(n_events: int):
     return delayed_config(n_events).model_copy(update={"days": 30.0, "click_logit": -1.8})
 
 
-def run_child(cmd: list[str], env: dict[str, str], cwd: Path) -> dict:
+def run_child(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float | None) -> dict:
     """Run one child: wall time, its own peak RSS (wait4, so earlier children do not count) and
-    the machine's CPU steal share while it ran; its stdout is kept."""
+    the machine's CPU steal share while it ran; stdout kept. Past ``timeout`` seconds it is
+    killed and the row says so (its time is then a lower bound)."""
     steal0 = cpu_steal()
     start = time.perf_counter()
-    with open(os.devnull, "wb") as null:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=null, env=env, cwd=cwd)
-        assert proc.stdout is not None
-        out = proc.stdout.read()
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env=env, cwd=cwd)
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
+        proc.returncode = status  # reaped here: keep Popen from waiting on it again
+        if timer:
+            timer.cancel()
+        wall = time.perf_counter() - start
+        out.seek(0)
+        text = out.read().decode()
+    timed_out = bool(timeout) and os.WIFSIGNALED(status) and wall >= timeout
+    if status != 0 and not timed_out:
         raise RuntimeError(f"{cmd} failed with status {status}")
     return {
         "seconds": round(wall, 2),
+        "timed_out": timed_out,
         "peak_rss_gib": round(usage.ru_maxrss / 1024**2, 3),
         "cpu_steal_share": steal_share(steal0, cpu_steal()),
-        "stdout": out.decode(),
+        "stdout": text,
     }
 
 
-def run_delays(code: Path, etl: Path, cutoff: str, out: Path) -> dict:
+# `recfb delays` with the likelihood's log-time binning switched off: the same optimiser on the
+# raw arrays, to show what the binning changes at full size
+UNBINNED = (
+    "import sys, recfb.delayed.survival as s; s.BIN_FROM = sys.maxsize; "
+    "from recfb.cli import main; sys.argv[0] = 'recfb'; main()"
+)
+
+
+def run_delays(
+    code: Path, etl: Path, cutoff: str, out: Path, timeout: float | None, unbinned: bool = False
+) -> dict:
     """`recfb delays` of the checkout at ``code`` (PYTHONPATH wins over the installed one)."""
     env = {**os.environ, "PYTHONPATH": str(code)}
-    cmd = [sys.executable, "-m", "recfb.cli", "delays", "--etl", str(etl), "--cutoff", cutoff]
-    res = run_child([*cmd, "-o", str(out)], env, code)
+    entry = ["-c", UNBINNED] if unbinned else ["-m", "recfb.cli"]
+    args = ["delays", "--etl", str(etl), "--cutoff", cutoff, "-o", str(out)]
+    res = run_child([sys.executable, *entry, *args], env, code, timeout)
     res.pop("stdout")
     return res
 
 
-def _models(d: dict, prefix: str = ""):
+def _models(d: dict):
     """Every fitted model in a delays.json, by a path name."""
     for stage in ("conversion", "refund"):
         s = d.get(stage)
@@ -154,6 +177,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=16_000_000)
     ap.add_argument("--work", default="/tmp/recfb-delays-bench")
     ap.add_argument("--base-worktree", type=Path, help="checkout of the code before the change")
+    ap.add_argument("--base-timeout", type=float, help="kill the base run after this (seconds)")
+    ap.add_argument("--unbinned", action="store_true", help="also run the new code unbinned")
     ap.add_argument("--name", default="delays_speed", help="results/<name>.json and .md")
     args = ap.parse_args()
 
@@ -173,33 +198,70 @@ def main() -> None:
         .iter_rows()
     )
     rows: dict[str, dict] = {}
-    peer = run_child([sys.executable, "-c", PEER, str(etl)], dict(os.environ), ROOT)
-    rows["peer: Polars read + scipy lognorm.fit"] = {
+    peer = run_child([sys.executable, "-c", PEER, str(etl)], dict(os.environ), ROOT, None)
+    rows[PEER_ROW] = {
         **{k: v for k, v in peer.items() if k != "stdout"},
         **json.loads(peer["stdout"].strip().splitlines()[-1]),
     }
+    runs = [("new", ROOT, False, None)]
+    if args.unbinned:
+        runs.append(("new, unbinned", ROOT, True, args.base_timeout))
+    if args.base_worktree:
+        runs.append(("base", args.base_worktree, False, args.base_timeout))
     fits: dict[str, dict] = {}
-    codes = [("new", ROOT)] + ([("base", args.base_worktree)] if args.base_worktree else [])
-    for label, code in codes:
-        out = work / f"delays-{label}"
-        rows[f"recfb delays ({label})"] = run_delays(code, etl, cutoff, out)
-        fits[label] = json.loads((out / "delays.json").read_text())
-    peer_s = rows["peer: Polars read + scipy lognorm.fit"]["seconds"]
+    for label, code, unbinned, timeout in runs:
+        out = work / f"delays-{label.replace(', ', '-')}"
+        (out / "delays.json").unlink(missing_ok=True)
+        rows[f"recfb delays ({label})"] = run_delays(code, etl, cutoff, out, timeout, unbinned)
+        if not rows[f"recfb delays ({label})"]["timed_out"]:
+            fits[label] = json.loads((out / "delays.json").read_text())
+    peer_s = rows[PEER_ROW]["seconds"]
     for row in rows.values():
         row["ratio_to_peer"] = round(row["seconds"] / peer_s, 2)
     result = {
         "config": cfg.model_dump(mode="json"),
         "events": counts,
         "cutoff": cutoff,
+        "base_worktree": str(args.base_worktree) if args.base_worktree else None,
         "rows": rows,
+        "param_diff": {
+            f"new vs {label}": compare(fits[label], fits["new"]) for label in fits if label != "new"
+        },
         "fits_new": fits["new"],
     }
-    if "base" in fits:
-        result["param_diff_new_vs_base"] = compare(fits["base"], fits["new"])
-        result["base_worktree"] = str(args.base_worktree)
     print(json.dumps({k: v for k, v in result.items() if k not in ("config", "fits_new")}))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{args.name}.md").write_text(markdown(result, " ".join(sys.argv[1:])))
+
+
+def markdown(result: dict, argv: str) -> str:
+    """The before/after table of one run."""
+    ev = result["events"]
+    lines = [
+        f"`python benchmarks/delays_speed.py {argv}`: {sum(ev.values()):,} events, "
+        f"{ev.get('click', 0):,} clicks, {ev.get('purchase', 0):,} purchases, "
+        f"{ev.get('refund', 0):,} refunds; cut-off {result['cutoff']}.",
+        "",
+        "| run | seconds | peak RSS GiB | ratio to peer | CPU steal share |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in result["rows"].items():
+        secs = (
+            f"> {row['seconds']:.1f} (killed)" if row.get("timed_out") else f"{row['seconds']:.1f}"
+        )
+        ratio = f"> {row['ratio_to_peer']}" if row.get("timed_out") else f"{row['ratio_to_peer']}"
+        lines.append(
+            f"| {name} | {secs} | {row['peak_rss_gib']:.2f} | {ratio} | {row['cpu_steal_share']} |"
+        )
+    lines.append("")
+    for name, diff in result["param_diff"].items():
+        lines.append(
+            f"Max relative parameter difference, {name}: {diff['max_rel_diff']:.2e} "
+            f"(at {diff['at']}, {diff['n_compared']} values; mismatched: "
+            f"{diff['mismatched'] or 'none'})."
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

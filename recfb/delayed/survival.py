@@ -229,6 +229,17 @@ def fit_cure(
     Weights (default 1) let a trial count in part as converted and in part as still open (a
     purchase shared among several clicks, ``recfb.delayed.observations``).
     """
+    return _fit_families(delays, ages, (family,), delay_weights, age_weights)[family]
+
+
+def _fit_families(
+    delays: np.ndarray,
+    ages: np.ndarray,
+    families: tuple[Family, ...],
+    delay_weights: np.ndarray | None,
+    age_weights: np.ndarray | None,
+) -> dict[str, DelayModel]:
+    """``fit_cure`` of several families on one preparation of the data."""
     delays = np.maximum(np.asarray(delays, dtype=np.float64), 1.0)  # a 0 s delay: log f blows up
     ages = np.maximum(np.asarray(ages, dtype=np.float64), 0.0)
     w_d, w_a = _weights(delay_weights, delays.size), _weights(age_weights, ages.size)
@@ -239,34 +250,36 @@ def fit_cure(
     logd = np.log(delays)
     mean_log = float(w_d @ logd / n_events)
     spread = max(math.sqrt(float(w_d @ (logd - mean_log) ** 2 / n_events)), 0.1)
-    theta0 = [special.logit(p0), mean_log]
-    if family == "weibull":
-        theta0[1] = float(np.log(w_d @ delays / n_events))
-        theta0.append(0.0)
-    elif family == "lognormal":
-        theta0.append(math.log(spread))
+    starts = {
+        "exponential": [special.logit(p0), mean_log],
+        "weibull": [special.logit(p0), float(np.log(w_d @ delays / n_events)), 0.0],
+        "lognormal": [special.logit(p0), mean_log, math.log(spread)],
+    }
     data = _Data.of(delays, ages, w_d, w_a)
-    res = optimize.minimize(
-        lambda th: tuple(v / n for v in _neg_log_lik_grad(th, family, data)),
-        np.array(theta0),
-        jac=True,
-        method="L-BFGS-B",
-        options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 1000},
-    )
-    res.fun = res.fun * n
-    theta = res.x
-    ll = -float(res.fun)
-    k = 2 + _N_SHAPE[family]
-    return DelayModel(
-        family=family,
-        p=float(special.expit(theta[0])),
-        log_scale=float(theta[1]),
-        log_shape=float(theta[2]) if _N_SHAPE[family] else 0.0,
-        n_trials=round(n),
-        n_events=round(n_events),
-        log_likelihood=ll,
-        aic=2 * k - 2 * ll,
-    )
+    out: dict[str, DelayModel] = {}
+    for family in families:
+        if family not in starts:
+            raise ValueError(f"unknown delay family {family!r}; expected one of {FAMILIES}")
+        res = optimize.minimize(
+            lambda th, fam=family: tuple(v / n for v in _neg_log_lik_grad(th, fam, data)),
+            np.array(starts[family]),
+            jac=True,
+            method="L-BFGS-B",
+            options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 1000},
+        )
+        theta, ll = res.x, -float(res.fun) * n
+        k = 2 + _N_SHAPE[family]
+        out[family] = DelayModel(
+            family=family,
+            p=float(special.expit(theta[0])),
+            log_scale=float(theta[1]),
+            log_shape=float(theta[2]) if _N_SHAPE[family] else 0.0,
+            n_trials=round(n),
+            n_events=round(n_events),
+            log_likelihood=ll,
+            aic=2 * k - 2 * ll,
+        )
+    return out
 
 
 def fit_best(
@@ -277,7 +290,7 @@ def fit_best(
     age_weights: np.ndarray | None = None,
 ) -> tuple[DelayModel, dict[str, DelayModel]]:
     """Fit every family; return the lowest-AIC fit and all fits by family name."""
-    fits = {f: fit_cure(delays, ages, f, delay_weights, age_weights) for f in families}
+    fits = _fit_families(delays, ages, families, delay_weights, age_weights)
     best = min(fits.values(), key=lambda m: m.aic)
     return best, fits
 
@@ -337,14 +350,23 @@ def fit_segments(
     """One fit of the global family per segment with at least ``min_events`` (weighted)
     outcomes, shrunk toward the global fit."""
     w_d, w_a = _weights(delay_weights, delays.size), _weights(age_weights, ages.size)
+    by_d, by_a = _split(delay_segments), _split(age_segments)
     out: dict[str, DelayModel] = {}
-    for key in np.unique(delay_segments):
-        in_d, in_a = delay_segments == key, age_segments == key
+    empty = np.zeros(0, dtype=np.int64)
+    for key, in_d in by_d.items():
         if w_d[in_d].sum() < min_events:
             continue
+        in_a = by_a.get(key, empty)
         seg = fit_cure(delays[in_d], ages[in_a], overall.family, w_d[in_d], w_a[in_a])
         out[str(key)] = shrink(seg, overall, shrink_events)
     return out
+
+
+def _split(keys: np.ndarray) -> dict:
+    """Positions of each key (ascending keys, positions in order): one sort, not a pass per key."""
+    order = np.argsort(keys, kind="stable")
+    uniq, first = np.unique(keys[order], return_index=True)
+    return dict(zip(uniq.tolist(), np.split(order, first[1:]), strict=True))
 
 
 def kaplan_meier(durations: np.ndarray, observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
