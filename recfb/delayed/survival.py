@@ -145,6 +145,15 @@ class _Data:
         return cls(*_binned(delays, w_d), *_binned(ages[keep], w_a[keep]))
 
 
+# Exponents are clipped here: exp(-700) ~ 1e-304 is 0 next to the O(1) terms it joins, and
+# subnormal results (below ~1e-308) would slow every later operation on them many times over.
+_MIN_EXP = -700.0
+
+
+def _exp(x: np.ndarray) -> np.ndarray:
+    return np.exp(np.maximum(x, _MIN_EXP))
+
+
 def _log_terms(family: str, log_scale: float, log_shape: float, x: np.ndarray, t: np.ndarray):
     """log f, d log f / d(log_scale, log_shape) at log-times ``x`` (times ``t``)."""
     if family == "exponential":
@@ -153,7 +162,7 @@ def _log_terms(family: str, log_scale: float, log_shape: float, x: np.ndarray, t
     if family == "weibull":
         k = math.exp(log_shape)
         u = k * (x - log_scale)
-        z = np.exp(u)
+        z = _exp(u)
         logf = log_shape - log_scale + (k - 1.0) * (x - log_scale) - z
         return logf, (k * (z - 1.0), 1.0 + u - u * z)
     if family == "lognormal":
@@ -164,22 +173,24 @@ def _log_terms(family: str, log_scale: float, log_shape: float, x: np.ndarray, t
     raise ValueError(f"unknown delay family {family!r}; expected one of {FAMILIES}")
 
 
-def _log_sf_terms(family: str, log_scale: float, log_shape: float, x: np.ndarray, t: np.ndarray):
-    """log S, d log S / d(log_scale, log_shape) at log-times ``x`` (times ``t``)."""
+def _sf_terms(family: str, log_scale: float, log_shape: float, x: np.ndarray, t: np.ndarray):
+    """S, dS / d(log_scale, log_shape) at log-times ``x`` (times ``t``)."""
     if family == "exponential":
         z = t * math.exp(-log_scale)
-        return -z, (z, None)
+        sf = _exp(-z)
+        return sf, (sf * z, None)
     if family == "weibull":
         k = math.exp(log_shape)
         u = k * (x - log_scale)
-        z = np.exp(u)
-        return -z, (k * z, -u * z)
+        z = _exp(u)
+        sf = _exp(-z)
+        z *= sf
+        return sf, (k * z, -u * z)
     if family == "lognormal":
         sigma = math.exp(log_shape)
-        z = (x - log_scale) / sigma
-        logsf = special.log_ndtr(-z)
-        mills = np.exp(-0.5 * z * z - _HALF_LOG_2PI - logsf)  # phi(z) / Phi(-z)
-        return logsf, (mills / sigma, mills * z)
+        z = np.clip((x - log_scale) / sigma, -37.0, 37.0)  # Phi(-37) ~ 6e-300
+        phi = _exp(-0.5 * z * z - _HALF_LOG_2PI)
+        return special.ndtr(-z), (phi / sigma, phi * z)
     raise ValueError(f"unknown delay family {family!r}; expected one of {FAMILIES}")
 
 
@@ -190,24 +201,22 @@ def _neg_log_lik_grad(theta: np.ndarray, family: str, data: _Data) -> tuple[floa
     logit_p, log_scale = float(theta[0]), float(theta[1])
     shaped = _N_SHAPE[family] > 0
     log_shape = float(theta[2]) if shaped else 0.0
-    log_p = -np.logaddexp(0.0, -logit_p)
-    log_q = -np.logaddexp(0.0, logit_p)
-    q = math.exp(log_q)
+    log_p = -float(np.logaddexp(0.0, -logit_p))
+    p, q = math.exp(log_p), math.exp(-float(np.logaddexp(0.0, logit_p)))
     logf, (df_s, df_h) = _log_terms(family, log_scale, log_shape, data.log_d, data.delays)
-    logsf, (ds_s, ds_h) = _log_sf_terms(family, log_scale, log_shape, data.log_a, data.ages)
+    sf, (ds_s, ds_h) = _sf_terms(family, log_scale, log_shape, data.log_a, data.ages)
     n_d = float(data.w_d.sum())
-    lp_s = log_p + logsf
-    a = np.logaddexp(log_q, lp_s)  # log(1 - p + p S(e))
-    ll = n_d * log_p + float(data.w_d @ logf) + float(data.w_a @ a)
+    open_ = q + p * sf  # 1 - p + p S(e): no outcome yet at age e
+    with np.errstate(divide="ignore"):
+        ll = n_d * log_p + float(data.w_d @ logf) + float(data.w_a @ np.log(open_))
     if not np.isfinite(ll):
         return 1e300, np.zeros(len(theta))
-    r = np.exp(lp_s - a)  # p S / (1 - p + p S): the open trial's odds of converting later
-    wr = data.w_a * r
+    g = data.w_a * (p / open_)  # d log(open) / d(p S), weighted
     grad = np.empty(len(theta))
-    grad[0] = q * n_d - q * float(data.w_a @ np.exp(log_p - a)) + q * float(wr.sum())
-    grad[1] = float(data.w_d @ df_s) + float(wr @ ds_s)
+    grad[0] = q * n_d - q * float(g @ (1.0 - sf))
+    grad[1] = float(data.w_d @ df_s) + float(g @ ds_s)
     if shaped:
-        grad[2] = float(data.w_d @ df_h) + float(wr @ ds_h)
+        grad[2] = float(data.w_d @ df_h) + float(g @ ds_h)
     return -ll, -grad
 
 
@@ -238,8 +247,10 @@ def _fit_families(
     families: tuple[Family, ...],
     delay_weights: np.ndarray | None,
     age_weights: np.ndarray | None,
+    start: DelayModel | None = None,
 ) -> dict[str, DelayModel]:
-    """``fit_cure`` of several families on one preparation of the data."""
+    """``fit_cure`` of several families on one preparation of the data; ``start``: a fit
+    (e.g. the global one, for a segment) to start its family's optimiser from."""
     delays = np.maximum(np.asarray(delays, dtype=np.float64), 1.0)  # a 0 s delay: log f blows up
     ages = np.maximum(np.asarray(ages, dtype=np.float64), 0.0)
     w_d, w_a = _weights(delay_weights, delays.size), _weights(age_weights, ages.size)
@@ -255,6 +266,8 @@ def _fit_families(
         "weibull": [special.logit(p0), float(np.log(w_d @ delays / n_events)), 0.0],
         "lognormal": [special.logit(p0), mean_log, math.log(spread)],
     }
+    if start is not None:
+        starts[start.family] = [special.logit(start.p), start.log_scale, start.log_shape]
     data = _Data.of(delays, ages, w_d, w_a)
     out: dict[str, DelayModel] = {}
     for family in families:
@@ -262,7 +275,7 @@ def _fit_families(
             raise ValueError(f"unknown delay family {family!r}; expected one of {FAMILIES}")
         res = optimize.minimize(
             lambda th, fam=family: tuple(v / n for v in _neg_log_lik_grad(th, fam, data)),
-            np.array(starts[family]),
+            np.array(starts[family][: 2 + _N_SHAPE[family]]),
             jac=True,
             method="BFGS",  # 2-3 parameters: L-BFGS-B's per-step overhead would dominate
             options={"gtol": 1e-9, "maxiter": 1000},
@@ -357,7 +370,8 @@ def fit_segments(
         if w_d[in_d].sum() < min_events:
             continue
         in_a = by_a.get(key, empty)
-        seg = fit_cure(delays[in_d], ages[in_a], overall.family, w_d[in_d], w_a[in_a])
+        fam = overall.family
+        seg = _fit_families(delays[in_d], ages[in_a], (fam,), w_d[in_d], w_a[in_a], overall)[fam]
         out[str(key)] = shrink(seg, overall, shrink_events)
     return out
 
