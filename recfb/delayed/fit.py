@@ -166,8 +166,9 @@ def fit_delays(
         )
     model, conversion, clicks = None, None, None
     for round_ in range(1 + attribution_rounds):
-        weighted = links.weighted(model).filter(pl.col("weight") > 0)
-        clicks = links.trials(model)
+        weighted = links.weighted(model)
+        clicks = links.trials_of(weighted)
+        weighted = weighted.filter(pl.col("weight") > 0)
         last = round_ == attribution_rounds
         conversion = _stage_fit(
             weighted["delay_s"].to_numpy(),
