@@ -178,6 +178,9 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/recfb-delays-bench")
     ap.add_argument("--base-worktree", type=Path, help="checkout of the code before the change")
     ap.add_argument("--base-timeout", type=float, help="kill the base run after this (seconds)")
+    ap.add_argument(
+        "--base-json", type=Path, help="delays.json of an earlier base run on the same stream"
+    )
     ap.add_argument("--unbinned", action="store_true", help="also run the new code unbinned")
     ap.add_argument("--name", default="delays_speed", help="results/<name>.json and .md")
     args = ap.parse_args()
@@ -215,6 +218,8 @@ def main() -> None:
         rows[f"recfb delays ({label})"] = run_delays(code, etl, cutoff, out, timeout, unbinned)
         if not rows[f"recfb delays ({label})"]["timed_out"]:
             fits[label] = json.loads((out / "delays.json").read_text())
+    if args.base_json:
+        fits["base (earlier run)"] = json.loads(args.base_json.read_text())
     peer_s = rows[PEER_ROW]["seconds"]
     for row in rows.values():
         row["ratio_to_peer"] = round(row["seconds"] / peer_s, 2)
