@@ -172,6 +172,11 @@ def compare(base: dict, new: dict) -> dict:
     return {"max_rel_diff": worst, "at": where, "n_compared": n, "mismatched": only}
 
 
+def prepare(n_events: int, work: str) -> None:
+    """Simulate and ETL the stream into ``work`` (run in its own process by ``main``)."""
+    simulated_etl(sim_config(n_events), Path(work), split={"method": "none"})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--events", type=int, default=16_000_000)
@@ -189,7 +194,9 @@ def main() -> None:
     cfg = sim_config(args.events)
     etl = work / "etl"
     if not (etl / "events.parquet").exists():
-        simulated_etl(cfg, work, split={"method": "none"})
+        # in a child: a child's peak RSS (wait4) starts at its parent's size at fork time
+        prep = f"from benchmarks.delays_speed import prepare; prepare({args.events}, {str(work)!r})"
+        subprocess.run([sys.executable, "-c", prep], cwd=ROOT, check=True)
     cutoff = cfg.end_iso()
     import polars as pl
 
