@@ -5,8 +5,10 @@ A click converts with probability ``p`` and, if it does, after a delay ``D ~ F``
 converting after ``d`` contributes ``p f(d)``; a click of age ``e`` with no purchase *yet*
 contributes ``1 - p + p S(e)`` (it may be a real negative or a conversion still to come). The
 same model fits purchase -> refund. ``p`` and ``F`` are fitted jointly by maximum likelihood for
-each family (exponential, Weibull, log-normal, from ``scipy.stats``) and the family with the
-lowest AIC wins. The Kaplan-Meier estimate of time to conversion over all trials (``1 - KM`` is
+each family (exponential, Weibull, log-normal, as in ``scipy.stats``) and the family with the
+lowest AIC wins; the likelihood and its gradient are written out in closed form so BFGS needs a
+few dozen evaluations, on log-time-binned data for large stages (``_Data``). The Kaplan-Meier
+estimate of time to conversion over all trials (``1 - KM`` is
 ``p F`` up to the longest follow-up) is the non-parametric check the plots draw beside the fits.
 
 Segments (e.g. item categories) get their own fit of the global family, shrunk toward the global
