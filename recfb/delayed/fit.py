@@ -165,15 +165,17 @@ def fit_delays(
             file=source_label(data),
         )
     model, conversion, clicks = None, None, None
-    for _ in range(1 + attribution_rounds):
-        weighted = links.weighted(model).filter(pl.col("weight") > 0)
-        clicks = links.trials(model)
+    for round_ in range(1 + attribution_rounds):
+        weighted = links.weighted(model)
+        clicks = links.trials_of(weighted)
+        weighted = weighted.filter(pl.col("weight") > 0)
+        last = round_ == attribution_rounds
         conversion = _stage_fit(
             weighted["delay_s"].to_numpy(),
             weighted["weight"].to_numpy(),
             click_item[weighted["row"].to_numpy()],
             clicks,
-            seg_of,
+            seg_of if last else None,  # only the global fit feeds the next attribution
             families,
             min_events,
             shrink_events,

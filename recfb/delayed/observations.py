@@ -88,7 +88,14 @@ class ClickLinks:
     ) -> pl.DataFrame:
         """Per click in [since, before): ``outcome`` = the share of a purchase attributed to it
         (0..1), ``delay_s`` = its most likely delay, ``age_s`` at the cut-off."""
-        links = self.weighted(delay).filter(pl.col("weight") > 0)
+        return self.trials_of(self.weighted(delay), since_ms, before_ms)
+
+    def trials_of(
+        self, weighted: pl.DataFrame, since_ms: int | None = None, before_ms: int | None = None
+    ) -> pl.DataFrame:
+        """``trials`` from links already weighted (``weighted``), so a caller that needs both
+        computes the weights once."""
+        links = weighted.filter(pl.col("weight") > 0)
         per_click = links.group_by("row").agg(
             pl.col("weight").sum().clip(upper_bound=1.0).alias("outcome"),
             pl.col("delay_s").sort_by("weight").last(),
