@@ -556,14 +556,19 @@ def main() -> None:
         or ROOT / f"benchmarks/results/loadtest{'_two_stage' if args.two_stage else ''}.json"
     )
     out.write_text(json.dumps(rows, indent=2) + "\n")
-    print("| items | index | recall@20 | rate | p50 ms | p95 ms | p99 ms | max sustained rps |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| items | workers | index | recall@20 | rate | p50 ms | p95 ms | p99 ms | steal | "
+        "server CPU ms/req | client CPU ms/req | max sustained rps | PSS MiB (RSS) |"
+    )
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        f = r["fixed_rate"]
+        f, mem = r["fixed_rate"], r["memory"]
         print(
-            f"| {r['items']:,} | {r['index']['factory']} | {r['index']['recall']:.3f} | "
-            f"{f['offered_rps']:.0f}/s | {f['p50_ms']:.2f} | {f['p95_ms']:.2f} | "
-            f"{f['p99_ms']:.2f} | {r['max_sustained_rps']} |"
+            f"| {r['items']:,} | {r['workers']} | {r['index']['factory']} | "
+            f"{r['index']['recall']:.3f} | {f['offered_rps']:.0f}/s | {f['p50_ms']:.2f} | "
+            f"{f['p95_ms']:.2f} | {f['p99_ms']:.2f} | {f['cpu_steal_share']:.3f} | "
+            f"{f['server_cpu_ms_per_request']:.3f} | {f['client_cpu_ms_per_request']:.3f} | "
+            f"{r['max_sustained_rps']} | {mem['pss_total_mib']:.0f} ({mem['rss_total_mib']:.0f}) |"
         )
     print("\nWhere a request's time goes (server-side means, ms) and the raw FAISS search:")
     for r in rows:
