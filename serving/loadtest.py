@@ -303,7 +303,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, log: Path, workers: int = 1) -> tuple[subprocess.Popen, int]:
+def start_server(
+    bundle: Path, log: Path, workers: int = 1, settings: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [
         sys.executable, "-m", "recfb.cli", "serve", "--bundle", str(bundle),
@@ -311,6 +313,8 @@ def start_server(bundle: Path, log: Path, workers: int = 1) -> tuple[subprocess.
     ]  # fmt: skip
     if workers > 1:  # the base code has no such setting: passed only when asked for
         cmd += ["--set", f"workers={workers}"]
+    for setting in settings:
+        cmd += ["--set", setting]
     # not pinned: pinning the server to one core and this client to the other was measured
     # worse (200 vs 600 requests/s sustained at 1M items): FAISS and Python then share a core
     proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"RECFB_API_KEY": KEY})
@@ -458,7 +462,7 @@ def run_size(args: argparse.Namespace, n_items: int) -> dict:
     bundle = synthetic_bundle(args.work, n_items, args.users, args.dim, two_stage=args.two_stage)
     manifest = json.loads((bundle / "manifest.json").read_text())
     log = args.work / f"events-{n_items}-{uuid.uuid4().hex[:6]}.db"
-    proc, port = start_server(bundle, log, args.workers)
+    proc, port = start_server(bundle, log, args.workers, tuple(args.serve_set))
     rng = np.random.default_rng(1)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -548,8 +552,27 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/recfb-loadtest"))
     parser.add_argument("--workers", type=int, default=1, help="server processes (serve.workers)")
     parser.add_argument("--out", type=Path, help="result file (default by --two-stage)")
+    parser.add_argument(
+        "--serve-set", nargs="*", default=[], help="more serve settings (mmap=false, ...)"
+    )
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="start the server, report its processes' RSS/PSS once ready, stop",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.memory_only:
+        for n in args.items:
+            bundle = synthetic_bundle(args.work, n, args.users, args.dim, two_stage=args.two_stage)
+            log = args.work / f"events-{n}-{uuid.uuid4().hex[:6]}.db"
+            proc, _ = start_server(bundle, log, args.workers, tuple(args.serve_set))
+            try:
+                print(json.dumps({"items": n, "workers": args.workers, **memory(proc.pid)}))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+        return
     rows = [run_size(args, n) for n in args.items]
     out = (
         args.out
