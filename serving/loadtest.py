@@ -15,8 +15,12 @@ starts `recfb serve` on 127.0.0.1 in a subprocess, posts a few events for part o
    every phase reports the machine's CPU steal share (other tenants' load on a shared VM),
    which is what the tail follows here;
 3. times the raw FAISS search for the same users' vectors, one query at a time;
-4. reads the server's own per-stage histograms (/metrics) for where a request's time goes.
-Writes benchmarks/results/loadtest.json and prints a Markdown table.
+4. reads the server's own per-stage histograms (/metrics) for where a request's time goes
+   (`asgi_other`: the server-side total minus every stage, i.e. uvicorn/Starlette/FastAPI);
+5. reports this load generator's own CPU per request (it shares the machine's cores with the
+   server) and each server process's RSS and PSS (/proc/PID/smaps_rollup: with `--workers`
+   N > 1 the memory-mapped bundle is counted once across the processes).
+Writes benchmarks/results/loadtest.json (`--out`) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -239,6 +243,7 @@ class Connection:
 async def open_loop(port: int, paths: list[str], rate: float, seconds: float) -> dict:
     """Send paths[i % n] at t0 + i/rate; latency from the due time; returns percentiles."""
     steal0 = cpu_steal()
+    cpu0 = time.process_time()
     n = int(rate * seconds)
     idle: list[Connection] = []
     latencies: list[float] = []
@@ -274,8 +279,11 @@ async def open_loop(port: int, paths: list[str], rate: float, seconds: float) ->
     for conn in idle:
         conn.writer.close()
     lat = np.array(latencies) * 1000
+    client_cpu = time.process_time() - cpu0
     return {
         "cpu_steal_share": steal_share(steal0, cpu_steal()),
+        "client_cpu_ms_per_request": round(client_cpu / max(1, n) * 1000, 4),
+        "client_cpu_cores": round(client_cpu / wall, 3),
         "offered_rps": rate,
         "requests": n,
         "answered": len(latencies),
@@ -295,12 +303,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, log: Path) -> tuple[subprocess.Popen, int]:
+def start_server(
+    bundle: Path, log: Path, workers: int = 1, settings: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [
         sys.executable, "-m", "recfb.cli", "serve", "--bundle", str(bundle),
         "--set", f"port={port}", "--set", f"event_log={log}", "--set", "log_level=warning",
     ]  # fmt: skip
+    if workers > 1:  # the base code has no such setting: passed only when asked for
+        cmd += ["--set", f"workers={workers}"]
+    for setting in settings:
+        cmd += ["--set", setting]
     # not pinned: pinning the server to one core and this client to the other was measured
     # worse (200 vs 600 requests/s sustained at 1M items): FAISS and Python then share a core
     proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"RECFB_API_KEY": KEY})
@@ -359,13 +373,68 @@ def stage_means(metrics_text: str) -> dict[str, tuple[float, int]]:
 
 
 def breakdown(before: dict, after: dict) -> dict[str, float]:
-    """Mean milliseconds per request for each stage between two /metrics scrapes."""
+    """Mean milliseconds per request for each stage between two /metrics scrapes, and
+    `asgi_other`: the server-side total minus the stages (what the framework costs)."""
     out = {}
     for stage, (s1, c1) in after.items():
         s0, c0 = before.get(stage, (0.0, 0))
         if c1 > c0:
             out[stage] = round((s1 - s0) / (c1 - c0) * 1000, 4)
+    if "server_total" in out:
+        covered = sum(v for k, v in out.items() if k != "server_total")
+        out["asgi_other"] = round(out["server_total"] - covered, 4)
     return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (uvicorn's worker processes)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the server's processes so far."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def memory(pid: int) -> dict:
+    """RSS and PSS (MiB) of the server's processes: PSS splits shared pages (the mapped
+    bundle, the page cache) between the processes that map them, so its sum is the total."""
+    procs = []
+    for p in process_tree(pid):
+        try:
+            text = Path(f"/proc/{p}/smaps_rollup").read_text()
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
+        except OSError:
+            continue
+        kb = {k: int(v.split()[0]) for k, v in re.findall(r"^(\w+):\s+(\d+ kB)", text, re.M)}
+        procs.append(
+            {"pid": p, "cmd": cmd, "rss_mib": round(kb["Rss"] / 1024, 1),
+             "pss_mib": round(kb["Pss"] / 1024, 1)}
+        )  # fmt: skip
+    return {
+        "processes": procs,
+        "rss_total_mib": round(sum(p["rss_mib"] for p in procs), 1),
+        "pss_total_mib": round(sum(p["pss_mib"] for p in procs), 1),
+    }
 
 
 def raw_faiss(bundle: Path, users: list[int], k: int) -> dict:
@@ -393,7 +462,7 @@ def run_size(args: argparse.Namespace, n_items: int) -> dict:
     bundle = synthetic_bundle(args.work, n_items, args.users, args.dim, two_stage=args.two_stage)
     manifest = json.loads((bundle / "manifest.json").read_text())
     log = args.work / f"events-{n_items}-{uuid.uuid4().hex[:6]}.db"
-    proc, port = start_server(bundle, log)
+    proc, port = start_server(bundle, log, args.workers, tuple(args.serve_set))
     rng = np.random.default_rng(1)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -418,10 +487,15 @@ def run_size(args: argparse.Namespace, n_items: int) -> dict:
             asyncio.run(open_loop(port, paths, 200, 3))  # warm-up
             text = c.get("/metrics").text
             before, buckets_before = stage_means(text), route_buckets(text)
+            cpu0 = cpu_seconds(proc.pid)
             fixed = asyncio.run(open_loop(port, paths, args.rate, args.duration))
+            fixed["server_cpu_ms_per_request"] = round(
+                (cpu_seconds(proc.pid) - cpu0) / fixed["requests"] * 1000, 4
+            )
             text = c.get("/metrics").text
             after, buckets_after = stage_means(text), route_buckets(text)
             fixed["server_over_ms"] = server_over(buckets_before, buckets_after)
+            mem = memory(proc.pid)
         steps = []
         for rate in args.steps:
             # a shared machine has bursts of CPU steal (reported per step): a rate counts as
@@ -440,7 +514,9 @@ def run_size(args: argparse.Namespace, n_items: int) -> dict:
     ok = [s["offered_rps"] for s in steps if sustained(s)]
     return {
         "items": n_items,
+        "workers": args.workers,
         "index": manifest["index"],
+        "memory": mem,
         "fixed_rate": fixed,
         "stages_ms": breakdown(before, after),
         "steps": steps,
@@ -474,19 +550,48 @@ def main() -> None:
         "--two-stage", action="store_true", help="serve the two-stage ranker (synthetic rank files)"
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/recfb-loadtest"))
+    parser.add_argument("--workers", type=int, default=1, help="server processes (serve.workers)")
+    parser.add_argument("--out", type=Path, help="result file (default by --two-stage)")
+    parser.add_argument(
+        "--serve-set", nargs="*", default=[], help="more serve settings (mmap=false, ...)"
+    )
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="start the server, report its processes' RSS/PSS once ready, stop",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.memory_only:
+        for n in args.items:
+            bundle = synthetic_bundle(args.work, n, args.users, args.dim, two_stage=args.two_stage)
+            log = args.work / f"events-{n}-{uuid.uuid4().hex[:6]}.db"
+            proc, _ = start_server(bundle, log, args.workers, tuple(args.serve_set))
+            try:
+                print(json.dumps({"items": n, "workers": args.workers, **memory(proc.pid)}))
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+        return
     rows = [run_size(args, n) for n in args.items]
-    out = ROOT / f"benchmarks/results/loadtest{'_two_stage' if args.two_stage else ''}.json"
+    out = (
+        args.out
+        or ROOT / f"benchmarks/results/loadtest{'_two_stage' if args.two_stage else ''}.json"
+    )
     out.write_text(json.dumps(rows, indent=2) + "\n")
-    print("| items | index | recall@20 | rate | p50 ms | p95 ms | p99 ms | max sustained rps |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| items | workers | index | recall@20 | rate | p50 ms | p95 ms | p99 ms | steal | "
+        "server CPU ms/req | client CPU ms/req | max sustained rps | PSS MiB (RSS) |"
+    )
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        f = r["fixed_rate"]
+        f, mem = r["fixed_rate"], r["memory"]
         print(
-            f"| {r['items']:,} | {r['index']['factory']} | {r['index']['recall']:.3f} | "
-            f"{f['offered_rps']:.0f}/s | {f['p50_ms']:.2f} | {f['p95_ms']:.2f} | "
-            f"{f['p99_ms']:.2f} | {r['max_sustained_rps']} |"
+            f"| {r['items']:,} | {r['workers']} | {r['index']['factory']} | "
+            f"{r['index']['recall']:.3f} | {f['offered_rps']:.0f}/s | {f['p50_ms']:.2f} | "
+            f"{f['p95_ms']:.2f} | {f['p99_ms']:.2f} | {f['cpu_steal_share']:.3f} | "
+            f"{f['server_cpu_ms_per_request']:.3f} | {f['client_cpu_ms_per_request']:.3f} | "
+            f"{r['max_sustained_rps']} | {mem['pss_total_mib']:.0f} ({mem['rss_total_mib']:.0f}) |"
         )
     print("\nWhere a request's time goes (server-side means, ms) and the raw FAISS search:")
     for r in rows:

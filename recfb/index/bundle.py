@@ -611,16 +611,23 @@ def verify(
 
 
 def load_bundle(
-    path: str | Path, device: str = "auto", allow_unsigned: bool | None = None
+    path: str | Path, device: str = "auto", allow_unsigned: bool | None = None, mmap: bool = False
 ) -> Bundle:
     """Verify and load a bundle; the index goes to the GPU when one is usable. Optional
-    files are read only when the (signed) manifest lists them."""
+    files are read only when the (signed) manifest lists them.
+
+    With `mmap` the index (Flat, HNSW and IVF alike: `IO_FLAG_MMAP_IFC`) and the vectors are
+    memory-mapped read-only after the checksums passed, so several server processes on one
+    machine share one copy through the page cache. A published bundle is never rewritten in
+    place (`write_bundle` renames a finished directory), which is what makes this safe."""
     from recfb.index.ann import gpu_available
 
     path = Path(path)
     manifest = verify(path, allow_unsigned=allow_unsigned)
     listed = manifest["files"]
-    index = faiss.read_index(str(path / "index.faiss"))
+    flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0  # with IO_FLAG_MMAP too, IVF fails
+    index = faiss.read_index(str(path / "index.faiss"), flags)
+    mode = "r" if mmap else None
     apply_search_params(index, manifest["index"].get("search_params"))
     if device == "gpu" or (device == "auto" and gpu_available()):
         # an index without a GPU version (HNSW) stays on the CPU
@@ -631,8 +638,8 @@ def load_bundle(
         manifest=manifest,
         items=pl.read_parquet(path / "items.parquet"),
         users=pl.read_parquet(path / "users.parquet"),
-        item_vectors=np.load(path / "item_vectors.npy"),
-        user_vectors=np.load(path / "user_vectors.npy"),
+        item_vectors=np.load(path / "item_vectors.npy", mmap_mode=mode),
+        user_vectors=np.load(path / "user_vectors.npy", mmap_mode=mode),
         index=IpIndex(index, manifest["index"].get("mips_augment")),
         seen=pl.read_parquet(path / "seen.parquet"),
         signals=json.loads((path / "signals.json").read_text()),

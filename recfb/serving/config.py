@@ -126,3 +126,22 @@ class ServeConfig(BaseModel):
     follow: FollowConfig = Field(default_factory=FollowConfig)
     rerank: RerankConfig = Field(default_factory=RerankConfig)
     log_level: str = "info"
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes on one port (uvicorn workers); each verifies and "
+        "memory-maps the same bundle files, so the index and vectors are held once",
+    )
+    mmap: bool = Field(True, description="memory-map the index and vectors (shared by all workers)")
+    fast_path: bool = Field(
+        True,
+        description="answer plain GET recommendations (no query but k) without FastAPI's "
+        "routing and parameter solving (recfb/serving/fastpath.py); same bytes",
+    )
+    faiss_threads: int = Field(
+        1,
+        ge=1,
+        description="OpenMP threads per process for FAISS; one query at a time runs best on "
+        "one (more threads spin against each other and the event loop)",
+    )

@@ -139,6 +139,7 @@ class Guard:
                 state["app_started"] = True
             await send(message)
 
+        scope["recfb.guarded"] = time.perf_counter()  # the guard's stage ends (telemetry)
         await self.app(scope, limited_receive, guarded_send)
 
     async def _authenticated(self, scope: dict, send: Any) -> bool:

@@ -58,13 +58,16 @@ class Service:
         started = time.perf_counter()
         allow = True if self.cfg.allow_unsigned else None  # None: RECFB_ALLOW_UNSIGNED decides
         local = resolve(path, allow_unsigned=allow)
-        served = ServingBundle(load_bundle(local, allow_unsigned=allow), self.cfg)
+        served = ServingBundle(
+            load_bundle(local, allow_unsigned=allow, mmap=self.cfg.mmap), self.cfg
+        )
         if served.rates is not None:
             served.rates.refresh(self.log)
         old = self.current
         self.current = served
         _freeze_long_lived_objects()
         if old is not None:
+            self.metrics.bundle.labels(version=old.version).set(0)  # several workers: a file
             self.metrics.bundle.remove(old.version)
         self.metrics.bundle.labels(version=served.version).set(1)
         log.info(

@@ -2,13 +2,22 @@
 
 import json
 import logging
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 log = logging.getLogger("recfb.serving")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by `serve` for several workers
 BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -35,8 +44,22 @@ class Metrics:
             "recfb_events_ingested", "events durably logged", ["kind"], registry=self.registry
         )
         self.bundle = Gauge(
-            "recfb_bundle_info", "the bundle being served", ["version"], registry=self.registry
+            "recfb_bundle_info",
+            "the bundle being served",
+            ["version"],
+            registry=self.registry,
+            multiprocess_mode="liveall",  # with several workers: one sample per process
         )
+
+    def exposition(self) -> bytes:
+        """The text format of GET /metrics: this process's registry, or, where the server
+        runs several workers (PROMETHEUS_MULTIPROC_DIR set), all workers' samples summed by
+        prometheus_client's multiprocess collector."""
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
 
 class TimingMiddleware:

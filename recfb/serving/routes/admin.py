@@ -33,6 +33,13 @@ def router(service: Service) -> APIRouter:
     @api.post("/v1/admin/bundle", status_code=202)
     def swap_bundle(body: SwapRequest) -> dict:
         """Load a bundle in the background and swap it in atomically when it is ready."""
+        if service.cfg.workers > 1:  # the request reaches one worker of several
+            raise HTTPException(
+                409,
+                f"this server runs {service.cfg.workers} worker processes and a swap would "
+                "reach one of them: follow a registry alias (serve.follow.model; every worker "
+                "follows it) or restart on the new bundle",
+            )
         target = swap_target(service, body.path)
         if not service.swap_in_background(target):
             raise HTTPException(409, f"a swap is already running ({service.loading})")

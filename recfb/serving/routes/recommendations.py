@@ -41,7 +41,7 @@ def router(service: Service) -> APIRouter:
         if len(extra) > cfg.max_exclude:
             raise unprocessable(["query", "exclude"], f"at most {cfg.max_exclude} item ids")
         body = recommend_one(service, served, user_id, k or cfg.default_k, extra, category, timings)
-        return respond(service, body, timings, request, started)
+        return respond(service, body, timings, request.scope, started)
 
     @api.post("/v1/recommendations", response_model=BatchRecommendations)
     def batch_recommendations(request: Request, body: BatchRequest) -> Response:
@@ -61,19 +61,24 @@ def router(service: Service) -> APIRouter:
             for u in body.user_ids
         ]
         out = {"results": results, "bundle_version": served.version}
-        return respond(service, out, timings, request, started)
+        return respond(service, out, timings, request.scope, started)
 
     return api
 
 
 def respond(
-    service: Service, body: dict, timings: Timings, request: Request, started: float
+    service: Service, body: dict, timings: Timings, scope: dict, started: float
 ) -> Response:
     """Serialise, then record the request's stage times (parse: before the handler ran)."""
     t = time.perf_counter()
     response = json_response(body)
     timings.add("serialise", t)
-    timings.stages["parse"] = started - request.scope.get("recfb.start", started)
+    # guard: the timing middleware to the guard's hand-off; parse: from there to the handler
+    # (routing, parameter validation); what no stage covers is uvicorn/Starlette's own
+    arrived = scope.get("recfb.start", started)
+    guarded = scope.get("recfb.guarded", arrived)
+    timings.stages["guard"] = guarded - arrived
+    timings.stages["parse"] = started - guarded
     for stage, seconds in timings.stages.items():
         service.metrics.stage.labels(stage=stage).observe(seconds)
     return response
@@ -90,7 +95,9 @@ def recommend_one(
 ) -> dict:
     """One user's answer: the user's logged events, the category filter and the re-rank,
     through the list code the library shares (`recfb.serving.lists`)."""
+    t = time.perf_counter()
     events = service.log.user_events(user_id, service.cfg.foldin.max_events)
+    timings.add("events", t)
     allowed = None
     if category is not None:
         allowed = served.category.get(category, np.empty(0, dtype=np.int64))
