@@ -101,7 +101,7 @@ def child(family: str, etl: str, budget: float) -> dict:
     }
 
 
-def quality_child(family: str, etl: str) -> dict:
+def quality_child(family: str, etl: str, epochs: int) -> dict:
     """Test NDCG@10 of a full fit (MF: early stopping on the valid window) on a split."""
     import torch
 
@@ -117,7 +117,7 @@ def quality_child(family: str, etl: str) -> dict:
         spec = {"data": etl, "model": {"family": family, "dim": DIM["mf"]}}
         cfg = build_model(TrainConfig, spec, "bench")
     else:
-        cfg = _config(family, etl, {"trainer": {"max_epochs": 20, "patience": 3}})
+        cfg = _config(family, etl, {"trainer": {"max_epochs": epochs, "patience": 3}})
     start = time.perf_counter()
     fitted = fit_model(cfg, data)
     return {
@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/recfb-train-bench"))
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of steps per model")
     parser.add_argument("--quality-max", type=int, default=1_000_000)
+    parser.add_argument("--quality-epochs", type=int, default=10, help="MF epochs at most")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--profile", type=int, nargs="+", help="sizes to profile MF steps at")
     parser.add_argument("--out", default="train", help="results file name (no suffix)")
@@ -219,7 +220,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.etl, args.budget)))
         return
     if args.quality:
-        print(json.dumps(quality_child(args.quality, args.etl)))
+        print(json.dumps(quality_child(args.quality, args.etl, args.quality_epochs)))
         return
     if args.profile_child:
         print(json.dumps(profile_child(args.etl, steps=20)))
@@ -264,7 +265,17 @@ def main() -> None:
             )
             r |= {"size": size, "model": family}
             if split_etl and family in ("mf", "bpr_implicit"):
-                q = run_child(__file__, ["--quality", family, "--etl", str(split_etl)])
+                q = run_child(
+                    __file__,
+                    [
+                        "--quality",
+                        family,
+                        "--etl",
+                        str(split_etl),
+                        "--quality-epochs",
+                        str(args.quality_epochs),
+                    ],
+                )
                 r |= {f"quality_{k}": v for k, v in q.items()}
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
