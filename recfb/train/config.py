@@ -36,7 +36,7 @@ class TrainerConfig(_Strict):
     )
     sparse_embeddings: bool = Field(
         True,
-        description="sparse gradients + SparseAdam on embedding tables (a step then costs "
+        description="sparse gradients + a SparseAdam update on embedding tables (a step costs "
         "O(batch), not O(catalogue)); off by itself under DDP strategies and weight decay",
     )
     patience: int = Field(3, ge=1, description="early stopping on the monitored metric")

@@ -17,7 +17,7 @@ import polars as pl
 import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from recfb import tracking
 from recfb.errors import InputError, RecfbError
@@ -422,12 +422,36 @@ def _trainer(cfg: TrainConfig, callbacks: list, checkpoint: Any, quiet: bool) ->
     )
 
 
+class PairPositions(Dataset):
+    """Positions 0..n-1 of the train pairs, fetched a whole batch at a time: the default
+    fetch (one 0-d tensor per position, then stacked) took ~20 ms per 4096-batch."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor(index)
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        return torch.tensor(indices, dtype=torch.long)
+
+
+def _as_batch(batch: torch.Tensor) -> torch.Tensor:
+    return batch
+
+
 def _loader(model: EmbeddingRecommender, cfg: TrainConfig) -> DataLoader:
+    """Shuffled batches of positive-pair positions (a map-style dataset, so Lightning can
+    shard it with a DistributedSampler under DDP)."""
     return DataLoader(
-        torch.arange(len(model.pos_users)),
+        PairPositions(len(model.pos_users)),
         batch_size=cfg.trainer.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(cfg.seed),
+        collate_fn=_as_batch,
     )
 
 
