@@ -101,28 +101,6 @@ def _validated(
     return validated, extras
 
 
-def _stage_validation(
-    cfg: EtlConfig, smap: SignalMap, stage_dir: Path
-) -> tuple[list[str], list[Path]]:
-    """Validate and sink good rows and quarantine to parquet in one streaming pass."""
-
-    def sink(tolerant: bool) -> tuple[list[str], list[Path]]:
-        raw, files = read_events(cfg.input, tolerant=tolerant)
-        validated, extras = _validated(raw, cfg.input, smap)
-        pl.collect_all(
-            [
-                good_rows(validated, extras).sink_parquet(stage_dir / "good.parquet", lazy=True),
-                bad_rows(validated, extras).sink_parquet(
-                    stage_dir / "quarantine.parquet", lazy=True
-                ),
-            ],
-            engine="streaming",
-        )
-        return extras, files
-
-    return _read_tolerantly(sink, ", ".join(cfg.input.paths[:5]))
-
-
 def _read_tolerantly(attempt: Callable[[bool], T], source: str) -> T:
     """`attempt(False)`: Polars reads every file as it is (the fast path). When Polars fails
     on the data, `attempt(True)`: the readers find the file it fails on and split a CSV/JSONL
@@ -145,12 +123,35 @@ def validate_in_memory(
 
     def collect(tolerant: bool) -> tuple[pl.DataFrame, pl.DataFrame, list[str]]:
         validated, extras = _validated(read(tolerant), input_cfg, smap)
-        good, bad = pl.collect_all(
-            [good_rows(validated, extras), bad_rows(validated, extras)], engine="streaming"
-        )
+        # every good row's event is in the map: an Enum holds it in one byte, not a string
+        good = good_rows(validated, extras).with_columns(pl.col("event").cast(_event_type(smap)))
+        good, bad = pl.collect_all([good, bad_rows(validated, extras)], engine="streaming")
         return good, bad, extras
 
     return _read_tolerantly(collect, source)
+
+
+def _stage_validation(
+    cfg: EtlConfig, smap: SignalMap
+) -> tuple[pl.DataFrame, pl.DataFrame, list[str], list[Path]]:
+    """`recfb etl`'s read + validate: good rows, quarantined rows, extra columns, files read.
+    The streaming engine collects only the typed columns the later stages use (no stage
+    files: writing and reading them back cost more than they saved)."""
+    files: list[Path] = []
+
+    def read(tolerant: bool) -> pl.LazyFrame:
+        raw, found = read_events(cfg.input, tolerant=tolerant)
+        files[:] = found
+        return raw
+
+    source = ", ".join(cfg.input.paths[:5])
+    events, quarantine, extras = validate_in_memory(read, cfg.input, smap, source)
+    return events, quarantine, extras, files
+
+
+def _event_type(smap: SignalMap) -> pl.Enum:
+    """The event names as an Enum; its physical value is the signal's code."""
+    return pl.Enum(list(smap.signals))
 
 
 def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
@@ -199,12 +200,8 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
     users_vocab, items_vocab = load_vocab(vocab_dir, "user"), load_vocab(vocab_dir, "item")
 
     with atomic_dir(out) as tmp:
-        stage = tmp / "_stage"
-        stage.mkdir()
         with timer.stage("read + validate"):
-            extras, files = _stage_validation(cfg, smap, stage)
-            quarantine = pl.read_parquet(stage / "quarantine.parquet")
-            events = pl.read_parquet(stage / "good.parquet")
+            events, quarantine, extras, files = _stage_validation(cfg, smap)
         data = build_tables(
             events,
             quarantine,
@@ -220,9 +217,6 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
         with timer.stage("write"):
             # the event log is still a lazy query here: the streaming sink writes it
             data.write_into(tmp)
-            (stage / "good.parquet").unlink()
-            (stage / "quarantine.parquet").unlink()
-            stage.rmdir()
     return EtlResult(out=out, stats=data.stats)
 
 
@@ -247,21 +241,15 @@ def build_tables(
         events, duplicates = _dedupe(events)
 
     with timer.stage("canonicalise"):
-        # every event is known after validation: an Enum holds it in one byte, not a string
-        event_type = pl.Enum(list(smap.signals))
-        table = (
-            pl.DataFrame(smap.signal_table())
-            .drop("cancels", "is_exposure")
-            .with_columns(
-                pl.col("event").cast(event_type),
-                pl.col("code").cast(pl.UInt8),
-                pl.col("level").cast(pl.Int8),
-                pl.col("fallback_level").cast(pl.Int8),
-                pl.col("min_dwell_s").cast(pl.Float64),
-            )
-        )
-        events = events.with_columns(pl.col("event").cast(event_type)).join(
-            table, on="event", how="left"
+        # each signal's meaning, looked up by its code (the Enum's physical value): no join
+        table = smap.signal_table()
+        dtypes = {"code": pl.UInt8, "level": pl.Int8, "fallback_level": pl.Int8}
+        dtypes["min_dwell_s"] = pl.Float64
+        code = pl.col("event").to_physical()
+        events = events.with_columns(pl.col("event").cast(_event_type(smap))).with_columns(
+            pl.lit(pl.Series(name, table[name], dtype=dtypes.get(name))).gather(code).alias(name)
+            for name in table
+            if name not in ("event", "cancels", "is_exposure")
         )
         noise = (
             pl.col("min_dwell_s").is_not_null()
