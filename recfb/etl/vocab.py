@@ -36,8 +36,9 @@ def extend_vocab(vocab: pl.DataFrame, events: pl.DataFrame, kind: str) -> pl.Dat
     """Append ids of `events[<kind>_id]` missing from `vocab`; existing indices never move."""
     id_col, idx_col = f"{kind}_id", f"{kind}_idx"
     seen = (
-        events.group_by(pl.col(id_col).cast(pl.String))
+        events.group_by(id_col)  # the ids' own dtype; only the distinct ids become text
         .agg(pl.col("ts").min().alias("first_seen"))
+        .with_columns(pl.col(id_col).cast(pl.String))
         .join(vocab.select(id_col), on=id_col, how="anti")
         .sort(["first_seen", id_col])
     )
