@@ -201,10 +201,11 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
 
     with atomic_dir(out) as tmp:
         with timer.stage("read + validate"):
-            events, quarantine, extras, files = _stage_validation(cfg, smap)
+            validated = list(_stage_validation(cfg, smap))
+        extras, files = validated[2], validated[3]
         data = build_tables(
-            events,
-            quarantine,
+            validated.pop(0),  # no reference left here: the frame goes once deduplicated
+            validated.pop(0),
             extras,
             [str(f) for f in files],
             smap,
@@ -216,7 +217,7 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
         )
         with timer.stage("write"):
             # the event log is still a lazy query here: the streaming sink writes it
-            data.write_into(tmp)
+            data.write_into(tmp, release=True)
     return EtlResult(out=out, stats=data.stats)
 
 
@@ -605,10 +606,11 @@ def run(
         users_vocab, items_vocab = load_vocab(vocab_dir, "user"), load_vocab(vocab_dir, "item")
     timer = StageTimer(quiet)
     with timer.stage("read + validate"):
-        good, quarantine, extras = validate_in_memory(read, input_cfg, smap, ", ".join(inputs[:5]))
+        validated = list(validate_in_memory(read, input_cfg, smap, ", ".join(inputs[:5])))
+    extras = validated[2]
     data = build_tables(
-        good,
-        quarantine,
+        validated.pop(0),  # no reference left here: the frame goes once deduplicated
+        validated.pop(0),
         extras,
         inputs,
         smap,
