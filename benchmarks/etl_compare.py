@@ -88,6 +88,9 @@ def main() -> None:
             "input": {"paths": [str(args.sim.resolve())], "format": "parquet"},
             "signals": str(ROOT / "conf/signals/simulator.yaml"),
         }
+        for method, leave_out in (("leave_last_out", "positive"), ("leave_last_out", "deepest")):
+            split = {"method": method, "leave_out": leave_out}
+            cases[f"sim-{method}-{leave_out}"] = cases["sim"] | {"split": split}
     if args.taobao:
         cfg = yaml.safe_load((ROOT / "conf/datasets/taobao.yaml").read_text())
         cfg["input"]["paths"] = [str(args.taobao.resolve())]

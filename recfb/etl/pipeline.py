@@ -286,6 +286,9 @@ def build_tables(
         events = conversion_delays(events)
 
     with timer.stage("split + fold pairs"):
+        # the event log's order, computed once: it also ranks each pair's events in time
+        order = _log_order(events).arg_sort()
+        events = events.with_columns(pl.Series("_order", order, pl.UInt32))
         pair_tables, windows, events = _split_and_fold(events, smap, split, extras)
 
     seq = (
@@ -304,7 +307,7 @@ def build_tables(
             "order_id",
             *extras,
         )
-        .select(pl.all().gather(_log_order(events)))
+        .select(pl.all().gather(events["_order"].arg_sort()))  # the splits may reorder rows
     )
     stats = _stats(
         split,
@@ -363,7 +366,8 @@ def _split_and_fold(
         for split in SPLITS:
             _, cutoff = windows.bounds(split)
             part = events.lazy().filter(pl.col("split") == split)
-            pairs = aggregate_pairs(part, smap, cutoff, features).collect(engine="streaming")
+            pairs = aggregate_pairs(part, smap, cutoff, features, "_order")
+            pairs = pairs.collect(engine="streaming")
             keys = pairs.select(_pair_key()).to_series()
             seen = pl.repeat(False, pairs.height, eager=True)
             for previous in earlier:
@@ -372,7 +376,7 @@ def _split_and_fold(
             tables[split] = pairs.with_columns(seen.alias("seen_before")).sort(PAIR)
         return tables, windows, events
     end = int(events["ts"].max()) + 1
-    pairs = aggregate_pairs(events, smap, end, features).collect(engine="streaming")
+    pairs = aggregate_pairs(events, smap, end, features, "_order").collect(engine="streaming")
     pairs = pairs.with_columns(pl.lit(False).alias("seen_before"))
     if method == "none":
         empty = pairs.clear()
@@ -411,7 +415,7 @@ def _leave_last_deepest(
     train_keys = None
     for split in SPLITS:
         part = events.lazy().filter(pl.col("split") == split)
-        folded = aggregate_pairs(part, smap, end, features).collect(engine="streaming")
+        folded = aggregate_pairs(part, smap, end, features, "_order").collect(engine="streaming")
         keys = folded.select(_pair_key()).to_series()
         if train_keys is None:
             train_keys, seen = keys, pl.repeat(False, folded.height, eager=True)
