@@ -349,7 +349,8 @@ def _log_order(events: pl.DataFrame) -> pl.Series:
 
 
 def _pair_key() -> pl.Expr:
-    """(user_idx, item_idx) packed into one UInt64: cheap set membership."""
+    """(user_idx, item_idx) packed into one UInt64: cheap set membership, and a one-key sort
+    in (user_idx, item_idx) order."""
     return (pl.col("user_idx").cast(pl.UInt64) * (1 << 32) + pl.col("item_idx")).alias("key")
 
 
@@ -373,20 +374,22 @@ def _split_and_fold(
             for previous in earlier:
                 seen = seen | keys.is_in(previous.implode())
             earlier.append(keys)
-            tables[split] = pairs.with_columns(seen.alias("seen_before")).sort(PAIR)
+            tables[split] = pairs.with_columns(seen.alias("seen_before")).sort(_pair_key())
         return tables, windows, events
     end = int(events["ts"].max()) + 1
     pairs = aggregate_pairs(events, smap, end, features, "_order").collect(engine="streaming")
     pairs = pairs.with_columns(pl.lit(False).alias("seen_before"))
     if method == "none":
         empty = pairs.clear()
-        tables = {"train": pairs.sort(PAIR), "valid": empty, "test": empty}
+        tables = {"train": pairs.sort(_pair_key()), "valid": empty, "test": empty}
         return tables, None, events.with_columns(pl.lit("train").alias("split"))
     if split_cfg.leave_out == "deepest":
         return _leave_last_deepest(events, pairs, smap, end, features)
     assigned = leave_last_out(pairs)
     events = events.join(assigned.select(*PAIR, "split"), on=PAIR, how="left")
-    tables = {s: assigned.filter(pl.col("split") == s).drop("split").sort(PAIR) for s in SPLITS}
+    tables = {
+        s: assigned.filter(pl.col("split") == s).drop("split").sort(_pair_key()) for s in SPLITS
+    }
     return tables, None, events
 
 
@@ -421,7 +424,7 @@ def _leave_last_deepest(
             train_keys, seen = keys, pl.repeat(False, folded.height, eager=True)
         else:  # the held-out buy was viewed or carted before: repeat intent
             seen = keys.is_in(train_keys.implode())
-        tables[split] = folded.with_columns(seen.alias("seen_before")).sort(PAIR)
+        tables[split] = folded.with_columns(seen.alias("seen_before")).sort(_pair_key())
     return tables, None, events
 
 
