@@ -24,6 +24,7 @@ from recfb.errors import ConfigError, InputError
 from recfb.etl.aggregate import PAIR, aggregate_pairs
 from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import apply_filters
+from recfb.etl.frames import join_columns
 from recfb.etl.interactions import Interactions
 from recfb.etl.link import conversion_delays, link_cancellations
 from recfb.etl.readers import MEMORY_SOURCE, PROVENANCE, excerpt, read_events, read_frame
@@ -386,7 +387,7 @@ def _split_and_fold(
     if split_cfg.leave_out == "deepest":
         return _leave_last_deepest(events, pairs, smap, end, features)
     assigned = leave_last_out(pairs)
-    events = events.join(assigned.select(*PAIR, "split"), on=PAIR, how="left")
+    events = join_columns(events, assigned.select(*PAIR, "split"), PAIR)
     tables = {
         s: assigned.filter(pl.col("split") == s).drop("split").sort(_pair_key()) for s in SPLITS
     }
@@ -407,7 +408,7 @@ def _leave_last_deepest(
         pl.coalesce("_bought", "last_ts").alias("last_ts")
     )
     held = leave_last_deepest(by_buy, smap.n_levels)
-    events = events.join(held, on=PAIR, how="left").with_columns(
+    events = join_columns(events, held, PAIR).with_columns(
         pl.when(pl.col("split").is_not_null() & (pl.col("level") == smap.n_levels))
         .then(pl.col("split"))
         .otherwise(pl.lit("train"))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import polars as pl
 
+from recfb.etl.frames import join_columns
+
 VOCAB_FILES = {"user": "users.parquet", "item": "items.parquet"}
 
 
@@ -56,4 +58,4 @@ def attach_index(events: pl.DataFrame, vocab: pl.DataFrame, kind: str) -> pl.Dat
     id_col, idx_col = f"{kind}_id", f"{kind}_idx"
     dtype = events.schema[id_col]
     keyed = vocab.select(idx_col, pl.col(id_col).cast(dtype, strict=False)).drop_nulls(id_col)
-    return events.join(keyed, on=id_col, how="left")
+    return join_columns(events, keyed, id_col)
