@@ -11,12 +11,13 @@ strings), which is what bounds memory at tens of millions of events.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import polars as pl
+from polars.io.plugins import register_io_source
 from pydantic import BaseModel
 
 from recfb.config import build_model
@@ -292,9 +293,8 @@ def build_tables(
         events = events.with_columns(pl.Series("_order", order, pl.UInt32))
         pair_tables, windows, events = _split_and_fold(events, smap, split, extras)
 
-    seq = (
-        events.lazy()
-        .select(
+    seq = _in_order(
+        events.select(
             "user_idx",
             "item_idx",
             "event",
@@ -307,8 +307,8 @@ def build_tables(
             "event_id",
             "order_id",
             *extras,
-        )
-        .select(pl.all().gather(events["_order"].arg_sort()))  # the splits may reorder rows
+        ),
+        events["_order"].arg_sort(),  # the splits may reorder rows: _order says where they go
     )
     stats = _stats(
         split,
@@ -337,6 +337,22 @@ def build_tables(
         stats=stats,
         signal_map=smap,
     )
+
+
+def _in_order(log: pl.DataFrame, positions: pl.Series, step: int = 2_000_000) -> pl.LazyFrame:
+    """`log` in the order `positions` gives, as a lazy source that gathers `step` rows at a
+    time: the streaming sink writes it without a second, sorted copy of the whole log."""
+
+    def batches(
+        columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _: int | None
+    ) -> Iterator[pl.DataFrame]:
+        frame = log if columns is None else log.select(columns)
+        limit = log.height if n_rows is None else min(n_rows, log.height)
+        for start in range(0, limit, step):
+            chunk = frame[positions.slice(start, min(step, limit - start))]
+            yield chunk if predicate is None else chunk.filter(predicate)
+
+    return register_io_source(batches, schema=log.schema, explain_name="ETL event log")
 
 
 def _log_order(events: pl.DataFrame) -> pl.Series:
