@@ -4,9 +4,12 @@ Stages: read -> validate (bad rows to quarantine) -> de-duplicate -> canonicalis
 drop noise by dwell -> optional filters -> vocabularies -> link cancellations and delays ->
 split -> fold pairs per split -> write everything atomically with `stats.json`.
 
-The scan, validation and quarantine run as Polars lazy queries sunk to parquet by the
-streaming engine; the later stages work on the validated columns only (integers, small
-strings), which is what bounds memory at tens of millions of events.
+The scan, validation and quarantine run as one Polars lazy query collected by the streaming
+engine; the later stages work on the validated columns only (integers, an Enum for the
+event, small strings), which is what bounds memory at tens of millions of events. Memory
+rules the later stages keep: no frame outlives its stage, a join that adds a column joins
+the keys only (`join_columns`), a pair table is dropped once written, and the event log is
+sorted by position (`_log_order`) and written in slices, never copied whole.
 """
 
 from __future__ import annotations
