@@ -471,11 +471,11 @@ def _stats(
     )
     names = _level_names(smap)
     per_split = {}
+    per_split_events = _counts(events.select("split"), "split")  # counted, not copied out
     for split, pairs in pair_tables.items():
-        split_events = events.filter(pl.col("split") == split)
         labels = _counts(pairs, "label")
         per_split[split] = {
-            "events": split_events.height,
+            "events": per_split_events.get(split, 0),
             "pairs": pairs.height,
             "users": pairs["user_idx"].n_unique(),
             "items": pairs["item_idx"].n_unique(),
