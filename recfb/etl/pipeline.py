@@ -159,6 +159,27 @@ def _event_type(smap: SignalMap) -> pl.Enum:
     return pl.Enum(list(smap.signals))
 
 
+def _first_occurrence(frame: pl.DataFrame, keys: list[str]) -> pl.Series:
+    """True where a row is the first (in row order) with its key: `is_first_distinct` by
+    sorting, which beats a hash table of tens of millions of keys. The key (an integer id
+    itself, else its hash) is sorted; only rows whose key value repeats (duplicates and hash
+    collisions: a few) get the exact check. Null single keys are left to the caller."""
+    key = pl.struct(keys) if len(keys) > 1 else pl.col(keys[0])
+    if len(keys) == 1 and frame.schema[keys[0]].is_integer():
+        value = frame[keys[0]]
+    else:
+        value = frame.select(key.hash(seed=0)).to_series()
+    order = value.arg_sort()
+    ordered = value.gather(order)
+    repeats = ((ordered == ordered.shift(1)) | (ordered == ordered.shift(-1))).fill_null(False)
+    candidates = order.filter(repeats).sort()
+    first = pl.repeat(True, frame.height, eager=True)
+    if candidates.len():
+        exact = frame.select(keys)[candidates].select(key.is_first_distinct()).to_series()
+        first = first.scatter(candidates, exact)
+    return first
+
+
 def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
     """Drop repeated event_ids, then repeated (user, item, event, ts); the first copy wins.
 
@@ -166,18 +187,11 @@ def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
     `row` keeps every tie-break (equal timestamps) deterministic.
     """
     n0 = events.height
-    events = (
-        events.lazy()
-        .filter(pl.col("event_id").is_null() | pl.col("event_id").is_first_distinct())
-        .collect(engine="streaming")
-    )
+    id_col = pl.col("event_id")
+    events = events.filter(id_col.is_null() | _first_occurrence(events, ["event_id"]))
     n1 = events.height
-    events = (
-        events.lazy()
-        .filter(pl.struct("user_id", "item_id", "event", "ts").is_first_distinct())
-        .with_row_index("row")
-        .collect(engine="streaming")
-    )
+    keys = ["user_id", "item_id", "event", "ts"]
+    events = events.filter(_first_occurrence(events, keys)).with_row_index("row")
     return events, {"same_event_id": n0 - n1, "same_user_item_event_ts": n1 - events.height}
 
 
