@@ -1,5 +1,6 @@
 """`join_columns`: a left join that adds columns without copying the frame's own."""
 
+import numpy as np
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
@@ -28,3 +29,26 @@ def test_repeated_right_keys_are_refused():
     right = pl.DataFrame({"k": [1, 1], "v": [1, 2]})
     with pytest.raises(ValueError, match="repeat"):
         join_columns(frame, right, "k")
+
+
+@pytest.mark.parametrize("ids", ["int", "text"])
+def test_first_occurrence_agrees_with_polars_is_first_distinct(ids: str):
+    from recfb.etl.pipeline import _first_occurrence
+
+    rng = np.random.default_rng(7)
+    n = 5_000
+    frame = pl.DataFrame(
+        {
+            "event_id": rng.integers(0, 3_000, n),
+            "user_id": rng.integers(0, 20, n),
+            "item_id": rng.integers(0, 20, n),
+            "ts": rng.integers(0, 5, n),
+        }
+    )
+    if ids == "text":
+        frame = frame.with_columns(pl.col("event_id", "user_id").cast(pl.String))
+    for keys in (["event_id"], ["user_id", "item_id", "ts"]):
+        expected = frame.select(pl.struct(keys).is_first_distinct()).to_series()
+        got = _first_occurrence(frame, keys)
+        assert got.sum() < n  # the data has repeats, so the check is not trivial
+        assert got.to_list() == expected.to_list()
