@@ -1,4 +1,5 @@
-"""`join_columns`: a left join that adds columns without copying the frame's own."""
+"""ETL frame helpers: `join_columns` (a left join that adds columns without copying the
+frame's own) and the sort-based first-occurrence check behind de-duplication."""
 
 import numpy as np
 import polars as pl
