@@ -388,6 +388,47 @@ def _pair_key() -> pl.Expr:
     return (pl.col("user_idx").cast(pl.UInt64) * (1 << 32) + pl.col("item_idx")).alias("key")
 
 
+_FOLD_EVENTS = 8_000_000  # events per fold chunk: bounds the group-by's hash table
+
+
+def _fold(
+    events: pl.DataFrame,
+    split: str | None,
+    smap: SignalMap,
+    cutoff: int,
+    features: list[str],
+) -> pl.DataFrame:
+    """The pair table of `events` (of one split, if given), sorted on the pair key, folded
+    over contiguous user_idx ranges of about `_FOLD_EVENTS` events each: a pair lies in one
+    range, so the chunks' sorted tables concatenate into the whole sorted table while the
+    group-by holds one range's pairs at a time (its hash table is what peaks in memory)."""
+    users = pl.col("user_idx")
+    if split is not None:
+        users = users.filter(pl.col("split") == split)
+    users = events.select(users).to_series()  # the one column, not a copy of the split
+    n_chunks = max(1, -(-users.len() // _FOLD_EVENTS))
+    bounds: list[tuple[int | None, int | None] | None] = [None]
+    if n_chunks > 1:  # user_idx cut points at event quantiles: chunks of similar event counts
+        cuts = sorted({int(users.quantile(i / n_chunks, "lower")) for i in range(1, n_chunks)})
+        bounds = list(zip([None, *cuts], [*cuts, None], strict=True))
+    del users
+    parts = []
+    for bound in bounds:
+        part = events.lazy()
+        if split is not None:
+            part = part.filter(pl.col("split") == split)
+        if bound is not None:
+            lo, hi = bound
+            user = pl.col("user_idx")
+            if lo is not None:
+                part = part.filter(user >= lo)
+            if hi is not None:
+                part = part.filter(user < hi)
+        folded = aggregate_pairs(part, smap, cutoff, features, "_order")
+        parts.append(folded.collect(engine="streaming").sort(_pair_key()))
+    return pl.concat(parts, rechunk=False) if len(parts) > 1 else parts[0]
+
+
 def _split_and_fold(
     events: pl.DataFrame, smap: SignalMap, split_cfg: SplitConfig, features: list[str]
 ) -> tuple[dict[str, pl.DataFrame], Windows | None, pl.DataFrame]:
@@ -400,22 +441,20 @@ def _split_and_fold(
         earlier: list[pl.Series] = []  # pair keys of the earlier windows
         for split in SPLITS:
             _, cutoff = windows.bounds(split)
-            part = events.lazy().filter(pl.col("split") == split)
-            pairs = aggregate_pairs(part, smap, cutoff, features, "_order")
-            pairs = pairs.collect(engine="streaming")
+            pairs = _fold(events, split, smap, cutoff, features)
             keys = pairs.select(_pair_key()).to_series()
             seen = pl.repeat(False, pairs.height, eager=True)
             for previous in earlier:
                 seen = seen | keys.is_in(previous.implode())
             earlier.append(keys)
-            tables[split] = pairs.with_columns(seen.alias("seen_before")).sort(_pair_key())
+            tables[split] = pairs.with_columns(seen.alias("seen_before"))
         return tables, windows, events
     end = int(events["ts"].max()) + 1
-    pairs = aggregate_pairs(events, smap, end, features, "_order").collect(engine="streaming")
+    pairs = _fold(events, None, smap, end, features)
     pairs = pairs.with_columns(pl.lit(False).alias("seen_before"))
     if method == "none":
         empty = pairs.clear()
-        tables = {"train": pairs.sort(_pair_key()), "valid": empty, "test": empty}
+        tables = {"train": pairs, "valid": empty, "test": empty}
         return tables, None, events.with_columns(pl.lit("train").alias("split"))
     if split_cfg.leave_out == "deepest":
         return _leave_last_deepest(events, pairs, smap, end, features)
@@ -451,14 +490,13 @@ def _leave_last_deepest(
     tables: dict[str, pl.DataFrame] = {}
     train_keys = None
     for split in SPLITS:
-        part = events.lazy().filter(pl.col("split") == split)
-        folded = aggregate_pairs(part, smap, end, features, "_order").collect(engine="streaming")
+        folded = _fold(events, split, smap, end, features)
         keys = folded.select(_pair_key()).to_series()
         if train_keys is None:
             train_keys, seen = keys, pl.repeat(False, folded.height, eager=True)
         else:  # the held-out buy was viewed or carted before: repeat intent
             seen = keys.is_in(train_keys.implode())
-        tables[split] = folded.with_columns(seen.alias("seen_before")).sort(_pair_key())
+        tables[split] = folded.with_columns(seen.alias("seen_before"))
     return tables, None, events
 
 
