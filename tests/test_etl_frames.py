@@ -1,12 +1,13 @@
 """ETL frame helpers: `join_columns` (a left join that adds columns without copying the
-frame's own) and the sort-based first-occurrence check behind de-duplication."""
+frame's own), `filter_consuming` (a filter that releases each column as it goes) and the
+sort-based first-occurrence check behind de-duplication."""
 
 import numpy as np
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from recfb.etl.frames import join_columns
+from recfb.etl.frames import filter_consuming, join_columns
 
 
 def test_adds_the_right_columns_in_the_frames_row_order():
@@ -53,3 +54,12 @@ def test_first_occurrence_agrees_with_polars_is_first_distinct(ids: str):
         got = _first_occurrence(frame, keys)
         assert got.sum() < n  # the data has repeats, so the check is not trivial
         assert got.to_list() == expected.to_list()
+
+
+def test_filter_consuming_keeps_the_masked_rows_and_empties_the_frame():
+    frame = pl.DataFrame({"a": [1, 2, 3, 4], "b": ["w", None, "y", "z"], "c": [0.5, 1.5, None, 2]})
+    mask = pl.Series([True, False, True, True])
+    expected = pl.DataFrame({"a": [1, 3, 4], "b": ["w", "y", "z"], "c": [0.5, None, 2.0]})
+    got = filter_consuming(frame, mask)
+    assert_frame_equal(got, expected)
+    assert frame.width == 0  # the input's columns were released as they were filtered

@@ -15,3 +15,13 @@ def join_columns(frame: pl.DataFrame, right: pl.DataFrame, on: str | list[str]) 
     if added.height != frame.height:
         raise ValueError(f"join_columns: keys {keys} repeat in the right frame")
     return frame.with_columns(added.drop(keys).get_columns())
+
+
+def filter_consuming(frame: pl.DataFrame, mask: pl.Series) -> pl.DataFrame:
+    """`frame.filter(mask)` column by column, emptying `frame` as it goes: each column is
+    released once its filtered copy exists, so the filter holds one extra column at a time
+    instead of a second copy of the whole frame. `frame` is left without columns."""
+    kept = []
+    for name in frame.columns:
+        kept.append(frame.drop_in_place(name).filter(mask))
+    return pl.DataFrame(kept)

@@ -28,7 +28,7 @@ from recfb.errors import ConfigError, InputError
 from recfb.etl.aggregate import PAIR, aggregate_pairs
 from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import apply_filters
-from recfb.etl.frames import join_columns
+from recfb.etl.frames import filter_consuming, join_columns
 from recfb.etl.interactions import Interactions
 from recfb.etl.link import conversion_delays, link_cancellations
 from recfb.etl.readers import MEMORY_SOURCE, PROVENANCE, excerpt, read_events, read_frame
@@ -188,10 +188,11 @@ def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
     """
     n0 = events.height
     id_col = pl.col("event_id")
-    events = events.filter(id_col.is_null() | _first_occurrence(events, ["event_id"]))
+    mask = events.select(id_col.is_null() | _first_occurrence(events, ["event_id"])).to_series()
+    events = filter_consuming(events, mask)
     n1 = events.height
     keys = ["user_id", "item_id", "event", "ts"]
-    events = events.filter(_first_occurrence(events, keys)).with_row_index("row")
+    events = filter_consuming(events, _first_occurrence(events, keys)).with_row_index("row")
     return events, {"same_event_id": n0 - n1, "same_user_item_event_ts": n1 - events.height}
 
 
@@ -276,8 +277,10 @@ def build_tables(
             & pl.col("value").is_not_null()
             & (pl.col("value") < pl.col("min_dwell_s"))
         )
-        removed = [("noise_dwell", events.filter(noise))]
-        events = events.filter(~noise).drop("min_dwell_s")
+        noisy = events.select(noise).to_series()
+        removed = [("noise_dwell", events.filter(noisy))]
+        events = events.drop("min_dwell_s")  # rebound: filter_consuming frees each column
+        events = filter_consuming(events, ~noisy)
         events, more = apply_filters(events, filters)
         removed += more
         filtered = pl.concat(
