@@ -36,13 +36,26 @@ def signal_column(name: str) -> str:
     return f"n_{name}"
 
 
+def _last(value: pl.Expr, order: str | None) -> pl.Expr:
+    return value.max_by(order) if order else value.sort_by("ts").last()
+
+
+def _first(value: pl.Expr, order: str | None) -> pl.Expr:
+    return value.min_by(order) if order else value.sort_by("ts").first()
+
+
 def aggregate_pairs(
     events: pl.LazyFrame | pl.DataFrame,
     smap: SignalMap,
     cutoff_ms: int,
     features: list[str],
+    order: str | None = None,
 ) -> pl.LazyFrame:
     """Pair states of `events` (already restricted to one window) as of `cutoff_ms`.
+
+    `order` names a column that ranks the rows in time without ties (ts, then input order):
+    with it, a pair's last and first rows are found by max/min on it, not by sorting every
+    group by `ts`.
 
     Per-row conditions are evaluated once as masked columns before the group-by, so the
     aggregation itself is plain min/max/sum, which the streaming engine runs fast.
@@ -71,7 +84,7 @@ def aggregate_pairs(
             (pl.col("code") == code).sum().cast(pl.UInt32).alias(signal_column(name))
             for code, name in enumerate(smap.signals)
         ],
-        *[pl.col(f).sort_by("ts").last().alias(f) for f in features],
+        *[_last(pl.col(f), order).alias(f) for f in features],
     ]
     att = smap.attribution
     click_window = int(att.click_to_purchase_hours * _HOUR_MS)
@@ -97,7 +110,7 @@ def aggregate_pairs(
     first_delay = (
         masked.filter(pl.col("clock_delay_ms").is_not_null())
         .group_by(PAIR)
-        .agg(pl.col("clock_delay_ms").sort_by("ts").first().alias("_c2p_ms"))
+        .agg(_first(pl.col("clock_delay_ms"), order).alias("_c2p_ms"))
     )
     return (
         masked.group_by(PAIR)

@@ -115,10 +115,14 @@ class Interactions:
             self.write_into(tmp)
         return path
 
-    def write_into(self, directory: Path) -> None:
-        """Every table and `stats.json` into an existing (temporary) directory."""
+    def write_into(self, directory: Path, release: bool = False) -> None:
+        """Every table and `stats.json` into an existing (temporary) directory. `release`
+        (for `recfb etl`, whose object is thrown away after): each pair table is emptied once
+        written, so it no longer holds memory while the event log is sorted and written."""
         for name in SPLITS:
             getattr(self, name).write_parquet(directory / f"{name}.parquet")
+            if release:
+                setattr(self, name, getattr(self, name).clear())
         self.events.sink_parquet(directory / "events.parquet", engine="streaming")
         self.users.write_parquet(directory / VOCAB_FILES["user"])
         self.items.write_parquet(directory / VOCAB_FILES["item"])

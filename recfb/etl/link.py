@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import polars as pl
 
+from recfb.etl.frames import join_columns
+
 PAIR = ["user_idx", "item_idx"]
 LINK_TYPE = pl.Enum(["order_id", "sequence"])
 
@@ -95,18 +97,18 @@ def link_cancellations(events: pl.DataFrame, cancel_map: dict[str, str]) -> pl.D
     link = link.join(ts.rename({"row": "cancel_row", "ts": "cancel_ts"}), on="cancel_row").join(
         ts.rename({"row": "target_row", "ts": "target_ts"}), on="target_row"
     )
-    out = events.join(
+    out = join_columns(
+        events,
         link.select(pl.col("target_row").alias("row"), pl.col("cancel_ts").alias("cancelled_at")),
-        on="row",
-        how="left",
-    ).join(
+        "row",
+    )
+    return join_columns(
+        out,
         link.select(
             pl.col("cancel_row").alias("row"), pl.col("target_ts").alias("linked_ts"), "link"
         ),
-        on="row",
-        how="left",
+        "row",
     )
-    return out
 
 
 def conversion_delays(events: pl.DataFrame) -> pl.DataFrame:
@@ -123,4 +125,4 @@ def conversion_delays(events: pl.DataFrame) -> pl.DataFrame:
     joined = purchases.join_asof(
         clocks, on="ts", by=PAIR, strategy="backward", check_sortedness=False
     ).select("row", (pl.col("ts") - pl.col("clock_ts")).alias("clock_delay_ms"))
-    return events.join(joined, on="row", how="left")
+    return join_columns(events, joined, "row")

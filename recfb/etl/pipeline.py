@@ -4,19 +4,23 @@ Stages: read -> validate (bad rows to quarantine) -> de-duplicate -> canonicalis
 drop noise by dwell -> optional filters -> vocabularies -> link cancellations and delays ->
 split -> fold pairs per split -> write everything atomically with `stats.json`.
 
-The scan, validation and quarantine run as Polars lazy queries sunk to parquet by the
-streaming engine; the later stages work on the validated columns only (integers, small
-strings), which is what bounds memory at tens of millions of events.
+The scan, validation and quarantine run as one Polars lazy query collected by the streaming
+engine; the later stages work on the validated columns only (integers, an Enum for the
+event, small strings), which is what bounds memory at tens of millions of events. Memory
+rules the later stages keep: no frame outlives its stage, a join that adds a column joins
+the keys only (`join_columns`), a pair table is dropped once written, and the event log is
+sorted by position (`_log_order`) and written in slices, never copied whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import polars as pl
+from polars.io.plugins import register_io_source
 from pydantic import BaseModel
 
 from recfb.config import build_model
@@ -24,6 +28,7 @@ from recfb.errors import ConfigError, InputError
 from recfb.etl.aggregate import PAIR, aggregate_pairs
 from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import apply_filters
+from recfb.etl.frames import filter_consuming, join_columns
 from recfb.etl.interactions import Interactions
 from recfb.etl.link import conversion_delays, link_cancellations
 from recfb.etl.readers import MEMORY_SOURCE, PROVENANCE, excerpt, read_events, read_frame
@@ -101,28 +106,6 @@ def _validated(
     return validated, extras
 
 
-def _stage_validation(
-    cfg: EtlConfig, smap: SignalMap, stage_dir: Path
-) -> tuple[list[str], list[Path]]:
-    """Validate and sink good rows and quarantine to parquet in one streaming pass."""
-
-    def sink(tolerant: bool) -> tuple[list[str], list[Path]]:
-        raw, files = read_events(cfg.input, tolerant=tolerant)
-        validated, extras = _validated(raw, cfg.input, smap)
-        pl.collect_all(
-            [
-                good_rows(validated, extras).sink_parquet(stage_dir / "good.parquet", lazy=True),
-                bad_rows(validated, extras).sink_parquet(
-                    stage_dir / "quarantine.parquet", lazy=True
-                ),
-            ],
-            engine="streaming",
-        )
-        return extras, files
-
-    return _read_tolerantly(sink, ", ".join(cfg.input.paths[:5]))
-
-
 def _read_tolerantly(attempt: Callable[[bool], T], source: str) -> T:
     """`attempt(False)`: Polars reads every file as it is (the fast path). When Polars fails
     on the data, `attempt(True)`: the readers find the file it fails on and split a CSV/JSONL
@@ -145,12 +128,56 @@ def validate_in_memory(
 
     def collect(tolerant: bool) -> tuple[pl.DataFrame, pl.DataFrame, list[str]]:
         validated, extras = _validated(read(tolerant), input_cfg, smap)
-        good, bad = pl.collect_all(
-            [good_rows(validated, extras), bad_rows(validated, extras)], engine="streaming"
-        )
+        # every good row's event is in the map: an Enum holds it in one byte, not a string
+        good = good_rows(validated, extras).with_columns(pl.col("event").cast(_event_type(smap)))
+        good, bad = pl.collect_all([good, bad_rows(validated, extras)], engine="streaming")
         return good, bad, extras
 
     return _read_tolerantly(collect, source)
+
+
+def _stage_validation(
+    cfg: EtlConfig, smap: SignalMap
+) -> tuple[pl.DataFrame, pl.DataFrame, list[str], list[Path]]:
+    """`recfb etl`'s read + validate: good rows, quarantined rows, extra columns, files read.
+    The streaming engine collects only the typed columns the later stages use (no stage
+    files: writing and reading them back cost more than they saved)."""
+    files: list[Path] = []
+
+    def read(tolerant: bool) -> pl.LazyFrame:
+        raw, found = read_events(cfg.input, tolerant=tolerant)
+        files[:] = found
+        return raw
+
+    source = ", ".join(cfg.input.paths[:5])
+    events, quarantine, extras = validate_in_memory(read, cfg.input, smap, source)
+    return events, quarantine, extras, files
+
+
+def _event_type(smap: SignalMap) -> pl.Enum:
+    """The event names as an Enum; its physical value is the signal's code."""
+    return pl.Enum(list(smap.signals))
+
+
+def _first_occurrence(frame: pl.DataFrame, keys: list[str]) -> pl.Series:
+    """True where a row is the first (in row order) with its key: `is_first_distinct` by
+    sorting, which beats a hash table of tens of millions of keys. The key (an integer id
+    itself, else its hash) is sorted; only rows whose key value repeats (duplicates and hash
+    collisions: a few) get the exact check. Null single keys are left to the caller."""
+    key = pl.struct(keys) if len(keys) > 1 else pl.col(keys[0])
+    if len(keys) == 1 and frame.schema[keys[0]].is_integer():
+        value = frame[keys[0]]
+    else:
+        value = frame.select(key.hash(seed=0)).to_series()
+    order = value.arg_sort()
+    ordered = value.gather(order)
+    repeats = ((ordered == ordered.shift(1)) | (ordered == ordered.shift(-1))).fill_null(False)
+    candidates = order.filter(repeats).sort()
+    first = pl.repeat(True, frame.height, eager=True)
+    if candidates.len():
+        exact = frame.select(keys)[candidates].select(key.is_first_distinct()).to_series()
+        first = first.scatter(candidates, exact)
+    return first
 
 
 def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
@@ -160,18 +187,12 @@ def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
     `row` keeps every tie-break (equal timestamps) deterministic.
     """
     n0 = events.height
-    events = (
-        events.lazy()
-        .filter(pl.col("event_id").is_null() | pl.col("event_id").is_first_distinct())
-        .collect(engine="streaming")
-    )
+    id_col = pl.col("event_id")
+    mask = events.select(id_col.is_null() | _first_occurrence(events, ["event_id"])).to_series()
+    events = filter_consuming(events, mask)
     n1 = events.height
-    events = (
-        events.lazy()
-        .filter(pl.struct("user_id", "item_id", "event", "ts").is_first_distinct())
-        .with_row_index("row")
-        .collect(engine="streaming")
-    )
+    keys = ["user_id", "item_id", "event", "ts"]
+    events = filter_consuming(events, _first_occurrence(events, keys)).with_row_index("row")
     return events, {"same_event_id": n0 - n1, "same_user_item_event_ts": n1 - events.height}
 
 
@@ -199,15 +220,12 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
     users_vocab, items_vocab = load_vocab(vocab_dir, "user"), load_vocab(vocab_dir, "item")
 
     with atomic_dir(out) as tmp:
-        stage = tmp / "_stage"
-        stage.mkdir()
         with timer.stage("read + validate"):
-            extras, files = _stage_validation(cfg, smap, stage)
-            quarantine = pl.read_parquet(stage / "quarantine.parquet")
-            events = pl.read_parquet(stage / "good.parquet")
+            validated = list(_stage_validation(cfg, smap))
+        extras, files = validated[2], validated[3]
         data = build_tables(
-            events,
-            quarantine,
+            validated.pop(0),  # no reference left here: the frame goes once deduplicated
+            validated.pop(0),
             extras,
             [str(f) for f in files],
             smap,
@@ -219,10 +237,7 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
         )
         with timer.stage("write"):
             # the event log is still a lazy query here: the streaming sink writes it
-            data.write_into(tmp)
-            (stage / "good.parquet").unlink()
-            (stage / "quarantine.parquet").unlink()
-            stage.rmdir()
+            data.write_into(tmp, release=True)
     return EtlResult(out=out, stats=data.stats)
 
 
@@ -247,29 +262,25 @@ def build_tables(
         events, duplicates = _dedupe(events)
 
     with timer.stage("canonicalise"):
-        # every event is known after validation: an Enum holds it in one byte, not a string
-        event_type = pl.Enum(list(smap.signals))
-        table = (
-            pl.DataFrame(smap.signal_table())
-            .drop("cancels", "is_exposure")
-            .with_columns(
-                pl.col("event").cast(event_type),
-                pl.col("code").cast(pl.UInt8),
-                pl.col("level").cast(pl.Int8),
-                pl.col("fallback_level").cast(pl.Int8),
-                pl.col("min_dwell_s").cast(pl.Float64),
-            )
-        )
-        events = events.with_columns(pl.col("event").cast(event_type)).join(
-            table, on="event", how="left"
+        # each signal's meaning, looked up by its code (the Enum's physical value): no join
+        table = smap.signal_table()
+        dtypes = {"code": pl.UInt8, "level": pl.Int8, "fallback_level": pl.Int8}
+        dtypes["min_dwell_s"] = pl.Float64
+        code = pl.col("event").to_physical()
+        events = events.with_columns(pl.col("event").cast(_event_type(smap))).with_columns(
+            pl.lit(pl.Series(name, table[name], dtype=dtypes.get(name))).gather(code).alias(name)
+            for name in table
+            if name not in ("event", "cancels", "is_exposure")
         )
         noise = (
             pl.col("min_dwell_s").is_not_null()
             & pl.col("value").is_not_null()
             & (pl.col("value") < pl.col("min_dwell_s"))
         )
-        removed = [("noise_dwell", events.filter(noise))]
-        events = events.filter(~noise).drop("min_dwell_s")
+        noisy = events.select(noise).to_series()
+        removed = [("noise_dwell", events.filter(noisy))]
+        events = events.drop("min_dwell_s")  # rebound: filter_consuming frees each column
+        events = filter_consuming(events, ~noisy)
         events, more = apply_filters(events, filters)
         removed += more
         filtered = pl.concat(
@@ -297,12 +308,13 @@ def build_tables(
         events = conversion_delays(events)
 
     with timer.stage("split + fold pairs"):
+        # the event log's order, computed once: it also ranks each pair's events in time
+        order = _log_order(events).arg_sort()
+        events = events.with_columns(pl.Series("_order", order, pl.UInt32))
         pair_tables, windows, events = _split_and_fold(events, smap, split, extras)
 
-    seq = (
-        events.lazy()
-        .sort(["user_idx", "ts", "row"])
-        .select(
+    seq = _in_order(
+        events.select(
             "user_idx",
             "item_idx",
             "event",
@@ -315,7 +327,8 @@ def build_tables(
             "event_id",
             "order_id",
             *extras,
-        )
+        ),
+        events["_order"].arg_sort(),  # the splits may reorder rows: _order says where they go
     )
     stats = _stats(
         split,
@@ -346,9 +359,77 @@ def build_tables(
     )
 
 
+def _in_order(log: pl.DataFrame, positions: pl.Series, step: int = 2_000_000) -> pl.LazyFrame:
+    """`log` in the order `positions` gives, as a lazy source that gathers `step` rows at a
+    time: the streaming sink writes it without a second, sorted copy of the whole log."""
+
+    def batches(
+        columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _: int | None
+    ) -> Iterator[pl.DataFrame]:
+        frame = log if columns is None else log.select(columns)
+        limit = log.height if n_rows is None else min(n_rows, log.height)
+        for start in range(0, limit, step):
+            chunk = frame[positions.slice(start, min(step, limit - start))]
+            yield chunk if predicate is None else chunk.filter(predicate)
+
+    return register_io_source(batches, schema=log.schema, explain_name="ETL event log")
+
+
+def _log_order(events: pl.DataFrame) -> pl.Series:
+    """Row positions in the event log's order, (user_idx, ts, row): three stable one-key
+    sorts, last key first, cost a third of one sort on the three keys together."""
+    order = events["row"].arg_sort()  # row is unique: no ties to keep
+    for key in ("ts", "user_idx"):
+        keys = events.select(pl.col(key).gather(order))
+        order = order.gather(keys.select(pl.arg_sort_by(key, maintain_order=True)).to_series())
+    return order
+
+
 def _pair_key() -> pl.Expr:
-    """(user_idx, item_idx) packed into one UInt64: cheap set membership."""
+    """(user_idx, item_idx) packed into one UInt64: cheap set membership, and a one-key sort
+    in (user_idx, item_idx) order."""
     return (pl.col("user_idx").cast(pl.UInt64) * (1 << 32) + pl.col("item_idx")).alias("key")
+
+
+_FOLD_EVENTS = 8_000_000  # events per fold chunk: bounds the group-by's hash table
+
+
+def _fold(
+    events: pl.DataFrame,
+    split: str | None,
+    smap: SignalMap,
+    cutoff: int,
+    features: list[str],
+) -> pl.DataFrame:
+    """The pair table of `events` (of one split, if given), sorted on the pair key, folded
+    over contiguous user_idx ranges of about `_FOLD_EVENTS` events each: a pair lies in one
+    range, so the chunks' sorted tables concatenate into the whole sorted table while the
+    group-by holds one range's pairs at a time (its hash table is what peaks in memory)."""
+    users = pl.col("user_idx")
+    if split is not None:
+        users = users.filter(pl.col("split") == split)
+    users = events.select(users).to_series()  # the one column, not a copy of the split
+    n_chunks = max(1, -(-users.len() // _FOLD_EVENTS))
+    bounds: list[tuple[int | None, int | None] | None] = [None]
+    if n_chunks > 1:  # user_idx cut points at event quantiles: chunks of similar event counts
+        cuts = sorted({int(users.quantile(i / n_chunks, "lower")) for i in range(1, n_chunks)})
+        bounds = list(zip([None, *cuts], [*cuts, None], strict=True))
+    del users
+    parts = []
+    for bound in bounds:
+        part = events.lazy()
+        if split is not None:
+            part = part.filter(pl.col("split") == split)
+        if bound is not None:
+            lo, hi = bound
+            user = pl.col("user_idx")
+            if lo is not None:
+                part = part.filter(user >= lo)
+            if hi is not None:
+                part = part.filter(user < hi)
+        folded = aggregate_pairs(part, smap, cutoff, features, "_order")
+        parts.append(folded.collect(engine="streaming").sort(_pair_key()))
+    return pl.concat(parts, rechunk=False) if len(parts) > 1 else parts[0]
 
 
 def _split_and_fold(
@@ -363,27 +444,28 @@ def _split_and_fold(
         earlier: list[pl.Series] = []  # pair keys of the earlier windows
         for split in SPLITS:
             _, cutoff = windows.bounds(split)
-            part = events.lazy().filter(pl.col("split") == split)
-            pairs = aggregate_pairs(part, smap, cutoff, features).collect(engine="streaming")
+            pairs = _fold(events, split, smap, cutoff, features)
             keys = pairs.select(_pair_key()).to_series()
             seen = pl.repeat(False, pairs.height, eager=True)
             for previous in earlier:
                 seen = seen | keys.is_in(previous.implode())
             earlier.append(keys)
-            tables[split] = pairs.with_columns(seen.alias("seen_before")).sort(PAIR)
+            tables[split] = pairs.with_columns(seen.alias("seen_before"))
         return tables, windows, events
     end = int(events["ts"].max()) + 1
-    pairs = aggregate_pairs(events, smap, end, features).collect(engine="streaming")
+    pairs = _fold(events, None, smap, end, features)
     pairs = pairs.with_columns(pl.lit(False).alias("seen_before"))
     if method == "none":
         empty = pairs.clear()
-        tables = {"train": pairs.sort(PAIR), "valid": empty, "test": empty}
+        tables = {"train": pairs, "valid": empty, "test": empty}
         return tables, None, events.with_columns(pl.lit("train").alias("split"))
     if split_cfg.leave_out == "deepest":
         return _leave_last_deepest(events, pairs, smap, end, features)
     assigned = leave_last_out(pairs)
-    events = events.join(assigned.select(*PAIR, "split"), on=PAIR, how="left")
-    tables = {s: assigned.filter(pl.col("split") == s).drop("split").sort(PAIR) for s in SPLITS}
+    events = join_columns(events, assigned.select(*PAIR, "split"), PAIR)
+    tables = {
+        s: assigned.filter(pl.col("split") == s).drop("split").sort(_pair_key()) for s in SPLITS
+    }
     return tables, None, events
 
 
@@ -401,7 +483,7 @@ def _leave_last_deepest(
         pl.coalesce("_bought", "last_ts").alias("last_ts")
     )
     held = leave_last_deepest(by_buy, smap.n_levels)
-    events = events.join(held, on=PAIR, how="left").with_columns(
+    events = join_columns(events, held, PAIR).with_columns(
         pl.when(pl.col("split").is_not_null() & (pl.col("level") == smap.n_levels))
         .then(pl.col("split"))
         .otherwise(pl.lit("train"))
@@ -411,14 +493,13 @@ def _leave_last_deepest(
     tables: dict[str, pl.DataFrame] = {}
     train_keys = None
     for split in SPLITS:
-        part = events.lazy().filter(pl.col("split") == split)
-        folded = aggregate_pairs(part, smap, end, features).collect(engine="streaming")
+        folded = _fold(events, split, smap, end, features)
         keys = folded.select(_pair_key()).to_series()
         if train_keys is None:
             train_keys, seen = keys, pl.repeat(False, folded.height, eager=True)
         else:  # the held-out buy was viewed or carted before: repeat intent
             seen = keys.is_in(train_keys.implode())
-        tables[split] = folded.with_columns(seen.alias("seen_before")).sort(PAIR)
+        tables[split] = folded.with_columns(seen.alias("seen_before"))
     return tables, None, events
 
 
@@ -445,11 +526,11 @@ def _stats(
     )
     names = _level_names(smap)
     per_split = {}
+    per_split_events = _counts(events.select("split"), "split")  # counted, not copied out
     for split, pairs in pair_tables.items():
-        split_events = events.filter(pl.col("split") == split)
         labels = _counts(pairs, "label")
         per_split[split] = {
-            "events": split_events.height,
+            "events": per_split_events.get(split, 0),
             "pairs": pairs.height,
             "users": pairs["user_idx"].n_unique(),
             "items": pairs["item_idx"].n_unique(),
@@ -607,10 +688,11 @@ def run(
         users_vocab, items_vocab = load_vocab(vocab_dir, "user"), load_vocab(vocab_dir, "item")
     timer = StageTimer(quiet)
     with timer.stage("read + validate"):
-        good, quarantine, extras = validate_in_memory(read, input_cfg, smap, ", ".join(inputs[:5]))
+        validated = list(validate_in_memory(read, input_cfg, smap, ", ".join(inputs[:5])))
+    extras = validated[2]
     data = build_tables(
-        good,
-        quarantine,
+        validated.pop(0),  # no reference left here: the frame goes once deduplicated
+        validated.pop(0),
         extras,
         inputs,
         smap,

@@ -55,15 +55,13 @@ def temporal_windows(ts: pl.Series, cfg: SplitConfig) -> Windows:
 
 
 def assign_temporal(events: pl.DataFrame, windows: Windows) -> pl.DataFrame:
-    return events.with_columns(
-        pl.when(pl.col("ts") < windows.valid_ms)
-        .then(pl.lit("train"))
-        .when(pl.col("ts") < windows.test_ms)
-        .then(pl.lit("valid"))
-        .otherwise(pl.lit("test"))
-        .cast(SPLIT_DTYPE)
-        .alias("split")
-    )
+    """`split` by event time: the number of cuts at or before the event picks the window
+    (valid_ms <= test_ms), looked up by position rather than built as text and cast."""
+    cuts_passed = (pl.col("ts") >= windows.valid_ms).cast(pl.UInt8) + (
+        pl.col("ts") >= windows.test_ms
+    ).cast(pl.UInt8)
+    names = pl.Series(SPLITS, dtype=SPLIT_DTYPE)
+    return events.with_columns(pl.lit(names).gather(cuts_passed).alias("split"))
 
 
 def leave_last_out(pairs: pl.DataFrame) -> pl.DataFrame:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import polars as pl
 
+from recfb.etl.frames import join_columns
+
 VOCAB_FILES = {"user": "users.parquet", "item": "items.parquet"}
 
 
@@ -36,8 +38,9 @@ def extend_vocab(vocab: pl.DataFrame, events: pl.DataFrame, kind: str) -> pl.Dat
     """Append ids of `events[<kind>_id]` missing from `vocab`; existing indices never move."""
     id_col, idx_col = f"{kind}_id", f"{kind}_idx"
     seen = (
-        events.group_by(pl.col(id_col).cast(pl.String))
+        events.group_by(id_col)  # the ids' own dtype; only the distinct ids become text
         .agg(pl.col("ts").min().alias("first_seen"))
+        .with_columns(pl.col(id_col).cast(pl.String))
         .join(vocab.select(id_col), on=id_col, how="anti")
         .sort(["first_seen", id_col])
     )
@@ -55,4 +58,4 @@ def attach_index(events: pl.DataFrame, vocab: pl.DataFrame, kind: str) -> pl.Dat
     id_col, idx_col = f"{kind}_id", f"{kind}_idx"
     dtype = events.schema[id_col]
     keyed = vocab.select(idx_col, pl.col(id_col).cast(dtype, strict=False)).drop_nulls(id_col)
-    return events.join(keyed, on=id_col, how="left")
+    return join_columns(events, keyed, id_col)
