@@ -25,6 +25,7 @@ from recfb.rank.features import (
     EventArrays,
     Groups,
     run_starts,
+    sorted_unique,
 )
 from recfb.rank.state import Snapshot
 
@@ -151,7 +152,7 @@ def merge_arrays(
     item = np.concatenate(items).astype(np.int64) if items else np.empty(0, np.int64)
     width = int(item.max()) + 1 if len(item) else 1
     # one key per pair, ascending by (user, item); floor division keeps a new user's -1
-    keys = np.unique(user * width + item)
+    keys = sorted_unique(user * width + item)
     scores = np.full((len(keys), len(SOURCES)), np.nan, dtype=np.float32)
     ranks = np.full((len(keys), len(SOURCES)), np.nan, dtype=np.float32)
     for source, (u, i, s, r) in parts.items():

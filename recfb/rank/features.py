@@ -186,6 +186,13 @@ def run_starts(ordered: np.ndarray) -> np.ndarray:
     return first
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """`np.unique` of a 1-d array by one sort: the same values, without its hashing pass that
+    costs tens of microseconds on a request's few hundred rows."""
+    ordered = np.sort(values)
+    return ordered[run_starts(ordered)]
+
+
 @dataclass
 class Groups:
     """`keys` grouped by a sort: the distinct keys (ascending), each row's group and the
@@ -245,6 +252,13 @@ class Lookup:
 
 
 _NO_TS = np.iinfo(np.int64).min
+USER_COLUMNS = (
+    "user_n_events",
+    "user_n_items",
+    "user_n_events_1d",
+    "user_deep_share",
+    "user_h_since_last",
+)
 
 
 def _hours_since(now_ms: int, ts: np.ndarray) -> np.ndarray:
@@ -261,32 +275,39 @@ def pair_features(
     signal_names: list[str],
     level_names: list[str],
     now_ms: int,
-) -> tuple[dict[str, np.ndarray], Groups]:
+) -> tuple[list[str], np.ndarray, Groups]:
     """The ``pair`` group for candidate pairs (`user * n_items + item`): counts per signal,
-    deepest level (0 without events), hours since the first event and the last per level.
-    Also returns the pair groups (the user features count distinct items from them)."""
+    deepest level (0 without events), hours since the first event and the last per level,
+    as (names, float64 matrix with a column per name). Also returns the pair groups (the
+    user features count distinct items from them). One gather for all columns: a request
+    pays numpy's per-call cost once, not per feature."""
     groups = Groups.of(ev.user * n_items + ev.item)
-    at = groups.lookup(cand_key)
     n_signals, n_levels = len(signal_names), len(level_names)
     known = ev.signal >= 0
     counts = np.bincount(
         groups.row_group[known] * n_signals + ev.signal[known], minlength=len(groups) * n_signals
     ).reshape(len(groups), n_signals)
-    count_names, last_names = _pair_names(tuple(signal_names), tuple(level_names))
-    out = dict(zip(count_names, at.gather(counts, 0.0).T, strict=True))
-    out["pair_max_level"] = at.gather(groups.max(ev.level), 0.0)
-    out["pair_n_events"] = at.gather(groups.sizes(), 0.0)
-    out["pair_h_since_first"] = at.gather(_hours_since(now_ms, groups.min(ev.ts)), np.nan)
     levels = np.arange(1, n_levels + 1, dtype=ev.level.dtype)
     by_level = np.where(ev.level[:, None] == levels[None, :], ev.ts[:, None], _NO_TS)
-    last = at.gather(_hours_since(now_ms, groups.max(by_level)), np.nan)
-    out |= dict(zip(last_names, last.reshape(len(cand_key), n_levels).T, strict=True))
-    return out, groups
+    per_pair = np.empty((len(groups), n_signals + 3 + n_levels), dtype=np.float64)
+    per_pair[:, :n_signals] = counts
+    per_pair[:, n_signals] = groups.max(ev.level)
+    per_pair[:, n_signals + 1] = groups.sizes()
+    per_pair[:, n_signals + 2] = _hours_since(now_ms, groups.min(ev.ts))
+    per_pair[:, n_signals + 3 :] = _hours_since(now_ms, groups.max(by_level))
+    names, fill = _pair_names(tuple(signal_names), tuple(level_names))
+    return names, groups.lookup(cand_key).gather(per_pair, fill), groups
 
 
 @lru_cache(maxsize=64)
-def _pair_names(signals: tuple[str, ...], levels: tuple[str, ...]) -> tuple[list, list]:
-    return [f"pair_n_{_safe(s)}" for s in signals], [f"pair_h_since_{_safe(n)}" for n in levels]
+def _pair_names(signals: tuple[str, ...], levels: tuple[str, ...]) -> tuple[list, np.ndarray]:
+    """The pair columns in `pair_features`' order and their value without events."""
+    names = [f"pair_n_{_safe(s)}" for s in signals]
+    names += ["pair_max_level", "pair_n_events", "pair_h_since_first"]
+    names += [f"pair_h_since_{_safe(n)}" for n in levels]
+    fill = np.zeros(len(names))
+    fill[len(signals) + 2 :] = np.nan
+    return names, fill
 
 
 def user_features(
@@ -297,9 +318,9 @@ def user_features(
     n_items: int,
     n_levels: int,
     now_ms: int,
-) -> dict[str, np.ndarray]:
-    """The ``user`` group for each candidate's user (NaN for a user without events); `groups`
-    and `pairs` are `ev`'s user and (user, item) groups."""
+) -> tuple[list[str], np.ndarray]:
+    """The ``user`` group for each candidate's user (NaN for a user without events), as
+    (names, float64 matrix); `groups` and `pairs` are `ev`'s user and (user, item) groups."""
     at = groups.lookup(cand_user)
     pair_users = pairs.keys // n_items
     n_items_of = np.searchsorted(pair_users, groups.keys, side="right") - np.searchsorted(
@@ -320,8 +341,7 @@ def user_features(
         if len(groups)
         else np.empty((0, 5))
     )
-    names = ("user_n_events", "user_n_items", "user_n_events_1d", "user_deep_share")
-    return dict(zip((*names, "user_h_since_last"), at.gather(stats, np.nan).T, strict=True))
+    return list(USER_COLUMNS), at.gather(stats, np.nan)
 
 
 def category_share(
@@ -406,13 +426,21 @@ def feature_matrix(
     missing) from the candidate users' events as of `now_ms` and the `items` statistics: the
     one implementation the offline stages and the service share."""
     n_items = max(snap.n_items, len(items.matrix))
-    users = np.unique(cands.user)
+    users = sorted_unique(cands.user)
     if len(events) and not (len(users) == 1 and (events.user == users[0]).all()):
         events = events.take(np.isin(events.user, users, kind="sort" if len(users) > 64 else None))
-    values: dict[str, np.ndarray] = {}
+    place = _placement(
+        tuple(columns),
+        tuple(items.names),
+        tuple(snap.signal_names),
+        tuple(snap.level_names),
+        snap.category is not None,
+    )
+    # blocks of (names, values with a column per name), each written into place at once
+    blocks: list[tuple[list[str], np.ndarray]] = []
     pairs = None
-    if any(c.startswith("pair_") or c.startswith("user_") for c in columns):
-        found, pairs = pair_features(
+    if place.wants_pair:
+        names, values, pairs = pair_features(
             events,
             cands.user * n_items + cands.item,
             n_items,
@@ -420,34 +448,93 @@ def feature_matrix(
             snap.level_names,
             now_ms,
         )
-        values |= found
-    wants_category = "cat_user_share" in columns and snap.category is not None
+        blocks.append((names, values))
+    wants_category = place.wants_category
     user_groups = Groups.of(events.user) if wants_category or pairs is not None else None
-    if any(c.startswith("user_") for c in columns):
-        values |= user_features(
-            events, user_groups, pairs, cands.user, n_items, snap.n_levels, now_ms
+    if place.wants_user:
+        blocks.append(
+            user_features(events, user_groups, pairs, cands.user, n_items, snap.n_levels, now_ms)
         )
     if wants_category:
-        values["cat_user_share"] = category_share(
-            events, user_groups, cands.user, cands.item, snap.category
-        )
-    for j, s in enumerate(SOURCES):
-        values[f"{s}_score"] = cands.scores[:, j]
-        values[f"{s}_rank"] = cands.ranks[:, j]
-    values["n_sources"] = (~np.isnan(cands.ranks)).sum(axis=1)
-    # filled column by column as rows of the transpose (contiguous writes), then turned once
+        share = category_share(events, user_groups, cands.user, cands.item, snap.category)
+        blocks.append((["cat_user_share"], share[:, None]))
+    blocks.append((list(SOURCE_SCORES), cands.scores))
+    blocks.append((list(SOURCE_RANKS), cands.ranks))
+    n_sources = (~np.isnan(cands.ranks)).sum(axis=1)
+    blocks.append((["n_sources"], n_sources[:, None]))
+    # filled as rows of the transpose (contiguous writes), then turned once
     block = np.full((len(columns), len(cands)), np.nan, dtype=np.float32)
-    from_items = []
-    for j, c in enumerate(columns):
-        if c in values:
-            block[j] = values[c]
-        elif c in items.column:
-            from_items.append((j, items.column[c]))
-    if from_items:
-        block[[j for j, _ in from_items]] = items.matrix[
-            np.ix_(cands.item, [k for _, k in from_items])
-        ].T
+    for names, values in blocks:
+        rows, cols = place.of(tuple(names))
+        if len(rows):
+            block[rows] = values[:, cols].T
+    if len(place.item_rows):
+        block[place.item_rows] = items.matrix[cands.item][:, place.item_cols].T
     return np.ascontiguousarray(block.T)
+
+
+SOURCE_SCORES = tuple(f"{s}_score" for s in SOURCES)
+SOURCE_RANKS = tuple(f"{s}_rank" for s in SOURCES)
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: one per cached column list
+class _Placement:
+    """Where a column list puts each computed feature and item statistic (built once per
+    column list: a request then writes a few blocks instead of looping over names)."""
+
+    position: dict[str, int]
+    wants_pair: bool
+    wants_user: bool
+    wants_category: bool
+    item_rows: np.ndarray  # rows of the (columns, n) block taken from the item table
+    item_cols: np.ndarray  # ... and the item table's columns for them
+
+    def of(self, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(block rows, value columns) of the `names` that `columns` holds."""
+        return _positions(self, names)
+
+
+@lru_cache(maxsize=256)
+def _positions(place: _Placement, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    found = [(place.position[n], k) for k, n in enumerate(names) if n in place.position]
+    return (
+        np.array([j for j, _ in found], dtype=np.int64),
+        np.array([k for _, k in found], dtype=np.int64),
+    )
+
+
+@lru_cache(maxsize=64)
+def _placement(
+    columns: tuple[str, ...],
+    item_names: tuple[str, ...],
+    signals: tuple[str, ...],
+    levels: tuple[str, ...],
+    has_category: bool,
+) -> _Placement:
+    """A column is computed where `feature_matrix` computes it, else taken from the item
+    table where that has it, else left missing."""
+    wants_pair = any(c.startswith(("pair_", "user_")) for c in columns)
+    wants_user = any(c.startswith("user_") for c in columns)
+    wants_category = "cat_user_share" in columns and has_category
+    computed = {*SOURCE_SCORES, *SOURCE_RANKS, "n_sources"}
+    if wants_pair:
+        computed |= set(_pair_names(signals, levels)[0])
+    if wants_user:
+        computed |= set(USER_COLUMNS)
+    if wants_category:
+        computed.add("cat_user_share")
+    item_column = {name: k for k, name in enumerate(item_names)}
+    from_items = [
+        (j, item_column[c]) for j, c in enumerate(columns) if c not in computed and c in item_column
+    ]
+    return _Placement(
+        position={c: j for j, c in enumerate(columns)},
+        wants_pair=wants_pair,
+        wants_user=wants_user,
+        wants_category=wants_category,
+        item_rows=np.array([j for j, _ in from_items], dtype=np.int64),
+        item_cols=np.array([k for _, k in from_items], dtype=np.int64),
+    )
 
 
 def build_features(

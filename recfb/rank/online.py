@@ -137,7 +137,7 @@ class OnlineRanker:
             parts["popularity"] = _listed(uid, top, self.trend[top])
         merged = merge_arrays(parts)
         if excluded:
-            merged = merged.take(~np.isin(merged.item, np.fromiter(excluded, np.int64)))
+            merged = merged.take(~_among(merged.item, excluded))
         return merged
 
     def features(self, cands: CandidateSet, events: EventArrays, now_ms: int) -> np.ndarray:
@@ -188,3 +188,11 @@ def _listed(uid: int, rows: np.ndarray, scores: np.ndarray) -> Listed:
         scores.astype(np.float32),
         np.arange(1, n + 1, dtype=np.float32),
     )
+
+
+def _among(rows: np.ndarray, excluded: set[int]) -> np.ndarray:
+    """Whether each of `rows` is in `excluded`: a binary search in the sorted few excluded
+    rows (`np.isin` sorts both sides, several times slower on a request's few hundred)."""
+    ex = np.sort(np.fromiter(excluded, np.int64, len(excluded)))
+    pos = np.minimum(np.searchsorted(ex, rows), len(ex) - 1)
+    return ex[pos] == rows
