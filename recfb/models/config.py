@@ -55,6 +55,13 @@ class LightGCNConfig(_Embedding):
     )
     edge_min_label: int = Field(1, description="train pairs with label >= this are edges")
     edge_weight_by_level: bool = Field(False, description="weight edges by level")
+    propagation: Literal["full", "topm"] = Field(
+        "full",
+        description="full: every step propagates the whole graph; topm: mean_k A^k is "
+        "computed once at fit start, pruned to each node's `topm` largest weights (plus the "
+        "node), so a step reads only its batch's neighbour rows (sparse gradients)",
+    )
+    topm: int = Field(16, ge=1, description="neighbours kept per node when propagation=topm")
 
 
 class GNOLRConfig(_Embedding):
