@@ -8,10 +8,11 @@ then LightGCN trained per mode with quality.py's settings (batch 1024, lr 0.005,
 on valid NDCG@20, full ranking); reports valid NDCG@10 at the restored (best) epoch, test
 NDCG@10, epochs and fit seconds per epoch (steps plus the per-epoch validation).
 speed: the simulated shop of benchmarks/train.py at `--size` pairs; each mode is timed by
-train.py's own child (recfb train's loop, `--budget` seconds of steps, extrapolated to an
-epoch) and implicit ALS runs one epoch on the same pairs in the same run. The top-m
-operator is built once per fit (timed apart: `operator_s`). A mode is `full` or the top-m
-width m. Each run is a child process (peak RSS, CPU steal share). Results:
+train.py's own child (recfb train's loop at train.py's LightGCN batch size, `--budget`
+seconds of steps, extrapolated to an epoch) and implicit ALS runs one epoch on the same pairs
+in the same run. The top-m operator is built once per fit (timed apart: `operator_s`).
+A mode is `full` or the top-m width m. Each run is a child process (peak RSS, CPU steal
+share). Results:
 benchmarks/results/lightgcn_modes_<part>.json and a Markdown table.
 """
 
@@ -80,12 +81,10 @@ def speed_child(mode: str, etl: str, budget: float) -> dict:
     import benchmarks.train as bench
 
     base = bench._config
-    trainer = {} if mode == "full" else {"batch_size": 4096}  # full: train.py's 16384
 
     def config(family: str, etl: str, extra: dict | None = None):
         extra = dict(extra or {})
         extra["model"] = extra.get("model", {}) | mode_config(mode)
-        extra["trainer"] = extra.get("trainer", {}) | trainer
         return base(family, etl, extra)
 
     bench._config = config
