@@ -39,7 +39,7 @@ def mode_config(mode: str) -> dict:
     return {"propagation": "topm", "topm": int(mode)}
 
 
-def quality_child(dataset: str, mode: str, work: Path, epochs: int) -> dict:
+def quality_child(dataset: str, mode: str, work: Path, epochs: int, seed: int) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -58,6 +58,7 @@ def quality_child(dataset: str, mode: str, work: Path, epochs: int) -> dict:
         "model": {"family": "lightgcn", "dim": 64} | mode_config(mode),
         "trainer": {"max_epochs": epochs, "batch_size": 1024, "patience": 4, "lr": 0.005},
         "eval": {"ks": [10, 20, 50]} | eval_rule,
+        "seed": seed,
     }
     cfg = build_model(TrainConfig, data, "bench")
     start = time.perf_counter()
@@ -115,10 +116,11 @@ def main() -> None:
     parser.add_argument("--dataset", help="(internal)")
     parser.add_argument("--etl", help="(internal)")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (quality)")
     args = parser.parse_args()
     if args.child and args.part == "quality":
         work = args.work / args.dataset
-        print(json.dumps(quality_child(args.dataset, args.child, work, args.epochs)))
+        print(json.dumps(quality_child(args.dataset, args.child, work, args.epochs, args.seed)))
         return
     if args.child:
         print(json.dumps(speed_child(args.child, args.etl, args.budget)))
@@ -142,8 +144,9 @@ def main() -> None:
             mlflow.search_experiments()
             for mode in args.modes:
                 cmd = ["quality", "--child", mode, "--dataset", dataset, "--work", str(args.work)]
-                r = run_child(__file__, [*cmd, "--epochs", str(args.epochs)])
-                rows.append({"dataset": dataset, "mode": mode} | r)
+                cmd += ["--epochs", str(args.epochs), "--seed", str(args.seed)]
+                r = run_child(__file__, cmd)
+                rows.append({"dataset": dataset, "mode": mode, "seed": args.seed} | r)
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     else:
         work = ["--work", str(args.train_work)]
