@@ -55,6 +55,18 @@ class LightGCNConfig(_Embedding):
     )
     edge_min_label: int = Field(1, description="train pairs with label >= this are edges")
     edge_weight_by_level: bool = Field(False, description="weight edges by level")
+    propagation: Literal["full", "topm"] = Field(
+        "full",
+        description="full: every step propagates the whole graph; topm: mean_k A^k is "
+        "computed once at fit start, pruned to each node's `topm` largest weights (plus the "
+        "node), so a step propagates only its batch's distinct nodes",
+    )
+    topm: int = Field(
+        8,
+        ge=1,
+        description="neighbours kept per node when propagation=topm (8 matched full on valid "
+        "MovieLens and Taobao; 16 and 32 lost on Taobao: benchmarks/results/lightgcn_modes.md)",
+    )
 
 
 class GNOLRConfig(_Embedding):

@@ -1,0 +1,192 @@
+"""LightGCN's propagation modes: full graph every step vs the pruned top-m operator.
+
+    python benchmarks/lightgcn_modes.py quality --datasets movielens taobao --modes full 8 16 32
+    python benchmarks/lightgcn_modes.py speed --size 1000000 --modes full 8 16 32
+
+quality: each dataset's ETL (conf/datasets/<name>.yaml, as benchmarks/quality.py runs it),
+then LightGCN trained per mode with quality.py's settings (batch 1024, lr 0.005, patience 4
+on valid NDCG@20, full ranking); reports valid NDCG@10 at the restored (best) epoch, test
+NDCG@10, epochs and fit seconds per epoch (steps plus the per-epoch validation).
+speed: the simulated shop of benchmarks/train.py at `--size` pairs; each mode is timed by
+train.py's own child (recfb train's loop at train.py's LightGCN batch size, `--budget`
+seconds of steps, extrapolated to an epoch) and implicit ALS runs one epoch on the same pairs
+in the same run. The top-m operator is built once per fit (timed apart: `operator_s`).
+A mode is `full` or the top-m width m. Each run is a child process (peak RSS, CPU steal
+share). Results:
+benchmarks/results/lightgcn_modes_<part>.json and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import run_child  # noqa: E402
+
+TRAIN_SCRIPT = str(ROOT / "benchmarks" / "train.py")
+
+
+def mode_config(mode: str) -> dict:
+    if mode == "full":
+        return {"propagation": "full"}
+    return {"propagation": "topm", "topm": int(mode)}
+
+
+def quality_child(dataset: str, mode: str, work: Path, epochs: int, seed: int) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    from benchmarks.quality import DATASETS
+    from recfb.config import build_model
+    from recfb.train.config import TrainConfig
+    from recfb.train.loop import train
+
+    os.chdir(ROOT)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlruns.db'}")
+    _, eval_rule = DATASETS[dataset]
+    data = {
+        "data": str(work / "etl"),
+        "experiment": f"lightgcn-modes-{dataset}",
+        "run_name": f"lightgcn-{mode}",
+        "model": {"family": "lightgcn", "dim": 64} | mode_config(mode),
+        "trainer": {"max_epochs": epochs, "batch_size": 1024, "patience": 4, "lr": 0.005},
+        "eval": {"ks": [10, 20, 50]} | eval_rule,
+        "seed": seed,
+    }
+    cfg = build_model(TrainConfig, data, "bench")
+    start = time.perf_counter()
+    result = train(cfg, quiet=True)
+    seconds = time.perf_counter() - start
+    scored = [r for r in result.history if "valid/ndcg@20" in r]
+    best = max(scored, key=lambda r: r["valid/ndcg@20"]) if scored else {}
+    return {
+        "valid_ndcg@10": best.get("valid/ndcg@10"),
+        "valid_ndcg@20": best.get("valid/ndcg@20"),
+        "best_epoch": best.get("epoch"),
+        "test_ndcg@10": result.metrics.get("test/ndcg@10"),
+        "epochs": len(result.history),
+        "fit_s": seconds,
+        "s_per_epoch": seconds / max(len(result.history), 1),
+    }
+
+
+def speed_child(mode: str, etl: str, budget: float) -> dict:
+    """benchmarks/train.py's timed epoch, with this mode's model settings."""
+    import benchmarks.train as bench
+
+    base = bench._config
+
+    def config(family: str, etl: str, extra: dict | None = None):
+        extra = dict(extra or {})
+        extra["model"] = extra.get("model", {}) | mode_config(mode)
+        return base(family, etl, extra)
+
+    bench._config = config
+    out = bench.child("lightgcn", etl, budget)
+    if mode != "full":  # the operator, built once per fit (outside the timed steps)
+        from recfb.models.lightgcn import propagation_operator
+        from recfb.train import loop
+        from recfb.train.data import Interactions
+
+        model = loop.build_model(config("lightgcn", etl), Interactions.load(etl))
+        start = time.perf_counter()
+        propagation_operator(model.adjacency, model.cfg.model.layers, int(mode))
+        out["operator_s"] = time.perf_counter() - start
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["quality", "speed"])
+    parser.add_argument("--datasets", nargs="+", default=["movielens", "taobao"])
+    parser.add_argument("--modes", nargs="+", default=["full", "8", "16", "32"])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--size", type=int, default=1_000_000)
+    parser.add_argument("--budget", type=float, default=30.0)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/recfb-lightgcn-modes"))
+    parser.add_argument("--train-work", type=Path, default=Path("/tmp/recfb-train-bench"))
+    parser.add_argument("--child", help="(internal) one mode")
+    parser.add_argument("--dataset", help="(internal)")
+    parser.add_argument("--etl", help="(internal)")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (quality)")
+    args = parser.parse_args()
+    if args.child and args.part == "quality":
+        work = args.work / args.dataset
+        print(json.dumps(quality_child(args.dataset, args.child, work, args.epochs, args.seed)))
+        return
+    if args.child:
+        print(json.dumps(speed_child(args.child, args.etl, args.budget)))
+        return
+    rows = []
+    if args.part == "quality":
+        from benchmarks.quality import DATASETS
+        from recfb.config import load_config
+        from recfb.etl import EtlConfig, run_etl
+
+        os.chdir(ROOT)
+        for dataset in args.datasets:
+            work = args.work / dataset
+            work.mkdir(parents=True, exist_ok=True)
+            etl_cfg = load_config(EtlConfig, DATASETS[dataset][0], [f"out={work / 'etl'}"])
+            run_etl(etl_cfg, quiet=True)
+            # create the MLflow store now, so its one-off set-up is not timed in a mode's fit
+            import mlflow
+
+            mlflow.set_tracking_uri(f"sqlite:///{work / 'mlruns.db'}")
+            mlflow.search_experiments()
+            for mode in args.modes:
+                cmd = ["quality", "--child", mode, "--dataset", dataset, "--work", str(args.work)]
+                cmd += ["--epochs", str(args.epochs), "--seed", str(args.seed)]
+                r = run_child(__file__, cmd)
+                rows.append({"dataset": dataset, "mode": mode, "seed": args.seed} | r)
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    else:
+        work = ["--work", str(args.train_work)]
+        etl = run_child(TRAIN_SCRIPT, ["--prepare", str(args.size), *work])["etl"]
+        for mode in args.modes:
+            cmd = ["speed", "--child", mode, "--etl", etl, "--budget", str(args.budget)]
+            rows.append({"mode": mode} | run_child(__file__, cmd))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        als = run_child(TRAIN_SCRIPT, ["--child", "als", "--etl", etl])
+        rows.append({"mode": "implicit ALS"} | als)
+    out = ROOT / "benchmarks" / "results" / f"lightgcn_modes_{args.part}{args.tag}.json"
+    out.write_text(json.dumps({"cores": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+    if args.part == "quality":
+        print("| dataset | mode | valid NDCG@10 | test NDCG@10 | epochs | s / epoch | CPU steal |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(
+                f"| {r['dataset']} | {_name(r['mode'])} | {r['valid_ndcg@10']:.4f} | "
+                f"{r['test_ndcg@10']:.4f} | {r['epochs']} | {r['s_per_epoch']:.1f} | "
+                f"{r['cpu_steal_share']:.0%} |"
+            )
+        return
+    ref = rows[-1]["epoch_s"]
+    print(
+        "| train pairs | mode | s / epoch | vs implicit ALS | operator s (once per fit) "
+        "| peak RSS GiB | measured | CPU steal |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---|---:|")
+    for r in rows:
+        op = f"{r['operator_s']:.1f}" if "operator_s" in r else ""
+        print(
+            f"| {r['pairs']:,} | {_name(r['mode'])} | {r['epoch_s']:.2f} | "
+            f"{r['epoch_s'] / ref:.1f}x | {op} | {r['peak_rss_gib']:.2f} | "
+            f"{r['measured']} | {r['cpu_steal_share']:.0%} |"
+        )
+
+
+def _name(mode: str) -> str:
+    return mode if not mode.isdigit() else f"topm m={mode}"
+
+
+if __name__ == "__main__":
+    main()
