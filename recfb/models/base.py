@@ -274,19 +274,24 @@ class EmbeddingRecommender(L.LightningModule):
         return users_all[users.to(users_all.device)] @ items_all.T
 
 
-def unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted distinct rows, their summed gradient rows) of a sparse row gradient, found by
-    marking rows in a table-sized mask instead of sorting: O(table rows + batch), where
-    coalescing sorts the batch's (B x rows-per-example) indices."""
-    index, values = grad._indices()[0], grad._values()
-    n = grad.shape[0]
+def distinct_slots(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted distinct values of `index`, each entry's position among them), for ids below n,
+    found by marking an n-sized mask instead of sorting: O(n + len(index))."""
     mark = torch.zeros(n, dtype=torch.bool, device=index.device)
     mark[index] = True
-    rows = mark.nonzero().squeeze(1)
+    distinct = mark.nonzero().squeeze(1)
     slot = torch.empty(n, dtype=torch.long, device=index.device)
-    slot[rows] = torch.arange(len(rows), device=index.device)
+    slot[distinct] = torch.arange(len(distinct), device=index.device)
+    return distinct, slot[index]
+
+
+def unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted distinct rows, their summed gradient rows) of a sparse row gradient, without
+    the sort that coalescing does over the batch's (B x rows-per-example) indices."""
+    index, values = grad._indices()[0], grad._values()
+    rows, slots = distinct_slots(index, grad.shape[0])
     summed = torch.zeros((len(rows), *values.shape[1:]), dtype=values.dtype, device=values.device)
-    return rows, summed.index_add_(0, slot[index], values)
+    return rows, summed.index_add_(0, slots, values)
 
 
 class RowSparseAdam(torch.optim.Optimizer):

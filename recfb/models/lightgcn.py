@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import LGConv
 
-from recfb.models.base import EmbeddingRecommender
+from recfb.models.base import EmbeddingRecommender, distinct_slots
 
 
 def normalized_adjacency(
@@ -166,21 +166,15 @@ class LightGCN(EmbeddingRecommender):
         """Final vectors of some nodes: their bags' weighted sums of layer-0 embeddings."""
         neighbours, weights = self.operator_bags()
         flat = nodes.reshape(-1)
-        # each distinct node once (a batch repeats items: 5 lookups per pair), found by
-        # marking a node-sized mask, not by sorting
-        n = neighbours.shape[0]
-        mark = torch.zeros(n, dtype=torch.bool, device=flat.device)
-        mark[flat] = True
-        distinct = mark.nonzero().squeeze(1)
-        slot = torch.empty(n, dtype=torch.long, device=flat.device)
-        slot[distinct] = torch.arange(len(distinct), device=flat.device)
+        # each distinct node once (a batch repeats items: 5 lookups per pair)
+        distinct, slots = distinct_slots(flat, neighbours.shape[0])
         out = F.embedding_bag(
             neighbours[distinct],
             self.embedding.weight,
             per_sample_weights=weights[distinct],
             mode="sum",
         )
-        return out[slot[flat]].reshape(*nodes.shape, out.shape[-1])
+        return out[slots].reshape(*nodes.shape, out.shape[-1])
 
     def batch_encoder(self):  # type: ignore[override]
         if not self.topm:
