@@ -57,6 +57,11 @@ def models(deepest: int, dim: int) -> dict[str, dict]:
     }
 
 
+def _suffix(tag: str) -> str:
+    """``--tag after`` and ``--tag _after`` both name ``quality_<dataset>_after.json``."""
+    return f"_{tag.lstrip('_')}" if tag else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=sorted(DATASETS), required=True)
@@ -141,7 +146,7 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    out = ROOT / "benchmarks" / "results" / f"quality_{args.dataset}{args.tag}.json"
+    out = ROOT / "benchmarks" / "results" / f"quality_{args.dataset}{_suffix(args.tag)}.json"
     if args.only and out.exists():
         # a partial rerun replaces its models' rows and keeps the others
         names = {r["model"] for r in rows}

@@ -361,7 +361,7 @@ def list_scorer(
             if u in rows:
                 cand, s = rows[u]
                 ranks = np.argsort(np.argsort(-s, kind="stable"), kind="stable")
-                out[j, torch.from_numpy(cand)] = torch.from_numpy(
+                out[j, torch.tensor(cand, dtype=torch.long)] = torch.from_numpy(
                     (1000.0 - ranks).astype(np.float32)
                 )
         return out
@@ -531,7 +531,9 @@ def _history_then(hist: pl.DataFrame, score: ScoreFn) -> ScoreFn:
         for j, u in enumerate(batch.tolist()):
             if u in own:
                 items, ranks = own[u]
-                s[j, torch.from_numpy(items)] = torch.from_numpy(1000.0 - ranks.astype(np.float32))
+                s[j, torch.tensor(items, dtype=torch.long)] = torch.from_numpy(
+                    1000.0 - ranks.astype(np.float32)
+                )
         return s
 
     return scorer
