@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from recfb.errors import RecfbError
@@ -33,8 +34,15 @@ SetOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 
 
+def _print_error(message: str) -> None:
+    """One error line on stderr; the message is escaped so '[...]' in it is shown, not parsed."""
+    Console(stderr=True, soft_wrap=True).print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False
+    )
+
+
 def _fail(exc: Exception) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+    _print_error(str(exc))
     raise typer.Exit(code=2)
 
 
@@ -578,8 +586,43 @@ def print_pipeline(result: Any) -> None:
     out.print(f"report: {result.report}")
 
 
+# top-level modules of the optional extras -> the extra that installs them
+_EXTRA_OF = {
+    "torch": "train",
+    "torch_geometric": "train",
+    "lightning": "train",
+    "mlflow": "train",
+    "matplotlib": "train",
+    "threadpoolctl": "train",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
+    "lleaves": "serve",
+    "faiss": "cpu",
+}
+
+
+def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
+    """Why a command failed in an install without its extra, and the pip line that fixes it."""
+    top = (exc.name or "").split(".")[0]
+    extra = _EXTRA_OF.get(top)
+    if extra is None:
+        return None
+    return (
+        f"this command needs the '{extra}' extra (module {top!r} is not installed): "
+        f"pip install 'recfb[{extra}]'"
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())
+    try:
+        sys.exit(app())
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc)
+        if message is None:
+            raise
+        _print_error(message)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # `python -m recfb.cli` (used by the tests' subprocess server)

@@ -261,6 +261,17 @@ def test_the_serve_extra_alone_serves(kind, request, serve_venv, tmp_path):
         check=True,
     )
     assert missing.stdout.strip() == "[]"  # not merely unimported: not installed
+    # a training command in this install names the extra to add instead of a traceback
+    train = subprocess.run(
+        [python, "-m", "recfb.cli", "train", "--config", str(ROOT / "conf/models/mf.yaml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert train.returncode == 2, train.stdout + train.stderr
+    assert "pip install 'recfb[train]'" in train.stderr, train.stderr
+    assert "Traceback" not in train.stderr
     report = serve_and_report(python, served, tmp_path, tmp_path)
     assert Path(report["recfb"]).is_relative_to(serve_venv)
     assert_serving_only(report, served)
