@@ -108,6 +108,8 @@ def build_model(cfg: TrainConfig, data: Interactions) -> EmbeddingRecommender:
         total = len(labels) * (1 + cfg.model.n_negatives)
         rates = torch.stack([(labels >= t).sum() for t in range(1, data.n_levels + 1)]) / total
         kwargs["level_rates"] = rates.float()
+    if cfg.debias.ips and cfg.debias.propensity == "exposure":
+        kwargs["item_exposure"] = torch.as_tensor(data.item_exposure(), dtype=torch.float32)
     cls = family(cfg.model.family).load_class()
     model = cls(
         data.n_users,
