@@ -178,3 +178,61 @@ def test_default_propensity_is_the_popularity_proxy():
         item_exposure=torch.ones(4),
     )
     assert torch.allclose(model.propensity, torch.tensor([0.5, 0.5, 0.5, 1.0]))
+
+
+def _level(event: pl.Expr) -> pl.Expr:
+    """The simulator signal map's levels: view 1, click 2, purchase 4."""
+    return event.replace_strict({"view": 1, "click": 2, "purchase": 4}, return_dtype=pl.Int8)
+
+
+def test_organic_only_evaluation_keeps_exactly_the_organic_test_pairs():
+    from recfb.etl.exposure import organic_heldout
+
+    raw = _raw(seed=4, n=8_000)
+    data = recfb.etl.run(raw, SIGNALS, split={"method": "temporal", "test_frac": 0.3})
+    test_start = datetime.fromisoformat(data.stats["split"]["test_start"])
+    expected = (
+        raw.filter((pl.col("ts") >= test_start) & (pl.col("is_organic") == 1))
+        .group_by("user_id", "item_id")
+        .agg(_level(pl.col("event")).max().alias("label"))
+        .sort("user_id", "item_id")
+    )
+    got = (
+        organic_heldout(data.events, data.test, "test")
+        .join(data.users, on="user_idx")
+        .join(data.items, on="item_idx")
+        .select(
+            pl.col("user_id").cast(pl.Int64),
+            pl.col("item_id").cast(pl.Int64),
+            pl.col("label").cast(pl.Int8),
+        )
+        .sort("user_id", "item_id")
+    )
+    assert expected.height > 300
+    assert got.height < data.test.height  # recommender-only pairs were left out
+    assert got.equals(expected)
+
+
+def test_organic_only_evaluation_changes_the_metrics_and_fails_without_the_flag():
+    from recfb.train.loop import fit_model
+
+    cfg = build_model(
+        TrainConfig,
+        {"model": {"family": "popularity"}, "eval": {"organic_only": True}},
+        "test",
+    )
+    split = {"method": "temporal", "test_frac": 0.3}
+    # a third of the users only ever act on recommendations: no organic pair to rank for
+    raw = _raw(seed=5, n=8_000).with_columns(
+        pl.when(pl.col("user_id") < 20).then(0).otherwise(pl.col("is_organic")).alias("is_organic")
+    )
+    data = recfb.etl.run(raw, SIGNALS, split=split)
+    organic = fit_model(cfg, data).metrics
+    everything = fit_model(
+        cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"organic_only": False})}), data
+    ).metrics
+    assert everything["test/n_users"] > 50
+    assert 0 < organic["test/n_users"] <= 40
+    no_flag = recfb.etl.run(raw.drop("is_organic"), SIGNALS, split=split)
+    with pytest.raises(InputError, match="eval.organic_only.*is_organic|is_organic.*organic_only"):
+        fit_model(cfg, no_flag)

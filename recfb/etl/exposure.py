@@ -8,6 +8,11 @@ level (a view, a listen) or of an exposure signal that the log marks as not orga
 per item over the train pairs, that is the logged exposure that IPS propensities can come
 from instead of the popularity proxy (`model.debias.propensity: exposure`).
 
+Organic-only evaluation (`eval.organic_only`) ranks against the held-out pairs the users
+reached on their own: `organic_heldout` keeps a held-out pair when it has an organic positive
+event (not cancelled) in the window, with the label the organic events reached, never above
+the pair's folded label (a refund or a later dislike still counts).
+
 A log without the flag gets neither column: its outputs are what they always were. Its
 logged impression events (signals marked `exposure: true`) are counted by their own
 `n_<signal>` columns already, and `item_exposure` reads those.
@@ -81,3 +86,34 @@ def item_exposure(
     out = np.zeros(n_items, dtype=np.float64)
     np.add.at(out, counts["item_idx"].to_numpy().astype(np.int64), counts["_shown"].to_numpy())
     return out
+
+
+def organic_heldout(
+    events: pl.LazyFrame, heldout: pl.DataFrame, split: str, source: str | None = None
+) -> pl.DataFrame:
+    """The held-out pairs of `split` that users reached organically (module docstring):
+    label = min(folded label, deepest organic, uncancelled positive level in the window).
+    Raises InputError, naming the field, when the event log has no `is_organic`."""
+    if ORGANIC not in events.collect_schema().names():
+        raise InputError(
+            f"eval.organic_only needs the logged exposure flag `{ORGANIC}` in the raw events "
+            "(the ETL keeps it in its event log); this data has none: set eval.organic_only: "
+            "false",
+            file=source,
+            field=ORGANIC,
+        )
+    keys = ["user_idx", "item_idx"]
+    organic = (
+        events.filter(
+            (pl.col("split").cast(pl.String) == split)
+            & pl.col(ORGANIC).fill_null(False)
+            & (pl.col("level") > 0)
+            & pl.col("cancelled_at").is_null()
+        )
+        .group_by(keys)
+        .agg(pl.col("level").max().alias("_organic"))
+        .collect()
+        .cast({k: heldout.schema[k] for k in keys})
+    )
+    label = pl.min_horizontal("label", "_organic").cast(heldout.schema["label"]).alias("label")
+    return heldout.join(organic, on=keys, how="inner").with_columns(label).drop("_organic")

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from recfb import tracking
 from recfb.errors import InputError, RecfbError
+from recfb.etl.interactions import source_label
 from recfb.evaluate import EvalConfig, full_ranking_metrics, level_auc
 from recfb.models import EmbeddingRecommender
 from recfb.models.config import family
@@ -143,6 +144,17 @@ def item_feature_codes(data: Interactions, names: list[str]) -> dict[str, torch.
     return out
 
 
+def heldout_of(data: Interactions, split: str, cfg: TrainConfig) -> pl.DataFrame:
+    """The held-out pairs a run is evaluated on: the split's, or (eval.organic_only) those
+    its users reached organically (`recfb.etl.exposure.organic_heldout`)."""
+    pairs = getattr(data, split)
+    if not cfg.eval.organic_only:
+        return pairs
+    from recfb.etl.exposure import organic_heldout
+
+    return organic_heldout(data.events, pairs, split, source_label(data))
+
+
 def evaluate_scorer(
     scorer: Any, data: Interactions, heldout: pl.DataFrame, cfg: TrainConfig
 ) -> dict[str, float]:
@@ -224,6 +236,7 @@ def fit_model(
         "data_fingerprint": data.fingerprint(),
         "data": str(data.directory or "memory"),
     }
+    heldout_of(data, "test", cfg)  # eval.organic_only without the flag fails before training
     with tracker.run(tags) if tracker is not None else nullcontext(None) as run_id:
         tracking.log_params(cfg.model_dump(mode="json"))
         tracking.log_text(yaml.safe_dump(cfg.model_dump(mode="json")), "config.yaml")
@@ -233,15 +246,15 @@ def fit_model(
             history: list[dict[str, float]] = []
         else:
             model, history = _fit_embedding(cfg, data, quiet)
-        metrics = {
-            f"valid/{k}": v for k, v in evaluate_scorer(model, data, data.valid, cfg).items()
-        }
+        valid = evaluate_scorer(model, data, heldout_of(data, "valid", cfg), cfg)
+        metrics = {f"valid/{k}": v for k, v in valid.items()}
         if cfg.eval.refit and data.valid.height:
             model, data, epochs = _refit(cfg, data, history, quiet)
             metrics["refit_epochs"] = float(epochs)
-        metrics |= {f"test/{k}": v for k, v in evaluate_scorer(model, data, data.test, cfg).items()}
+        test = heldout_of(data, "test", cfg)
+        metrics |= {f"test/{k}": v for k, v in evaluate_scorer(model, data, test, cfg).items()}
         # the same test on the users the model has a taste for (no popularity fallback)
-        warm_test = data.test.filter(pl.col("user_idx").is_in(warm_users(data.train).implode()))
+        warm_test = test.filter(pl.col("user_idx").is_in(warm_users(data.train).implode()))
         if warm_test.height:
             warm = full_ranking_metrics(
                 model.score,
@@ -254,8 +267,7 @@ def fit_model(
             metrics |= {f"test/warm/{k}": v for k, v in warm.items() if "/" not in k}
         if isinstance(model, GNOLR):
             metrics |= {
-                f"test/{k}": v
-                for k, v in gnolr_level_auc(model, data.test, data.level_names).items()
+                f"test/{k}": v for k, v in gnolr_level_auc(model, test, data.level_names).items()
             }
         tracking.log_metrics(metrics)
         if isinstance(model, EmbeddingRecommender):
@@ -365,7 +377,8 @@ def _fit_embedding(
     callbacks: list[Any] = []
     checkpoint = None
     if data.valid.height:
-        model.evaluator = lambda m: evaluate_scorer(m, data, data.valid, cfg)
+        valid = heldout_of(data, "valid", cfg)
+        model.evaluator = lambda m: evaluate_scorer(m, data, valid, cfg)
         callbacks.append(
             EarlyStopping(
                 monitor=monitor,
