@@ -171,6 +171,23 @@ def evaluate_scorer(
     return metrics
 
 
+def snips_metrics(
+    scorer: Any, data: Interactions, heldout: pl.DataFrame, cfg: TrainConfig
+) -> dict[str, float]:
+    """`recfb.evaluate.ips.snips_recall` of the served scorer (popularity fallback included),
+    propensities from the train window as `debias` says (the logged exposure or popularity)."""
+    from recfb.evaluate.ips import propensities, snips_recall
+
+    d = cfg.debias
+    counts = data.item_exposure() if d.propensity == "exposure" else data.item_popularity()
+    served = PopularityFallback.from_train(scorer, data.train, data.n_users, data.n_items)
+    theta = propensities(counts, d.eta, d.clip)
+    out = snips_recall(
+        served.score, data.n_items, heldout, data.train, theta, eval_config(cfg, data)
+    )
+    return {k: v for k, v in out.items() if k != "n_users"}
+
+
 def gnolr_level_auc(
     model: GNOLR, heldout: pl.DataFrame, levels: dict[int, str]
 ) -> dict[str, float]:
@@ -236,7 +253,10 @@ def fit_model(
         "data_fingerprint": data.fingerprint(),
         "data": str(data.directory or "memory"),
     }
-    heldout_of(data, "test", cfg)  # eval.organic_only without the flag fails before training
+    # what the evaluation needs from the data fails before training, not after
+    heldout_of(data, "test", cfg)
+    if cfg.eval.snips and cfg.debias.propensity == "exposure":
+        data.item_exposure()
     with tracker.run(tags) if tracker is not None else nullcontext(None) as run_id:
         tracking.log_params(cfg.model_dump(mode="json"))
         tracking.log_text(yaml.safe_dump(cfg.model_dump(mode="json")), "config.yaml")
@@ -265,6 +285,8 @@ def fit_model(
                 eval_config(cfg, data),
             )
             metrics |= {f"test/warm/{k}": v for k, v in warm.items() if "/" not in k}
+        if cfg.eval.snips and test.height:
+            metrics |= {f"test/{k}": v for k, v in snips_metrics(model, data, test, cfg).items()}
         if isinstance(model, GNOLR):
             metrics |= {
                 f"test/{k}": v for k, v in gnolr_level_auc(model, test, data.level_names).items()
