@@ -18,6 +18,8 @@ Columns of a pair table (documented in the README):
   click_to_purchase_s   delay of the pair's first purchase (that followed a clock event, e.g.
                         a click) since the latest clock event before it
   purchase_to_refund_s  delay of the pair's first linked refund since its purchase
+  n_impressions         where the log has `is_organic`: the pair's recommender impressions
+                        in the window (`recfb.etl.exposure`)
   seen_before           the pair had events in an earlier split window
   <feature>             pass-through columns: the value on the pair's last event
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from recfb.etl.exposure import IMPRESSIONS, ORGANIC, impression_expr
 from recfb.etl.signals import SignalMap
 
 PAIR = ["user_idx", "item_idx"]
@@ -86,6 +89,13 @@ def aggregate_pairs(
         ],
         *[_last(pl.col(f), order).alias(f) for f in features],
     ]
+    # the logged exposure signal: absent without the flag (outputs unchanged), and left to
+    # the log's own count when a signal is named `impressions`
+    own_count = IMPRESSIONS in {signal_column(n) for n in smap.signals}
+    impressions = [IMPRESSIONS] if ORGANIC in features and not own_count else []
+    if impressions:
+        codes = [c for c, s in enumerate(smap.signals.values()) if s.exposure]
+        aggs.append(impression_expr(codes).sum().cast(pl.UInt32).alias(IMPRESSIONS))
     att = smap.attribution
     click_window = int(att.click_to_purchase_hours * _HOUR_MS)
     refund_window = int(att.purchase_to_refund_hours * _HOUR_MS)
@@ -143,6 +153,7 @@ def aggregate_pairs(
             "matured",
             "weight",
             *[signal_column(n) for n in smap.signals],
+            *impressions,
             "first_ts",
             "last_ts",
             "click_to_purchase_s",

@@ -217,6 +217,16 @@ class Interactions:
         )
         return replace(self, train=merged, valid=self.valid.clear())
 
+    def item_exposure(self) -> np.ndarray:
+        """Logged recommender impressions per item over the train pairs (float64): the
+        exposure IPS propensities can come from (`recfb.etl.exposure`). Raises InputError
+        when the data has no logged exposure."""
+        from recfb.etl.exposure import item_exposure
+
+        smap = self.signal_map
+        signals = [n for n, s in smap.signals.items() if s.exposure] if smap is not None else []
+        return item_exposure(self.train, self.n_items, signals, source_label(self))
+
     def item_popularity(self, min_label: int = 1) -> np.ndarray:
         """Train pairs with label >= min_label per item."""
         import numpy as np

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 import polars as pl
 
 from recfb.etl.config import InputConfig
+from recfb.etl.exposure import ORGANIC, organic_flag
 from recfb.etl.readers import (
     MALFORMED_RAW,
     MALFORMED_REASON,
@@ -220,7 +221,9 @@ def validate(
 
 
 def good_rows(validated: pl.LazyFrame, extras: list[str]) -> pl.LazyFrame:
-    """Rows without a reason, in the typed internal form (`ts` as Int64 ms)."""
+    """Rows without a reason, in the typed internal form (`ts` as Int64 ms; the exposure
+    flag `is_organic`, where the log has it, as a Boolean: `recfb.etl.exposure`)."""
+    schema = validated.collect_schema() if ORGANIC in extras else {}
     return validated.filter(pl.col("reason").is_null()).select(
         "user_id",
         "item_id",
@@ -229,7 +232,7 @@ def good_rows(validated: pl.LazyFrame, extras: list[str]) -> pl.LazyFrame:
         pl.col("value_num").alias("value"),
         "event_id",
         "order_id",
-        *extras,
+        *[organic_flag(schema[c]) if c == ORGANIC else c for c in extras],
         *PROVENANCE,
     )
 

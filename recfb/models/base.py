@@ -14,6 +14,8 @@ becomes per-example losses (`example_losses`). Everything else lives here once:
 - T-CE: after warm-up, the highest-loss share of positives is dropped, ramped up over epochs;
 - IPS (Rel-MF): propensity theta_i = (pop_i / max pop)^eta, clipped; with the BCE loss the
   unbiased estimator (y/theta) l(s,1) + (1 - y/theta) l(s,0), otherwise 1/theta weights.
+  `debias.propensity: exposure` puts the logged impressions per item (`item_exposure`) in
+  place of the popularity proxy.
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ class EmbeddingRecommender(L.LightningModule):
         config: dict[str, Any],
         train_pairs: dict[str, torch.Tensor] | None = None,
         item_popularity: torch.Tensor | None = None,
+        item_exposure: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
             ignore=[
                 "train_pairs",
                 "item_popularity",
+                "item_exposure",
                 "adjacency",
                 "level_rates",
                 "item_feature_codes",
@@ -61,8 +65,18 @@ class EmbeddingRecommender(L.LightningModule):
         pop = item_popularity if item_popularity is not None else torch.ones(n_items)
         pop = pop.float().clamp(min=0)
         self.register_buffer("log_q", torch.log((pop + 1) / (pop + 1).sum()), persistent=False)
-        theta = (pop / pop.max().clamp(min=1)).pow(self.cfg.debias.eta)
-        self.register_buffer("propensity", theta.clamp(min=self.cfg.debias.clip), persistent=False)
+        debias = self.cfg.debias
+        counts = pop
+        if debias.propensity == "exposure":
+            if item_exposure is None and debias.ips and train_pairs is not None:
+                raise ValueError(
+                    "debias.propensity=exposure needs the logged impressions per item "
+                    "(item_exposure); the data gives none"
+                )
+            if item_exposure is not None:
+                counts = item_exposure.float().clamp(min=0)
+        theta = (counts / counts.max().clamp(min=1)).pow(debias.eta)
+        self.register_buffer("propensity", theta.clamp(min=debias.clip), persistent=False)
         # sparse gradients on the embedding tables (RowSparseAdam), unless weight decay is asked
         # for or a DDP strategy is used (NCCL cannot all-reduce sparse gradients)
         optim = self.cfg.optim

@@ -180,7 +180,16 @@ class DebiasConfig(_Strict):
     """Inverse-propensity weighting for missing-not-at-random feedback (Rel-MF)."""
 
     ips: bool = False
-    eta: float = Field(0.5, gt=0, description="propensity theta_i = (pop_i / max pop)^eta")
+    propensity: Literal["popularity", "exposure"] = Field(
+        "popularity",
+        description="what theta_i is computed from: `popularity` (train positives per item, "
+        "the proxy) or `exposure` (the logged recommender impressions per item in the train "
+        "window: the ETL's n_impressions where the log has is_organic, else impression "
+        "signals); same eta and clip either way",
+    )
+    eta: float = Field(
+        0.5, gt=0, description="propensity theta_i = (count_i / max count)^eta, count as chosen"
+    )
     clip: float = Field(
         0.5, gt=0, le=1, description="lower bound on theta (0.5 measured better than 0.2)"
     )

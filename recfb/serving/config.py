@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,8 +36,15 @@ class RatesConfig(BaseModel):
     click_window_days: float = Field(7.0, gt=0, description="clicks this recent are the trials")
     purchase_window_days: float = Field(28.0, gt=0, description="purchases for the refund rate")
     refresh_s: float = Field(60.0, gt=0, description="recompute when the table is this old")
-    cvr_prior_strength: float = Field(2.0, ge=0, description="pseudo-clicks at the segment CVR")
-    refund_prior_strength: float = Field(2.0, ge=0, description="pseudo-purchases, refund rate")
+    cvr_prior_strength: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        2.0,
+        description="pseudo-clicks at the segment CVR; `auto`: empirical Bayes, toward the "
+        "segment's pooled rate with the strength chosen by held-out likelihood (lower "
+        "per-item error on thin items, benchmarks/results/rate_shrinkage.md)",
+    )
+    refund_prior_strength: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        2.0, description="pseudo-purchases at the segment refund rate, or `auto` (as above)"
+    )
 
 
 class RerankConfig(BaseModel):

@@ -60,6 +60,18 @@ class EvalSettings(_Strict):
     )
     exclude_min_level: int = 1
     relevant_min_level: int = 1
+    organic_only: bool = Field(
+        False,
+        description="evaluate (valid, test, early stopping) only on the held-out pairs users "
+        "reached organically: an error when the raw events have no `is_organic` flag "
+        "(recfb.etl.exposure.organic_heldout)",
+    )
+    snips: bool = Field(
+        False,
+        description="also report test/snips_recall@k: recall with each relevant pair weighted "
+        "by 1/theta of its item (self-normalised per user), theta from debias.propensity "
+        "(popularity, or the logged exposure) with debias.eta and debias.clip",
+    )
     refit: bool = Field(
         False,
         description="before the test, refit on train + valid (embedding models for the "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from recfb import tracking
 from recfb.errors import ConfigError
-from recfb.train.loop import evaluate_scorer, fitted_data
+from recfb.train.loop import evaluate_scorer, fitted_data, heldout_of
 from recfb.train.runs import load_run
 
 
@@ -15,7 +15,7 @@ def evaluate_run(run_id: str, split: str, overrides: list[str]) -> tuple[str, di
     if cfg.eval.refit and split == "valid":
         raise ConfigError(f"run {run_id} was refitted on valid (eval.refit); evaluate it on test")
     data = fitted_data(cfg)
-    metrics = evaluate_scorer(scorer, data, getattr(data, split), cfg)
+    metrics = evaluate_scorer(scorer, data, heldout_of(data, split, cfg), cfg)
     tags = {
         "model_family": cfg.model.family,
         "source_run_id": run_id,

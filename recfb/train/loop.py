@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from recfb import tracking
 from recfb.errors import InputError, RecfbError
+from recfb.etl.interactions import source_label
 from recfb.evaluate import EvalConfig, full_ranking_metrics, level_auc
 from recfb.models import EmbeddingRecommender
 from recfb.models.config import family
@@ -108,6 +109,8 @@ def build_model(cfg: TrainConfig, data: Interactions) -> EmbeddingRecommender:
         total = len(labels) * (1 + cfg.model.n_negatives)
         rates = torch.stack([(labels >= t).sum() for t in range(1, data.n_levels + 1)]) / total
         kwargs["level_rates"] = rates.float()
+    if cfg.debias.ips and cfg.debias.propensity == "exposure":
+        kwargs["item_exposure"] = torch.as_tensor(data.item_exposure(), dtype=torch.float32)
     cls = family(cfg.model.family).load_class()
     model = cls(
         data.n_users,
@@ -141,6 +144,17 @@ def item_feature_codes(data: Interactions, names: list[str]) -> dict[str, torch.
     return out
 
 
+def heldout_of(data: Interactions, split: str, cfg: TrainConfig) -> pl.DataFrame:
+    """The held-out pairs a run is evaluated on: the split's, or (eval.organic_only) those
+    its users reached organically (`recfb.etl.exposure.organic_heldout`)."""
+    pairs = getattr(data, split)
+    if not cfg.eval.organic_only:
+        return pairs
+    from recfb.etl.exposure import organic_heldout
+
+    return organic_heldout(data.events, pairs, split, source_label(data))
+
+
 def evaluate_scorer(
     scorer: Any, data: Interactions, heldout: pl.DataFrame, cfg: TrainConfig
 ) -> dict[str, float]:
@@ -155,6 +169,23 @@ def evaluate_scorer(
     users = torch.as_tensor(heldout["user_idx"].unique().to_numpy().astype(np.int64))
     metrics["cold_user_share"] = float(1 - served.is_warm(users).float().mean())
     return metrics
+
+
+def snips_metrics(
+    scorer: Any, data: Interactions, heldout: pl.DataFrame, cfg: TrainConfig
+) -> dict[str, float]:
+    """`recfb.evaluate.ips.snips_recall` of the served scorer (popularity fallback included),
+    propensities from the train window as `debias` says (the logged exposure or popularity)."""
+    from recfb.evaluate.ips import propensities, snips_recall
+
+    d = cfg.debias
+    counts = data.item_exposure() if d.propensity == "exposure" else data.item_popularity()
+    served = PopularityFallback.from_train(scorer, data.train, data.n_users, data.n_items)
+    theta = propensities(counts, d.eta, d.clip)
+    out = snips_recall(
+        served.score, data.n_items, heldout, data.train, theta, eval_config(cfg, data)
+    )
+    return {k: v for k, v in out.items() if k != "n_users"}
 
 
 def gnolr_level_auc(
@@ -222,6 +253,10 @@ def fit_model(
         "data_fingerprint": data.fingerprint(),
         "data": str(data.directory or "memory"),
     }
+    # what the evaluation needs from the data fails before training, not after
+    heldout_of(data, "test", cfg)
+    if cfg.eval.snips and cfg.debias.propensity == "exposure":
+        data.item_exposure()
     with tracker.run(tags) if tracker is not None else nullcontext(None) as run_id:
         tracking.log_params(cfg.model_dump(mode="json"))
         tracking.log_text(yaml.safe_dump(cfg.model_dump(mode="json")), "config.yaml")
@@ -231,15 +266,15 @@ def fit_model(
             history: list[dict[str, float]] = []
         else:
             model, history = _fit_embedding(cfg, data, quiet)
-        metrics = {
-            f"valid/{k}": v for k, v in evaluate_scorer(model, data, data.valid, cfg).items()
-        }
+        valid = evaluate_scorer(model, data, heldout_of(data, "valid", cfg), cfg)
+        metrics = {f"valid/{k}": v for k, v in valid.items()}
         if cfg.eval.refit and data.valid.height:
             model, data, epochs = _refit(cfg, data, history, quiet)
             metrics["refit_epochs"] = float(epochs)
-        metrics |= {f"test/{k}": v for k, v in evaluate_scorer(model, data, data.test, cfg).items()}
+        test = heldout_of(data, "test", cfg)
+        metrics |= {f"test/{k}": v for k, v in evaluate_scorer(model, data, test, cfg).items()}
         # the same test on the users the model has a taste for (no popularity fallback)
-        warm_test = data.test.filter(pl.col("user_idx").is_in(warm_users(data.train).implode()))
+        warm_test = test.filter(pl.col("user_idx").is_in(warm_users(data.train).implode()))
         if warm_test.height:
             warm = full_ranking_metrics(
                 model.score,
@@ -250,10 +285,11 @@ def fit_model(
                 eval_config(cfg, data),
             )
             metrics |= {f"test/warm/{k}": v for k, v in warm.items() if "/" not in k}
+        if cfg.eval.snips and test.height:
+            metrics |= {f"test/{k}": v for k, v in snips_metrics(model, data, test, cfg).items()}
         if isinstance(model, GNOLR):
             metrics |= {
-                f"test/{k}": v
-                for k, v in gnolr_level_auc(model, data.test, data.level_names).items()
+                f"test/{k}": v for k, v in gnolr_level_auc(model, test, data.level_names).items()
             }
         tracking.log_metrics(metrics)
         if isinstance(model, EmbeddingRecommender):
@@ -363,7 +399,8 @@ def _fit_embedding(
     callbacks: list[Any] = []
     checkpoint = None
     if data.valid.height:
-        model.evaluator = lambda m: evaluate_scorer(m, data, data.valid, cfg)
+        valid = heldout_of(data, "valid", cfg)
+        model.evaluator = lambda m: evaluate_scorer(m, data, valid, cfg)
         callbacks.append(
             EarlyStopping(
                 monitor=monitor,
