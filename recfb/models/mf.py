@@ -97,8 +97,13 @@ class MatrixFactorization(EmbeddingRecommender):
                 crow, flat, grad.reshape(-1), shape, check_invariants=False
             )
             set_row_gradient(user_table, users, grad_matrix @ item_vectors)
-            rows = distinct_slots(flat, self.n_items)[0]
-            item_grad = (grad_matrix.t() @ uvec).index_select(0, rows)
+            # the items' gradient over the batch's distinct items only (its columns are their
+            # slots), so that a small batch does not pay for a catalogue-sized product
+            rows, slots = distinct_slots(flat, self.n_items)
+            by_slot = torch.sparse_csr_tensor(
+                crow, slots, grad.reshape(-1), (len(users), len(rows)), check_invariants=False
+            )
+            item_grad = by_slot.t() @ uvec
             self.item_embedding.weight.grad = torch.sparse_coo_tensor(
                 rows.unsqueeze(0),
                 item_grad,
