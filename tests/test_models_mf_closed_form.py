@@ -106,3 +106,9 @@ def test_closed_form_gradients_equal_autograd(case: dict) -> None:
 def test_uncovered_configs_fall_back_to_autograd(settings: dict) -> None:
     model = _model(**settings)
     assert model.closed_form_backward(torch.arange(32)) is None
+
+
+def test_a_batch_smaller_than_the_catalogue_keeps_autograd() -> None:
+    model = _model()  # 40 items, 3 negatives: 4 entries a positive
+    assert model.closed_form_backward(torch.arange(9)) is None  # 36 entries < 40 items
+    assert model.closed_form_backward(torch.arange(10)) is not None  # 40 entries
