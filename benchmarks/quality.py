@@ -134,6 +134,7 @@ def main() -> None:
         row = {
             "model": name,
             "ndcg@10": m.get("test/ndcg@10"),
+            "valid ndcg@20": m.get("valid/ndcg@20"),
             f"ndcg@10/{levels[deepest]}": m.get(f"test/ndcg@10/{levels[deepest]}"),
             "recall@20": m.get("test/recall@20"),
             "warm ndcg@10": m.get("test/warm/ndcg@10"),

@@ -48,10 +48,29 @@ def _config(family: str, etl: str, extra: dict | None = None):
     return build_model(TrainConfig, data, "bench")
 
 
+def _threads() -> int:
+    """--threads (0: all cores), passed to children through the environment."""
+    return int(os.environ.get("RECFB_BENCH_THREADS", "0"))
+
+
+def _mf_overrides() -> dict:
+    """--mf-batch / --mf-lr, passed to children through the environment."""
+    trainer = {}
+    if os.environ.get("RECFB_BENCH_MF_BATCH"):
+        trainer["batch_size"] = int(os.environ["RECFB_BENCH_MF_BATCH"])
+    if os.environ.get("RECFB_BENCH_MF_LR"):
+        trainer["lr"] = float(os.environ["RECFB_BENCH_MF_LR"])
+    if os.environ.get("RECFB_BENCH_AUTOGRAD"):  # the autograd step, as before the closed form
+        from recfb.models.mf import MatrixFactorization
+
+        MatrixFactorization.closed_form_backward = lambda self, idx: None
+    return trainer
+
+
 def child(family: str, etl: str, budget: float) -> dict:
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(_threads() or os.cpu_count() or 1)
     from recfb.train.data import Interactions
 
     data = Interactions.load(etl)
@@ -59,7 +78,7 @@ def child(family: str, etl: str, budget: float) -> dict:
     if family in ("als", "bpr_implicit"):
         from recfb.models.baselines import make_baseline
 
-        model = make_baseline(family, factors=64, iterations=1)
+        model = make_baseline(family, factors=64, iterations=1, num_threads=_threads())
         start = time.perf_counter()
         model.fit(data.train, data.n_users, data.n_items)
         return {"pairs": n_pairs, "epoch_s": time.perf_counter() - start, "measured": "1 epoch"}
@@ -68,7 +87,8 @@ def child(family: str, etl: str, budget: float) -> dict:
 
     from recfb.train import loop
 
-    cfg = _config(family, etl, {"trainer": {"max_epochs": 1}})
+    mf = _mf_overrides() if family == "mf" else {}
+    cfg = _config(family, etl, {"trainer": {"max_epochs": 1} | mf})
     model = loop.build_model(cfg, data)
     loader = loop._loader(model, cfg)
     per_epoch = len(loader)
@@ -77,12 +97,13 @@ def child(family: str, etl: str, budget: float) -> dict:
         """Times the steps after the first (warm-up); stops the epoch past the budget."""
 
         start = 0.0
+        cpu_start = 0.0
         steps = 0
 
         def on_train_batch_end(self, trainer, *args) -> None:
             now = time.perf_counter()
             if not self.start:
-                self.start = now
+                self.start, self.cpu_start = now, time.process_time()
                 return
             self.steps += 1
             if now - self.start > budget:
@@ -93,7 +114,10 @@ def child(family: str, etl: str, budget: float) -> dict:
         trainer = loop._trainer(cfg, [clock], None, True)
         trainer.fit(model, loader)
     per_step = (time.perf_counter() - clock.start) / max(clock.steps, 1)
+    cpu_per_step = (time.process_time() - clock.cpu_start) / max(clock.steps, 1)
     return {
+        "wall_per_step_s": per_step,
+        "cpu_per_step_s": cpu_per_step,
         "pairs": n_pairs,
         "epoch_s": per_step * per_epoch,
         "measured": f"{clock.steps + 1} of {per_epoch} steps (recfb train's loop)",
@@ -105,7 +129,7 @@ def quality_child(family: str, etl: str, epochs: int) -> dict:
     """Test NDCG@10 of a full fit (MF: early stopping on the valid window) on a split."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(_threads() or os.cpu_count() or 1)
     from recfb.train.data import Interactions
     from recfb.train.loop import fit_model
 
@@ -117,7 +141,9 @@ def quality_child(family: str, etl: str, epochs: int) -> dict:
         spec = {"data": etl, "model": {"family": family, "dim": DIM["mf"]}}
         cfg = build_model(TrainConfig, spec, "bench")
     else:
-        cfg = _config(family, etl, {"trainer": {"max_epochs": epochs, "patience": 3}})
+        cfg = _config(
+            family, etl, {"trainer": {"max_epochs": epochs, "patience": 3} | _mf_overrides()}
+        )
     start = time.perf_counter()
     fitted = fit_model(cfg, data)
     return {
@@ -133,33 +159,40 @@ def profile_child(etl: str, steps: int) -> dict:
     the model's own methods), and the whole step under Lightning for the rest."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(_threads() or os.cpu_count() or 1)
     from recfb.train import loop
     from recfb.train.data import Interactions
 
     data = Interactions.load(etl)
-    cfg = _config("mf", etl, {"trainer": {"max_epochs": 1}})
+    cfg = _config("mf", etl, {"trainer": {"max_epochs": 1} | _mf_overrides()})
     model = loop.build_model(cfg, data)
     optimizers = model.configure_optimizers()
     optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
     model.train()
     loader = iter(loop._loader(model, cfg))
     parts = dict.fromkeys(("loader", "sampling", "forward", "backward", "optimizer"), 0.0)
+    # one thread: CPU time, which other processes on a shared machine disturb least
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     for i in range(steps + 1):
-        t0 = time.perf_counter()
+        t0 = clock()
         idx = next(loader)
-        t1 = time.perf_counter()
+        t1 = clock()
         model.sample_negatives(model.pos_users[idx])
-        t2 = time.perf_counter()
-        loss = model.batch_loss(idx)  # samples again: forward = this - sampling
-        t3 = time.perf_counter()
+        t2 = clock()
         for opt in optimizers:
             opt.zero_grad()
-        loss.backward()
-        t4 = time.perf_counter()
+        # samples again: forward = this - sampling; a closed-form step's forward holds its
+        # scores and gradients, and it has no backward
+        loss = model.closed_form_backward(idx)
+        t3 = clock()
+        if loss is None:
+            loss = model.batch_loss(idx)
+            t3 = clock()
+            loss.backward()
+        t4 = clock()
         for opt in optimizers:
             opt.step()
-        t5 = time.perf_counter()
+        t5 = clock()
         if i:  # the first step warms up
             parts["loader"] += t1 - t0
             parts["sampling"] += t2 - t1
@@ -168,8 +201,10 @@ def profile_child(etl: str, steps: int) -> dict:
             parts["optimizer"] += t5 - t4
     ms = {k: 1000 * v / steps for k, v in parts.items()}
     real = child("mf", etl, budget=30.0)
-    step_ms = 1000 * real["epoch_s"] / len(loop._loader(model, cfg))
+    per_step = real["cpu_per_step_s" if clock is time.process_time else "wall_per_step_s"]
+    step_ms = 1000 * per_step
     ms["lightning and the rest"] = step_ms - sum(ms.values())
+    ms["clock"] = "CPU" if clock is time.process_time else "wall"
     return {"pairs": real["pairs"], "batch_size": cfg.trainer.batch_size, "step_ms": step_ms} | ms
 
 
@@ -209,6 +244,14 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--profile", type=int, nargs="+", help="sizes to profile MF steps at")
     parser.add_argument("--out", default="train", help="results file name (no suffix)")
+    parser.add_argument("--mf-batch", type=int, help="MF batch size (default: the config's)")
+    parser.add_argument("--mf-lr", type=float, help="MF learning rate (default: the config's)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="threads per model, torch and implicit (0: all)"
+    )
+    parser.add_argument(
+        "--autograd", action="store_true", help="MF steps through autograd (no closed form)"
+    )
     parser.add_argument("--child")
     parser.add_argument("--quality")
     parser.add_argument("--profile-child", action="store_true")
@@ -216,6 +259,13 @@ def main() -> None:
     parser.add_argument("--prepare", type=int, help="(internal) simulate + ETL one size")
     parser.add_argument("--split", action="store_true")
     args = parser.parse_args()
+    if args.mf_batch:
+        os.environ["RECFB_BENCH_MF_BATCH"] = str(args.mf_batch)
+    if args.mf_lr:
+        os.environ["RECFB_BENCH_MF_LR"] = str(args.mf_lr)
+    if args.autograd:
+        os.environ["RECFB_BENCH_AUTOGRAD"] = "1"
+    os.environ["RECFB_BENCH_THREADS"] = str(args.threads)
     if args.child:
         print(json.dumps(child(args.child, args.etl, args.budget)))
         return
@@ -240,12 +290,13 @@ def main() -> None:
         )
         parts = ["loader", "sampling", "forward", "backward", "optimizer"]
         parts.append("lightning and the rest")
-        print("| train pairs | batch | ms / step | " + " | ".join(parts) + " | CPU steal |")
-        print("|---:|---:|---:|" + "---:|" * len(parts) + "---:|")
+        print("| train pairs | batch | clock | ms / step | " + " | ".join(parts) + " | CPU steal |")
+        print("|---:|---:|---|---:|" + "---:|" * len(parts) + "---:|")
         for r in rows:
             shares = " | ".join(f"{r[k]:.1f} ({r[k] / r['step_ms']:.0%})" for k in parts)
             print(
-                f"| {r['pairs']:,} | {r['batch_size']} | {r['step_ms']:.1f} | {shares} | "
+                f"| {r['pairs']:,} | {r['batch_size']} | {r['clock']} | {r['step_ms']:.1f} | "
+                f"{shares} | "
                 f"{r['cpu_steal_share']:.0%} |"
             )
         return

@@ -129,17 +129,8 @@ class EmbeddingRecommender(L.LightningModule):
         # elementwise, not einsum: its backward runs as (B, D, 1) x (B, 1, N) batched matrix
         # products, the largest single cost of an MF step on CPU (profiled)
         s_neg = (users_vec.unsqueeze(1) * neg_vec).sum(-1)
-        loss = self.cfg.model.loss
-        if loss == "bpr":
-            out = F.softplus(-(s_pos.unsqueeze(1) - s_neg)).mean(1)
-            return out / self.propensity[pos] if self.cfg.debias.ips else out
-        if loss == "bce":
-            neg_term = F.softplus(s_neg).mean(1)
-            if self.cfg.debias.ips:
-                inv = 1.0 / self.propensity[pos]
-                neg_weight = (1 - inv).clamp(min=0) if self.cfg.debias.nonnegative else 1 - inv
-                return inv * F.softplus(-s_pos) + neg_weight * F.softplus(s_pos) + neg_term
-            return F.softplus(-s_pos) + neg_term
+        if self.cfg.model.loss in ("bpr", "bce"):
+            return self.pairwise_losses(s_pos, s_neg, pos)
         # sampled softmax: the other positives of the batch plus uniform negatives, log-q
         # corrected (in-batch items are drawn by popularity, uniform ones with q = 1/n)
         t = self.cfg.model.temperature
@@ -151,6 +142,73 @@ class EmbeddingRecommender(L.LightningModule):
         logits = torch.cat([in_batch, uniform], dim=1) / t
         out = F.cross_entropy(logits, torch.arange(len(pos), device=pos.device), reduction="none")
         return out / self.propensity[pos] if self.cfg.debias.ips else out
+
+    def pairwise_losses(
+        self, s_pos: torch.Tensor, s_neg: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-positive BPR or BCE loss (B,) from the positive (B,) and negative (B,N) scores."""
+        if self.cfg.model.loss == "bpr":
+            out = F.softplus(-(s_pos.unsqueeze(1) - s_neg)).mean(1)
+            return out / self.propensity[pos] if self.cfg.debias.ips else out
+        neg_term = F.softplus(s_neg).mean(1)
+        if self.cfg.debias.ips:
+            inv = 1.0 / self.propensity[pos]
+            return (
+                inv * F.softplus(-s_pos)
+                + self._bce_negative_weight(inv) * F.softplus(s_pos)
+                + neg_term
+            )
+        return F.softplus(-s_pos) + neg_term
+
+    def _bce_negative_weight(self, inv: torch.Tensor) -> torch.Tensor:
+        """IPS-BCE's weight (1 - y/theta) of a positive's l(s, 0) term."""
+        return (1 - inv).clamp(min=0) if self.cfg.debias.nonnegative else 1 - inv
+
+    @torch.no_grad()
+    def pairwise_step(
+        self, scores: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch loss of `batch_loss` and its gradient with respect to the scores, in
+        closed form (no autograd): scores (B, 1+N) hold the positive's score in column 0.
+
+        Covers the pairwise losses (BPR, BCE; IPS weights; T-CE's drop). With
+        l_b the per-positive loss and c_b = w_b / sum(w), the loss is sum_b c_b l_b, so
+        dL/ds = c_b dl_b/ds: BPR's dl/ds_neg_n = sigmoid(s_neg_n - s_pos) / N (/ theta),
+        dl/ds_pos = -sum_n of that; BCE's dl/ds_neg_n = sigmoid(s_neg_n) / N and
+        dl/ds_pos = -a sigmoid(-s_pos) + b sigmoid(s_pos) (a = 1/theta, b = 1 - 1/theta with
+        IPS; a = 1, b = 0 without)."""
+        s_pos, s_neg = scores[:, 0], scores[:, 1:]
+        losses = self.pairwise_losses(s_pos, s_neg, pos)
+        drop = tce_drop_share(self.cfg.denoise, self.current_epoch)
+        if drop > 0:  # only the kept positives count, and only their weights normalise
+            keep = max(1, int(round(len(losses) * (1 - drop))))
+            kept = torch.topk(losses, keep, largest=False).indices
+            weights = torch.zeros_like(weights).index_copy_(0, kept, weights[kept])
+        coef = weights / weights.sum().clamp(min=1e-8)
+        loss = (losses * coef).sum()
+        grad = torch.empty_like(scores)
+        n = s_neg.shape[1]
+        ips = self.cfg.debias.ips
+        if self.cfg.model.loss == "bpr":
+            scale = coef / self.propensity[pos] if ips else coef
+            grad[:, 1:] = torch.sigmoid(s_neg - s_pos.unsqueeze(1)).mul_((scale / n).unsqueeze(1))
+            grad[:, 0] = -grad[:, 1:].sum(1)
+            return loss, grad
+        grad[:, 1:] = torch.sigmoid(s_neg).mul_((coef / n).unsqueeze(1))
+        if ips:
+            inv = 1.0 / self.propensity[pos]
+            d_pos = -inv * torch.sigmoid(-s_pos) + self._bce_negative_weight(inv) * torch.sigmoid(
+                s_pos
+            )
+        else:
+            d_pos = -torch.sigmoid(-s_pos)
+        grad[:, 0] = d_pos * coef
+        return loss, grad
+
+    def closed_form_backward(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """Set the parameters' gradients of `batch_loss(idx)` without autograd and return the
+        loss, where a model can (MF's pairwise losses); None: the step uses autograd."""
+        return None
 
     # --- sampling ------------------------------------------------------------------------
     def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
@@ -202,11 +260,7 @@ class EmbeddingRecommender(L.LightningModule):
         neg = self.sample_negatives(users)
         user_vectors, item_vectors = self.batch_encoder()
         uvec = user_vectors(users)
-        dn = self.cfg.denoise
-        if dn.method == "pld" and self.current_epoch >= dn.warmup_epochs:
-            new_pos = self._pld_resample(uvec, item_vectors, users, self.pos_items[idx], neg)
-            # a resampled positive brings its own pair's label, weight and maturity
-            idx = self._pair_index(users, new_pos, idx)
+        idx = self._denoised_index(idx, users, neg, uvec, item_vectors)
         pos, labels, weights = self.pos_items[idx], self.pos_labels[idx], self.pos_weights[idx]
         matured = self.pos_matured[idx] if len(self.pos_matured) else None
         # positives and negatives in one lookup: one sparse gradient per table, not two that
@@ -215,21 +269,39 @@ class EmbeddingRecommender(L.LightningModule):
         rows = item_vectors(torch.cat([pos.unsqueeze(1), neg], 1))
         pos_vec, neg_vec = rows.split([1, neg.shape[1]], dim=1)
         losses = self.example_losses(uvec, pos_vec.squeeze(1), neg_vec, pos, labels, matured)
-        drop = tce_drop_share(dn, self.current_epoch)
+        drop = tce_drop_share(self.cfg.denoise, self.current_epoch)
         if drop > 0:
             keep = max(1, int(round(len(losses) * (1 - drop))))
             kept = torch.topk(losses.detach(), keep, largest=False).indices
             losses, weights = losses[kept], weights[kept]
         return (losses * weights).sum() / weights.sum().clamp(min=1e-8)
 
+    def _denoised_index(
+        self,
+        idx: torch.Tensor,
+        users: torch.Tensor,
+        neg: torch.Tensor,
+        uvec: torch.Tensor,
+        item_vectors: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The batch's pair indices, with PLD's resampled positives once it is warm."""
+        dn = self.cfg.denoise
+        if dn.method == "pld" and self.current_epoch >= dn.warmup_epochs:
+            new_pos = self._pld_resample(uvec, item_vectors, users, self.pos_items[idx], neg)
+            # a resampled positive brings its own pair's label, weight and maturity
+            idx = self._pair_index(users, new_pos, idx)
+        return idx
+
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self._cache = None
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        loss = self.batch_loss(idx)
         for opt in optimizers:
             opt.zero_grad()
-        self.manual_backward(loss)
+        loss = self.closed_form_backward(idx)
+        if loss is None:
+            loss = self.batch_loss(idx)
+            self.manual_backward(loss)
         for opt in optimizers:
             opt.step()
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(idx))
@@ -288,6 +360,17 @@ class EmbeddingRecommender(L.LightningModule):
         return users_all[users.to(users_all.device)] @ items_all.T
 
 
+def set_row_gradient(param: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """param.grad = the sparse row gradient that puts values[k] on row index[k] (repeats
+    summed), built coalesced (distinct sorted rows), as RowSparseAdam reads it."""
+    rows, slots = distinct_slots(index, param.shape[0])
+    summed = torch.zeros((len(rows), *values.shape[1:]), dtype=values.dtype, device=values.device)
+    summed.index_add_(0, slots, values)
+    param.grad = torch.sparse_coo_tensor(
+        rows.unsqueeze(0), summed, param.shape, is_coalesced=True, check_invariants=False
+    )
+
+
 def distinct_slots(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted distinct values of `index`, each entry's position among them), for ids below n,
     found by marking an n-sized mask instead of sorting: O(n + len(index))."""
@@ -303,6 +386,8 @@ def unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted distinct rows, their summed gradient rows) of a sparse row gradient, without
     the sort that coalescing does over the batch's (B x rows-per-example) indices."""
     index, values = grad._indices()[0], grad._values()
+    if grad.is_coalesced():  # already distinct and sorted (a closed-form step's gradient)
+        return index, values
     rows, slots = distinct_slots(index, grad.shape[0])
     summed = torch.zeros((len(rows), *values.shape[1:]), dtype=values.dtype, device=values.device)
     return rows, summed.index_add_(0, slots, values)

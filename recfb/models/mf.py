@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from recfb.models.base import EmbeddingRecommender
+from recfb.models.base import EmbeddingRecommender, distinct_slots, set_row_gradient
+
+# the closed-form step's batch pattern is a CSR matrix; torch notes CSR's "beta" status
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 class MatrixFactorization(EmbeddingRecommender):
@@ -50,3 +55,68 @@ class MatrixFactorization(EmbeddingRecommender):
         if not self.feature_names:
             return self.user_embedding, self.item_embedding
         return self.user_embedding, self._item_vectors
+
+    def closed_form_backward(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """BPR and BCE steps without autograd: the same batch as `batch_loss` (negatives,
+        PLD, T-CE, IPS) and its loss, with the gradients set in closed form.
+
+        The batch's (user, item) pairs are the pattern of a sparse matrix P (one row per
+        positive: its item, then its negatives): the scores are the sampled product
+        P o (U I^T) (`sampled_addmm`), and with G = P carrying dL/ds (`pairwise_step`) the
+        gradients are G I for the batch's users and G^T U for the items (an item's feature
+        rows get its item's gradient). No (B, 1+N, dim) block of item rows is gathered,
+        multiplied or scattered (the bulk of an autograd step, profiled). Used where the
+        batch's item entries are at least the catalogue (e.g. 4096 x 5 over 3,375 items:
+        1.5x faster a step than autograd); over a larger catalogue (4096 x 5 over 33,750
+        items) its sparse products cost more than autograd's gathers (profiled: 26 vs 21 CPU
+        ms a step), so such a step keeps autograd. CPU tables only (not checked on
+        accelerators, which keep autograd)."""
+        trainer = self._trainer
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        if (
+            self.cfg.model.loss not in ("bpr", "bce")
+            or not self.sparse_embeddings
+            or precision not in ("32-true", "32")
+            or self.user_embedding.weight.device.type != "cpu"
+            or len(idx) * (1 + self.cfg.model.n_negatives) < self.n_items
+        ):
+            return None
+        with torch.no_grad():
+            users = self.pos_users[idx]
+            neg = self.sample_negatives(users)
+            user_table = self.user_embedding.weight
+            uvec = user_table.index_select(0, users)
+            idx = self._denoised_index(idx, users, neg, uvec, self._item_vectors)
+            pos, weights = self.pos_items[idx], self.pos_weights[idx]
+            items = torch.cat([pos.unsqueeze(1), neg], 1)
+            width, flat = items.shape[1], items.reshape(-1)
+            item_vectors = self._item_vectors(None)
+            crow = torch.arange(0, len(flat) + 1, width, device=flat.device)
+            shape = (len(users), self.n_items)
+            pattern = torch.sparse_csr_tensor(
+                crow, flat, torch.zeros(len(flat)), shape, check_invariants=False
+            )
+            scores = torch.sparse.sampled_addmm(pattern, uvec, item_vectors.T, beta=0.0)
+            loss, grad = self.pairwise_step(scores.values().view(items.shape), pos, weights)
+            grad_matrix = torch.sparse_csr_tensor(
+                crow, flat, grad.reshape(-1), shape, check_invariants=False
+            )
+            set_row_gradient(user_table, users, grad_matrix @ item_vectors)
+            # the items' gradient over the batch's distinct items only (its columns are their
+            # slots), so that a small batch does not pay for a catalogue-sized product
+            rows, slots = distinct_slots(flat, self.n_items)
+            by_slot = torch.sparse_csr_tensor(
+                crow, slots, grad.reshape(-1), (len(users), len(rows)), check_invariants=False
+            )
+            item_grad = by_slot.t() @ uvec
+            self.item_embedding.weight.grad = torch.sparse_coo_tensor(
+                rows.unsqueeze(0),
+                item_grad,
+                self.item_embedding.weight.shape,
+                is_coalesced=True,
+                check_invariants=False,
+            )
+            for name in self.feature_names:
+                codes = getattr(self, f"codes_{name}")[rows]
+                set_row_gradient(self.feature_tables[name].weight, codes, item_grad)
+        return loss
