@@ -190,7 +190,8 @@ class _Events:
     def due(self, end_ms: int) -> dict[str, np.ndarray]:
         """Remove and return the events timed before `end_ms`, by (ts, event_id)."""
         if not self.parts:
-            return {k: np.empty(0) for k in self.KEYS}
+            dtype = {"value": np.float64, "organic": bool}
+            return {k: np.empty(0, dtype=dtype.get(k, np.int64)) for k in self.KEYS}
         allp = {k: np.concatenate([p[k] for p in self.parts]) for k in self.KEYS}
         now = allp["ts"] < end_ms
         later = {k: v[~now] for k, v in allp.items()}
@@ -420,13 +421,17 @@ def run_loop(
         transport: Transport = Http(serve_cfg) if http else InProcess(serve_cfg)
     except ConfigError as exc:
         log.warning("policy %s skipped: %s", policy, exc)
-        return LoopResult(policy, seed, empty, {}, 0.0, empty, empty, skipped=str(exc))
+        return LoopResult(
+            policy, seed, empty, {}, 0.0, empty, empty, skipped=" ".join(str(exc).split())
+        )
     try:
         try:
             pol = build_policy(cfg, spec, shop, transport)
         except ConfigError as exc:
             log.warning("policy %s skipped: %s", policy, exc)
-            return LoopResult(policy, seed, empty, {}, 0.0, empty, empty, skipped=str(exc))
+            return LoopResult(
+                policy, seed, empty, {}, 0.0, empty, empty, skipped=" ".join(str(exc).split())
+            )
         result = _simulate(cfg, shop, pol, transport, progress)
         posted = _posted(shop)
     finally:
@@ -448,7 +453,7 @@ def _simulate(
     tally = _Tally(shop)
     due_record: list[dict[str, np.ndarray]] = []
     hours = (cfg.warmup_days + cfg.days) * 24
-    part = 0
+    warm: list[dict[str, np.ndarray]] = []
     for hour in range(hours):
         t0 = shop.start_ms + hour * HOUR_MS
         day, hod = divmod(hour, 24)
@@ -530,13 +535,14 @@ def _simulate(
             _count_day(tally, shop, users, lists, lu.size, resp, t0)
 
         due = pending.due(t0 + HOUR_MS)
-        if due["ts"].size:
-            if in_loop:
-                transport.post(shop.event_dicts(due))
-                due_record.append(due)
-            elif (day + 1 == cfg.warmup_days and hod == 23) or due["ts"].size:
-                _write_history(shop, due, part)
-                part += 1
+        if in_loop and due["ts"].size:
+            transport.post(shop.event_dicts(due))
+            due_record.append(due)
+        elif not in_loop:
+            warm.append(due)
+            if hod == 23:  # one history part per warm-up day
+                _write_history(shop, {k: np.concatenate([d[k] for d in warm]) for k in due}, day)
+                warm = []
         if progress and hod == 23:
             progress(f"{'loop' if in_loop else 'warm-up'} day {loop_day if in_loop else day}")
     end = shop.start_ms + hours * HOUR_MS
