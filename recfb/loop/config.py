@@ -65,6 +65,10 @@ class LoopConfig(_Strict):
         default_factory=lambda: ["trainer.max_epochs=8"], description="applied to every policy"
     )
     rank_config: str = "conf/rank.yaml"
+    rank_overrides: list[str] = Field(
+        default_factory=lambda: ["ranker.n_estimators=150", "ranker.label_windows=2"],
+        description="applied to every two-stage policy (a nightly fit in seconds, not minutes)",
+    )
     signals: str = "conf/signals/simulator.yaml"
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
     experiment: str = "recfb-loop"

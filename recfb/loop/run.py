@@ -327,7 +327,7 @@ def build_policy(cfg: LoopConfig, spec: PolicySpec, shop: _Shop, transport: Tran
         return _Library(shop, transport, train)
     rank = None
     if spec.family == "two_stage":
-        rank = _overrides(read_yaml(cfg.rank_config), spec.rank)
+        rank = _overrides(read_yaml(cfg.rank_config), [*cfg.rank_overrides, *spec.rank])
         try:
             rank = RankConfig.model_validate(rank).model_dump(mode="json")
         except Exception as exc:
