@@ -68,6 +68,7 @@ def run_policies(
                 cfg, policy, seed, out / "work" / f"{policy}-{seed}", http=http, progress=tell
             )
             results.append(result)
+            _write(cfg, results, out, [])  # partial results survive an interrupted table
             if result.skipped:
                 break  # the same config fails for every seed
     daily = daily_table(results)
@@ -79,6 +80,13 @@ def run_policies(
     if track:
         _track(cfg, results, daily, plots)
     return results, path
+
+
+def _write(cfg: LoopConfig, results: list[LoopResult], out: Path, plots: list[Path]) -> None:
+    daily = daily_table(results)
+    if not daily.is_empty():
+        daily.write_csv(out / "daily.csv")
+    (out / "report.md").write_text(markdown(cfg, results, daily, plots))
 
 
 def daily_table(results: list[LoopResult]) -> pl.DataFrame:
