@@ -553,11 +553,14 @@ def _simulate(
 
 
 def _count_truth(tally: _Tally, resp: Any, vi: np.ndarray) -> None:
-    """Per item: clicks with their true P(buy), purchases with their true P(refund)."""
+    """Per item: genuine clicks with their true P(buy), purchases with their true P(refund).
+    Accidental clicks (true P(buy) 0) are left out: their short dwell makes the signal map
+    drop them before any rate sees them."""
     n = tally.shop.world.n_items
-    items = vi[resp.click_views]
+    genuine = resp.click_p_buy > 0
+    items = vi[resp.click_views[genuine]]
     tally.clicks += np.bincount(items, minlength=n)
-    tally.p_buy += np.bincount(items, weights=resp.click_p_buy, minlength=n)
+    tally.p_buy += np.bincount(items, weights=resp.click_p_buy[genuine], minlength=n)
     tally.buys += np.bincount(resp.buy_items, minlength=n)
     tally.p_ref += np.bincount(resp.buy_items, weights=resp.buy_p_ref, minlength=n)
 
