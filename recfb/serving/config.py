@@ -58,6 +58,11 @@ class RerankConfig(BaseModel):
     weight: float = Field(0.0, ge=0, description="0 = off (default until measured better)")
     candidates: int = Field(100, ge=1, description="index candidates re-ranked per request")
     floor: float = Field(1e-4, gt=0, le=1, description="NetCVR floor inside the log")
+    rates: Literal["corrected", "naive"] = Field(
+        "corrected",
+        description="the NetCVR re-ranked by: delay-corrected (default) or naive (immature "
+        "clicks and purchases counted as failures; the closed loop compares the two)",
+    )
 
 
 class FollowConfig(BaseModel):

@@ -1,7 +1,9 @@
 """The durable online event log: SQLite in WAL mode, written before the API acknowledges.
 
 One table, `events`, in the ETL's canonical schema (`event_id, user_id, item_id, event, ts,
-value, order_id`) plus `received_at`; `ts` and `received_at` are epoch milliseconds (UTC).
+value, order_id`) plus `received_at` and `is_organic` (the logged exposure flag: 1 organic,
+0 shown by a recommender, NULL unknown; a log written before it gets the column on open);
+`ts` and `received_at` are epoch milliseconds (UTC).
 `event_id` is the primary key, so a retried batch is stored once. With `synchronous=FULL`
 (default) a commit is on disk before the 2xx: nothing acknowledged is lost to a crash or a
 power cut; `NORMAL` survives a process crash (kill -9) but not a power cut.
@@ -40,13 +42,15 @@ CREATE TABLE IF NOT EXISTS events (
     ts          INTEGER NOT NULL,
     value       REAL,
     order_id    TEXT,
-    received_at INTEGER NOT NULL
+    received_at INTEGER NOT NULL,
+    is_organic  INTEGER
 );
 CREATE INDEX IF NOT EXISTS events_user_ts ON events (user_id, ts);
 CREATE INDEX IF NOT EXISTS events_item ON events (item_id);
 """
 COLUMNS = ("event_id", "user_id", "item_id", "event", "ts", "value", "order_id")
-TABLE_COLUMNS = (*COLUMNS, "received_at")
+TABLE_COLUMNS = (*COLUMNS, "received_at", "is_organic")
+OLD_COLUMNS = (*COLUMNS, "received_at")  # logs written before is_organic: migrated on open
 SQLITE_HEADER = b"SQLite format 3\x00"
 MARKER_EVERY, MARKER_SECONDS = 64, 5.0  # marker rewritten this often (and on close)
 
@@ -89,6 +93,9 @@ class EventLog:
                 finally:
                     check.close()
             self._writer = self._connect()
+            columns = [r[1] for r in self._writer.execute("PRAGMA table_info(events)")]
+            if columns and "is_organic" not in columns:  # an older log: add the column
+                self._writer.execute("ALTER TABLE events ADD COLUMN is_organic INTEGER")
             self._writer.executescript(SCHEMA)  # the indexes, where an older log lacks one
             self._count = self._writer.execute("SELECT count(*) FROM events").fetchone()[0]
         except sqlite3.DatabaseError as exc:
@@ -147,7 +154,7 @@ class EventLog:
                 f"has no table 'events' (tables: {tables or 'none'}): not a recfb event log"
             )
         columns = tuple(r[1] for r in db.execute("PRAGMA table_info(events)"))
-        if columns != TABLE_COLUMNS:
+        if columns not in (TABLE_COLUMNS, OLD_COLUMNS):
             raise self._error(
                 f"table 'events' has columns {list(columns)}, expected "
                 f"{list(TABLE_COLUMNS)}: not a recfb event log"
@@ -189,7 +196,9 @@ class EventLog:
         return conn
 
     def append(self, rows: Sequence[tuple]) -> int:
-        """Store rows (in COLUMNS order) in one transaction; returns how many were new.
+        """Store rows (in COLUMNS order, optionally followed by `is_organic`: True for a
+        view the user found alone, False for one a recommender showed, None unknown) in one
+        transaction; returns how many were new.
 
         Returns only after the commit, so the caller may acknowledge."""
         now = int(time.time() * 1000)
@@ -198,8 +207,9 @@ class EventLog:
             self._writer.execute("BEGIN IMMEDIATE")
             try:
                 self._writer.executemany(
-                    "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(*row, now) for row in rows],
+                    f"INSERT OR IGNORE INTO events ({', '.join(TABLE_COLUMNS)}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(*row[:7], now, row[7] if len(row) > 7 else None) for row in rows],
                 )
                 self._writer.execute("COMMIT")
             except BaseException:

@@ -18,7 +18,8 @@ from recfb.serving.retrieval import ServingBundle, Timings, rerank
 
 @dataclass
 class Rerank:
-    """The delay-corrected NetCVR re-rank of a one-stage list (`serve.rerank`)."""
+    """The delay-corrected NetCVR re-rank of a list (`serve.rerank`): the one-stage
+    search's or the two-stage ranker's top `candidates`, blended with log NetCVR."""
 
     table: RatesTable
     weight: float
@@ -53,9 +54,16 @@ def served_list(
     excluded.update(served.item_row[i] for i in exclude_ids if i in served.item_row)
     timings.add("filter", started)
     if served.online is not None:
+        fetch = k if rerank_by is None else max(k, rerank_by.candidates)
         rows, scores = two_stage_rows(
-            served, user_row, query, events, excluded, allowed, k, now_ms, timings
+            served, user_row, query, events, excluded, allowed, fetch, now_ms, timings
         )
+        if rerank_by is not None:
+            started = time.perf_counter()
+            rows, scores = rerank(
+                rows, scores, rerank_by.table, rerank_by.weight, rerank_by.floor, k
+            )
+            timings.add("rerank", started)
         source = "two_stage" if user_row is not None or events else "popularity"
     else:
         rows, scores = one_stage_rows(served, query, k, excluded, allowed, timings, rerank_by)

@@ -53,6 +53,9 @@ class EventIn(BaseModel):
     ts: datetime | None = None
     value: float | None = Field(None, description="a finite number >= 0")
     order_id: str | None = Field(None, json_schema_extra=ID_DOC)
+    is_organic: bool | None = Field(
+        None, description="true: the user found the item alone; false: a recommender showed it"
+    )
 
     @field_validator("event_id", "user_id", "item_id", "order_id")
     @classmethod

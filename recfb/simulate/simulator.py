@@ -274,37 +274,45 @@ class _Context:
     end_ms: int
 
 
-def _generate_chunk(ctx: _Context, chunk: int, u0: int, u1: int, id_offset: int) -> _Chunk:
-    """Simulate every event of users [u0, u1): exposures, then the funnel of each view."""
-    cfg, world, plan = ctx.cfg, ctx.world, ctx.plan
-    rng = rng_for(cfg.seed, STREAM_CHUNK, chunk)
+@dataclass
+class Responses:
+    """What users did with a batch of views (struct of arrays, in no particular order).
 
-    # Exposure: ordinary views, plus random-positive views that will be clicked regardless.
-    users = np.arange(u0, u1)
-    lam = plan.views_per_activity * world.user_activity[u0:u1]
-    n_ord = rng.poisson(lam)
-    n_rnd = rng.poisson(lam * plan.random_positive_rate)
-    vu_ord = np.repeat(users, n_ord)
-    vi_ord, org_ord = ctx.exposure.sample_views(rng, vu_ord)
-    vu_rnd = np.repeat(users, n_rnd)
-    if cfg.noise_positive_items == "uniform":
-        vi_rnd = rng.integers(0, world.n_items, vu_rnd.size)
-    else:
-        vi_rnd = ctx.exposure.sample_global(rng, vu_rnd.size)
-    org_rnd = rng.random(vu_rnd.size) < cfg.organic_share
-    vu = np.concatenate([vu_ord, vu_rnd])
-    vi = np.concatenate([vi_ord, vi_rnd])
-    organic = np.concatenate([org_ord, org_rnd])
-    rnd = np.zeros(vu.size, dtype=bool)
-    rnd[vu_ord.size :] = True
-    nv = vu.size
-    v_ts = ctx.start_ms + ctx.clock.offsets_ms(rng, nv)
-    a = affinity_logit(
-        world.user_latent, world.item_latent, world.item_bias, cfg.affinity_scale, vu, vi
-    )
-    a_fun = np.where(rnd, plan.a_neutral, a)  # random positives ignore preference downstream
+    ``cols``: ``code`` (index into ``EVENT_TYPES``), ``view`` (the view's position in the
+    input), ``ts`` (epoch ms), ``value`` (dwell s of a click, price of a purchase, else NaN),
+    ``noise`` (0 none, 1 accidental click, 2 random positive), ``p_buy``/``p_ref`` (true
+    probabilities on clicks and purchases), ``order`` (for purchases and refunds: the row of
+    the purchase in ``cols``, else -1).
+    """
+
+    cols: dict[str, np.ndarray]
+    click_views: np.ndarray  # view positions of every click (accidental ones too)
+    click_p_buy: np.ndarray  # their true purchase probability (0 for accidental clicks)
+    buy_items: np.ndarray  # item rows of the purchases
+    buy_p_ref: np.ndarray  # their true refund probability
+
+
+def respond_to_views(
+    rng: np.random.Generator,
+    cfg: SimConfig,
+    world: World,
+    vi: np.ndarray,
+    a: np.ndarray,
+    v_ts: np.ndarray,
+    rnd: np.ndarray,
+    a_neutral: float,
+) -> Responses:
+    """The funnel of each view: click (with dwell) or accidental click, like, cart, purchase
+    after a delay, refund after another, unlike, dislike and undislike.
+
+    Why one function: the batch simulator and the closed loop (``recfb.loop``) must answer
+    a view the same way. ``vi`` are the views' item rows, ``a`` their affinity logits, ``v_ts``
+    their times (epoch ms), ``rnd`` marks random-positive views (clicked regardless, and
+    treated downstream as if of affinity ``a_neutral``).
+    """
+    nv = vi.size
+    a_fun = np.where(rnd, a_neutral, a)  # random positives ignore preference downstream
     v_noise = np.where(rnd, _NOISE_RANDOM, _NOISE_NONE).astype(np.int8)
-
     seg = _Segments()
     all_views = np.arange(nv)
     seg.add(VIEW, all_views, v_ts, v_noise)
@@ -375,9 +383,46 @@ def _generate_chunk(ctx: _Context, chunk: int, u0: int, u1: int, id_offset: int)
     ud_ts = d_ts[undo] + _delay_ms(cfg.undo_delay.sample_seconds(rng, undo.size))
     seg.add(UNDISLIKE, d_view[undo], ud_ts, v_noise[d_view[undo]])
 
+    return Responses(
+        cols=seg.concat(),
+        click_views=ci,
+        click_p_buy=c_p_buy,
+        buy_items=b_items,
+        buy_p_ref=b_p_ref,
+    )
+
+
+def _generate_chunk(ctx: _Context, chunk: int, u0: int, u1: int, id_offset: int) -> _Chunk:
+    """Simulate every event of users [u0, u1): exposures, then the funnel of each view."""
+    cfg, world, plan = ctx.cfg, ctx.world, ctx.plan
+    rng = rng_for(cfg.seed, STREAM_CHUNK, chunk)
+
+    # Exposure: ordinary views, plus random-positive views that will be clicked regardless.
+    users = np.arange(u0, u1)
+    lam = plan.views_per_activity * world.user_activity[u0:u1]
+    n_ord = rng.poisson(lam)
+    n_rnd = rng.poisson(lam * plan.random_positive_rate)
+    vu_ord = np.repeat(users, n_ord)
+    vi_ord, org_ord = ctx.exposure.sample_views(rng, vu_ord)
+    vu_rnd = np.repeat(users, n_rnd)
+    if cfg.noise_positive_items == "uniform":
+        vi_rnd = rng.integers(0, world.n_items, vu_rnd.size)
+    else:
+        vi_rnd = ctx.exposure.sample_global(rng, vu_rnd.size)
+    org_rnd = rng.random(vu_rnd.size) < cfg.organic_share
+    vu = np.concatenate([vu_ord, vu_rnd])
+    vi = np.concatenate([vi_ord, vi_rnd])
+    organic = np.concatenate([org_ord, org_rnd])
+    rnd = np.zeros(vu.size, dtype=bool)
+    rnd[vu_ord.size :] = True
+    v_ts = ctx.start_ms + ctx.clock.offsets_ms(rng, vu.size)
+    a = affinity_logit(
+        world.user_latent, world.item_latent, world.item_bias, cfg.affinity_scale, vu, vi
+    )
+    resp = respond_to_views(rng, cfg, world, vi, a, v_ts, rnd, plan.a_neutral)
+    cols = resp.cols
+
     # Sort by time, number events in that order, resolve order ids, split off the censored.
-    cols = seg.concat()
-    del seg
     order = np.argsort(cols["ts"], kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
@@ -400,10 +445,10 @@ def _generate_chunk(ctx: _Context, chunk: int, u0: int, u1: int, id_offset: int)
         cols=cols,
         n_emitted=n_emitted,
         duplicates=duplicates,
-        click_items=vi[ci],
-        click_p_buy=c_p_buy,
-        buy_items=b_items,
-        buy_p_ref=b_p_ref,
+        click_items=vi[resp.click_views],
+        click_p_buy=resp.click_p_buy,
+        buy_items=resp.buy_items,
+        buy_p_ref=resp.buy_p_ref,
     )
 
 

@@ -22,16 +22,21 @@ def router(service: Service) -> APIRouter:
         """Log a batch of events durably (idempotent on event_id) before acknowledging."""
         if len(batch.events) > cfg.max_events_per_post:
             raise unprocessable(["body", "events"], f"at most {cfg.max_events_per_post} events")
-        check_signals(service, batch)
-        now = datetime.now(UTC)
-        check_times(service, batch, now)
-        rows = log_rows(batch, now)
-        new = service.log.append(rows)
-        service.metrics.events.labels(kind="new").inc(new)
-        service.metrics.events.labels(kind="repeat").inc(len(rows) - new)
-        return json_response({"accepted": len(rows), "new": new})
+        return json_response(accept_events(service, batch))
 
     return api
+
+
+def accept_events(service: Service, batch: EventBatch) -> dict:
+    """Check and log a batch (the route's work; the closed loop calls it in process)."""
+    check_signals(service, batch)
+    now = datetime.now(UTC)
+    check_times(service, batch, now)
+    rows = log_rows(batch, now)
+    new = service.log.append(rows)
+    service.metrics.events.labels(kind="new").inc(new)
+    service.metrics.events.labels(kind="repeat").inc(len(rows) - new)
+    return {"accepted": len(rows), "new": new}
 
 
 def check_signals(service: Service, batch: EventBatch) -> None:
@@ -77,6 +82,7 @@ def log_rows(batch: EventBatch, now: datetime) -> list[tuple]:
             int(utc(ev.ts or now).timestamp() * 1000),
             ev.value,
             ev.order_id,
+            ev.is_organic,
         )
         for ev in batch.events
     ]

@@ -4,6 +4,7 @@ where the bundle carries a ranker, the two-stage path (candidates -> features ->
 
 import math
 import time
+from dataclasses import replace
 from typing import Annotated
 
 import numpy as np
@@ -92,9 +93,11 @@ def recommend_one(
     exclude: list[str],
     category: str | None,
     timings: Timings,
+    now_ms: int | None = None,
 ) -> dict:
     """One user's answer: the user's logged events, the category filter and the re-rank,
-    through the list code the library shares (`recfb.serving.lists`)."""
+    through the list code the library shares (`recfb.serving.lists`). `now_ms` (default the
+    wall clock) lets the closed loop (`recfb.loop`) ask in process on its simulated clock."""
     t = time.perf_counter()
     events = service.log.user_events(user_id, service.cfg.foldin.max_events)
     timings.add("events", t)
@@ -108,7 +111,7 @@ def recommend_one(
         k,
         exclude,
         allowed,
-        int(time.time() * 1000),
+        int(time.time() * 1000) if now_ms is None else now_ms,
         timings=timings,
         rerank_by=rerank_spec(service, served),
     )
@@ -131,4 +134,6 @@ def rerank_spec(service: Service, served: ServingBundle) -> Rerank | None:
     table = served.rates.current(service.log)
     if table is None:
         return None
+    if cfg.rerank.rates == "naive":
+        table = replace(table, netcvr=table.frame["netcvr_naive"].to_numpy())
     return Rerank(table, cfg.rerank.weight, cfg.rerank.floor, cfg.rerank.candidates)
