@@ -236,3 +236,46 @@ def test_organic_only_evaluation_changes_the_metrics_and_fails_without_the_flag(
     no_flag = recfb.etl.run(raw.drop("is_organic"), SIGNALS, split=split)
     with pytest.raises(InputError, match="eval.organic_only.*is_organic|is_organic.*organic_only"):
         fit_model(cfg, no_flag)
+
+
+def test_the_service_event_log_passes_the_flag_to_the_etl(tmp_path):
+    """Events posted with `is_organic` (the closed loop does) reach the ETL's impression
+    counts when the ETL reads the service's SQLite log; a log where no event carried the flag
+    reads as one without it."""
+    from recfb.serving.eventlog import EventLog
+
+    raw = _raw(n=800)
+    ts_ms = raw["ts"].dt.epoch("ms")
+    rows = [
+        (str(e), str(u), str(i), ev, int(t), None, None, bool(o))
+        for e, u, i, ev, t, o in zip(
+            raw["event_id"],
+            raw["user_id"],
+            raw["item_id"],
+            raw["event"],
+            ts_ms,
+            raw["is_organic"],
+            strict=True,
+        )
+    ]
+    flagged, unflagged = tmp_path / "flagged.db", tmp_path / "unflagged.db"
+    for path, batch in ((flagged, rows), (unflagged, [r[:7] for r in rows])):
+        log = EventLog(path)
+        assert log.append(batch) == len(batch)
+        log.close()
+
+    data = recfb.etl.run([flagged], SIGNALS, split={"method": "none"})
+    pairs = (
+        data.train.join(data.users, on="user_idx")
+        .join(data.items, on="item_idx")
+        .select(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64), "n_impressions")
+    )
+    expected = _impressions_by_polars(raw, pl.col("is_organic") == 1)
+    joined = pairs.join(expected, on=["user_id", "item_id"], how="left").with_columns(
+        pl.col("expected").fill_null(0)
+    )
+    assert (joined["n_impressions"] == joined["expected"]).all()
+    assert joined["expected"].sum() > 100
+
+    plain = recfb.etl.run([unflagged], SIGNALS, split={"method": "none"})
+    assert "n_impressions" not in plain.train.columns

@@ -381,8 +381,17 @@ def _read_event_log(path: Path) -> pl.LazyFrame:
 
     uri = f"file:{path.resolve()}?mode=ro"
     with sqlite3.connect(uri, uri=True) as conn:
+        columns = list(CANONICAL)
+        # the logged exposure flag, where the service was told it (an older log lacks the
+        # column; a log where no event carried it reads as one without the flag)
+        has_flag = any(row[1] == "is_organic" for row in conn.execute("PRAGMA table_info(events)"))
+        if (
+            has_flag
+            and conn.execute("SELECT 1 FROM events WHERE is_organic IS NOT NULL LIMIT 1").fetchone()
+        ):
+            columns.append("is_organic")
         frame = pl.read_database(
-            f"SELECT {', '.join(CANONICAL)} FROM events ORDER BY received_at, rowid",
+            f"SELECT {', '.join(columns)} FROM events ORDER BY received_at, rowid",
             connection=conn,
             schema_overrides={
                 "event_id": pl.String,
@@ -392,6 +401,7 @@ def _read_event_log(path: Path) -> pl.LazyFrame:
                 "ts": pl.Int64,
                 "value": pl.Float64,
                 "order_id": pl.String,
+                "is_organic": pl.Int64,
             },
         )
     return frame.lazy()
