@@ -15,7 +15,7 @@ sorted by position (`_log_order`) and written in slices, never copied whole.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -234,10 +234,12 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
             users_vocab,
             items_vocab,
             timer,
+            pairs_dir=tmp,
         )
         with timer.stage("write"):
-            # the event log is still a lazy query here: the streaming sink writes it
-            data.write_into(tmp, release=True)
+            # the event log is still a lazy query here: the streaming sink writes it; the
+            # pair tables were written as they were folded
+            data.write_into(tmp, pairs=False)
     return EtlResult(out=out, stats=data.stats)
 
 
@@ -252,10 +254,13 @@ def build_tables(
     users_vocab: pl.DataFrame,
     items_vocab: pl.DataFrame,
     timer: StageTimer,
+    pairs_dir: Path | None = None,
 ) -> Interactions:
     """Validated rows -> de-duplicated, canonical, linked, split and folded tables: the one
     implementation behind both `run_etl` (files) and `recfb.etl.run` (memory). The returned
-    event log is a lazy query over the folded events; the caller sinks or collects it."""
+    event log is a lazy query over the folded events; the caller sinks or collects it. With
+    `pairs_dir` the pair tables are written there as they are folded and the returned ones
+    are empty (`recfb etl`: no split's table is held whole)."""
     rows_in = events.height + quarantine.height
 
     with timer.stage("deduplicate"):
@@ -311,7 +316,7 @@ def build_tables(
         # the event log's order, computed once: it also ranks each pair's events in time
         order = _log_order(events).arg_sort()
         events = events.with_columns(pl.Series("_order", order, pl.UInt32))
-        pair_tables, windows, events = _split_and_fold(events, smap, split, extras)
+        pair_tables, windows, events = _split_and_fold(events, smap, split, extras, pairs_dir)
 
     seq = _in_order(
         events.select(
@@ -346,9 +351,9 @@ def build_tables(
     )
     stats["timings_s"] = timer.seconds
     return Interactions(
-        train=pair_tables["train"],
-        valid=pair_tables["valid"],
-        test=pair_tables["test"],
+        train=pair_tables["train"].frame,
+        valid=pair_tables["valid"].frame,
+        test=pair_tables["test"].frame,
         users=users_vocab,
         items=items_vocab,
         events=seq,
@@ -394,17 +399,18 @@ def _pair_key() -> pl.Expr:
 _FOLD_EVENTS = 8_000_000  # events per fold chunk: bounds the group-by's hash table
 
 
-def _fold(
+def _fold_parts(
     events: pl.DataFrame,
     split: str | None,
     smap: SignalMap,
     cutoff: int,
     features: list[str],
-) -> pl.DataFrame:
+) -> Iterator[pl.DataFrame]:
     """The pair table of `events` (of one split, if given), sorted on the pair key, folded
     over contiguous user_idx ranges of about `_FOLD_EVENTS` events each: a pair lies in one
-    range, so the chunks' sorted tables concatenate into the whole sorted table while the
-    group-by holds one range's pairs at a time (its hash table is what peaks in memory)."""
+    range, so the parts, in the order given, make the whole sorted table while the group-by
+    holds one range's pairs at a time (its hash table is what peaks in memory). The parts
+    hold disjoint users."""
     users = pl.col("user_idx")
     if split is not None:
         users = users.filter(pl.col("split") == split)
@@ -415,7 +421,6 @@ def _fold(
         cuts = sorted({int(users.quantile(i / n_chunks, "lower")) for i in range(1, n_chunks)})
         bounds = list(zip([None, *cuts], [*cuts, None], strict=True))
     del users
-    parts = []
     for bound in bounds:
         part = events.lazy()
         if split is not None:
@@ -428,50 +433,155 @@ def _fold(
             if hi is not None:
                 part = part.filter(user < hi)
         folded = aggregate_pairs(part, smap, cutoff, features, "_order")
-        parts.append(folded.collect(engine="streaming").sort(_pair_key()))
-    return pl.concat(parts, rechunk=False) if len(parts) > 1 else parts[0]
+        yield folded.collect(engine="streaming").sort(_pair_key())
+
+
+@dataclass
+class _PairSummary:
+    """What the statistics need of a pair table, added up part by part (parts of disjoint
+    users), so a table written as it is folded need not be kept."""
+
+    pairs: int = 0
+    users: int = 0
+    items: list[pl.Series] = field(default_factory=list)
+    labels: dict[int, int] = field(default_factory=dict)
+    matured: int = 0
+    seen: int = 0
+
+    def add(self, part: pl.DataFrame) -> None:
+        self.pairs += part.height
+        self.users += part["user_idx"].n_unique()
+        self.items.append(part["item_idx"].unique())
+        for label, n in part.group_by("label").len().iter_rows():
+            self.labels[label] = self.labels.get(label, 0) + n
+        self.matured += int(part["matured"].sum())
+        self.seen += int(part["seen_before"].sum())
+
+    def stats(self, names: dict[int, str]) -> dict[str, Any]:
+        items = pl.concat(self.items).n_unique() if self.items else 0
+        return {
+            "pairs": self.pairs,
+            "users": self.users,
+            "items": items,
+            "pairs_per_label": {names[k]: self.labels[k] for k in sorted(self.labels)},
+            "matured_share": self.matured / self.pairs if self.pairs else None,
+            "seen_before_share": self.seen / self.pairs if self.pairs else None,
+        }
+
+
+@dataclass
+class _Pairs:
+    """One split's pair table: the frame, or (once written) an empty frame of its schema."""
+
+    frame: pl.DataFrame
+    summary: _PairSummary
+
+
+def _pair_table(parts: Iterator[pl.DataFrame], path: Path | None) -> _Pairs:
+    """The parts as one table in memory (`path` None), else written to `path` as they come,
+    holding one part at a time."""
+    summary = _PairSummary()
+    if path is None:
+        frame = pl.concat(list(parts), rechunk=False)
+        summary.add(frame)
+        return _Pairs(frame, summary)
+    first = [next(parts)]
+    schema = first[0].schema
+
+    def batches(
+        columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _: int | None
+    ) -> Iterator[pl.DataFrame]:
+        if columns is not None or predicate is not None or n_rows is not None:
+            raise ValueError("the pair table source is only ever written whole")
+        while True:
+            if not first:  # (holds the first part, taken to learn the schema, until sent)
+                following = next(parts, None)
+                if following is None:
+                    return
+                first.append(following)
+                del following
+            part = first.pop()
+            summary.add(part)
+            yield part
+            del part  # the sink holds it until written: no reference here while folding
+
+    source = register_io_source(batches, schema=schema, explain_name="ETL pair table")
+    source.sink_parquet(path, engine="streaming")
+    return _Pairs(pl.DataFrame(schema=schema), summary)
+
+
+def _with_seen(
+    parts: Iterator[pl.DataFrame], earlier: list[pl.Series], keys: list[pl.Series]
+) -> Iterator[pl.DataFrame]:
+    """`seen_before` on each part: its pair key is in one of the `earlier` key sets; each
+    part's keys are appended to `keys`."""
+    for part in parts:
+        key = part.select(_pair_key()).to_series()
+        seen = pl.repeat(False, part.height, eager=True)
+        for previous in earlier:
+            seen = seen | key.is_in(previous.implode())
+        keys.append(key)
+        part = part.with_columns(seen.alias("seen_before"))
+        yield part
+        del part
 
 
 def _split_and_fold(
-    events: pl.DataFrame, smap: SignalMap, split_cfg: SplitConfig, features: list[str]
-) -> tuple[dict[str, pl.DataFrame], Windows | None, pl.DataFrame]:
-    """Pair tables per split, the temporal windows (if any), and events with `split`."""
+    events: pl.DataFrame,
+    smap: SignalMap,
+    split_cfg: SplitConfig,
+    features: list[str],
+    out: Path | None,
+) -> tuple[dict[str, _Pairs], Windows | None, pl.DataFrame]:
+    """Pair tables per split, the temporal windows (if any), and events with `split`. With
+    `out`, each table is written to `<out>/<split>.parquet` (as it is folded, where the split
+    allows) and only its summary kept."""
     method = split_cfg.method
+
+    def path(split: str) -> Path | None:
+        return None if out is None else out / f"{split}.parquet"
+
     if method == "temporal":
         windows = temporal_windows(events["ts"], split_cfg)
         events = assign_temporal(events, windows)
-        tables: dict[str, pl.DataFrame] = {}
+        tables: dict[str, _Pairs] = {}
         earlier: list[pl.Series] = []  # pair keys of the earlier windows
         for split in SPLITS:
             _, cutoff = windows.bounds(split)
-            pairs = _fold(events, split, smap, cutoff, features)
-            keys = pairs.select(_pair_key()).to_series()
-            seen = pl.repeat(False, pairs.height, eager=True)
-            for previous in earlier:
-                seen = seen | keys.is_in(previous.implode())
-            earlier.append(keys)
-            tables[split] = pairs.with_columns(seen.alias("seen_before"))
+            keys: list[pl.Series] = []
+            parts = _fold_parts(events, split, smap, cutoff, features)
+            tables[split] = _pair_table(_with_seen(parts, list(earlier), keys), path(split))
+            earlier.append(pl.concat(keys, rechunk=False))
         return tables, windows, events
     end = int(events["ts"].max()) + 1
-    pairs = _fold(events, None, smap, end, features)
+    pairs = pl.concat(list(_fold_parts(events, None, smap, end, features)), rechunk=False)
     pairs = pairs.with_columns(pl.lit(False).alias("seen_before"))
     if method == "none":
         empty = pairs.clear()
-        tables = {"train": pairs, "valid": empty, "test": empty}
+        frames = {"train": pairs, "valid": empty, "test": empty}
+        tables = {s: _pair_table(iter([frames.pop(s)]), path(s)) for s in SPLITS}
         return tables, None, events.with_columns(pl.lit("train").alias("split"))
     if split_cfg.leave_out == "deepest":
-        return _leave_last_deepest(events, pairs, smap, end, features)
+        return _leave_last_deepest(events, pairs, smap, end, features, path)
     assigned = leave_last_out(pairs)
+    del pairs
     events = join_columns(events, assigned.select(*PAIR, "split"), PAIR)
-    tables = {
-        s: assigned.filter(pl.col("split") == s).drop("split").sort(_pair_key()) for s in SPLITS
-    }
+    tables = {}
+    for s in SPLITS:
+        table = assigned.filter(pl.col("split") == s).drop("split").sort(_pair_key())
+        tables[s] = _pair_table(iter([table]), path(s))
+        del table
     return tables, None, events
 
 
 def _leave_last_deepest(
-    events: pl.DataFrame, pairs: pl.DataFrame, smap: SignalMap, end: int, features: list[str]
-) -> tuple[dict[str, pl.DataFrame], None, pl.DataFrame]:
+    events: pl.DataFrame,
+    pairs: pl.DataFrame,
+    smap: SignalMap,
+    end: int,
+    features: list[str],
+    path: Callable[[str], Path | None],
+) -> tuple[dict[str, _Pairs], None, pl.DataFrame]:
     """Each user's last buy tests, the one before validates: those pairs' deepest-level events
     move to the split, everything else (their views and carts included) folds into train."""
     bought = (
@@ -482,7 +592,9 @@ def _leave_last_deepest(
     by_buy = pairs.join(bought, on=PAIR, how="left").with_columns(
         pl.coalesce("_bought", "last_ts").alias("last_ts")
     )
+    del pairs
     held = leave_last_deepest(by_buy, smap.n_levels)
+    del by_buy
     events = join_columns(events, held, PAIR).with_columns(
         pl.when(pl.col("split").is_not_null() & (pl.col("level") == smap.n_levels))
         .then(pl.col("split"))
@@ -490,16 +602,15 @@ def _leave_last_deepest(
         .cast(SPLIT_DTYPE)
         .alias("split")
     )
-    tables: dict[str, pl.DataFrame] = {}
-    train_keys = None
+    tables: dict[str, _Pairs] = {}
+    train_keys: list[pl.Series] = []
     for split in SPLITS:
-        folded = _fold(events, split, smap, end, features)
-        keys = folded.select(_pair_key()).to_series()
-        if train_keys is None:
-            train_keys, seen = keys, pl.repeat(False, folded.height, eager=True)
+        parts = _fold_parts(events, split, smap, end, features)
+        if split == "train":
+            seen = _with_seen(parts, [], train_keys)
         else:  # the held-out buy was viewed or carted before: repeat intent
-            seen = keys.is_in(train_keys.implode())
-        tables[split] = folded.with_columns(seen.alias("seen_before"))
+            seen = _with_seen(parts, [pl.concat(train_keys, rechunk=False)], [])
+        tables[split] = _pair_table(seen, path(split))
     return tables, None, events
 
 
@@ -512,7 +623,7 @@ def _stats(
     duplicates: dict[str, int],
     filtered: pl.DataFrame,
     events: pl.DataFrame,
-    pair_tables: dict[str, pl.DataFrame],
+    pair_tables: dict[str, _Pairs],
     windows: Windows | None,
     users_vocab: pl.DataFrame,
     items_vocab: pl.DataFrame,
@@ -528,16 +639,8 @@ def _stats(
     per_split = {}
     per_split_events = _counts(events.select("split"), "split")  # counted, not copied out
     for split, pairs in pair_tables.items():
-        labels = _counts(pairs, "label")
-        per_split[split] = {
-            "events": per_split_events.get(split, 0),
-            "pairs": pairs.height,
-            "users": pairs["user_idx"].n_unique(),
-            "items": pairs["item_idx"].n_unique(),
-            "pairs_per_label": {names[int(k)]: v for k, v in labels.items()},
-            "matured_share": float(pairs["matured"].mean()) if pairs.height else None,
-            "seen_before_share": float(pairs["seen_before"].mean()) if pairs.height else None,
-        }
+        events_in = {"events": per_split_events.get(split, 0)}
+        per_split[split] = events_in | pairs.summary.stats(names)
     refunds = events.filter(pl.col("is_refund"))
     linked = events.filter(pl.col("is_cancel"))
     stats: dict[str, Any] = {
