@@ -28,7 +28,7 @@ from recfb.errors import ConfigError, InputError
 from recfb.etl.aggregate import PAIR, aggregate_pairs
 from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import apply_filters
-from recfb.etl.frames import filter_consuming, join_columns
+from recfb.etl.frames import filter_consuming, join_columns, rechunk_consuming
 from recfb.etl.interactions import Interactions
 from recfb.etl.link import conversion_delays, link_cancellations
 from recfb.etl.readers import MEMORY_SOURCE, PROVENANCE, excerpt, read_events, read_frame
@@ -131,7 +131,7 @@ def validate_in_memory(
         # every good row's event is in the map: an Enum holds it in one byte, not a string
         good = good_rows(validated, extras).with_columns(pl.col("event").cast(_event_type(smap)))
         good, bad = pl.collect_all([good, bad_rows(validated, extras)], engine="streaming")
-        return good, bad, extras
+        return rechunk_consuming(good), bad, extras
 
     return _read_tolerantly(collect, source)
 
@@ -159,23 +159,38 @@ def _event_type(smap: SignalMap) -> pl.Enum:
     return pl.Enum(list(smap.signals))
 
 
+_DEDUPE_ROWS = 4_000_000  # rows per sort in _first_occurrence: bounds its working memory
+
+
 def _first_occurrence(frame: pl.DataFrame, keys: list[str]) -> pl.Series:
     """True where a row is the first (in row order) with its key: `is_first_distinct` by
     sorting, which beats a hash table of tens of millions of keys. The key (an integer id
     itself, else its hash) is sorted; only rows whose key value repeats (duplicates and hash
-    collisions: a few) get the exact check. Null single keys are left to the caller."""
+    collisions: a few) get the exact check. The rows are sorted in parts of about
+    `_DEDUPE_ROWS` by key value modulo the number of parts (equal keys share a part), so the
+    sorts' working memory stays that of one part. Null single keys are left to the caller."""
     key = pl.struct(keys) if len(keys) > 1 else pl.col(keys[0])
     if len(keys) == 1 and frame.schema[keys[0]].is_integer():
         value = frame[keys[0]]
     else:
         value = frame.select(key.hash(seed=0)).to_series()
-    order = value.arg_sort()
-    ordered = value.gather(order)
-    repeats = ((ordered == ordered.shift(1)) | (ordered == ordered.shift(-1))).fill_null(False)
-    candidates = order.filter(repeats).sort()
+    n_parts = min(255, max(1, -(-frame.height // _DEDUPE_ROWS)))
+    part_of = (value % n_parts).abs().cast(pl.UInt8) if n_parts > 1 else None
+    found = []
+    for part in range(n_parts):
+        where = None if part_of is None else (part_of == part).arg_true()
+        values = value if where is None else value.gather(where)
+        order = values.arg_sort()
+        ordered = values.gather(order)
+        del values
+        repeats = ((ordered == ordered.shift(1)) | (ordered == ordered.shift(-1))).fill_null(False)
+        del ordered
+        repeated = order.filter(repeats)
+        found.append(repeated if where is None else where.gather(repeated))
+    candidates = pl.concat(found).sort()
     first = pl.repeat(True, frame.height, eager=True)
     if candidates.len():
-        exact = frame.select(keys)[candidates].select(key.is_first_distinct()).to_series()
+        exact = frame.select(key.gather(candidates).is_first_distinct()).to_series()
         first = first.scatter(candidates, exact)
     return first
 
@@ -291,6 +306,8 @@ def build_tables(
         filtered = pl.concat(
             [_filtered_frame(r, rows) for r, rows in removed], how="diagonal_relaxed"
         )
+        del removed
+        events = events.drop(*PROVENANCE)  # it only served the reports of removed rows
 
     if events.height == 0:
         raise InputError(
@@ -304,8 +321,7 @@ def build_tables(
         items_vocab = extend_vocab(items_vocab, events, "item")
         events = attach_index(events, users_vocab, "user")
         events = attach_index(events, items_vocab, "item")
-        # from here on rows are addressed by index; provenance only served the reports
-        events = events.drop("user_id", "item_id", *PROVENANCE)
+        events = events.drop("user_id", "item_id")  # from here on rows are addressed by index
 
     with timer.stage("link cancellations + delays"):
         cancel_map = {n: s.cancels for n, s in smap.signals.items() if s.cancels}
