@@ -30,7 +30,7 @@ from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import apply_filters
 from recfb.etl.frames import filter_consuming, join_columns, rechunk_consuming
 from recfb.etl.interactions import Interactions
-from recfb.etl.link import conversion_delays, link_cancellations
+from recfb.etl.link import sparse_links
 from recfb.etl.readers import MEMORY_SOURCE, PROVENANCE, excerpt, read_events, read_frame
 from recfb.etl.signals import SignalMap, load_signal_map
 from recfb.etl.split import (
@@ -325,31 +325,54 @@ def build_tables(
 
     with timer.stage("link cancellations + delays"):
         cancel_map = {n: s.cancels for n, s in smap.signals.items() if s.cancels}
-        events = link_cancellations(events, cancel_map)
-        events = conversion_delays(events)
+        # the few rows with a link or a delay, apart (`row`-keyed): no columns of nulls
+        links = _with_flags(sparse_links(events, cancel_map), events)
 
     with timer.stage("split + fold pairs"):
         # the event log's order, computed once: it also ranks each pair's events in time
         order = _log_order(events).arg_sort()
         events = events.with_columns(pl.Series("_order", order, pl.UInt32))
-        pair_tables, windows, events = _split_and_fold(events, smap, split, extras, pairs_dir)
+        pair_tables, windows, events = _split_and_fold(
+            events, links, smap, split, extras, pairs_dir
+        )
+
+    log_columns = [
+        "user_idx",
+        "item_idx",
+        "event",
+        pl.col("level").cast(pl.Int8),
+        pl.col("ts").cast(pl.Datetime("ms")),
+        "value",
+        "split",
+        pl.col("cancelled_at").cast(pl.Datetime("ms")),
+        (pl.col("clock_delay_ms") / 1000).alias("click_to_purchase_s"),
+        "event_id",
+        "order_id",
+        *extras,
+    ]
+    by_row = links.select("row", "cancelled_at", "clock_delay_ms")
+
+    def finish(chunk: pl.DataFrame) -> pl.DataFrame:
+        """A slice of the log with its link columns."""
+        chunk = chunk.join(by_row, on="row", how="left", maintain_order="left")
+        return chunk.select(log_columns)
 
     seq = _in_order(
         events.select(
+            "row",
             "user_idx",
             "item_idx",
             "event",
-            pl.col("level").cast(pl.Int8),
-            pl.col("ts").cast(pl.Datetime("ms")),
+            "level",
+            "ts",
             "value",
             "split",
-            pl.col("cancelled_at").cast(pl.Datetime("ms")),
-            (pl.col("clock_delay_ms") / 1000).alias("click_to_purchase_s"),
             "event_id",
             "order_id",
             *extras,
         ),
         events["_order"].arg_sort(),  # the splits may reorder rows: _order says where they go
+        finish,
     )
     stats = _stats(
         split,
@@ -360,6 +383,7 @@ def build_tables(
         duplicates,
         filtered,
         events,
+        links,
         pair_tables,
         windows,
         users_vocab,
@@ -380,20 +404,41 @@ def build_tables(
     )
 
 
-def _in_order(log: pl.DataFrame, positions: pl.Series, step: int = 2_000_000) -> pl.LazyFrame:
-    """`log` in the order `positions` gives, as a lazy source that gathers `step` rows at a
-    time: the streaming sink writes it without a second, sorted copy of the whole log."""
+def _in_order(
+    log: pl.DataFrame,
+    positions: pl.Series,
+    finish: Callable[[pl.DataFrame], pl.DataFrame],
+    step: int = 2_000_000,
+) -> pl.LazyFrame:
+    """`finish(log)` in the order `positions` gives, as a lazy source that gathers `step` rows
+    at a time and finishes them: the streaming sink writes it without a second, sorted copy of
+    the whole log."""
 
     def batches(
         columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _: int | None
     ) -> Iterator[pl.DataFrame]:
-        frame = log if columns is None else log.select(columns)
         limit = log.height if n_rows is None else min(n_rows, log.height)
         for start in range(0, limit, step):
-            chunk = frame[positions.slice(start, min(step, limit - start))]
+            # a gather expression: indexing the frame with a Series takes a far slower path
+            where = positions.slice(start, min(step, limit - start))
+            chunk = finish(log.select(pl.all().gather(where)))
+            if columns is not None:
+                chunk = chunk.select(columns)
             yield chunk if predicate is None else chunk.filter(predicate)
 
-    return register_io_source(batches, schema=log.schema, explain_name="ETL event log")
+    schema = finish(log.clear()).schema
+    return register_io_source(batches, schema=schema, explain_name="ETL event log")
+
+
+def _with_flags(links: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
+    """`links` with the `ts` and the purchase/refund/cancellation flags of their rows, looked
+    up by position: the events are in `row` order (every stage keeps it)."""
+    rows = events["row"]
+    if not rows.is_sorted():
+        raise AssertionError("the events left their row order")
+    where = rows.search_sorted(links["row"])
+    flags = events.select(pl.col("ts", "is_purchase", "is_refund", "is_cancel").gather(where))
+    return links.with_columns(flags.get_columns())
 
 
 def _log_order(events: pl.DataFrame) -> pl.Series:
@@ -417,6 +462,7 @@ _FOLD_EVENTS = 8_000_000  # events per fold chunk: bounds the group-by's hash ta
 
 def _fold_parts(
     events: pl.DataFrame,
+    links: pl.DataFrame,
     split: str | None,
     smap: SignalMap,
     cutoff: int,
@@ -426,7 +472,8 @@ def _fold_parts(
     over contiguous user_idx ranges of about `_FOLD_EVENTS` events each: a pair lies in one
     range, so the parts, in the order given, make the whole sorted table while the group-by
     holds one range's pairs at a time (its hash table is what peaks in memory). The parts
-    hold disjoint users."""
+    hold disjoint users. `links` gives the rows' link and delay columns (`sparse_links`)."""
+    by_row = links.lazy().select("row", "cancelled_at", "linked_ts", "clock_delay_ms")
     users = pl.col("user_idx")
     if split is not None:
         users = users.filter(pl.col("split") == split)
@@ -448,6 +495,7 @@ def _fold_parts(
                 part = part.filter(user >= lo)
             if hi is not None:
                 part = part.filter(user < hi)
+        part = part.join(by_row, on="row", how="left")
         folded = aggregate_pairs(part, smap, cutoff, features, "_order")
         yield folded.collect(engine="streaming").sort(_pair_key())
 
@@ -544,6 +592,7 @@ def _with_seen(
 
 def _split_and_fold(
     events: pl.DataFrame,
+    links: pl.DataFrame,
     smap: SignalMap,
     split_cfg: SplitConfig,
     features: list[str],
@@ -565,12 +614,12 @@ def _split_and_fold(
         for split in SPLITS:
             _, cutoff = windows.bounds(split)
             keys: list[pl.Series] = []
-            parts = _fold_parts(events, split, smap, cutoff, features)
+            parts = _fold_parts(events, links, split, smap, cutoff, features)
             tables[split] = _pair_table(_with_seen(parts, list(earlier), keys), path(split))
             earlier.append(pl.concat(keys, rechunk=False))
         return tables, windows, events
     end = int(events["ts"].max()) + 1
-    pairs = pl.concat(list(_fold_parts(events, None, smap, end, features)), rechunk=False)
+    pairs = pl.concat(list(_fold_parts(events, links, None, smap, end, features)), rechunk=False)
     pairs = pairs.with_columns(pl.lit(False).alias("seen_before"))
     if method == "none":
         empty = pairs.clear()
@@ -578,7 +627,7 @@ def _split_and_fold(
         tables = {s: _pair_table(iter([frames.pop(s)]), path(s)) for s in SPLITS}
         return tables, None, events.with_columns(pl.lit("train").alias("split"))
     if split_cfg.leave_out == "deepest":
-        return _leave_last_deepest(events, pairs, smap, end, features, path)
+        return _leave_last_deepest(events, links, pairs, smap, end, features, path)
     assigned = leave_last_out(pairs)
     del pairs
     events = join_columns(events, assigned.select(*PAIR, "split"), PAIR)
@@ -592,6 +641,7 @@ def _split_and_fold(
 
 def _leave_last_deepest(
     events: pl.DataFrame,
+    links: pl.DataFrame,
     pairs: pl.DataFrame,
     smap: SignalMap,
     end: int,
@@ -621,7 +671,7 @@ def _leave_last_deepest(
     tables: dict[str, _Pairs] = {}
     train_keys: list[pl.Series] = []
     for split in SPLITS:
-        parts = _fold_parts(events, split, smap, end, features)
+        parts = _fold_parts(events, links, split, smap, end, features)
         if split == "train":
             seen = _with_seen(parts, [], train_keys)
         else:  # the held-out buy was viewed or carted before: repeat intent
@@ -639,6 +689,7 @@ def _stats(
     duplicates: dict[str, int],
     filtered: pl.DataFrame,
     events: pl.DataFrame,
+    links: pl.DataFrame,
     pair_tables: dict[str, _Pairs],
     windows: Windows | None,
     users_vocab: pl.DataFrame,
@@ -657,8 +708,8 @@ def _stats(
     for split, pairs in pair_tables.items():
         events_in = {"events": per_split_events.get(split, 0)}
         per_split[split] = events_in | pairs.summary.stats(names)
-    refunds = events.filter(pl.col("is_refund"))
-    linked = events.filter(pl.col("is_cancel"))
+    refunds = links.filter(pl.col("is_refund"))
+    linked = links.filter(pl.col("is_cancel") & pl.col("link").is_not_null())
     stats: dict[str, Any] = {
         "signal_map": smap.name,
         # the whole resolved map, so later stages (the serving fold-in) read online events
@@ -679,12 +730,12 @@ def _stats(
         "events_per_signal": _counts(events, "event"),
         "splits": per_split,
         "cancellations": {
-            "linked_by": _counts(linked.filter(pl.col("link").is_not_null()), "link"),
-            "unlinked": int(linked["link"].is_null().sum()),
+            "linked_by": _counts(linked, "link"),
+            "unlinked": int(events["is_cancel"].sum()) - linked.height,
         },
         "delays_s": {
             "click_to_purchase": _quantiles(
-                events.filter(pl.col("is_purchase"))["clock_delay_ms"] / 1000
+                links.filter(pl.col("is_purchase"))["clock_delay_ms"] / 1000
             ),
             "purchase_to_refund": _quantiles(
                 (refunds["ts"] - refunds["linked_ts"]).drop_nulls() / 1000
