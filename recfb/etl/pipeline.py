@@ -173,7 +173,11 @@ def _first_occurrence(frame: pl.DataFrame, keys: list[str]) -> pl.Series:
     if len(keys) == 1 and frame.schema[keys[0]].is_integer():
         value = frame[keys[0]]
     else:
-        value = frame.select(key.hash(seed=0)).to_series()
+        # one hash per column, combined: hashing the struct builds its rows in full first;
+        # the streaming engine computes it a morsel at a time
+        hashes = [pl.col(k).to_physical().hash(seed=i) for i, k in enumerate(keys)]
+        combined = pl.reduce(lambda a, b: a ^ b, hashes).alias("hash")
+        value = frame.lazy().select(combined).collect(engine="streaming").to_series()
     n_parts = min(255, max(1, -(-frame.height // _DEDUPE_ROWS)))
     part_of = (value % n_parts).abs().cast(pl.UInt8) if n_parts > 1 else None
     found = []
@@ -457,7 +461,7 @@ def _pair_key() -> pl.Expr:
     return (pl.col("user_idx").cast(pl.UInt64) * (1 << 32) + pl.col("item_idx")).alias("key")
 
 
-_FOLD_EVENTS = 8_000_000  # events per fold chunk: bounds the group-by's hash table
+_FOLD_EVENTS = 4_000_000  # events per fold chunk: bounds the group-by's hash table
 
 
 def _fold_parts(
