@@ -8,8 +8,11 @@ The scan, validation and quarantine run as one Polars lazy query collected by th
 engine; the later stages work on the validated columns only (integers, an Enum for the
 event, small strings), which is what bounds memory at tens of millions of events. Memory
 rules the later stages keep: no frame outlives its stage, a join that adds a column joins
-the keys only (`join_columns`), a pair table is dropped once written, and the event log is
-sorted by position (`_log_order`) and written in slices, never copied whole.
+the keys only (`join_columns`, in slices), columns that are mostly null (links, delays) live
+apart keyed by `row` (`sparse_links`), `recfb etl` writes each pair table part by part as it
+folds, and the event log is sorted by position (`_log_order`) and written in slices, never
+copied whole. The validated rows are rechunked once: an eager `select` on a frame in many
+chunks rechunks all of it, each time.
 """
 
 from __future__ import annotations
