@@ -63,3 +63,42 @@ def test_filter_consuming_keeps_the_masked_rows_and_empties_the_frame():
     got = filter_consuming(frame, mask)
     assert_frame_equal(got, expected)
     assert frame.width == 0  # the input's columns were released as they were filtered
+
+
+@pytest.mark.parametrize("ids", ["int", "negative", "text"])
+def test_first_occurrence_sorted_in_parts_agrees_with_polars(ids: str, monkeypatch):
+    """With parts of 700 rows (key modulo 8 picks the part), as at tens of millions."""
+    import recfb.etl.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_DEDUPE_ROWS", 700)
+    rng = np.random.default_rng(11)
+    n = 5_000
+    frame = pl.DataFrame(
+        {
+            "event_id": rng.integers(-1_500, 1_500, n),
+            "user_id": rng.integers(0, 20, n),
+            "ts": rng.integers(0, 5, n),
+        }
+    )
+    if ids == "int":
+        frame = frame.with_columns(pl.col("event_id").abs())
+    if ids == "text":
+        frame = frame.with_columns(pl.col("event_id").cast(pl.String))
+    for keys in (["event_id"], ["user_id", "ts"], ["event_id", "ts"]):
+        expected = frame.select(pl.struct(keys).is_first_distinct()).to_series()
+        got = pipeline._first_occurrence(frame, keys)
+        assert got.sum() < n
+        assert got.to_list() == expected.to_list()
+
+
+def test_join_columns_in_slices_keeps_the_row_order(monkeypatch):
+    import recfb.etl.frames as frames
+
+    monkeypatch.setattr(frames, "_JOIN_ROWS", 3)
+    frame = pl.DataFrame({"k": [3, 1, 2, 1, 9, 2, 3], "x": list("abcdefg")})
+    right = pl.DataFrame({"k": [1, 2, 3], "v": [10, 20, 30]})
+    got = join_columns(frame, right, "k")
+    assert got["v"].to_list() == [30, 10, 20, 10, None, 20, 30]
+    assert got["x"].to_list() == list("abcdefg")
+    with pytest.raises(ValueError, match="repeat"):
+        join_columns(frame, pl.DataFrame({"k": [9, 9], "v": [1, 2]}), "k")

@@ -115,11 +115,12 @@ class Interactions:
             self.write_into(tmp)
         return path
 
-    def write_into(self, directory: Path, release: bool = False) -> None:
+    def write_into(self, directory: Path, release: bool = False, pairs: bool = True) -> None:
         """Every table and `stats.json` into an existing (temporary) directory. `release`
-        (for `recfb etl`, whose object is thrown away after): each pair table is emptied once
-        written, so it no longer holds memory while the event log is sorted and written."""
-        for name in SPLITS:
+        (for an object thrown away after): each pair table is emptied once written, so it no
+        longer holds memory while the event log is sorted and written. `pairs=False`: the
+        pair tables are in `directory` already (`recfb etl` writes them as it folds)."""
+        for name in SPLITS if pairs else ():
             getattr(self, name).write_parquet(directory / f"{name}.parquet")
             if release:
                 setattr(self, name, getattr(self, name).clear())

@@ -54,13 +54,19 @@ def bracket_match(targets: pl.DataFrame, cancels: pl.DataFrame, keys: list[str])
     return matched.filter(pl.col("target_row").is_not_null()).select("cancel_row", "target_row")
 
 
-def link_cancellations(events: pl.DataFrame, cancel_map: dict[str, str]) -> pl.DataFrame:
-    """Add `cancelled_at` (ts of the event that cancelled this one), `linked_ts` (for a
-    cancellation: ts of the event it cancelled) and `link` ('order_id' | 'sequence' | null).
-    `cancel_map` is cancelling signal -> the signal it cancels.
+SPARSE_SCHEMA = {
+    "row": pl.UInt32,
+    "cancelled_at": pl.Int64,
+    "linked_ts": pl.Int64,
+    "link": LINK_TYPE,
+    "clock_delay_ms": pl.Int64,
+}
 
-    `events` needs a unique `row` column, PAIR, `event`, `ts`, `order_id`.
-    """
+
+def cancellation_links(events: pl.DataFrame, cancel_map: dict[str, str]) -> pl.DataFrame:
+    """The rows `link_cancellations` gives a value, with their `row`: `cancelled_at` on
+    cancelled events, `linked_ts` and `link` on cancellations (a few rows of many: kept apart,
+    they cost no column of nulls in the whole event table)."""
     links = []
     # the signals that cancel one target (refund and chargeback of a purchase) share its
     # stack: two of them never both cancel the same target
@@ -85,44 +91,76 @@ def link_cancellations(events: pl.DataFrame, cancel_map: dict[str, str]) -> pl.D
         by_seq = bracket_match(
             rest_targets, cancels.filter(pl.col("order_id").is_null()), PAIR
         ).with_columns(pl.lit("sequence", LINK_TYPE).alias("link"))
-        links += [by_order, by_seq]
+        links += [
+            by_order.join(cancels.select("row", "ts"), left_on="cancel_row", right_on="row")
+            .rename({"ts": "cancel_ts"})
+            .join(targets.select("row", "ts"), left_on="target_row", right_on="row")
+            .rename({"ts": "target_ts"}),
+            by_seq.join(cancels.select("row", "ts"), left_on="cancel_row", right_on="row")
+            .rename({"ts": "cancel_ts"})
+            .join(rest_targets.select("row", "ts"), left_on="target_row", right_on="row")
+            .rename({"ts": "target_ts"}),
+        ]
+    schema = {k: v for k, v in SPARSE_SCHEMA.items() if k != "clock_delay_ms"}
+    schema["row"] = events.schema["row"]
     if not links:
-        return events.with_columns(
-            pl.lit(None, pl.Int64).alias("cancelled_at"),
-            pl.lit(None, pl.Int64).alias("linked_ts"),
-            pl.lit(None, LINK_TYPE).alias("link"),
-        )
+        return pl.DataFrame(schema=schema)
     link = pl.concat(links)
-    ts = events.select("row", "ts")
-    link = link.join(ts.rename({"row": "cancel_row", "ts": "cancel_ts"}), on="cancel_row").join(
-        ts.rename({"row": "target_row", "ts": "target_ts"}), on="target_row"
+    cancelled = link.select(
+        pl.col("target_row").alias("row"), pl.col("cancel_ts").alias("cancelled_at")
     )
-    out = join_columns(
-        events,
-        link.select(pl.col("target_row").alias("row"), pl.col("cancel_ts").alias("cancelled_at")),
-        "row",
+    linked = link.select(
+        pl.col("cancel_row").alias("row"), pl.col("target_ts").alias("linked_ts"), "link"
     )
-    return join_columns(
-        out,
-        link.select(
-            pl.col("cancel_row").alias("row"), pl.col("target_ts").alias("linked_ts"), "link"
-        ),
-        "row",
+    return (
+        cancelled.join(linked, on="row", how="full", coalesce=True)
+        .select(list(schema))
+        .cast(schema)
+        .sort("row")
     )
 
 
-def conversion_delays(events: pl.DataFrame) -> pl.DataFrame:
-    """Add `clock_delay_ms` to purchase rows: time since the latest clock event (e.g. a click)
-    of the same pair at or before the purchase; null when there is none."""
+def link_cancellations(events: pl.DataFrame, cancel_map: dict[str, str]) -> pl.DataFrame:
+    """Add `cancelled_at` (ts of the event that cancelled this one), `linked_ts` (for a
+    cancellation: ts of the event it cancelled) and `link` ('order_id' | 'sequence' | null).
+    `cancel_map` is cancelling signal -> the signal it cancels.
+
+    `events` needs a unique `row` column, PAIR, `event`, `ts`, `order_id`.
+    """
+    return join_columns(events, cancellation_links(events, cancel_map), "row")
+
+
+def clock_delays(events: pl.DataFrame) -> pl.DataFrame:
+    """`row, clock_delay_ms` of the purchases that have one (see `conversion_delays`)."""
     purchases = events.filter(pl.col("is_purchase")).select(*PAIR, "ts", "row").sort("ts")
     clocks = (
         events.filter(pl.col("is_clock"))
         .select(*PAIR, "ts", pl.col("ts").alias("clock_ts"))
         .sort("ts")
     )
+    schema = {"row": events.schema["row"], "clock_delay_ms": pl.Int64}
     if purchases.height == 0 or clocks.height == 0:
-        return events.with_columns(pl.lit(None, pl.Int64).alias("clock_delay_ms"))
+        return pl.DataFrame(schema=schema)
     joined = purchases.join_asof(
         clocks, on="ts", by=PAIR, strategy="backward", check_sortedness=False
     ).select("row", (pl.col("ts") - pl.col("clock_ts")).alias("clock_delay_ms"))
-    return join_columns(events, joined, "row")
+    return joined.drop_nulls("clock_delay_ms").cast(schema).sort("row")
+
+
+def conversion_delays(events: pl.DataFrame) -> pl.DataFrame:
+    """Add `clock_delay_ms` to purchase rows: time since the latest clock event (e.g. a click)
+    of the same pair at or before the purchase; null when there is none."""
+    return join_columns(events, clock_delays(events), "row")
+
+
+def sparse_links(events: pl.DataFrame, cancel_map: dict[str, str]) -> pl.DataFrame:
+    """`cancellation_links` and `clock_delays` in one frame keyed by `row` (`SPARSE_SCHEMA`):
+    the rows with any of those values, sorted by `row`."""
+    schema = SPARSE_SCHEMA | {"row": events.schema["row"]}
+    return (
+        cancellation_links(events, cancel_map)
+        .join(clock_delays(events), on="row", how="full", coalesce=True)
+        .select(list(schema))
+        .cast(schema)
+        .sort("row")
+    )

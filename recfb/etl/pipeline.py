@@ -8,14 +8,17 @@ The scan, validation and quarantine run as one Polars lazy query collected by th
 engine; the later stages work on the validated columns only (integers, an Enum for the
 event, small strings), which is what bounds memory at tens of millions of events. Memory
 rules the later stages keep: no frame outlives its stage, a join that adds a column joins
-the keys only (`join_columns`), a pair table is dropped once written, and the event log is
-sorted by position (`_log_order`) and written in slices, never copied whole.
+the keys only (`join_columns`, in slices), columns that are mostly null (links, delays) live
+apart keyed by `row` (`sparse_links`), `recfb etl` writes each pair table part by part as it
+folds, and the event log is sorted by position (`_log_order`) and written in slices, never
+copied whole. The validated rows are rechunked once: an eager `select` on a frame in many
+chunks rechunks all of it, each time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,9 +31,9 @@ from recfb.errors import ConfigError, InputError
 from recfb.etl.aggregate import PAIR, aggregate_pairs
 from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import apply_filters
-from recfb.etl.frames import filter_consuming, join_columns
+from recfb.etl.frames import filter_consuming, join_columns, rechunk_consuming
 from recfb.etl.interactions import Interactions
-from recfb.etl.link import conversion_delays, link_cancellations
+from recfb.etl.link import sparse_links
 from recfb.etl.readers import MEMORY_SOURCE, PROVENANCE, excerpt, read_events, read_frame
 from recfb.etl.signals import SignalMap, load_signal_map
 from recfb.etl.split import (
@@ -131,7 +134,7 @@ def validate_in_memory(
         # every good row's event is in the map: an Enum holds it in one byte, not a string
         good = good_rows(validated, extras).with_columns(pl.col("event").cast(_event_type(smap)))
         good, bad = pl.collect_all([good, bad_rows(validated, extras)], engine="streaming")
-        return good, bad, extras
+        return rechunk_consuming(good), bad, extras
 
     return _read_tolerantly(collect, source)
 
@@ -159,23 +162,42 @@ def _event_type(smap: SignalMap) -> pl.Enum:
     return pl.Enum(list(smap.signals))
 
 
+_DEDUPE_ROWS = 4_000_000  # rows per sort in _first_occurrence: bounds its working memory
+
+
 def _first_occurrence(frame: pl.DataFrame, keys: list[str]) -> pl.Series:
     """True where a row is the first (in row order) with its key: `is_first_distinct` by
     sorting, which beats a hash table of tens of millions of keys. The key (an integer id
     itself, else its hash) is sorted; only rows whose key value repeats (duplicates and hash
-    collisions: a few) get the exact check. Null single keys are left to the caller."""
+    collisions: a few) get the exact check. The rows are sorted in parts of about
+    `_DEDUPE_ROWS` by key value modulo the number of parts (equal keys share a part), so the
+    sorts' working memory stays that of one part. Null single keys are left to the caller."""
     key = pl.struct(keys) if len(keys) > 1 else pl.col(keys[0])
     if len(keys) == 1 and frame.schema[keys[0]].is_integer():
         value = frame[keys[0]]
     else:
-        value = frame.select(key.hash(seed=0)).to_series()
-    order = value.arg_sort()
-    ordered = value.gather(order)
-    repeats = ((ordered == ordered.shift(1)) | (ordered == ordered.shift(-1))).fill_null(False)
-    candidates = order.filter(repeats).sort()
+        # one hash per column, combined: hashing the struct builds its rows in full first;
+        # the streaming engine computes it a morsel at a time
+        hashes = [pl.col(k).to_physical().hash(seed=i) for i, k in enumerate(keys)]
+        combined = pl.reduce(lambda a, b: a ^ b, hashes).alias("hash")
+        value = frame.lazy().select(combined).collect(engine="streaming").to_series()
+    n_parts = min(255, max(1, -(-frame.height // _DEDUPE_ROWS)))
+    part_of = (value % n_parts).abs().cast(pl.UInt8) if n_parts > 1 else None
+    found = []
+    for part in range(n_parts):
+        where = None if part_of is None else (part_of == part).arg_true()
+        values = value if where is None else value.gather(where)
+        order = values.arg_sort()
+        ordered = values.gather(order)
+        del values
+        repeats = ((ordered == ordered.shift(1)) | (ordered == ordered.shift(-1))).fill_null(False)
+        del ordered
+        repeated = order.filter(repeats)
+        found.append(repeated if where is None else where.gather(repeated))
+    candidates = pl.concat(found).sort()
     first = pl.repeat(True, frame.height, eager=True)
     if candidates.len():
-        exact = frame.select(keys)[candidates].select(key.is_first_distinct()).to_series()
+        exact = frame.select(key.gather(candidates).is_first_distinct()).to_series()
         first = first.scatter(candidates, exact)
     return first
 
@@ -234,10 +256,12 @@ def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
             users_vocab,
             items_vocab,
             timer,
+            pairs_dir=tmp,
         )
         with timer.stage("write"):
-            # the event log is still a lazy query here: the streaming sink writes it
-            data.write_into(tmp, release=True)
+            # the event log is still a lazy query here: the streaming sink writes it; the
+            # pair tables were written as they were folded
+            data.write_into(tmp, pairs=False)
     return EtlResult(out=out, stats=data.stats)
 
 
@@ -252,10 +276,13 @@ def build_tables(
     users_vocab: pl.DataFrame,
     items_vocab: pl.DataFrame,
     timer: StageTimer,
+    pairs_dir: Path | None = None,
 ) -> Interactions:
     """Validated rows -> de-duplicated, canonical, linked, split and folded tables: the one
     implementation behind both `run_etl` (files) and `recfb.etl.run` (memory). The returned
-    event log is a lazy query over the folded events; the caller sinks or collects it."""
+    event log is a lazy query over the folded events; the caller sinks or collects it. With
+    `pairs_dir` the pair tables are written there as they are folded and the returned ones
+    are empty (`recfb etl`: no split's table is held whole)."""
     rows_in = events.height + quarantine.height
 
     with timer.stage("deduplicate"):
@@ -286,6 +313,8 @@ def build_tables(
         filtered = pl.concat(
             [_filtered_frame(r, rows) for r, rows in removed], how="diagonal_relaxed"
         )
+        del removed
+        events = events.drop(*PROVENANCE)  # it only served the reports of removed rows
 
     if events.height == 0:
         raise InputError(
@@ -299,36 +328,58 @@ def build_tables(
         items_vocab = extend_vocab(items_vocab, events, "item")
         events = attach_index(events, users_vocab, "user")
         events = attach_index(events, items_vocab, "item")
-        # from here on rows are addressed by index; provenance only served the reports
-        events = events.drop("user_id", "item_id", *PROVENANCE)
+        events = events.drop("user_id", "item_id")  # from here on rows are addressed by index
 
     with timer.stage("link cancellations + delays"):
         cancel_map = {n: s.cancels for n, s in smap.signals.items() if s.cancels}
-        events = link_cancellations(events, cancel_map)
-        events = conversion_delays(events)
+        # the few rows with a link or a delay, apart (`row`-keyed): no columns of nulls
+        links = _with_flags(sparse_links(events, cancel_map), events)
 
     with timer.stage("split + fold pairs"):
         # the event log's order, computed once: it also ranks each pair's events in time
         order = _log_order(events).arg_sort()
         events = events.with_columns(pl.Series("_order", order, pl.UInt32))
-        pair_tables, windows, events = _split_and_fold(events, smap, split, extras)
+        pair_tables, windows, events = _split_and_fold(
+            events, links, smap, split, extras, pairs_dir
+        )
+
+    log_columns = [
+        "user_idx",
+        "item_idx",
+        "event",
+        pl.col("level").cast(pl.Int8),
+        pl.col("ts").cast(pl.Datetime("ms")),
+        "value",
+        "split",
+        pl.col("cancelled_at").cast(pl.Datetime("ms")),
+        (pl.col("clock_delay_ms") / 1000).alias("click_to_purchase_s"),
+        "event_id",
+        "order_id",
+        *extras,
+    ]
+    by_row = links.select("row", "cancelled_at", "clock_delay_ms")
+
+    def finish(chunk: pl.DataFrame) -> pl.DataFrame:
+        """A slice of the log with its link columns."""
+        chunk = chunk.join(by_row, on="row", how="left", maintain_order="left")
+        return chunk.select(log_columns)
 
     seq = _in_order(
         events.select(
+            "row",
             "user_idx",
             "item_idx",
             "event",
-            pl.col("level").cast(pl.Int8),
-            pl.col("ts").cast(pl.Datetime("ms")),
+            "level",
+            "ts",
             "value",
             "split",
-            pl.col("cancelled_at").cast(pl.Datetime("ms")),
-            (pl.col("clock_delay_ms") / 1000).alias("click_to_purchase_s"),
             "event_id",
             "order_id",
             *extras,
         ),
         events["_order"].arg_sort(),  # the splits may reorder rows: _order says where they go
+        finish,
     )
     stats = _stats(
         split,
@@ -339,6 +390,7 @@ def build_tables(
         duplicates,
         filtered,
         events,
+        links,
         pair_tables,
         windows,
         users_vocab,
@@ -346,9 +398,9 @@ def build_tables(
     )
     stats["timings_s"] = timer.seconds
     return Interactions(
-        train=pair_tables["train"],
-        valid=pair_tables["valid"],
-        test=pair_tables["test"],
+        train=pair_tables["train"].frame,
+        valid=pair_tables["valid"].frame,
+        test=pair_tables["test"].frame,
         users=users_vocab,
         items=items_vocab,
         events=seq,
@@ -359,20 +411,41 @@ def build_tables(
     )
 
 
-def _in_order(log: pl.DataFrame, positions: pl.Series, step: int = 2_000_000) -> pl.LazyFrame:
-    """`log` in the order `positions` gives, as a lazy source that gathers `step` rows at a
-    time: the streaming sink writes it without a second, sorted copy of the whole log."""
+def _in_order(
+    log: pl.DataFrame,
+    positions: pl.Series,
+    finish: Callable[[pl.DataFrame], pl.DataFrame],
+    step: int = 2_000_000,
+) -> pl.LazyFrame:
+    """`finish(log)` in the order `positions` gives, as a lazy source that gathers `step` rows
+    at a time and finishes them: the streaming sink writes it without a second, sorted copy of
+    the whole log."""
 
     def batches(
         columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _: int | None
     ) -> Iterator[pl.DataFrame]:
-        frame = log if columns is None else log.select(columns)
         limit = log.height if n_rows is None else min(n_rows, log.height)
         for start in range(0, limit, step):
-            chunk = frame[positions.slice(start, min(step, limit - start))]
+            # a gather expression: indexing the frame with a Series takes a far slower path
+            where = positions.slice(start, min(step, limit - start))
+            chunk = finish(log.select(pl.all().gather(where)))
+            if columns is not None:
+                chunk = chunk.select(columns)
             yield chunk if predicate is None else chunk.filter(predicate)
 
-    return register_io_source(batches, schema=log.schema, explain_name="ETL event log")
+    schema = finish(log.clear()).schema
+    return register_io_source(batches, schema=schema, explain_name="ETL event log")
+
+
+def _with_flags(links: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
+    """`links` with the `ts` and the purchase/refund/cancellation flags of their rows, looked
+    up by position: the events are in `row` order (every stage keeps it)."""
+    rows = events["row"]
+    if not rows.is_sorted():
+        raise AssertionError("the events left their row order")
+    where = rows.search_sorted(links["row"])
+    flags = events.select(pl.col("ts", "is_purchase", "is_refund", "is_cancel").gather(where))
+    return links.with_columns(flags.get_columns())
 
 
 def _log_order(events: pl.DataFrame) -> pl.Series:
@@ -391,20 +464,23 @@ def _pair_key() -> pl.Expr:
     return (pl.col("user_idx").cast(pl.UInt64) * (1 << 32) + pl.col("item_idx")).alias("key")
 
 
-_FOLD_EVENTS = 8_000_000  # events per fold chunk: bounds the group-by's hash table
+_FOLD_EVENTS = 4_000_000  # events per fold chunk: bounds the group-by's hash table
 
 
-def _fold(
+def _fold_parts(
     events: pl.DataFrame,
+    links: pl.DataFrame,
     split: str | None,
     smap: SignalMap,
     cutoff: int,
     features: list[str],
-) -> pl.DataFrame:
+) -> Iterator[pl.DataFrame]:
     """The pair table of `events` (of one split, if given), sorted on the pair key, folded
     over contiguous user_idx ranges of about `_FOLD_EVENTS` events each: a pair lies in one
-    range, so the chunks' sorted tables concatenate into the whole sorted table while the
-    group-by holds one range's pairs at a time (its hash table is what peaks in memory)."""
+    range, so the parts, in the order given, make the whole sorted table while the group-by
+    holds one range's pairs at a time (its hash table is what peaks in memory). The parts
+    hold disjoint users. `links` gives the rows' link and delay columns (`sparse_links`)."""
+    by_row = links.lazy().select("row", "cancelled_at", "linked_ts", "clock_delay_ms")
     users = pl.col("user_idx")
     if split is not None:
         users = users.filter(pl.col("split") == split)
@@ -415,7 +491,6 @@ def _fold(
         cuts = sorted({int(users.quantile(i / n_chunks, "lower")) for i in range(1, n_chunks)})
         bounds = list(zip([None, *cuts], [*cuts, None], strict=True))
     del users
-    parts = []
     for bound in bounds:
         part = events.lazy()
         if split is not None:
@@ -427,51 +502,159 @@ def _fold(
                 part = part.filter(user >= lo)
             if hi is not None:
                 part = part.filter(user < hi)
+        part = part.join(by_row, on="row", how="left")
         folded = aggregate_pairs(part, smap, cutoff, features, "_order")
-        parts.append(folded.collect(engine="streaming").sort(_pair_key()))
-    return pl.concat(parts, rechunk=False) if len(parts) > 1 else parts[0]
+        yield folded.collect(engine="streaming").sort(_pair_key())
+
+
+@dataclass
+class _PairSummary:
+    """What the statistics need of a pair table, added up part by part (parts of disjoint
+    users), so a table written as it is folded need not be kept."""
+
+    pairs: int = 0
+    users: int = 0
+    items: list[pl.Series] = field(default_factory=list)
+    labels: dict[int, int] = field(default_factory=dict)
+    matured: int = 0
+    seen: int = 0
+
+    def add(self, part: pl.DataFrame) -> None:
+        self.pairs += part.height
+        self.users += part["user_idx"].n_unique()
+        self.items.append(part["item_idx"].unique())
+        for label, n in part.group_by("label").len().iter_rows():
+            self.labels[label] = self.labels.get(label, 0) + n
+        self.matured += int(part["matured"].sum())
+        self.seen += int(part["seen_before"].sum())
+
+    def stats(self, names: dict[int, str]) -> dict[str, Any]:
+        items = pl.concat(self.items).n_unique() if self.items else 0
+        return {
+            "pairs": self.pairs,
+            "users": self.users,
+            "items": items,
+            "pairs_per_label": {names[k]: self.labels[k] for k in sorted(self.labels)},
+            "matured_share": self.matured / self.pairs if self.pairs else None,
+            "seen_before_share": self.seen / self.pairs if self.pairs else None,
+        }
+
+
+@dataclass
+class _Pairs:
+    """One split's pair table: the frame, or (once written) an empty frame of its schema."""
+
+    frame: pl.DataFrame
+    summary: _PairSummary
+
+
+def _pair_table(parts: Iterator[pl.DataFrame], path: Path | None) -> _Pairs:
+    """The parts as one table in memory (`path` None), else written to `path` as they come,
+    holding one part at a time."""
+    summary = _PairSummary()
+    if path is None:
+        frame = pl.concat(list(parts), rechunk=False)
+        summary.add(frame)
+        return _Pairs(frame, summary)
+    first = [next(parts)]
+    schema = first[0].schema
+
+    def batches(
+        columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _: int | None
+    ) -> Iterator[pl.DataFrame]:
+        if columns is not None or predicate is not None or n_rows is not None:
+            raise ValueError("the pair table source is only ever written whole")
+        while True:
+            if not first:  # (holds the first part, taken to learn the schema, until sent)
+                following = next(parts, None)
+                if following is None:
+                    return
+                first.append(following)
+                del following
+            part = first.pop()
+            summary.add(part)
+            yield part
+            del part  # the sink holds it until written: no reference here while folding
+
+    source = register_io_source(batches, schema=schema, explain_name="ETL pair table")
+    source.sink_parquet(path, engine="streaming")
+    return _Pairs(pl.DataFrame(schema=schema), summary)
+
+
+def _with_seen(
+    parts: Iterator[pl.DataFrame], earlier: list[pl.Series], keys: list[pl.Series]
+) -> Iterator[pl.DataFrame]:
+    """`seen_before` on each part: its pair key is in one of the `earlier` key sets; each
+    part's keys are appended to `keys`."""
+    for part in parts:
+        key = part.select(_pair_key()).to_series()
+        seen = pl.repeat(False, part.height, eager=True)
+        for previous in earlier:
+            seen = seen | key.is_in(previous.implode())
+        keys.append(key)
+        part = part.with_columns(seen.alias("seen_before"))
+        yield part
+        del part
 
 
 def _split_and_fold(
-    events: pl.DataFrame, smap: SignalMap, split_cfg: SplitConfig, features: list[str]
-) -> tuple[dict[str, pl.DataFrame], Windows | None, pl.DataFrame]:
-    """Pair tables per split, the temporal windows (if any), and events with `split`."""
+    events: pl.DataFrame,
+    links: pl.DataFrame,
+    smap: SignalMap,
+    split_cfg: SplitConfig,
+    features: list[str],
+    out: Path | None,
+) -> tuple[dict[str, _Pairs], Windows | None, pl.DataFrame]:
+    """Pair tables per split, the temporal windows (if any), and events with `split`. With
+    `out`, each table is written to `<out>/<split>.parquet` (as it is folded, where the split
+    allows) and only its summary kept."""
     method = split_cfg.method
+
+    def path(split: str) -> Path | None:
+        return None if out is None else out / f"{split}.parquet"
+
     if method == "temporal":
         windows = temporal_windows(events["ts"], split_cfg)
         events = assign_temporal(events, windows)
-        tables: dict[str, pl.DataFrame] = {}
+        tables: dict[str, _Pairs] = {}
         earlier: list[pl.Series] = []  # pair keys of the earlier windows
         for split in SPLITS:
             _, cutoff = windows.bounds(split)
-            pairs = _fold(events, split, smap, cutoff, features)
-            keys = pairs.select(_pair_key()).to_series()
-            seen = pl.repeat(False, pairs.height, eager=True)
-            for previous in earlier:
-                seen = seen | keys.is_in(previous.implode())
-            earlier.append(keys)
-            tables[split] = pairs.with_columns(seen.alias("seen_before"))
+            keys: list[pl.Series] = []
+            parts = _fold_parts(events, links, split, smap, cutoff, features)
+            tables[split] = _pair_table(_with_seen(parts, list(earlier), keys), path(split))
+            earlier.append(pl.concat(keys, rechunk=False))
         return tables, windows, events
     end = int(events["ts"].max()) + 1
-    pairs = _fold(events, None, smap, end, features)
+    pairs = pl.concat(list(_fold_parts(events, links, None, smap, end, features)), rechunk=False)
     pairs = pairs.with_columns(pl.lit(False).alias("seen_before"))
     if method == "none":
         empty = pairs.clear()
-        tables = {"train": pairs, "valid": empty, "test": empty}
+        frames = {"train": pairs, "valid": empty, "test": empty}
+        tables = {s: _pair_table(iter([frames.pop(s)]), path(s)) for s in SPLITS}
         return tables, None, events.with_columns(pl.lit("train").alias("split"))
     if split_cfg.leave_out == "deepest":
-        return _leave_last_deepest(events, pairs, smap, end, features)
+        return _leave_last_deepest(events, links, pairs, smap, end, features, path)
     assigned = leave_last_out(pairs)
+    del pairs
     events = join_columns(events, assigned.select(*PAIR, "split"), PAIR)
-    tables = {
-        s: assigned.filter(pl.col("split") == s).drop("split").sort(_pair_key()) for s in SPLITS
-    }
+    tables = {}
+    for s in SPLITS:
+        table = assigned.filter(pl.col("split") == s).drop("split").sort(_pair_key())
+        tables[s] = _pair_table(iter([table]), path(s))
+        del table
     return tables, None, events
 
 
 def _leave_last_deepest(
-    events: pl.DataFrame, pairs: pl.DataFrame, smap: SignalMap, end: int, features: list[str]
-) -> tuple[dict[str, pl.DataFrame], None, pl.DataFrame]:
+    events: pl.DataFrame,
+    links: pl.DataFrame,
+    pairs: pl.DataFrame,
+    smap: SignalMap,
+    end: int,
+    features: list[str],
+    path: Callable[[str], Path | None],
+) -> tuple[dict[str, _Pairs], None, pl.DataFrame]:
     """Each user's last buy tests, the one before validates: those pairs' deepest-level events
     move to the split, everything else (their views and carts included) folds into train."""
     bought = (
@@ -482,7 +665,9 @@ def _leave_last_deepest(
     by_buy = pairs.join(bought, on=PAIR, how="left").with_columns(
         pl.coalesce("_bought", "last_ts").alias("last_ts")
     )
+    del pairs
     held = leave_last_deepest(by_buy, smap.n_levels)
+    del by_buy
     events = join_columns(events, held, PAIR).with_columns(
         pl.when(pl.col("split").is_not_null() & (pl.col("level") == smap.n_levels))
         .then(pl.col("split"))
@@ -490,16 +675,15 @@ def _leave_last_deepest(
         .cast(SPLIT_DTYPE)
         .alias("split")
     )
-    tables: dict[str, pl.DataFrame] = {}
-    train_keys = None
+    tables: dict[str, _Pairs] = {}
+    train_keys: list[pl.Series] = []
     for split in SPLITS:
-        folded = _fold(events, split, smap, end, features)
-        keys = folded.select(_pair_key()).to_series()
-        if train_keys is None:
-            train_keys, seen = keys, pl.repeat(False, folded.height, eager=True)
+        parts = _fold_parts(events, links, split, smap, end, features)
+        if split == "train":
+            seen = _with_seen(parts, [], train_keys)
         else:  # the held-out buy was viewed or carted before: repeat intent
-            seen = keys.is_in(train_keys.implode())
-        tables[split] = folded.with_columns(seen.alias("seen_before"))
+            seen = _with_seen(parts, [pl.concat(train_keys, rechunk=False)], [])
+        tables[split] = _pair_table(seen, path(split))
     return tables, None, events
 
 
@@ -512,7 +696,8 @@ def _stats(
     duplicates: dict[str, int],
     filtered: pl.DataFrame,
     events: pl.DataFrame,
-    pair_tables: dict[str, pl.DataFrame],
+    links: pl.DataFrame,
+    pair_tables: dict[str, _Pairs],
     windows: Windows | None,
     users_vocab: pl.DataFrame,
     items_vocab: pl.DataFrame,
@@ -528,18 +713,10 @@ def _stats(
     per_split = {}
     per_split_events = _counts(events.select("split"), "split")  # counted, not copied out
     for split, pairs in pair_tables.items():
-        labels = _counts(pairs, "label")
-        per_split[split] = {
-            "events": per_split_events.get(split, 0),
-            "pairs": pairs.height,
-            "users": pairs["user_idx"].n_unique(),
-            "items": pairs["item_idx"].n_unique(),
-            "pairs_per_label": {names[int(k)]: v for k, v in labels.items()},
-            "matured_share": float(pairs["matured"].mean()) if pairs.height else None,
-            "seen_before_share": float(pairs["seen_before"].mean()) if pairs.height else None,
-        }
-    refunds = events.filter(pl.col("is_refund"))
-    linked = events.filter(pl.col("is_cancel"))
+        events_in = {"events": per_split_events.get(split, 0)}
+        per_split[split] = events_in | pairs.summary.stats(names)
+    refunds = links.filter(pl.col("is_refund"))
+    linked = links.filter(pl.col("is_cancel") & pl.col("link").is_not_null())
     stats: dict[str, Any] = {
         "signal_map": smap.name,
         # the whole resolved map, so later stages (the serving fold-in) read online events
@@ -560,12 +737,12 @@ def _stats(
         "events_per_signal": _counts(events, "event"),
         "splits": per_split,
         "cancellations": {
-            "linked_by": _counts(linked.filter(pl.col("link").is_not_null()), "link"),
-            "unlinked": int(linked["link"].is_null().sum()),
+            "linked_by": _counts(linked, "link"),
+            "unlinked": int(events["is_cancel"].sum()) - linked.height,
         },
         "delays_s": {
             "click_to_purchase": _quantiles(
-                events.filter(pl.col("is_purchase"))["clock_delay_ms"] / 1000
+                links.filter(pl.col("is_purchase"))["clock_delay_ms"] / 1000
             ),
             "purchase_to_refund": _quantiles(
                 (refunds["ts"] - refunds["linked_ts"]).drop_nulls() / 1000
