@@ -56,6 +56,19 @@ def _impressions_by_polars(raw: pl.DataFrame, flag: pl.Expr) -> pl.DataFrame:
     )
 
 
+def _item_impressions_by_polars(raw: pl.DataFrame, data) -> np.ndarray:
+    """The expected impressions per item index (0 for items never shown), from the raw rows."""
+    shown = (
+        _impressions_by_polars(raw, pl.col("is_organic") == 1)
+        .group_by("item_id")
+        .agg(pl.col("expected").sum())
+        .join(data.items.select(pl.col("item_id").cast(pl.Int64), "item_idx"), on="item_id")
+    )
+    counts = np.zeros(data.n_items)
+    counts[shown["item_idx"].to_numpy()] = shown["expected"].to_numpy()
+    return counts
+
+
 @pytest.mark.parametrize("organic_as", ["int", "text"])
 def test_etl_keeps_the_flag_and_counts_non_organic_views_per_pair(organic_as: str):
     raw = _raw(organic_as=organic_as)
@@ -91,15 +104,7 @@ def test_item_exposure_sums_the_logged_impressions_per_item():
     raw = _raw(seed=1)
     data = recfb.etl.run(raw, SIGNALS, split={"method": "none"})
     got = data.item_exposure()
-    expected = (
-        _impressions_by_polars(raw, pl.col("is_organic") == 1)
-        .group_by("item_id")
-        .agg(pl.col("expected").sum())
-        .join(data.items.select(pl.col("item_id").cast(pl.Int64), "item_idx"), on="item_id")
-    )
-    want = np.zeros(data.n_items)
-    want[expected["item_idx"].to_numpy()] = expected["expected"].to_numpy()
-    assert np.array_equal(got, want)
+    assert np.array_equal(got, _item_impressions_by_polars(raw, data))
 
 
 def test_impression_signals_give_the_exposure_where_there_is_no_flag():
@@ -142,14 +147,7 @@ def test_exposure_propensities_follow_the_logged_impressions_not_popularity():
     data = recfb.etl.run(raw, SIGNALS, split={"method": "none"})
     by_exposure = build_recommender(_train_config("exposure"), data).propensity.numpy()
     by_popularity = build_recommender(_train_config("popularity"), data).propensity.numpy()
-    shown = (
-        _impressions_by_polars(raw, pl.col("is_organic") == 1)
-        .group_by("item_id")
-        .agg(pl.col("expected").sum())
-        .join(data.items.select(pl.col("item_id").cast(pl.Int64), "item_idx"), on="item_id")
-    )
-    counts = np.zeros(data.n_items)
-    counts[shown["item_idx"].to_numpy()] = shown["expected"].to_numpy()
+    counts = _item_impressions_by_polars(raw, data)
     want = np.clip(np.sqrt(counts / counts.max()), 0.05, None)
     assert np.allclose(by_exposure, want, rtol=1e-5)
     assert not np.allclose(by_popularity, want, rtol=1e-2)  # the proxy is another number
