@@ -61,6 +61,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """`data` with each `key.path=value` override set in place (and returned), in order."""
+    for key, value in (parse_override(o) for o in overrides or []):
+        set_dotted(data, key, value)
+    return data
+
+
 def env_overrides(prefix: str) -> list[tuple[str, Any]]:
     """Overrides from environment variables `PREFIX__A__B=value` -> ("a.b", value)."""
     out = []
@@ -91,8 +98,7 @@ def load_config(
 ) -> M:
     """Load `model` from an optional YAML file, then env overrides, then CLI overrides."""
     data: dict[str, Any] = read_yaml(path) if path else {}
-    pairs = env_overrides(env_prefix) if env_prefix else []
-    pairs += [parse_override(o) for o in overrides or []]
-    for key, value in pairs:
+    for key, value in env_overrides(env_prefix) if env_prefix else []:
         set_dotted(data, key, value)
+    apply_overrides(data, overrides)
     return build_model(model, data, str(path) if path else model.__name__)

@@ -20,7 +20,6 @@ Deterministic by seed: arrivals, views and responses come from random streams de
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import shutil
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from recfb.config import parse_override, read_yaml, set_dotted
+from recfb.config import apply_overrides, read_yaml, set_dotted
 from recfb.errors import ConfigError
 from recfb.loop.config import LoopConfig, PolicySpec
 from recfb.loop.metrics import gini, top_share, true_ndcg
@@ -294,14 +293,6 @@ class _Shop:
 # --- the loop ----------------------------------------------------------------------------
 
 
-def _overrides(base: dict, pairs: list[str]) -> dict:
-    data = copy.deepcopy(base)
-    for text in pairs:
-        key, value = parse_override(text)
-        set_dotted(data, key, value)
-    return data
-
-
 def build_policy(cfg: LoopConfig, spec: PolicySpec, shop: _Shop, transport: Transport) -> _Policy:
     """The policy object of a spec; ConfigError when its overrides do not validate."""
     from recfb.rank.config import RankConfig
@@ -314,7 +305,7 @@ def build_policy(cfg: LoopConfig, spec: PolicySpec, shop: _Shop, transport: Tran
     base = read_yaml(cfg.train_config)
     if spec.kind == "library":  # a training-free family takes none of the embedding's keys
         base["model"] = {"family": spec.family}
-    train = _overrides(base, [*cfg.train_overrides, *spec.train])
+    train = apply_overrides(base, [*cfg.train_overrides, *spec.train])
     train.pop("data", None)
     if spec.kind != "library":
         set_dotted(train, "model.family", spec.family if spec.family != "two_stage" else "mf")
@@ -327,7 +318,7 @@ def build_policy(cfg: LoopConfig, spec: PolicySpec, shop: _Shop, transport: Tran
         return _Library(shop, transport, train)
     rank = None
     if spec.family == "two_stage":
-        rank = _overrides(read_yaml(cfg.rank_config), [*cfg.rank_overrides, *spec.rank])
+        rank = apply_overrides(read_yaml(cfg.rank_config), [*cfg.rank_overrides, *spec.rank])
         try:
             rank = RankConfig.model_validate(rank).model_dump(mode="json")
         except Exception as exc:
@@ -347,9 +338,7 @@ def serve_config(work: Path, spec: PolicySpec) -> ServeConfig:
         "fast_path": False,
         "rates": {"clock": "data", "refresh_s": 1e12},
     }
-    for text in spec.serve:
-        key, value = parse_override(text)
-        set_dotted(data, key, value)
+    apply_overrides(data, spec.serve)
     try:
         return ServeConfig.model_validate(data)
     except Exception as exc:

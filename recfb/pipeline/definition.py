@@ -63,9 +63,6 @@ class PipelineSpec(BaseModel):
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineSpec:
-    from recfb.config import parse_override, set_dotted
+    from recfb.config import apply_overrides
 
-    data = read_yaml(path)
-    for key, value in (parse_override(o) for o in overrides or []):
-        set_dotted(data, key, value)
-    return build_model(PipelineSpec, data, str(path))
+    return build_model(PipelineSpec, apply_overrides(read_yaml(path), overrides), str(path))

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from recfb import tracking
-from recfb.config import build_model, parse_override, set_dotted
+from recfb.config import apply_overrides, build_model
 from recfb.train.config import TrainConfig
 
 
@@ -44,7 +44,6 @@ def load_run(run_id: str, overrides: list[str] | None = None) -> tuple[TrainConf
     """The run's resolved config (with `key=value` overrides applied, e.g. another exclusion
     rule) and a scorer over its vectors."""
     config = yaml.safe_load(tracking.download(run_id, "config.yaml").read_text())
-    for key, value in (parse_override(o) for o in overrides or []):
-        set_dotted(config, key, value)
+    apply_overrides(config, overrides)
     cfg = build_model(TrainConfig, config, f"run {run_id}")
     return cfg, VectorScorer(_vectors(run_id, "user_vectors"), _vectors(run_id, "item_vectors"))
