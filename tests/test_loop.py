@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -120,3 +121,19 @@ def test_event_log_of_an_older_version_gains_is_organic(tmp_path):
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT event_id, is_organic FROM events ORDER BY rowid").fetchall()
     assert rows == [("e0", None), ("e1", 1), ("e2", None)]
+
+
+def test_policy_table_is_the_mean_over_seeds_of_each_seeds_mean_over_days():
+    from recfb.loop.report import table_lines
+
+    rows = []
+    for seed, values in ((1, [1.0, 3.0]), (2, [5.0, 7.0])):  # seed means 2 and 6
+        for day, v in enumerate(values):
+            rows.append({"policy": "p", "seed": seed, "day": day, "net_purchases_per_1k": v})
+    rows.append({"policy": "q", "seed": 1, "day": 0, "net_purchases_per_1k": 9.0})
+    lines = table_lines(pl.DataFrame(rows), {"p": 12.0})
+    p_row = next(line for line in lines if line.startswith("| p |"))
+    q_row = next(line for line in lines if line.startswith("| q |"))
+    sd = float(np.std([2.0, 6.0], ddof=1))
+    assert p_row.split(" | ")[1:3] == ["2", f"4.00 ± {sd:.2f}"] and p_row.endswith("| 12 |")
+    assert q_row.split(" | ")[1:3] == ["1", "9.00"] and q_row.endswith("| – |")

@@ -74,7 +74,7 @@ def run_policies(
     daily = daily_table(results)
     if not daily.is_empty():
         daily.write_csv(out / "daily.csv")
-    plots = _plots(daily, out)
+    plots = plot_curves(daily, out)
     path = out / "report.md"
     path.write_text(markdown(cfg, results, daily, plots))
     if track:
@@ -148,18 +148,10 @@ def markdown(
         "Per-day values are averaged over the loop's days, then over seeds (± sd over seeds).",
         "",
     ]
-    table = policy_table(daily)
-    if not table.is_empty():
-        head = ["policy", "seeds", *(label for _, label, _ in TABLE_COLUMNS), "wall s / loop"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for row in table.iter_rows(named=True):
-            wall = np.mean([r.wall_s for r in ran if r.policy == row["policy"]])
-            cells = [row["policy"], str(row["seeds"])]
-            for col, _, digits in TABLE_COLUMNS:
-                cells.append(_fmt(row.get(col), row.get(f"{col}_sd"), digits))
-            cells.append(f"{wall:.0f}")
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+    walls_by_policy: dict[str, list[float]] = {}
+    for r in ran:
+        walls_by_policy.setdefault(r.policy, []).append(r.wall_s)
+    lines += table_lines(daily, {p: float(np.mean(w)) for p, w in walls_by_policy.items()})
     for r in results:
         if r.skipped:
             lines.append(f"- **{r.policy}** skipped: {r.skipped}")
@@ -169,13 +161,31 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def table_lines(daily: pl.DataFrame, walls: dict[str, float]) -> list[str]:
+    """The policy table as Markdown lines (mean ± sd over seeds), with each policy's mean
+    wall seconds per loop where `walls` has it."""
+    table = policy_table(daily)
+    if table.is_empty():
+        return []
+    head = ["policy", "seeds", *(label for _, label, _ in TABLE_COLUMNS), "wall s / loop"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table.iter_rows(named=True):
+        cells = [row["policy"], str(row["seeds"])]
+        for col, _, digits in TABLE_COLUMNS:
+            cells.append(_fmt(row.get(col), row.get(f"{col}_sd"), digits))
+        wall = walls.get(row["policy"])
+        cells.append("–" if wall is None else f"{wall:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _cores() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _plots(daily: pl.DataFrame, out: Path) -> list[Path]:
+def plot_curves(daily: pl.DataFrame, out: Path) -> list[Path]:
     """One PNG per measure: each policy's mean over seeds by day."""
     if daily.is_empty():
         return []
