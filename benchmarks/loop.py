@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import cpu_steal, steal_share  # noqa: E402
 from recfb.loop.config import load_loop_config  # noqa: E402
-from recfb.loop.report import plot_curves, run_policies, table_lines  # noqa: E402
+from recfb.loop.report import paired_lines, plot_curves, run_policies, table_lines  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -153,6 +153,8 @@ def merge(stems: list[str], name: str) -> None:
         "part-way).",
         "",
         *table_lines(daily, mean_wall),
+        *paired_lines(daily, "two_stage"),
+        *paired_lines(daily, "mf"),
         *_gini_by_day(daily, ["random", "mf", "two_stage"]),
         "## Curves over days (mean over seeds)",
         "",

@@ -137,3 +137,22 @@ def test_policy_table_is_the_mean_over_seeds_of_each_seeds_mean_over_days():
     sd = float(np.std([2.0, 6.0], ddof=1))
     assert p_row.split(" | ")[1:3] == ["2", f"4.00 ± {sd:.2f}"] and p_row.endswith("| 12 |")
     assert q_row.split(" | ")[1:3] == ["1", "9.00"] and q_row.endswith("| – |")
+
+
+def test_paired_table_is_the_per_seed_difference_against_the_reference():
+    from recfb.loop.report import paired_lines
+
+    rows = []
+    # seed 1: ref 1, p 4 (+3); seed 2: ref 10, p 9 (-1): the paired mean is +1, higher on 1/2
+    for seed, ref, p in ((1, [1.0, 1.0], [3.0, 5.0]), (2, [10.0, 10.0], [9.0, 9.0])):
+        for day in range(2):
+            rows.append(
+                {"policy": "ref", "seed": seed, "day": day, "net_purchases_per_1k": ref[day]}
+            )
+            rows.append({"policy": "p", "seed": seed, "day": day, "net_purchases_per_1k": p[day]})
+    lines = paired_lines(pl.DataFrame(rows), "ref")
+    p_row = next(line for line in lines if line.startswith("| p |"))
+    sd = float(np.std([3.0, -1.0], ddof=1))
+    assert p_row == f"| p | 2 | 1.00 ± {sd:.2f} (1/2) |"
+    assert not any(line.startswith("| ref |") for line in lines)
+    assert paired_lines(pl.DataFrame(rows), "absent") == []

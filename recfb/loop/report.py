@@ -152,6 +152,8 @@ def markdown(
     for r in ran:
         walls_by_policy.setdefault(r.policy, []).append(r.wall_s)
     lines += table_lines(daily, {p: float(np.mean(w)) for p, w in walls_by_policy.items()})
+    for reference in ("two_stage", "mf"):
+        lines += paired_lines(daily, reference)
     for r in results:
         if r.skipped:
             lines.append(f"- **{r.policy}** skipped: {r.skipped}")
@@ -175,6 +177,56 @@ def table_lines(daily: pl.DataFrame, walls: dict[str, float]) -> list[str]:
             cells.append(_fmt(row.get(col), row.get(f"{col}_sd"), digits))
         wall = walls.get(row["policy"])
         cells.append("–" if wall is None else f"{wall:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+PAIRED_COLUMNS = (
+    ("net_purchases_per_1k", "net purchases / 1k", 2),
+    ("refunds_per_1k", "refunds / 1k", 2),
+    ("gini", "Gini", 3),
+    ("coverage", "coverage", 3),
+)
+
+
+def paired_lines(daily: pl.DataFrame, reference: str) -> list[str]:
+    """Each policy minus `reference` on the same seed (same users, same world), mean ± sd
+    of the per-seed differences and on how many seeds it was higher. Seeds share most of
+    their variance (a seed's world sets how much anyone buys), so the paired difference
+    says more than two means with overlapping spreads."""
+    if daily.is_empty() or reference not in set(daily["policy"]):
+        return []
+    cols = [(c, label, d) for c, label, d in PAIRED_COLUMNS if c in daily.columns]
+    per_seed = daily.group_by("policy", "seed", maintain_order=True).agg(
+        [pl.col(c).fill_nan(None).mean() for c, _, _ in cols]
+    )
+    ref = per_seed.filter(pl.col("policy") == reference).drop("policy")
+    diff = (
+        per_seed.filter(pl.col("policy") != reference)
+        .join(ref, on="seed", suffix="_ref")
+        .select("policy", "seed", *[(pl.col(c) - pl.col(f"{c}_ref")).alias(c) for c, _, _ in cols])
+    )
+    if diff.is_empty():
+        return []
+    head = ["policy", "seeds", *(f"Δ {label} (higher on)" for _, label, _ in cols)]
+    lines = [
+        f"Paired by seed against **{reference}** (each policy minus {reference} on the same "
+        "seed; mean ± sd over seeds, and on how many seeds the policy was higher):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for policy, group in diff.group_by("policy", maintain_order=True):
+        cells = [str(policy[0]), str(group.height)]
+        for c, _, digits in cols:
+            values = group[c].drop_nulls()
+            if values.is_empty():
+                cells.append("–")
+                continue
+            sd = values.std() if values.len() > 1 else None
+            cells.append(
+                f"{_fmt(values.mean(), sd, digits)} ({int((values > 0).sum())}/{values.len()})"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
