@@ -14,7 +14,13 @@ row of P cut to the node itself plus its `model.topm` largest weights. P is comp
 fit start (sparse CSR products, pruned after each one so it stays sparse); a step then
 propagates only its batch's distinct nodes: their rows of P over their neighbours' layer-0
 embeddings (a weighted embedding bag), at most (m + 1) lookups a node. The table stays dense
-(dense Adam): a batch's items pull in most users, so a step touches most rows anyway.
+(dense Adam): a batch's items pull in most users, so a step touches most rows anyway (at 10M
+pairs half the table; RowSparseAdam over that half measured 6x slower than fused Adam over all
+of it). What made a topm step grow with the table was its dense passes, not its lookups
+(profiled at 10M pairs, benchmarks/results/lightgcn_10m.md): each bag's autograd backward
+built a fresh table-sized gradient (page faults, a full zero fill, then a sum of two), and
+the unfused Adam made about ten passes over the table. The bag's backward now adds into one
+kept gradient buffer and Adam is fused (one pass).
 """
 
 from __future__ import annotations
@@ -97,6 +103,28 @@ def padded_rows(matrix: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.T
     return neighbours, weights
 
 
+class _BagIntoGrad(torch.autograd.Function):
+    """Weighted sum bags of table rows whose backward adds straight into the table's `.grad`,
+    a buffer kept across steps, slot by slot with `index_add_` (the table itself gets no
+    autograd gradient). Autograd's own backward allocates a fresh table-sized gradient per bag
+    call and step: at 10M pairs (a 370k x 64 table) that and its zero fill were the largest
+    part of a step."""
+
+    @staticmethod
+    def forward(ctx, table, neighbours, weights, owner):  # type: ignore[override]
+        ctx.save_for_backward(neighbours, weights)
+        ctx.owner = owner
+        return F.embedding_bag(neighbours, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        neighbours, weights = ctx.saved_tensors
+        target = ctx.owner.table_grad()
+        for slot in range(neighbours.shape[1]):
+            target.index_add_(0, neighbours[:, slot], grad * weights[:, slot].unsqueeze(1))
+        return None, None, None, None
+
+
 class _SymmetricSpMM(torch.autograd.Function):
     """A @ x for a symmetric sparse A, with backward A @ grad (no transpose)."""
 
@@ -144,6 +172,10 @@ class LightGCN(EmbeddingRecommender):
         self.adjacency = adjacency
         # topm: the pruned operator as fixed-size bags (neighbour ids, weights), built once
         self._bags: tuple[torch.Tensor, torch.Tensor] | None = None
+        # topm: the table's gradient buffer, reused every step (`_BagIntoGrad`); DDP
+        # all-reduces only gradients autograd accumulates, so it keeps the autograd bag
+        self._grad_buffer: torch.Tensor | None = None
+        self._bag_into_grad = self.topm and not self.cfg.optim.distributed
 
     def on_fit_start(self) -> None:
         self.adjacency = self.adjacency.to(self.device)
@@ -168,13 +200,39 @@ class LightGCN(EmbeddingRecommender):
         flat = nodes.reshape(-1)
         # each distinct node once (a batch repeats items: 5 lookups per pair)
         distinct, slots = distinct_slots(flat, neighbours.shape[0])
-        out = F.embedding_bag(
-            neighbours[distinct],
-            self.embedding.weight,
-            per_sample_weights=weights[distinct],
-            mode="sum",
-        )
-        return out[slots].reshape(*nodes.shape, out.shape[-1])
+        bags, bag_weights = neighbours.index_select(0, distinct), weights.index_select(0, distinct)
+        table = self.embedding.weight
+        if self._bag_into_grad and torch.is_grad_enabled() and table.requires_grad:
+            out = _BagIntoGrad.apply(table, bags, bag_weights, self)
+        else:
+            out = F.embedding_bag(bags, table, per_sample_weights=bag_weights, mode="sum")
+        # index_select: its backward is an index_add_ (indexing's, an accumulating index_put_,
+        # measured about twice as slow)
+        return out.index_select(0, slots).reshape(*nodes.shape, out.shape[-1])
+
+    def table_grad(self) -> torch.Tensor:
+        """The embedding table's `.grad`: the kept buffer, zeroed, when the optimiser has
+        cleared it (set_to_none), else the gradient being accumulated."""
+        table = self.embedding.weight
+        if table.grad is None:
+            if self._grad_buffer is None or self._grad_buffer.shape != table.shape:
+                self._grad_buffer = torch.zeros_like(table)
+            elif self._grad_buffer.device != table.device:
+                self._grad_buffer = self._grad_buffer.to(table.device)
+            table.grad = self._grad_buffer.zero_()
+        return table.grad
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
+        """topm: fused Adam, one pass over the table per step (the foreach Adam's ten or so
+        passes measured 66 ms a step at 10M pairs, fused 15 ms); full: the base's."""
+        if not self.topm:
+            return super().configure_optimizers()
+        optim = self.cfg.optim
+        return [
+            torch.optim.Adam(
+                self.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, fused=True
+            )
+        ]
 
     def batch_encoder(self):  # type: ignore[override]
         if not self.topm:
