@@ -111,18 +111,21 @@ class _BagIntoGrad(torch.autograd.Function):
     part of a step."""
 
     @staticmethod
-    def forward(ctx, table, neighbours, weights, owner):  # type: ignore[override]
+    def forward(ctx, table, neighbours, weights, transpose, owner):  # type: ignore[override]
         ctx.save_for_backward(neighbours, weights)
-        ctx.owner = owner
+        ctx.transpose, ctx.owner = transpose, owner
         return F.embedding_bag(neighbours, table, per_sample_weights=weights, mode="sum")
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        neighbours, weights = ctx.saved_tensors
         target = ctx.owner.table_grad()
+        if ctx.transpose is not None:  # the bags' operator transposed, kept as CSR: one SpMM
+            target.addmm_(ctx.transpose, grad.contiguous())
+            return None, None, None, None, None
+        neighbours, weights = ctx.saved_tensors
         for slot in range(neighbours.shape[1]):
             target.index_add_(0, neighbours[:, slot], grad * weights[:, slot].unsqueeze(1))
-        return None, None, None, None
+        return None, None, None, None, None
 
 
 class _SymmetricSpMM(torch.autograd.Function):
@@ -176,11 +179,13 @@ class LightGCN(EmbeddingRecommender):
         # all-reduces only gradients autograd accumulates, so it keeps the autograd bag
         self._grad_buffer: torch.Tensor | None = None
         self._bag_into_grad = self.topm and not self.cfg.optim.distributed
+        # topm: the item rows of the operator transposed, (nodes, items) CSR, built once
+        self._item_transpose: torch.Tensor | None = None
 
     def on_fit_start(self) -> None:
         self.adjacency = self.adjacency.to(self.device)
         if self.topm:
-            self._bags = None
+            self._bags = self._item_transpose = None
             self.operator_bags()
 
     def operator_bags(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,16 +199,41 @@ class LightGCN(EmbeddingRecommender):
             self._bags = (self._bags[0].to(device), self._bags[1].to(device))
         return self._bags
 
-    def _propagate(self, nodes: torch.Tensor) -> torch.Tensor:
-        """Final vectors of some nodes: their bags' weighted sums of layer-0 embeddings."""
+    def item_transpose(self) -> torch.Tensor:
+        """The operator's item rows transposed, (nodes, items) CSR: the gradient of all item
+        vectors with respect to the table is one sparse-dense product with it."""
+        neighbours, weights = self.operator_bags()
+        if self._item_transpose is None:
+            bags, bag_weights = neighbours[self.n_users :], weights[self.n_users :]
+            items = torch.arange(self.n_items, device=bags.device).repeat_interleave(bags.shape[1])
+            keep = bag_weights.reshape(-1) > 0
+            index = torch.stack([bags.reshape(-1)[keep], items[keep]])
+            shape = (neighbours.shape[0], self.n_items)
+            coo = torch.sparse_coo_tensor(index, bag_weights.reshape(-1)[keep], shape)
+            self._item_transpose = coo.coalesce().to_sparse_csr()
+        if self._item_transpose.device != neighbours.device:
+            self._item_transpose = self._item_transpose.to(neighbours.device)
+        return self._item_transpose
+
+    def _propagate(self, nodes: torch.Tensor, items: bool = False) -> torch.Tensor:
+        """Final vectors of some nodes (item nodes when `items`): their bags' weighted sums
+        of layer-0 embeddings."""
         neighbours, weights = self.operator_bags()
         flat = nodes.reshape(-1)
         # each distinct node once (a batch repeats items: 5 lookups per pair)
         distinct, slots = distinct_slots(flat, neighbours.shape[0])
-        bags, bag_weights = neighbours.index_select(0, distinct), weights.index_select(0, distinct)
         table = self.embedding.weight
-        if self._bag_into_grad and torch.is_grad_enabled() and table.requires_grad:
-            out = _BagIntoGrad.apply(table, bags, bag_weights, self)
+        into_grad = self._bag_into_grad and torch.is_grad_enabled() and table.requires_grad
+        if into_grad and items and 2 * len(distinct) >= self.n_items:
+            # a batch with most items (at 10M pairs ~90%): all items, whose backward is one
+            # product with the kept transpose instead of (m + 1) scatters (6 vs 17 ms)
+            start = self.n_users
+            bags, bag_weights = neighbours[start:], weights[start:]
+            out = _BagIntoGrad.apply(table, bags, bag_weights, self.item_transpose(), self)
+            return out.index_select(0, flat - start).reshape(*nodes.shape, out.shape[-1])
+        bags, bag_weights = neighbours.index_select(0, distinct), weights.index_select(0, distinct)
+        if into_grad:
+            out = _BagIntoGrad.apply(table, bags, bag_weights, None, self)
         else:
             out = F.embedding_bag(bags, table, per_sample_weights=bag_weights, mode="sum")
         # index_select: its backward is an index_add_ (indexing's, an accumulating index_put_,
@@ -238,7 +268,7 @@ class LightGCN(EmbeddingRecommender):
         if not self.topm:
             return super().batch_encoder()
         offset = self.n_users
-        return self._propagate, lambda items: self._propagate(items + offset)
+        return self._propagate, lambda items: self._propagate(items + offset, items=True)
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.topm:
