@@ -139,6 +139,8 @@ def profile_child(mode: str, etl: str, steps: int) -> dict:
     from recfb.train.data import Interactions
 
     torch.set_num_threads(os.cpu_count() or 1)
+    # as recfb train's trainer sets it (Lightning's deterministic=True)
+    torch.use_deterministic_algorithms(True)
     use_step_before(mode)
     data = Interactions.load(etl)
     cfg = bench._config("lightgcn", etl, {"trainer": {"max_epochs": 1}, "model": mode_config(mode)})

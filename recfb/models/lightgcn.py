@@ -118,9 +118,11 @@ class _BagIntoGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        target = ctx.owner.table_grad()
+        target, fresh = ctx.owner.table_grad(zero=ctx.transpose is None)
         if ctx.transpose is not None:  # the bags' operator transposed, kept as CSR: one SpMM
-            target.addmm_(ctx.transpose, grad.contiguous())
+            # beta=0 on a fresh buffer: the product overwrites it, no zero fill first (the item
+            # side, created last in a step, runs its backward first)
+            target.addmm_(ctx.transpose, grad.contiguous(), beta=0 if fresh else 1)
             return None, None, None, None, None
         neighbours, weights = ctx.saved_tensors
         for slot in range(neighbours.shape[1]):
@@ -240,17 +242,20 @@ class LightGCN(EmbeddingRecommender):
         # measured about twice as slow)
         return out.index_select(0, slots).reshape(*nodes.shape, out.shape[-1])
 
-    def table_grad(self) -> torch.Tensor:
-        """The embedding table's `.grad`: the kept buffer, zeroed, when the optimiser has
-        cleared it (set_to_none), else the gradient being accumulated."""
+    def table_grad(self, zero: bool = True) -> tuple[torch.Tensor, bool]:
+        """(the embedding table's `.grad`, whether it is fresh): the kept buffer when the
+        optimiser has cleared the gradient (set_to_none), zeroed unless the caller will
+        overwrite it, else the gradient being accumulated."""
         table = self.embedding.weight
-        if table.grad is None:
-            if self._grad_buffer is None or self._grad_buffer.shape != table.shape:
-                self._grad_buffer = torch.zeros_like(table)
-            elif self._grad_buffer.device != table.device:
-                self._grad_buffer = self._grad_buffer.to(table.device)
-            table.grad = self._grad_buffer.zero_()
-        return table.grad
+        if table.grad is not None:
+            return table.grad, False
+        buffer = self._grad_buffer
+        if buffer is None or buffer.shape != table.shape or buffer.device != table.device:
+            buffer = self._grad_buffer = torch.zeros_like(table)
+        elif zero:
+            buffer.zero_()
+        table.grad = buffer
+        return buffer, True
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
         """topm: fused Adam, one pass over the table per step (the foreach Adam's ten or so
