@@ -102,8 +102,9 @@ def quality_child(dataset: str, mode: str, work: Path, epochs: int, seed: int) -
     }
 
 
-def speed_child(mode: str, etl: str, budget: float) -> dict:
-    """benchmarks/train.py's timed epoch, with this mode's model settings."""
+def speed_child(mode: str, etl: str, budget: float, batch: int | None) -> dict:
+    """benchmarks/train.py's timed epoch, with this mode's model settings (and batch size,
+    when given: train.py's LightGCN batch otherwise)."""
     import benchmarks.train as bench
 
     use_step_before(mode)
@@ -112,6 +113,8 @@ def speed_child(mode: str, etl: str, budget: float) -> dict:
     def config(family: str, etl: str, extra: dict | None = None):
         extra = dict(extra or {})
         extra["model"] = extra.get("model", {}) | mode_config(mode)
+        if batch:
+            extra["trainer"] = extra.get("trainer", {}) | {"batch_size": batch}
         return base(family, etl, extra)
 
     bench._config = config
@@ -196,6 +199,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1_000_000)
     parser.add_argument("--budget", type=float, default=30.0)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (profile)")
+    parser.add_argument("--batch", type=int, help="batch size (speed; default train.py's)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/recfb-lightgcn-modes"))
     parser.add_argument("--train-work", type=Path, default=Path("/tmp/recfb-train-bench"))
     parser.add_argument("--child", help="(internal) one mode")
@@ -212,7 +216,7 @@ def main() -> None:
         print(json.dumps(profile_child(args.child, args.etl, args.steps)))
         return
     if args.child:
-        print(json.dumps(speed_child(args.child, args.etl, args.budget)))
+        print(json.dumps(speed_child(args.child, args.etl, args.budget, args.batch)))
         return
     rows = []
     if args.part == "quality":
@@ -249,6 +253,7 @@ def main() -> None:
         etl = run_child(TRAIN_SCRIPT, ["--prepare", str(args.size), *work])["etl"]
         for mode in args.modes:
             cmd = ["speed", "--child", mode, "--etl", etl, "--budget", str(args.budget)]
+            cmd += ["--batch", str(args.batch)] if args.batch else []
             rows.append({"mode": mode} | run_child(__file__, cmd))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         als = run_child(TRAIN_SCRIPT, ["--child", "als", "--etl", etl])
@@ -286,15 +291,16 @@ def main() -> None:
     print("|---:|---|---:|---:|---:|---:|---|---:|")
     for r in rows:
         op = f"{r['operator_s']:.1f}" if "operator_s" in r else ""
+        batch = f", batch {r['batch_size']}" if "batch_size" in r else ""
         print(
-            f"| {r['pairs']:,} | {_name(r['mode'])} | {r['epoch_s']:.2f} | "
+            f"| {r['pairs']:,} | {_name(r['mode'])}{batch} | {r['epoch_s']:.2f} | "
             f"{r['epoch_s'] / ref:.1f}x | {op} | {r['peak_rss_gib']:.2f} | "
             f"{r['measured']} | {r['cpu_steal_share']:.0%} |"
         )
 
 
 def _name(mode: str) -> str:
-    if mode == "full":
+    if not mode[0].isdigit():
         return mode
     m, _, before = mode.partition(":")
     return f"topm m={m}" + (" (step before)" if before else "")
