@@ -20,7 +20,10 @@ of it). What made a topm step grow with the table was its dense passes, not its 
 (profiled at 10M pairs, benchmarks/results/lightgcn_10m.md): each bag's autograd backward
 built a fresh table-sized gradient (page faults, a full zero fill, then a sum of two), and
 the unfused Adam made about ten passes over the table. The bag's backward now adds into one
-kept gradient buffer and Adam is fused (one pass).
+kept gradient buffer and Adam is fused (one pass). A batch holding most items (at 10M pairs
+~90% of them) propagates all items instead, whose gradient is then one sparse-dense product
+with the operator's item rows transposed (kept as CSR), written over the buffer (no zero
+fill). The buffer path is left out under DDP, which all-reduces only autograd's gradients.
 """
 
 from __future__ import annotations
@@ -105,10 +108,11 @@ def padded_rows(matrix: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.T
 
 class _BagIntoGrad(torch.autograd.Function):
     """Weighted sum bags of table rows whose backward adds straight into the table's `.grad`,
-    a buffer kept across steps, slot by slot with `index_add_` (the table itself gets no
-    autograd gradient). Autograd's own backward allocates a fresh table-sized gradient per bag
-    call and step: at 10M pairs (a 370k x 64 table) that and its zero fill were the largest
-    part of a step."""
+    a buffer kept across steps (the table itself gets no autograd gradient): slot by slot with
+    `index_add_`, or, given the bags' operator transposed (`transpose`, CSR), as one product.
+    Autograd's own backward allocates a fresh table-sized gradient per bag call and step: at
+    10M pairs (a 370k x 64 table) that and its zero fill were the largest part of a step. A
+    caller that keeps a reference to `.grad` across steps sees it overwritten."""
 
     @staticmethod
     def forward(ctx, table, neighbours, weights, transpose, owner):  # type: ignore[override]
