@@ -2,6 +2,8 @@
 
     python benchmarks/lightgcn_modes.py quality --datasets movielens taobao --modes full 8 16 32
     python benchmarks/lightgcn_modes.py speed --size 1000000 --modes full 8 16 32
+    python benchmarks/lightgcn_modes.py speed --size 10000000 --modes 8:before 8
+    python benchmarks/lightgcn_modes.py profile --size 10000000 --modes 8:before 8
 
 quality: each dataset's ETL (conf/datasets/<name>.yaml, as benchmarks/quality.py runs it),
 then LightGCN trained per mode with quality.py's settings (batch 1024, lr 0.005, patience 4
@@ -11,8 +13,12 @@ speed: the simulated shop of benchmarks/train.py at `--size` pairs; each mode is
 train.py's own child (recfb train's loop at train.py's LightGCN batch size, `--budget`
 seconds of steps, extrapolated to an epoch) and implicit ALS runs one epoch on the same pairs
 in the same run. The top-m operator is built once per fit (timed apart: `operator_s`).
-A mode is `full` or the top-m width m. Each run is a child process (peak RSS, CPU steal
-share). Results:
+profile: where one step's time goes (the model's own methods, timed apart: loader, sampling
++ forward, backward, optimiser; then torch.profiler's top operators over a few steps).
+A mode is `full` or the top-m width m; `m:before` is top-m with the step as it was before
+the 10M work (autograd's embedding-bag backward into a fresh table-sized gradient, foreach
+Adam), patched in here only, for a same-run comparison. Each run is a child process (peak
+RSS, CPU steal share). Results:
 benchmarks/results/lightgcn_modes_<part>.json and a Markdown table.
 """
 
@@ -36,13 +42,32 @@ TRAIN_SCRIPT = str(ROOT / "benchmarks" / "train.py")
 def mode_config(mode: str) -> dict:
     if mode == "full":
         return {"propagation": "full"}
-    return {"propagation": "topm", "topm": int(mode)}
+    return {"propagation": "topm", "topm": int(mode.split(":")[0])}
+
+
+def use_step_before(mode: str) -> None:
+    """For an `m:before` mode: the top-m step as it was (autograd's dense embedding-bag
+    backward, a fresh gradient each step; the base's foreach Adam)."""
+    if not mode.endswith(":before"):
+        return
+    from recfb.models.base import EmbeddingRecommender
+    from recfb.models.lightgcn import LightGCN
+
+    init = LightGCN.__init__
+
+    def patched(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        self._bag_into_grad = False
+
+    LightGCN.__init__ = patched  # type: ignore[method-assign]
+    LightGCN.configure_optimizers = EmbeddingRecommender.configure_optimizers  # type: ignore[method-assign]
 
 
 def quality_child(dataset: str, mode: str, work: Path, epochs: int, seed: int) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+    use_step_before(mode)
     from benchmarks.quality import DATASETS
     from recfb.config import build_model
     from recfb.train.config import TrainConfig
@@ -77,15 +102,19 @@ def quality_child(dataset: str, mode: str, work: Path, epochs: int, seed: int) -
     }
 
 
-def speed_child(mode: str, etl: str, budget: float) -> dict:
-    """benchmarks/train.py's timed epoch, with this mode's model settings."""
+def speed_child(mode: str, etl: str, budget: float, batch: int | None) -> dict:
+    """benchmarks/train.py's timed epoch, with this mode's model settings (and batch size,
+    when given: train.py's LightGCN batch otherwise)."""
     import benchmarks.train as bench
 
+    use_step_before(mode)
     base = bench._config
 
     def config(family: str, etl: str, extra: dict | None = None):
         extra = dict(extra or {})
         extra["model"] = extra.get("model", {}) | mode_config(mode)
+        if batch:
+            extra["trainer"] = extra.get("trainer", {}) | {"batch_size": batch}
         return base(family, etl, extra)
 
     bench._config = config
@@ -97,19 +126,80 @@ def speed_child(mode: str, etl: str, budget: float) -> dict:
 
         model = loop.build_model(config("lightgcn", etl), Interactions.load(etl))
         start = time.perf_counter()
-        propagation_operator(model.adjacency, model.cfg.model.layers, int(mode))
+        propagation_operator(model.adjacency, model.cfg.model.layers, model.cfg.model.topm)
         out["operator_s"] = time.perf_counter() - start
     return out
 
 
+def profile_child(mode: str, etl: str, steps: int) -> dict:
+    """One step's parts in wall ms (mean over `steps` after two warm-up steps) and
+    torch.profiler's operators by self CPU time over 3 more steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import benchmarks.train as bench
+    from recfb.train import loop
+    from recfb.train.data import Interactions
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    # as recfb train's trainer sets it (Lightning's deterministic=True)
+    torch.use_deterministic_algorithms(True)
+    use_step_before(mode)
+    data = Interactions.load(etl)
+    cfg = bench._config("lightgcn", etl, {"trainer": {"max_epochs": 1}, "model": mode_config(mode)})
+    model = loop.build_model(cfg, data)
+    model.on_fit_start()
+    optimizers = model.configure_optimizers()
+    model.train()
+    batches = iter(loop._loader(model, cfg))
+    parts = dict.fromkeys(("loader", "zero_grad", "forward", "backward", "optimizer"), 0.0)
+
+    def step(timed: bool) -> None:
+        t0 = time.perf_counter()
+        idx = next(batches)
+        t1 = time.perf_counter()
+        for opt in optimizers:
+            opt.zero_grad()
+        t2 = time.perf_counter()
+        loss = model.batch_loss(idx)  # sampling, propagation of the batch's nodes, loss
+        t3 = time.perf_counter()
+        loss.backward()
+        t4 = time.perf_counter()
+        for opt in optimizers:
+            opt.step()
+        t5 = time.perf_counter()
+        if timed:
+            for key, a, b in zip(parts, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5), strict=True):
+                parts[key] += b - a
+
+    for i in range(steps + 2):
+        step(i >= 2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step(False)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    top = {e.key: e.self_cpu_time_total / 3000 for e in ops[:12]}  # ms a step
+    ms = {k: 1000 * v / steps for k, v in parts.items()}
+    return {
+        "pairs": len(model.pos_users),
+        "batch_size": cfg.trainer.batch_size,
+        "step_ms": sum(ms.values()),
+        "parts_ms": ms,
+        "top_ops_self_cpu_ms": top,
+        "table_rows": model.embedding.weight.shape[0],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["quality", "speed"])
+    parser.add_argument("part", choices=["quality", "speed", "profile"])
     parser.add_argument("--datasets", nargs="+", default=["movielens", "taobao"])
     parser.add_argument("--modes", nargs="+", default=["full", "8", "16", "32"])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--size", type=int, default=1_000_000)
     parser.add_argument("--budget", type=float, default=30.0)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (profile)")
+    parser.add_argument("--batch", type=int, help="batch size (speed; default train.py's)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/recfb-lightgcn-modes"))
     parser.add_argument("--train-work", type=Path, default=Path("/tmp/recfb-train-bench"))
     parser.add_argument("--child", help="(internal) one mode")
@@ -122,8 +212,11 @@ def main() -> None:
         work = args.work / args.dataset
         print(json.dumps(quality_child(args.dataset, args.child, work, args.epochs, args.seed)))
         return
+    if args.child and args.part == "profile":
+        print(json.dumps(profile_child(args.child, args.etl, args.steps)))
+        return
     if args.child:
-        print(json.dumps(speed_child(args.child, args.etl, args.budget)))
+        print(json.dumps(speed_child(args.child, args.etl, args.budget, args.batch)))
         return
     rows = []
     if args.part == "quality":
@@ -148,11 +241,19 @@ def main() -> None:
                 r = run_child(__file__, cmd)
                 rows.append({"dataset": dataset, "mode": mode, "seed": args.seed} | r)
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    elif args.part == "profile":
+        work = ["--work", str(args.train_work)]
+        etl = run_child(TRAIN_SCRIPT, ["--prepare", str(args.size), *work])["etl"]
+        for mode in args.modes:
+            cmd = ["profile", "--child", mode, "--etl", etl, "--steps", str(args.steps)]
+            rows.append({"mode": mode} | run_child(__file__, cmd))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     else:
         work = ["--work", str(args.train_work)]
         etl = run_child(TRAIN_SCRIPT, ["--prepare", str(args.size), *work])["etl"]
         for mode in args.modes:
             cmd = ["speed", "--child", mode, "--etl", etl, "--budget", str(args.budget)]
+            cmd += ["--batch", str(args.batch)] if args.batch else []
             rows.append({"mode": mode} | run_child(__file__, cmd))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         als = run_child(TRAIN_SCRIPT, ["--child", "als", "--etl", etl])
@@ -169,6 +270,19 @@ def main() -> None:
                 f"{r['cpu_steal_share']:.0%} |"
             )
         return
+    if args.part == "profile":
+        for r in rows:
+            print(
+                f"\n{_name(r['mode'])}: {r['step_ms']:.1f} ms a step (batch {r['batch_size']}, "
+                f"{r['pairs']:,} pairs, CPU steal {r['cpu_steal_share']:.0%})"
+            )
+            print("| part | ms |\n|---|---:|")
+            for k, v in r["parts_ms"].items():
+                print(f"| {k} | {v:.1f} |")
+            print("| operator (self CPU, mean of 3 steps) | ms |\n|---|---:|")
+            for k, v in r["top_ops_self_cpu_ms"].items():
+                print(f"| {k[:60]} | {v:.1f} |")
+        return
     ref = rows[-1]["epoch_s"]
     print(
         "| train pairs | mode | s / epoch | vs implicit ALS | operator s (once per fit) "
@@ -177,15 +291,19 @@ def main() -> None:
     print("|---:|---|---:|---:|---:|---:|---|---:|")
     for r in rows:
         op = f"{r['operator_s']:.1f}" if "operator_s" in r else ""
+        batch = f", batch {r['batch_size']}" if "batch_size" in r else ""
         print(
-            f"| {r['pairs']:,} | {_name(r['mode'])} | {r['epoch_s']:.2f} | "
+            f"| {r['pairs']:,} | {_name(r['mode'])}{batch} | {r['epoch_s']:.2f} | "
             f"{r['epoch_s'] / ref:.1f}x | {op} | {r['peak_rss_gib']:.2f} | "
             f"{r['measured']} | {r['cpu_steal_share']:.0%} |"
         )
 
 
 def _name(mode: str) -> str:
-    return mode if not mode.isdigit() else f"topm m={mode}"
+    if not mode[0].isdigit():
+        return mode
+    m, _, before = mode.partition(":")
+    return f"topm m={m}" + (" (step before)" if before else "")
 
 
 if __name__ == "__main__":

@@ -117,3 +117,59 @@ def test_topm_training_learns(shop: Path, tmp_path: Path, monkeypatch: pytest.Mo
     assert result.metrics["test/ndcg@20"] > 2 * random["ndcg@20"], (result.metrics, random)
     users, items = result.model.vectors()
     assert users.shape == (data.n_users, 16) and items.shape == (data.n_items, 16)
+
+
+def backward_of_a_loss(topm: LightGCN, users: torch.Tensor, items: torch.Tensor) -> None:
+    user_vectors, item_vectors = topm.batch_encoder()
+    uvec, ivec = user_vectors(users), item_vectors(items)
+    signs = torch.linspace(-1, 1, ivec.shape[1]).unsqueeze(1)
+    (uvec.unsqueeze(1) * ivec * signs).sum().backward()
+
+
+def table_gradient(topm: LightGCN, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    topm.embedding.weight.grad = None
+    backward_of_a_loss(topm, users, items)
+    return topm.embedding.weight.grad.clone()
+
+
+@pytest.mark.parametrize(
+    "items",
+    [[[0, 1], [1, 0]], [[0, 5, 2], [3, 3, 4]]],  # few items: per-node bags; most: all items
+    ids=["few-items", "most-items"],
+)
+def test_step_gradient_into_the_kept_buffer_equals_autograd(items: list[list[int]]):
+    """The topm step's own backward (a kept gradient buffer; the item side through the
+    transposed operator when most items are in the batch) gives autograd's gradient."""
+    fast, plain = model("topm", topm=3), model("topm", topm=3)
+    fast.adjacency = plain.adjacency = tiny_graph()
+    plain._bag_into_grad = False
+    with torch.no_grad():
+        plain.embedding.weight.copy_(fast.embedding.weight)
+    users, batch = torch.tensor([6, 0]), torch.tensor(items)
+    expected = table_gradient(plain, users, batch)
+    assert expected.abs().sum() > 0
+    assert torch.allclose(table_gradient(fast, users, batch), expected, atol=1e-6)
+    # a second backward before the optimiser clears it accumulates, as autograd's does
+    once = table_gradient(fast, users, batch)
+    backward_of_a_loss(fast, users, batch)
+    assert torch.allclose(fast.embedding.weight.grad, 2 * once, atol=1e-6)
+
+
+def test_topm_fused_adam_moves_the_table_as_adam():
+    """The topm step (kept gradient buffer, fused Adam) moves the table as autograd and
+    torch's default Adam do, over steps that reuse the buffer."""
+    fast, plain = model("topm", topm=3), model("topm", topm=3)
+    fast.adjacency = plain.adjacency = tiny_graph()
+    plain._bag_into_grad = False
+    with torch.no_grad():
+        plain.embedding.weight.copy_(fast.embedding.weight)
+    (fused,) = fast.configure_optimizers()
+    reference = torch.optim.Adam(plain.parameters(), lr=fast.cfg.optim.lr)
+    for _ in range(3):
+        for topm, opt in ((fast, fused), (plain, reference)):
+            opt.zero_grad()
+            backward_of_a_loss(
+                topm, torch.tensor([6, 0, 2]), torch.tensor([[0, 5], [2, 1], [4, 4]])
+            )
+            opt.step()
+    assert torch.allclose(fast.embedding.weight, plain.embedding.weight, atol=1e-5)

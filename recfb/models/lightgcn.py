@@ -14,7 +14,16 @@ row of P cut to the node itself plus its `model.topm` largest weights. P is comp
 fit start (sparse CSR products, pruned after each one so it stays sparse); a step then
 propagates only its batch's distinct nodes: their rows of P over their neighbours' layer-0
 embeddings (a weighted embedding bag), at most (m + 1) lookups a node. The table stays dense
-(dense Adam): a batch's items pull in most users, so a step touches most rows anyway.
+(dense Adam): a batch's items pull in most users, so a step touches most rows anyway (at 10M
+pairs half the table; RowSparseAdam over that half measured 6x slower than fused Adam over all
+of it). What made a topm step grow with the table was its dense passes, not its lookups
+(profiled at 10M pairs, benchmarks/results/lightgcn_10m.md): each bag's autograd backward
+built a fresh table-sized gradient (page faults, a full zero fill, then a sum of two), and
+the unfused Adam made about ten passes over the table. The bag's backward now adds into one
+kept gradient buffer and Adam is fused (one pass). A batch holding most items (at 10M pairs
+~90% of them) propagates all items instead, whose gradient is then one sparse-dense product
+with the operator's item rows transposed (kept as CSR), written over the buffer (no zero
+fill). The buffer path is left out under DDP, which all-reduces only autograd's gradients.
 """
 
 from __future__ import annotations
@@ -97,6 +106,34 @@ def padded_rows(matrix: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.T
     return neighbours, weights
 
 
+class _BagIntoGrad(torch.autograd.Function):
+    """Weighted sum bags of table rows whose backward adds straight into the table's `.grad`,
+    a buffer kept across steps (the table itself gets no autograd gradient): slot by slot with
+    `index_add_`, or, given the bags' operator transposed (`transpose`, CSR), as one product.
+    Autograd's own backward allocates a fresh table-sized gradient per bag call and step: at
+    10M pairs (a 370k x 64 table) that and its zero fill were the largest part of a step. A
+    caller that keeps a reference to `.grad` across steps sees it overwritten."""
+
+    @staticmethod
+    def forward(ctx, table, neighbours, weights, transpose, owner):  # type: ignore[override]
+        ctx.save_for_backward(neighbours, weights)
+        ctx.transpose, ctx.owner = transpose, owner
+        return F.embedding_bag(neighbours, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        target, fresh = ctx.owner.table_grad(zero=ctx.transpose is None)
+        if ctx.transpose is not None:  # the bags' operator transposed, kept as CSR: one SpMM
+            # beta=0 on a fresh buffer: the product overwrites it, no zero fill first (the item
+            # side, created last in a step, runs its backward first)
+            target.addmm_(ctx.transpose, grad.contiguous(), beta=0 if fresh else 1)
+            return None, None, None, None, None
+        neighbours, weights = ctx.saved_tensors
+        for slot in range(neighbours.shape[1]):
+            target.index_add_(0, neighbours[:, slot], grad * weights[:, slot].unsqueeze(1))
+        return None, None, None, None, None
+
+
 class _SymmetricSpMM(torch.autograd.Function):
     """A @ x for a symmetric sparse A, with backward A @ grad (no transpose)."""
 
@@ -144,11 +181,17 @@ class LightGCN(EmbeddingRecommender):
         self.adjacency = adjacency
         # topm: the pruned operator as fixed-size bags (neighbour ids, weights), built once
         self._bags: tuple[torch.Tensor, torch.Tensor] | None = None
+        # topm: the table's gradient buffer, reused every step (`_BagIntoGrad`); DDP
+        # all-reduces only gradients autograd accumulates, so it keeps the autograd bag
+        self._grad_buffer: torch.Tensor | None = None
+        self._bag_into_grad = self.topm and not self.cfg.optim.distributed
+        # topm: the item rows of the operator transposed, (nodes, items) CSR, built once
+        self._item_transpose: torch.Tensor | None = None
 
     def on_fit_start(self) -> None:
         self.adjacency = self.adjacency.to(self.device)
         if self.topm:
-            self._bags = None
+            self._bags = self._item_transpose = None
             self.operator_bags()
 
     def operator_bags(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,25 +205,79 @@ class LightGCN(EmbeddingRecommender):
             self._bags = (self._bags[0].to(device), self._bags[1].to(device))
         return self._bags
 
-    def _propagate(self, nodes: torch.Tensor) -> torch.Tensor:
-        """Final vectors of some nodes: their bags' weighted sums of layer-0 embeddings."""
+    def item_transpose(self) -> torch.Tensor:
+        """The operator's item rows transposed, (nodes, items) CSR: the gradient of all item
+        vectors with respect to the table is one sparse-dense product with it."""
+        neighbours, weights = self.operator_bags()
+        if self._item_transpose is None:
+            bags, bag_weights = neighbours[self.n_users :], weights[self.n_users :]
+            items = torch.arange(self.n_items, device=bags.device).repeat_interleave(bags.shape[1])
+            keep = bag_weights.reshape(-1) > 0
+            index = torch.stack([bags.reshape(-1)[keep], items[keep]])
+            shape = (neighbours.shape[0], self.n_items)
+            coo = torch.sparse_coo_tensor(index, bag_weights.reshape(-1)[keep], shape)
+            self._item_transpose = coo.coalesce().to_sparse_csr()
+        if self._item_transpose.device != neighbours.device:
+            self._item_transpose = self._item_transpose.to(neighbours.device)
+        return self._item_transpose
+
+    def _propagate(self, nodes: torch.Tensor, items: bool = False) -> torch.Tensor:
+        """Final vectors of some nodes (item nodes when `items`): their bags' weighted sums
+        of layer-0 embeddings."""
         neighbours, weights = self.operator_bags()
         flat = nodes.reshape(-1)
         # each distinct node once (a batch repeats items: 5 lookups per pair)
         distinct, slots = distinct_slots(flat, neighbours.shape[0])
-        out = F.embedding_bag(
-            neighbours[distinct],
-            self.embedding.weight,
-            per_sample_weights=weights[distinct],
-            mode="sum",
-        )
-        return out[slots].reshape(*nodes.shape, out.shape[-1])
+        table = self.embedding.weight
+        into_grad = self._bag_into_grad and torch.is_grad_enabled() and table.requires_grad
+        if into_grad and items and 2 * len(distinct) >= self.n_items:
+            # a batch with most items (at 10M pairs ~90%): all items, whose backward is one
+            # product with the kept transpose instead of (m + 1) scatters (6 vs 17 ms)
+            start = self.n_users
+            bags, bag_weights = neighbours[start:], weights[start:]
+            out = _BagIntoGrad.apply(table, bags, bag_weights, self.item_transpose(), self)
+            return out.index_select(0, flat - start).reshape(*nodes.shape, out.shape[-1])
+        bags, bag_weights = neighbours.index_select(0, distinct), weights.index_select(0, distinct)
+        if into_grad:
+            out = _BagIntoGrad.apply(table, bags, bag_weights, None, self)
+        else:
+            out = F.embedding_bag(bags, table, per_sample_weights=bag_weights, mode="sum")
+        # index_select: its backward is an index_add_ (indexing's, an accumulating index_put_,
+        # measured about twice as slow)
+        return out.index_select(0, slots).reshape(*nodes.shape, out.shape[-1])
+
+    def table_grad(self, zero: bool = True) -> tuple[torch.Tensor, bool]:
+        """(the embedding table's `.grad`, whether it is fresh): the kept buffer when the
+        optimiser has cleared the gradient (set_to_none), zeroed unless the caller will
+        overwrite it, else the gradient being accumulated."""
+        table = self.embedding.weight
+        if table.grad is not None:
+            return table.grad, False
+        buffer = self._grad_buffer
+        if buffer is None or buffer.shape != table.shape or buffer.device != table.device:
+            buffer = self._grad_buffer = torch.zeros_like(table)
+        elif zero:
+            buffer.zero_()
+        table.grad = buffer
+        return buffer, True
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
+        """topm: fused Adam, one pass over the table per step (the foreach Adam's ten or so
+        passes measured 66 ms a step at 10M pairs, fused 15 ms); full: the base's."""
+        if not self.topm:
+            return super().configure_optimizers()
+        optim = self.cfg.optim
+        return [
+            torch.optim.Adam(
+                self.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, fused=True
+            )
+        ]
 
     def batch_encoder(self):  # type: ignore[override]
         if not self.topm:
             return super().batch_encoder()
         offset = self.n_users
-        return self._propagate, lambda items: self._propagate(items + offset)
+        return self._propagate, lambda items: self._propagate(items + offset, items=True)
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.topm:
