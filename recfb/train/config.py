@@ -31,6 +31,12 @@ class TrainerConfig(_Strict):
     max_epochs: int = Field(20, ge=0)
     batch_size: int = Field(4096, ge=1)
     lr: float = Field(0.005, gt=0)
+    optimizer: Literal["adam", "adagrad", "sgd"] = Field(
+        "adam",
+        description="adam, adagrad or sgd; on sparse embedding tables each updates only the "
+        "batch's rows (Adam keeps two state rows per row, Adagrad one, SGD none). The loss is "
+        "a batch mean: sgd's lr is per batch (about batch size x a per-example rate)",
+    )
     weight_decay: float = Field(
         0.0, ge=0, description="Adam weight decay; > 0 makes the embedding tables dense"
     )
@@ -133,6 +139,7 @@ class TrainConfig(_Strict):
             debias=self.debias,
             optim=OptimConfig(
                 lr=t.lr,
+                optimizer=t.optimizer,
                 weight_decay=t.weight_decay,
                 sparse_embeddings=t.sparse_embeddings,
                 distributed="ddp" in str(t.strategy),
