@@ -17,7 +17,7 @@ import polars as pl
 import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from recfb import tracking
 from recfb.errors import InputError, RecfbError
@@ -472,8 +472,34 @@ class PairPositions(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         return torch.tensor(index)
 
-    def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        return torch.tensor(indices, dtype=torch.long)
+    def __getitems__(self, indices: list[int] | torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(indices, dtype=torch.long)
+
+
+class ShuffledBatches(BatchSampler):
+    """The batches a BatchSampler over a seeded RandomSampler yields (the same positions in
+    the same order), as slices of the epoch's permutation: the default path yields each
+    position as a Python int and lists them (~5 ms a 32768-batch at 10M pairs, profiled).
+    Any other sampler (Lightning's DistributedSampler under DDP) batches as BatchSampler."""
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.sampler
+        if (
+            type(sampler) is not RandomSampler
+            or sampler.replacement
+            or sampler.generator is None
+            or sampler.num_samples != len(sampler.data_source)
+        ):
+            yield from super().__iter__()
+            return
+        n = sampler.num_samples
+        order = torch.randperm(n, generator=sampler.generator)
+        end = n - n % self.batch_size if self.drop_last else n
+        for start in range(0, end, self.batch_size):
+            yield order[start : start + self.batch_size]
+        # RandomSampler draws a second (empty-sliced) permutation when it runs out: drawn
+        # too, so that the next epoch's order is the same as with it
+        torch.randperm(n, generator=sampler.generator)
 
 
 def _as_batch(batch: torch.Tensor) -> torch.Tensor:
@@ -483,11 +509,15 @@ def _as_batch(batch: torch.Tensor) -> torch.Tensor:
 def _loader(model: EmbeddingRecommender, cfg: TrainConfig) -> DataLoader:
     """Shuffled batches of positive-pair positions (a map-style dataset, so Lightning can
     shard it with a DistributedSampler under DDP)."""
+    positions = PairPositions(len(model.pos_users))
+    # one generator for the loader's base seed and the order, drawn in the order that
+    # DataLoader(shuffle=True, generator=...) draws them: the same batches as before
+    generator = torch.Generator().manual_seed(cfg.seed)
+    shuffled = RandomSampler(positions, generator=generator)
     return DataLoader(
-        PairPositions(len(model.pos_users)),
-        batch_size=cfg.trainer.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        positions,
+        batch_sampler=ShuffledBatches(shuffled, cfg.trainer.batch_size, drop_last=False),
+        generator=generator,
         collate_fn=_as_batch,
     )
 
