@@ -250,7 +250,9 @@ def main() -> None:
     parser.add_argument("--profile", type=int, nargs="+", help="sizes to profile MF steps at")
     parser.add_argument("--out", default="train", help="results file name (no suffix)")
     parser.add_argument("--mf-batch", type=int, help="MF batch size (default: the config's)")
-    parser.add_argument("--mf-lr", type=float, help="MF learning rate (default: the config's)")
+    parser.add_argument(
+        "--mf-lr", type=float, help="MF learning rate (sgd: per example; default: the config's)"
+    )
     parser.add_argument(
         "--mf-optim", choices=["adam", "adagrad", "sgd"], help="MF optimizer (default: adam)"
     )

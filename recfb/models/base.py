@@ -470,8 +470,8 @@ class RowSparseAdagrad(torch.optim.Optimizer):
 class RowSparseSGD(torch.optim.Optimizer):
     """Plain SGD on sparse row gradients: one index_add of the gradient's rows (repeated
     rows need no merging, index_add sums them), no state: what implicit's BPR does, per
-    batch. The loss is a batch mean, so `lr` is per batch (about batch size x a per-example
-    rate). It consumes the gradient: its values are scaled by -lr in place (index_add_ with
+    batch. `lr` multiplies the batch-mean loss's gradient (the training config passes its
+    per-example rate x batch size). It consumes the gradient: its values are scaled by -lr in place (index_add_ with
     alpha takes a path ~3x slower, a scaled copy costs a pass over fresh memory) and `grad`
     is None after the step."""
 

@@ -34,8 +34,9 @@ class TrainerConfig(_Strict):
     optimizer: Literal["adam", "adagrad", "sgd"] = Field(
         "adam",
         description="adam, adagrad or sgd; on sparse embedding tables each updates only the "
-        "batch's rows (Adam keeps two state rows per row, Adagrad one, SGD none). The loss is "
-        "a batch mean: sgd's lr is per batch (about batch size x a per-example rate)",
+        "batch's rows (Adam keeps two state rows per row, Adagrad one, SGD none). With sgd, "
+        "`lr` is per example, as implicit's learning_rate (the loss is a batch mean, so a "
+        "step moves by lr x batch_size times its gradient): it carries over across batch sizes",
     )
     weight_decay: float = Field(
         0.0, ge=0, description="Adam weight decay; > 0 makes the embedding tables dense"
@@ -138,7 +139,7 @@ class TrainConfig(_Strict):
             denoise=self.denoise,
             debias=self.debias,
             optim=OptimConfig(
-                lr=t.lr,
+                lr=t.lr * t.batch_size if t.optimizer == "sgd" else t.lr,
                 optimizer=t.optimizer,
                 weight_decay=t.weight_decay,
                 sparse_embeddings=t.sparse_embeddings,
