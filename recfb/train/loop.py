@@ -489,17 +489,24 @@ class ShuffledBatches(BatchSampler):
             or sampler.replacement
             or sampler.generator is None
             or sampler.num_samples != len(sampler.data_source)
+            or self.drop_last
         ):
             yield from super().__iter__()
             return
-        n = sampler.num_samples
+        n, size = sampler.num_samples, self.batch_size
         order = torch.randperm(n, generator=sampler.generator)
-        end = n - n % self.batch_size if self.drop_last else n
-        for start in range(0, end, self.batch_size):
-            yield order[start : start + self.batch_size]
-        # RandomSampler draws a second (empty-sliced) permutation when it runs out: drawn
-        # too, so that the next epoch's order is the same as with it
-        torch.randperm(n, generator=sampler.generator)
+        for start in range(0, n, size):
+            if start + size > n:  # RandomSampler runs out while this partial batch fills...
+                self._spent_draw(n)
+            yield order[start : start + size]
+        if n % size == 0:  # ...or on the call after the last full batch
+            self._spent_draw(n)
+
+    def _spent_draw(self, n: int) -> None:
+        """RandomSampler draws a second permutation (sliced to nothing) when it runs out: drawn
+        at the same moment, so that the next epoch's order is the same as with it (a trainer
+        that stops after len(loader) batches never makes the call after the last one)."""
+        torch.randperm(n, generator=self.sampler.generator)
 
 
 def _as_batch(batch: torch.Tensor) -> torch.Tensor:
