@@ -471,9 +471,9 @@ class RowSparseSGD(torch.optim.Optimizer):
     """Plain SGD on sparse row gradients: one index_add of the gradient's rows (repeated
     rows need no merging, index_add sums them), no state: what implicit's BPR does, per
     batch. `lr` multiplies the batch-mean loss's gradient (the training config passes its
-    per-example rate x batch size). It consumes the gradient: its values are scaled by -lr in place (index_add_ with
-    alpha takes a path ~3x slower, a scaled copy costs a pass over fresh memory) and `grad`
-    is None after the step."""
+    per-example rate x batch size). It consumes the gradient: its values are scaled by -lr
+    in place (index_add_ with alpha takes a path ~3x slower, a scaled copy costs a pass over
+    fresh memory) and `grad` is None after the step."""
 
     def __init__(self, params: Any, lr: float = 1e-2) -> None:
         super().__init__(params, {"lr": lr})
