@@ -53,18 +53,25 @@ def _threads() -> int:
     return int(os.environ.get("RECFB_BENCH_THREADS", "0"))
 
 
-def _mf_overrides() -> dict:
-    """--mf-batch / --mf-lr, passed to children through the environment."""
-    trainer = {}
-    if os.environ.get("RECFB_BENCH_MF_BATCH"):
-        trainer["batch_size"] = int(os.environ["RECFB_BENCH_MF_BATCH"])
-    if os.environ.get("RECFB_BENCH_MF_LR"):
-        trainer["lr"] = float(os.environ["RECFB_BENCH_MF_LR"])
-    if os.environ.get("RECFB_BENCH_AUTOGRAD"):  # the autograd step, as before the closed form
+def _mf_overrides(trainer: dict) -> dict:
+    """Config sections for MF: `trainer` plus --mf-batch / --mf-lr / --mf-optim /
+    --mf-negatives, passed to children through the environment."""
+    env = os.environ.get
+    trainer = dict(trainer)
+    if env("RECFB_BENCH_MF_BATCH"):
+        trainer["batch_size"] = int(env("RECFB_BENCH_MF_BATCH"))
+    if env("RECFB_BENCH_MF_LR"):
+        trainer["lr"] = float(env("RECFB_BENCH_MF_LR"))
+    if env("RECFB_BENCH_MF_OPTIM"):
+        trainer["optimizer"] = env("RECFB_BENCH_MF_OPTIM")
+    sections = {"trainer": trainer}
+    if env("RECFB_BENCH_MF_NEGATIVES"):
+        sections["model"] = {"n_negatives": int(env("RECFB_BENCH_MF_NEGATIVES"))}
+    if env("RECFB_BENCH_AUTOGRAD"):  # the autograd step, as before the closed form
         from recfb.models.mf import MatrixFactorization
 
         MatrixFactorization.closed_form_backward = lambda self, idx: None
-    return trainer
+    return sections
 
 
 def child(family: str, etl: str, budget: float) -> dict:
@@ -87,8 +94,8 @@ def child(family: str, etl: str, budget: float) -> dict:
 
     from recfb.train import loop
 
-    mf = _mf_overrides() if family == "mf" else {}
-    cfg = _config(family, etl, {"trainer": {"max_epochs": 1} | mf})
+    epoch = {"trainer": {"max_epochs": 1}}
+    cfg = _config(family, etl, _mf_overrides(epoch["trainer"]) if family == "mf" else epoch)
     model = loop.build_model(cfg, data)
     loader = loop._loader(model, cfg)
     per_epoch = len(loader)
@@ -141,9 +148,7 @@ def quality_child(family: str, etl: str, epochs: int) -> dict:
         spec = {"data": etl, "model": {"family": family, "dim": DIM["mf"]}}
         cfg = build_model(TrainConfig, spec, "bench")
     else:
-        cfg = _config(
-            family, etl, {"trainer": {"max_epochs": epochs, "patience": 3} | _mf_overrides()}
-        )
+        cfg = _config(family, etl, _mf_overrides({"max_epochs": epochs, "patience": 3}))
     start = time.perf_counter()
     fitted = fit_model(cfg, data)
     return {
@@ -164,7 +169,7 @@ def profile_child(etl: str, steps: int) -> dict:
     from recfb.train.data import Interactions
 
     data = Interactions.load(etl)
-    cfg = _config("mf", etl, {"trainer": {"max_epochs": 1} | _mf_overrides()})
+    cfg = _config("mf", etl, _mf_overrides({"max_epochs": 1}))
     model = loop.build_model(cfg, data)
     optimizers = model.configure_optimizers()
     optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
@@ -245,9 +250,17 @@ def main() -> None:
     parser.add_argument("--profile", type=int, nargs="+", help="sizes to profile MF steps at")
     parser.add_argument("--out", default="train", help="results file name (no suffix)")
     parser.add_argument("--mf-batch", type=int, help="MF batch size (default: the config's)")
-    parser.add_argument("--mf-lr", type=float, help="MF learning rate (default: the config's)")
     parser.add_argument(
-        "--threads", type=int, default=0, help="threads per model, torch and implicit (0: all)"
+        "--mf-lr", type=float, help="MF learning rate (sgd: per example; default: the config's)"
+    )
+    parser.add_argument(
+        "--mf-optim", choices=["adam", "adagrad", "sgd"], help="MF optimizer (default: adam)"
+    )
+    parser.add_argument(
+        "--mf-negatives", type=int, help="MF negatives per positive (default: the config's)"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="threads per model, torch and implicit (default: all)"
     )
     parser.add_argument(
         "--autograd", action="store_true", help="MF steps through autograd (no closed form)"
@@ -263,9 +276,14 @@ def main() -> None:
         os.environ["RECFB_BENCH_MF_BATCH"] = str(args.mf_batch)
     if args.mf_lr:
         os.environ["RECFB_BENCH_MF_LR"] = str(args.mf_lr)
+    if args.mf_optim:
+        os.environ["RECFB_BENCH_MF_OPTIM"] = args.mf_optim
+    if args.mf_negatives:
+        os.environ["RECFB_BENCH_MF_NEGATIVES"] = str(args.mf_negatives)
     if args.autograd:
         os.environ["RECFB_BENCH_AUTOGRAD"] = "1"
-    os.environ["RECFB_BENCH_THREADS"] = str(args.threads)
+    if args.threads is not None:  # children inherit it (their own parse leaves it alone)
+        os.environ["RECFB_BENCH_THREADS"] = str(args.threads)
     if args.child:
         print(json.dumps(child(args.child, args.etl, args.budget)))
         return

@@ -204,6 +204,7 @@ class OptimConfig(_Strict):
     """The optimiser settings a model sets up itself (it optimises manually)."""
 
     lr: float = Field(0.005, gt=0)
+    optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     sparse_embeddings: bool = True
     distributed: bool = Field(False, description="a DDP strategy: no sparse gradients")

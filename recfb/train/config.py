@@ -31,6 +31,13 @@ class TrainerConfig(_Strict):
     max_epochs: int = Field(20, ge=0)
     batch_size: int = Field(4096, ge=1)
     lr: float = Field(0.005, gt=0)
+    optimizer: Literal["adam", "adagrad", "sgd"] = Field(
+        "adam",
+        description="adam, adagrad or sgd; on sparse embedding tables each updates only the "
+        "batch's rows (Adam keeps two state rows per row, Adagrad one, SGD none). With sgd, "
+        "`lr` is per example, as implicit's learning_rate (the loss is a batch mean, so a "
+        "step moves by lr x batch_size times its gradient): it carries over across batch sizes",
+    )
     weight_decay: float = Field(
         0.0, ge=0, description="Adam weight decay; > 0 makes the embedding tables dense"
     )
@@ -132,7 +139,8 @@ class TrainConfig(_Strict):
             denoise=self.denoise,
             debias=self.debias,
             optim=OptimConfig(
-                lr=t.lr,
+                lr=t.lr * t.batch_size if t.optimizer == "sgd" else t.lr,
+                optimizer=t.optimizer,
                 weight_decay=t.weight_decay,
                 sparse_embeddings=t.sparse_embeddings,
                 distributed="ddp" in str(t.strategy),

@@ -17,7 +17,7 @@ import polars as pl
 import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from recfb import tracking
 from recfb.errors import InputError, RecfbError
@@ -472,8 +472,41 @@ class PairPositions(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         return torch.tensor(index)
 
-    def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        return torch.tensor(indices, dtype=torch.long)
+    def __getitems__(self, indices: list[int] | torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(indices, dtype=torch.long)
+
+
+class ShuffledBatches(BatchSampler):
+    """The batches a BatchSampler over a seeded RandomSampler yields (the same positions in
+    the same order), as slices of the epoch's permutation: the default path yields each
+    position as a Python int and lists them (~5 ms a 32768-batch at 10M pairs, profiled).
+    Any other sampler (Lightning's DistributedSampler under DDP) batches as BatchSampler."""
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.sampler
+        if (
+            type(sampler) is not RandomSampler
+            or sampler.replacement
+            or sampler.generator is None
+            or sampler.num_samples != len(sampler.data_source)
+            or self.drop_last
+        ):
+            yield from super().__iter__()
+            return
+        n, size = sampler.num_samples, self.batch_size
+        order = torch.randperm(n, generator=sampler.generator)
+        for start in range(0, n, size):
+            if start + size > n:  # RandomSampler runs out while this partial batch fills...
+                self._spent_draw(n)
+            yield order[start : start + size]
+        if n % size == 0:  # ...or on the call after the last full batch
+            self._spent_draw(n)
+
+    def _spent_draw(self, n: int) -> None:
+        """RandomSampler draws a second permutation (sliced to nothing) when it runs out: drawn
+        at the same moment, so that the next epoch's order is the same as with it (a trainer
+        that stops after len(loader) batches never makes the call after the last one)."""
+        torch.randperm(n, generator=self.sampler.generator)
 
 
 def _as_batch(batch: torch.Tensor) -> torch.Tensor:
@@ -483,11 +516,15 @@ def _as_batch(batch: torch.Tensor) -> torch.Tensor:
 def _loader(model: EmbeddingRecommender, cfg: TrainConfig) -> DataLoader:
     """Shuffled batches of positive-pair positions (a map-style dataset, so Lightning can
     shard it with a DistributedSampler under DDP)."""
+    positions = PairPositions(len(model.pos_users))
+    # one generator for the loader's base seed and the order, drawn in the order that
+    # DataLoader(shuffle=True, generator=...) draws them: the same batches as before
+    generator = torch.Generator().manual_seed(cfg.seed)
+    shuffled = RandomSampler(positions, generator=generator)
     return DataLoader(
-        PairPositions(len(model.pos_users)),
-        batch_size=cfg.trainer.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        positions,
+        batch_sampler=ShuffledBatches(shuffled, cfg.trainer.batch_size, drop_last=False),
+        generator=generator,
         collate_fn=_as_batch,
     )
 
