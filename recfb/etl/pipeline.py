@@ -17,6 +17,9 @@ chunks rechunks all of it, each time.
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +221,32 @@ def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
     return events, {"same_event_id": n0 - n1, "same_user_item_event_ts": n1 - events.height}
 
 
+def _meaning(smap: SignalMap, names: list[str] | None = None) -> list[pl.Expr]:
+    """Each signal's meaning (code, level, flags; `names` of them, else all) as columns looked
+    up by the event's code (its Enum's physical value): no join."""
+    table = smap.signal_table()
+    dtypes = {"code": pl.UInt8, "level": pl.Int8, "fallback_level": pl.Int8}
+    dtypes["min_dwell_s"] = pl.Float64
+    code = pl.col("event").to_physical()
+    if names is None:
+        names = [n for n in table if n not in ("event", "cancels", "is_exposure")]
+    return [
+        pl.lit(pl.Series(name, table[name], dtype=dtypes.get(name))).gather(code).alias(name)
+        for name in names
+    ]
+
+
+# the signal columns the fold looks up again rather than carry into the event log's order
+_FOLD_MEANING = [
+    "code",
+    "is_negative",
+    "fallback_level",
+    "fallback_negative",
+    "is_purchase",
+    "is_refund",
+]
+
+
 def _filtered_frame(reason: str, rows: pl.DataFrame) -> pl.DataFrame:
     return rows.select(
         pl.col("source_file").cast(pl.String),
@@ -290,14 +319,8 @@ def build_tables(
 
     with timer.stage("canonicalise"):
         # each signal's meaning, looked up by its code (the Enum's physical value): no join
-        table = smap.signal_table()
-        dtypes = {"code": pl.UInt8, "level": pl.Int8, "fallback_level": pl.Int8}
-        dtypes["min_dwell_s"] = pl.Float64
-        code = pl.col("event").to_physical()
         events = events.with_columns(pl.col("event").cast(_event_type(smap))).with_columns(
-            pl.lit(pl.Series(name, table[name], dtype=dtypes.get(name))).gather(code).alias(name)
-            for name in table
-            if name not in ("event", "cancels", "is_exposure")
+            _meaning(smap)
         )
         noise = (
             pl.col("min_dwell_s").is_not_null()
@@ -336,9 +359,15 @@ def build_tables(
         links = _with_flags(sparse_links(events, cancel_map), events)
 
     with timer.stage("split + fold pairs"):
-        # the event log's order, computed once: it also ranks each pair's events in time
-        order = _log_order(events).arg_sort()
-        events = events.with_columns(pl.Series("_order", order, pl.UInt32))
+        # the rows in the event log's order, once: each user's events are then one slice
+        # (a fold part is a slice, not a filter of the whole table), a position ranks a
+        # pair's events in time, and the log is written slice by slice
+        cancels = int(events["is_cancel"].sum())
+        order = _log_order(events)
+        # the signal flags are looked up again where needed: not carried through the gather
+        events = events.drop(*_FOLD_MEANING, "is_clock", "is_cancel")
+        events = _reorder(events, order)  # (emptied as it goes: no second copy)
+        del order
         pair_tables, windows, events = _split_and_fold(
             events, links, smap, split, extras, pairs_dir
         )
@@ -364,7 +393,7 @@ def build_tables(
         chunk = chunk.join(by_row, on="row", how="left", maintain_order="left")
         return chunk.select(log_columns)
 
-    seq = _in_order(
+    seq = _in_slices(
         events.select(
             "row",
             "user_idx",
@@ -378,7 +407,6 @@ def build_tables(
             "order_id",
             *extras,
         ),
-        events["_order"].arg_sort(),  # the splits may reorder rows: _order says where they go
         finish,
     )
     stats = _stats(
@@ -391,6 +419,7 @@ def build_tables(
         filtered,
         events,
         links,
+        cancels,
         pair_tables,
         windows,
         users_vocab,
@@ -411,24 +440,18 @@ def build_tables(
     )
 
 
-def _in_order(
-    log: pl.DataFrame,
-    positions: pl.Series,
-    finish: Callable[[pl.DataFrame], pl.DataFrame],
-    step: int = 2_000_000,
+def _in_slices(
+    log: pl.DataFrame, finish: Callable[[pl.DataFrame], pl.DataFrame], step: int = 2_000_000
 ) -> pl.LazyFrame:
-    """`finish(log)` in the order `positions` gives, as a lazy source that gathers `step` rows
-    at a time and finishes them: the streaming sink writes it without a second, sorted copy of
-    the whole log."""
+    """`finish(log)` (a log already in its order) as a lazy source that finishes `step` rows
+    at a time: the streaming sink writes it without a second copy of the whole log."""
 
     def batches(
         columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _: int | None
     ) -> Iterator[pl.DataFrame]:
         limit = log.height if n_rows is None else min(n_rows, log.height)
         for start in range(0, limit, step):
-            # a gather expression: indexing the frame with a Series takes a far slower path
-            where = positions.slice(start, min(step, limit - start))
-            chunk = finish(log.select(pl.all().gather(where)))
+            chunk = finish(log.slice(start, min(step, limit - start)))
             if columns is not None:
                 chunk = chunk.select(columns)
             yield chunk if predicate is None else chunk.filter(predicate)
@@ -449,13 +472,39 @@ def _with_flags(links: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
 
 
 def _log_order(events: pl.DataFrame) -> pl.Series:
-    """Row positions in the event log's order, (user_idx, ts, row): three stable one-key
-    sorts, last key first, cost a third of one sort on the three keys together."""
-    order = events["row"].arg_sort()  # row is unique: no ties to keep
-    for key in ("ts", "user_idx"):
-        keys = events.select(pl.col(key).gather(order))
-        order = order.gather(keys.select(pl.arg_sort_by(key, maintain_order=True)).to_series())
-    return order
+    """Row positions in the event log's order, (user_idx, ts, row); the events are in `row`
+    order. Two sorts of values, not of indices: (ts, position) packed into one integer gives
+    each row its time rank, then (user_idx, time rank) packed gives the order, the positions
+    read back from the low bits. Where ts and the positions do not fit one UInt64 together
+    (a time range of centuries), three stable one-key sorts, last key first."""
+    n = events.height
+    bits = max(1, (n - 1).bit_length())
+    low = (1 << bits) - 1
+    first, last = events["ts"].min(), events["ts"].max()
+    if n and int(last - first).bit_length() + bits > 64:
+        order = events["row"].arg_sort()  # row is unique: no ties to keep
+        for key in ("ts", "user_idx"):
+            keys = events.select(pl.col(key).gather(order))
+            order = order.gather(keys.select(pl.arg_sort_by(key, maintain_order=True)).to_series())
+        return order
+    position = pl.int_range(pl.len(), dtype=pl.UInt64)
+    by_time = events.select(
+        ((pl.col("ts") - first).cast(pl.UInt64) * (1 << bits) + position).sort() & low
+    ).to_series()
+    rank = pl.zeros(n, pl.UInt64, eager=True).scatter(
+        by_time, pl.int_range(n, dtype=pl.UInt64, eager=True)
+    )
+    by_user = events.select(
+        (pl.col("user_idx").cast(pl.UInt64) * (1 << bits) + rank).sort() & low
+    ).to_series()
+    del rank
+    return by_time.cast(pl.UInt32).gather(by_user.cast(pl.UInt32))
+
+
+def _reorder(events: pl.DataFrame, order: pl.Series) -> pl.DataFrame:
+    """`events` gathered in `order`, column by column, emptying `events` as it goes (one extra
+    column at a time)."""
+    return pl.DataFrame([events.drop_in_place(name).gather(order) for name in events.columns])
 
 
 def _pair_key() -> pl.Expr:
@@ -464,7 +513,19 @@ def _pair_key() -> pl.Expr:
     return (pl.col("user_idx").cast(pl.UInt64) * (1 << 32) + pl.col("item_idx")).alias("key")
 
 
-_FOLD_EVENTS = 4_000_000  # events per fold chunk: bounds the group-by's hash table
+_FOLD_EVENTS = 4_000_000  # events per fold part: bounds the group-by's hash table
+
+
+def _user_slices(users: pl.Series) -> list[tuple[int, int]]:
+    """(offset, length) slices of about `_FOLD_EVENTS` events each over `users` (sorted),
+    cut where the user changes: a pair lies in one slice."""
+    n = users.len()
+    n_parts = max(1, -(-n // _FOLD_EVENTS))
+    cuts = {0, n}
+    for i in range(1, n_parts):
+        cuts.add(int(users.search_sorted(users[i * n // n_parts], side="left")))
+    bounds = sorted(cuts)
+    return [(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False) if b > a] or [(0, 0)]
 
 
 def _fold_parts(
@@ -472,39 +533,25 @@ def _fold_parts(
     links: pl.DataFrame,
     split: str | None,
     smap: SignalMap,
-    cutoff: int,
+    cutoff: int | pl.Expr,
     features: list[str],
+    keys: list[str] = PAIR,
 ) -> Iterator[pl.DataFrame]:
     """The pair table of `events` (of one split, if given), sorted on the pair key, folded
-    over contiguous user_idx ranges of about `_FOLD_EVENTS` events each: a pair lies in one
-    range, so the parts, in the order given, make the whole sorted table while the group-by
-    holds one range's pairs at a time (its hash table is what peaks in memory). The parts
-    hold disjoint users. `links` gives the rows' link and delay columns (`sparse_links`)."""
+    over slices of the events (in the log's order: user-major) of about `_FOLD_EVENTS`
+    events each: a pair lies in one slice, so the parts, in the order given, make the whole
+    sorted table while the group-by holds one slice's pairs at a time (its hash table is what
+    peaks in memory). The parts hold disjoint users. A row's position in the log ranks a
+    pair's events in time. `links` gives the rows' link and delay columns
+    (`sparse_links`); `keys` and `cutoff` as in `aggregate_pairs`."""
     by_row = links.lazy().select("row", "cancelled_at", "linked_ts", "clock_delay_ms")
-    users = pl.col("user_idx")
-    if split is not None:
-        users = users.filter(pl.col("split") == split)
-    users = events.select(users).to_series()  # the one column, not a copy of the split
-    n_chunks = max(1, -(-users.len() // _FOLD_EVENTS))
-    bounds: list[tuple[int | None, int | None] | None] = [None]
-    if n_chunks > 1:  # user_idx cut points at event quantiles: chunks of similar event counts
-        cuts = sorted({int(users.quantile(i / n_chunks, "lower")) for i in range(1, n_chunks)})
-        bounds = list(zip([None, *cuts], [*cuts, None], strict=True))
-    del users
-    for bound in bounds:
-        part = events.lazy()
+    for offset, length in _user_slices(events["user_idx"]):
+        part = events.slice(offset, length).lazy().with_row_index("_order", offset)
         if split is not None:
             part = part.filter(pl.col("split") == split)
-        if bound is not None:
-            lo, hi = bound
-            user = pl.col("user_idx")
-            if lo is not None:
-                part = part.filter(user >= lo)
-            if hi is not None:
-                part = part.filter(user < hi)
-        part = part.join(by_row, on="row", how="left")
-        folded = aggregate_pairs(part, smap, cutoff, features, "_order")
-        yield folded.collect(engine="streaming").sort(_pair_key())
+        part = part.join(by_row, on="row", how="left").with_columns(_meaning(smap, _FOLD_MEANING))
+        folded = aggregate_pairs(part, smap, cutoff, features, "_order", keys)
+        yield folded.collect(engine="streaming").sort(_pair_key(), *keys[len(PAIR) :])
 
 
 @dataclass
@@ -548,37 +595,92 @@ class _Pairs:
     summary: _PairSummary
 
 
+class _PairSink:
+    """One split's pair table as its parts come: kept (`path` None), else streamed to the
+    parquet file at `path` by a sink running in its own thread, a part at a time (several
+    splits are folded in one pass, so their tables are written side by side)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.summary = _PairSummary()
+        self.parts: list[pl.DataFrame] = []
+        self.schema: pl.Schema | None = None
+        self.queue: queue.Queue[pl.DataFrame | None] = queue.Queue(maxsize=1)
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def add(self, part: pl.DataFrame) -> None:
+        self.summary.add(part)
+        if self.schema is None:
+            self.schema = part.schema
+            if self.path is not None:
+                self.thread = threading.Thread(target=self._write, daemon=True)
+                self.thread.start()
+        if self.path is None:
+            self.parts.append(part)
+        else:
+            self._put(part)
+
+    def _write(self) -> None:
+        def batches(
+            columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _: int | None
+        ) -> Iterator[pl.DataFrame]:
+            if columns is not None or predicate is not None or n_rows is not None:
+                raise ValueError("the pair table source is only ever written whole")
+            while (part := self.queue.get()) is not None:
+                yield part
+                del part  # the sink holds it until written
+
+        try:
+            source = register_io_source(batches, schema=self.schema, explain_name="ETL pairs")
+            source.sink_parquet(self.path, engine="streaming")
+        except BaseException as exc:  # raised in the folding thread by _put / close
+            self.error = exc
+
+    def _put(self, item: pl.DataFrame | None) -> None:
+        assert self.thread is not None
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if not self.thread.is_alive():
+                    raise RuntimeError("the pair table writer stopped") from self.error
+
+    def close(self) -> _Pairs:
+        """The table in memory, or the summary of the one written (waits for the writer)."""
+        if self.path is None:
+            frame = pl.concat(self.parts, rechunk=False)
+            self.parts = []
+            return _Pairs(frame, self.summary)
+        if self.thread is not None:
+            self._put(None)
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
+        return _Pairs(pl.DataFrame(schema=self.schema), self.summary)
+
+    def abort(self) -> None:
+        """End the writer thread after a failure elsewhere (its file is discarded)."""
+        if self.thread is not None and self.thread.is_alive():
+            with contextlib.suppress(BaseException):
+                self._put(None)
+            self.thread.join()
+
+
 def _pair_table(parts: Iterator[pl.DataFrame], path: Path | None) -> _Pairs:
     """The parts as one table in memory (`path` None), else written to `path` as they come,
     holding one part at a time."""
-    summary = _PairSummary()
-    if path is None:
-        frame = pl.concat(list(parts), rechunk=False)
-        summary.add(frame)
-        return _Pairs(frame, summary)
-    first = [next(parts)]
-    schema = first[0].schema
-
-    def batches(
-        columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _: int | None
-    ) -> Iterator[pl.DataFrame]:
-        if columns is not None or predicate is not None or n_rows is not None:
-            raise ValueError("the pair table source is only ever written whole")
-        while True:
-            if not first:  # (holds the first part, taken to learn the schema, until sent)
-                following = next(parts, None)
-                if following is None:
-                    return
-                first.append(following)
-                del following
-            part = first.pop()
-            summary.add(part)
-            yield part
-            del part  # the sink holds it until written: no reference here while folding
-
-    source = register_io_source(batches, schema=schema, explain_name="ETL pair table")
-    source.sink_parquet(path, engine="streaming")
-    return _Pairs(pl.DataFrame(schema=schema), summary)
+    sink = _PairSink(path)
+    try:
+        for part in parts:
+            sink.add(part)
+        return sink.close()
+    except BaseException:
+        sink.abort()
+        raise
 
 
 def _with_seen(
@@ -616,15 +718,7 @@ def _split_and_fold(
     if method == "temporal":
         windows = temporal_windows(events["ts"], split_cfg)
         events = assign_temporal(events, windows)
-        tables: dict[str, _Pairs] = {}
-        earlier: list[pl.Series] = []  # pair keys of the earlier windows
-        for split in SPLITS:
-            _, cutoff = windows.bounds(split)
-            keys: list[pl.Series] = []
-            parts = _fold_parts(events, links, split, smap, cutoff, features)
-            tables[split] = _pair_table(_with_seen(parts, list(earlier), keys), path(split))
-            earlier.append(pl.concat(keys, rechunk=False))
-        return tables, windows, events
+        return _fold_windows(events, links, smap, windows, features, path), windows, events
     end = int(events["ts"].max()) + 1
     pairs = pl.concat(list(_fold_parts(events, links, None, smap, end, features)), rechunk=False)
     pairs = pairs.with_columns(pl.lit(False).alias("seen_before"))
@@ -644,6 +738,46 @@ def _split_and_fold(
         tables[s] = _pair_table(iter([table]), path(s))
         del table
     return tables, None, events
+
+
+def _fold_windows(
+    events: pl.DataFrame,
+    links: pl.DataFrame,
+    smap: SignalMap,
+    windows: Windows,
+    features: list[str],
+    path: Callable[[str], Path | None],
+) -> dict[str, _Pairs]:
+    """The temporal splits' pair tables in one pass: each user slice folds its events by
+    (pair, split), each split as of its own window's end; `seen_before` is the pair's key in
+    an earlier window of the same slice (a pair's events all lie in its user's slice)."""
+    split = pl.col("split")
+    cutoff = (
+        pl.when(split == "train")
+        .then(windows.valid_ms)
+        .when(split == "valid")
+        .then(windows.test_ms)
+        .otherwise(windows.end)
+    )
+    sinks = {s: _PairSink(path(s)) for s in SPLITS}
+    try:
+        for part in _fold_parts(events, links, None, smap, cutoff, features, [*PAIR, "split"]):
+            earlier: list[pl.Series] = []
+            for name in SPLITS:
+                table = part.filter(split == name).drop("split")
+                key = table.select(_pair_key()).to_series()
+                seen = pl.repeat(False, table.height, eager=True)
+                for previous in earlier:
+                    seen = seen | key.is_in(previous.implode())
+                earlier.append(key)
+                sinks[name].add(table.with_columns(seen.alias("seen_before")))
+                del table
+            del part
+        return {name: sink.close() for name, sink in sinks.items()}
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        raise
 
 
 def _leave_last_deepest(
@@ -697,6 +831,7 @@ def _stats(
     filtered: pl.DataFrame,
     events: pl.DataFrame,
     links: pl.DataFrame,
+    cancels: int,
     pair_tables: dict[str, _Pairs],
     windows: Windows | None,
     users_vocab: pl.DataFrame,
@@ -738,7 +873,7 @@ def _stats(
         "splits": per_split,
         "cancellations": {
             "linked_by": _counts(linked, "link"),
-            "unlinked": int(events["is_cancel"].sum()) - linked.height,
+            "unlinked": cancels - linked.height,
         },
         "delays_s": {
             "click_to_purchase": _quantiles(
