@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,7 +37,7 @@ from recfb.etl.aggregate import PAIR, aggregate_pairs
 from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import apply_filters
 from recfb.etl.frames import filter_consuming, join_columns, rechunk_consuming
-from recfb.etl.interactions import Interactions
+from recfb.etl.interactions import ZSTD_LEVEL, Interactions
 from recfb.etl.link import sparse_links
 from recfb.etl.readers import MEMORY_SOURCE, PROVENANCE, excerpt, read_events, read_frame
 from recfb.etl.signals import SignalMap, load_signal_map
@@ -358,16 +360,19 @@ def build_tables(
         # the few rows with a link or a delay, apart (`row`-keyed): no columns of nulls
         links = _with_flags(sparse_links(events, cancel_map), events)
 
-    with timer.stage("split + fold pairs"):
+        cancels = int(events["is_cancel"].sum())
+
+    with timer.stage("order events"):
         # the rows in the event log's order, once: each user's events are then one slice
         # (a fold part is a slice, not a filter of the whole table), a position ranks a
         # pair's events in time, and the log is written slice by slice
-        cancels = int(events["is_cancel"].sum())
         order = _log_order(events)
         # the signal flags are looked up again where needed: not carried through the gather
         events = events.drop(*_FOLD_MEANING, "is_clock", "is_cancel")
         events = _reorder(events, order)  # (emptied as it goes: no second copy)
         del order
+
+    with timer.stage("split + fold pairs"):
         pair_tables, windows, events = _split_and_fold(
             events, links, smap, split, extras, pairs_dir
         )
@@ -488,23 +493,41 @@ def _log_order(events: pl.DataFrame) -> pl.Series:
             order = order.gather(keys.select(pl.arg_sort_by(key, maintain_order=True)).to_series())
         return order
     position = pl.int_range(pl.len(), dtype=pl.UInt64)
-    by_time = events.select(
-        ((pl.col("ts") - first).cast(pl.UInt64) * (1 << bits) + position).sort() & low
-    ).to_series()
-    rank = pl.zeros(n, pl.UInt64, eager=True).scatter(
-        by_time, pl.int_range(n, dtype=pl.UInt64, eager=True)
+    by_time = _sorted(events, (pl.col("ts") - first).cast(pl.UInt64) * (1 << bits) + position)
+    by_time = (by_time & low).cast(pl.UInt32)
+    rank = pl.zeros(n, pl.UInt32, eager=True).scatter(
+        by_time, pl.int_range(n, dtype=pl.UInt32, eager=True)
     )
-    by_user = events.select(
-        (pl.col("user_idx").cast(pl.UInt64) * (1 << bits) + rank).sort() & low
-    ).to_series()
+    by_user = _sorted(events, pl.col("user_idx").cast(pl.UInt64) * (1 << bits) + rank)
     del rank
-    return by_time.cast(pl.UInt32).gather(by_user.cast(pl.UInt32))
+    return by_time.gather((by_user & low).cast(pl.UInt32))
+
+
+def _sorted(frame: pl.DataFrame, value: pl.Expr) -> pl.Series:
+    """`value` (UInt64) on `frame`, sorted: by NumPy, whose vectorised sort of 64-bit keys
+    beats Polars' by a quarter here."""
+    values = frame.select(value).to_series().to_numpy(writable=True)
+    values.sort()
+    return pl.Series(values)
 
 
 def _reorder(events: pl.DataFrame, order: pl.Series) -> pl.DataFrame:
-    """`events` gathered in `order`, column by column, emptying `events` as it goes (one extra
-    column at a time)."""
-    return pl.DataFrame([events.drop_in_place(name).gather(order) for name in events.columns])
+    """`events` gathered in `order`, a column per thread of Polars' pool size (a random gather
+    waits on memory: two at once take half the time), emptying `events` as it goes: a column
+    is released once gathered, so at most one extra column per thread is held."""
+    workers = max(1, min(pl.thread_pool_size(), 4))
+    done: dict[str, pl.Series] = {}
+    names = events.columns
+    with ThreadPoolExecutor(workers) as pool:
+        running: deque[tuple[str, Future[pl.Series]]] = deque()
+        for name in names:
+            running.append((name, pool.submit(events.drop_in_place(name).gather, order)))
+            if len(running) >= workers:
+                finished, future = running.popleft()
+                done[finished] = future.result()
+        for finished, future in running:
+            done[finished] = future.result()
+    return pl.DataFrame([done[name] for name in names])
 
 
 def _pair_key() -> pl.Expr:
@@ -633,7 +656,7 @@ class _PairSink:
 
         try:
             source = register_io_source(batches, schema=self.schema, explain_name="ETL pairs")
-            source.sink_parquet(self.path, engine="streaming")
+            source.sink_parquet(self.path, compression_level=ZSTD_LEVEL, engine="streaming")
         except BaseException as exc:  # raised in the folding thread by _put / close
             self.error = exc
 
