@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import polars as pl
 from polars.io.plugins import register_io_source
 from pydantic import BaseModel
@@ -172,10 +173,11 @@ _DEDUPE_ROWS = 4_000_000  # rows per sort in _first_occurrence: bounds its worki
 
 def _first_occurrence(frame: pl.DataFrame, keys: list[str]) -> pl.Series:
     """True where a row is the first (in row order) with its key: `is_first_distinct` by
-    sorting, which beats a hash table of tens of millions of keys. The key (an integer id
-    itself, else its hash) is sorted; only rows whose key value repeats (duplicates and hash
-    collisions: a few) get the exact check. The rows are sorted in parts of about
-    `_DEDUPE_ROWS` by key value modulo the number of parts (equal keys share a part), so the
+    sorting, which beats a hash table of tens of millions of keys. The key's values (an
+    integer id itself, else its hash) are sorted, values only (NumPy's vectorised sort; no
+    row indices carried): the values that repeat (duplicates and hash collisions: a few)
+    pick the rows that get the exact check. The values are sorted in parts of about
+    `_DEDUPE_ROWS` by value modulo the number of parts (equal values share a part), so the
     sorts' working memory stays that of one part. Null single keys are left to the caller."""
     key = pl.struct(keys) if len(keys) > 1 else pl.col(keys[0])
     if len(keys) == 1 and frame.schema[keys[0]].is_integer():
@@ -187,21 +189,23 @@ def _first_occurrence(frame: pl.DataFrame, keys: list[str]) -> pl.Series:
         combined = pl.reduce(lambda a, b: a ^ b, hashes).alias("hash")
         value = frame.lazy().select(combined).collect(engine="streaming").to_series()
     n_parts = min(255, max(1, -(-frame.height // _DEDUPE_ROWS)))
-    part_of = (value % n_parts).abs().cast(pl.UInt8) if n_parts > 1 else None
-    found = []
+    part_of = None
+    if n_parts > 1:  # a morsel at a time: no whole-length intermediate of the key's width
+        part_expr = (pl.col(value.name) % n_parts).abs().cast(pl.UInt8)
+        part_of = value.to_frame().lazy().select(part_expr).collect(engine="streaming")
+        part_of = part_of.to_series()
+    repeated = []
     for part in range(n_parts):
-        where = None if part_of is None else (part_of == part).arg_true()
-        values = value if where is None else value.gather(where)
-        order = values.arg_sort()
-        ordered = values.gather(order)
+        values = value if part_of is None else value.filter(part_of == part)
+        ordered = np.sort(values.drop_nulls().to_numpy())
         del values
-        repeats = ((ordered == ordered.shift(1)) | (ordered == ordered.shift(-1))).fill_null(False)
+        repeated.append(np.unique(ordered[1:][ordered[1:] == ordered[:-1]]))
         del ordered
-        repeated = order.filter(repeats)
-        found.append(repeated if where is None else where.gather(repeated))
-    candidates = pl.concat(found).sort()
+    del part_of
+    repeats = pl.Series(np.concatenate(repeated)).cast(value.dtype)
     first = pl.repeat(True, frame.height, eager=True)
-    if candidates.len():
+    if repeats.len():
+        candidates = value.is_in(repeats.implode()).arg_true()
         exact = frame.select(key.gather(candidates).is_first_distinct()).to_series()
         first = first.scatter(candidates, exact)
     return first
@@ -574,7 +578,8 @@ def _fold_parts(
             part = part.filter(pl.col("split") == split)
         part = part.join(by_row, on="row", how="left").with_columns(_meaning(smap, _FOLD_MEANING))
         folded = aggregate_pairs(part, smap, cutoff, features, "_order", keys)
-        yield folded.collect(engine="streaming").sort(_pair_key(), *keys[len(PAIR) :])
+        # the extra keys first: a part folded by (pair, split) is one slice per split
+        yield folded.collect(engine="streaming").sort(*keys[len(PAIR) :], _pair_key())
 
 
 @dataclass
@@ -786,8 +791,11 @@ def _fold_windows(
     try:
         for part in _fold_parts(events, links, None, smap, cutoff, features, [*PAIR, "split"]):
             earlier: list[pl.Series] = []
-            for name in SPLITS:
-                table = part.filter(split == name).drop("split")
+            counts = dict(part.group_by("split").len().iter_rows())
+            offset = 0
+            for name in SPLITS:  # the part is sorted by split (in SPLITS order), then key
+                table = part.slice(offset, counts.get(name, 0)).drop("split")
+                offset += table.height
                 key = table.select(_pair_key()).to_series()
                 seen = pl.repeat(False, table.height, eager=True)
                 for previous in earlier:
