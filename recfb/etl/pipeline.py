@@ -171,23 +171,41 @@ def _event_type(smap: SignalMap) -> pl.Enum:
 _DEDUPE_ROWS = 4_000_000  # rows per sort in _first_occurrence: bounds its working memory
 
 
-def _first_occurrence(frame: pl.DataFrame, keys: list[str]) -> pl.Series:
+# up to this many rows the key hash is cut to 32 bits: its colliding pairs (n^2 / 2^33, all
+# checked exactly) stay under 1% of the rows
+_HASH32_ROWS = 1 << 26
+
+
+def _first_occurrence(
+    frame: pl.DataFrame, keys: list[str], within: pl.Series | None = None
+) -> pl.Series:
     """True where a row is the first (in row order) with its key: `is_first_distinct` by
     sorting, which beats a hash table of tens of millions of keys. The key's values (an
     integer id itself, else its hash) are sorted, values only (NumPy's vectorised sort; no
     row indices carried): the values that repeat (duplicates and hash collisions: a few)
     pick the rows that get the exact check. The values are sorted in parts of about
     `_DEDUPE_ROWS` by value modulo the number of parts (equal values share a part), so the
-    sorts' working memory stays that of one part. Null single keys are left to the caller."""
+    sorts' working memory stays that of one part. Null single keys are left to the caller.
+    With `within` (a mask), only those rows take part (the others are False): the first
+    among them wins."""
     key = pl.struct(keys) if len(keys) > 1 else pl.col(keys[0])
-    if len(keys) == 1 and frame.schema[keys[0]].is_integer():
+    if len(keys) == 1 and frame.schema[keys[0]].is_integer() and within is None:
         value = frame[keys[0]]
     else:
-        # one hash per column, combined: hashing the struct builds its rows in full first;
-        # the streaming engine computes it a morsel at a time
-        hashes = [pl.col(k).to_physical().hash(seed=i) for i, k in enumerate(keys)]
-        combined = pl.reduce(lambda a, b: a ^ b, hashes).alias("hash")
-        value = frame.lazy().select(combined).collect(engine="streaming").to_series()
+        if len(keys) == 1 and frame.schema[keys[0]].is_integer():
+            combined = pl.col(keys[0])
+        else:
+            # one hash per column, combined: hashing the struct builds its rows in full
+            # first; the streaming engine computes it a morsel at a time
+            hashes = [pl.col(k).to_physical().hash(seed=i) for i, k in enumerate(keys)]
+            combined = pl.reduce(lambda a, b: a ^ b, hashes)
+            if frame.height <= _HASH32_ROWS:  # half the memory; collisions are checked
+                combined = (combined % (1 << 32)).cast(pl.UInt32)
+        query = frame.lazy()
+        if within is not None:  # rows outside are null: never sorted, never candidates
+            query = query.with_columns(within.alias("_within"))
+            combined = pl.when(pl.col("_within")).then(combined)
+        value = query.select(combined.alias("hash")).collect(engine="streaming").to_series()
     n_parts = min(255, max(1, -(-frame.height // _DEDUPE_ROWS)))
     part_of = None
     if n_parts > 1:  # a morsel at a time: no whole-length intermediate of the key's width
@@ -203,7 +221,7 @@ def _first_occurrence(frame: pl.DataFrame, keys: list[str]) -> pl.Series:
         del ordered
     del part_of
     repeats = pl.Series(np.concatenate(repeated)).cast(value.dtype)
-    first = pl.repeat(True, frame.height, eager=True)
+    first = pl.repeat(True, frame.height, eager=True) if within is None else within.clone()
     if repeats.len():
         candidates = value.is_in(repeats.implode()).arg_true()
         exact = frame.select(key.gather(candidates).is_first_distinct()).to_series()
@@ -220,10 +238,10 @@ def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
     n0 = events.height
     id_col = pl.col("event_id")
     mask = events.select(id_col.is_null() | _first_occurrence(events, ["event_id"])).to_series()
-    events = filter_consuming(events, mask)
-    n1 = events.height
-    keys = ["user_id", "item_id", "event", "ts"]
-    events = filter_consuming(events, _first_occurrence(events, keys)).with_row_index("row")
+    n1 = int(mask.sum())
+    # the second rule among the first rule's survivors, then one filter for both
+    mask = _first_occurrence(events, ["user_id", "item_id", "event", "ts"], within=mask)
+    events = filter_consuming(events, mask).with_row_index("row")
     return events, {"same_event_id": n0 - n1, "same_user_item_event_ts": n1 - events.height}
 
 
