@@ -2,7 +2,8 @@
 
 Stages: read -> validate (bad rows to quarantine) -> de-duplicate -> canonicalise signals ->
 drop noise by dwell -> optional filters -> vocabularies -> link cancellations and delays ->
-split -> fold pairs per split -> write everything atomically with `stats.json`.
+order the events as the log -> split -> fold pairs per split -> write everything atomically
+with `stats.json`.
 
 The scan, validation and quarantine run as one Polars lazy query collected by the streaming
 engine; the later stages work on the validated columns only (integers, an Enum for the
@@ -10,9 +11,11 @@ event, small strings), which is what bounds memory at tens of millions of events
 rules the later stages keep: no frame outlives its stage, a join that adds a column joins
 the keys only (`join_columns`, in slices), columns that are mostly null (links, delays) live
 apart keyed by `row` (`sparse_links`), `recfb etl` writes each pair table part by part as it
-folds, and the event log is sorted by position (`_log_order`) and written in slices, never
-copied whole. The validated rows are rechunked once: an eager `select` on a frame in many
-chunks rechunks all of it, each time.
+folds, and the events are gathered once into the log's order (`_log_order`, `_reorder`:
+a column at a time), so a fold part is a slice of users and the log is written in slices.
+The temporal windows fold in one pass (group-by on pair and split, `_fold_windows`). The
+validated rows are rechunked once: an eager `select` on a frame in many chunks rechunks all
+of it, each time.
 """
 
 from __future__ import annotations
