@@ -143,7 +143,11 @@ def validate_in_memory(
         # every good row's event is in the map: an Enum holds it in one byte, not a string
         good = good_rows(validated, extras).with_columns(pl.col("event").cast(_event_type(smap)))
         good, bad = pl.collect_all([good, bad_rows(validated, extras)], engine="streaming")
-        return rechunk_consuming(good), bad, extras
+        good = rechunk_consuming(good)
+        if good.height and good["source_row"].max() < 1 << 32:
+            # record numbers in 4 bytes while the rows are held (back to Int64 in reports)
+            good = good.with_columns(pl.col("source_row").cast(pl.UInt32))
+        return good, bad, extras
 
     return _read_tolerantly(collect, source)
 
@@ -277,7 +281,7 @@ _FOLD_MEANING = [
 def _filtered_frame(reason: str, rows: pl.DataFrame) -> pl.DataFrame:
     return rows.select(
         pl.col("source_file").cast(pl.String),
-        "source_row",
+        pl.col("source_row").cast(pl.Int64),
         pl.lit(reason).alias("reason"),
         pl.col("user_id").cast(pl.String),
         pl.col("item_id").cast(pl.String),
