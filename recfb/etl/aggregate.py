@@ -50,11 +50,16 @@ def _first(value: pl.Expr, order: str | None) -> pl.Expr:
 def aggregate_pairs(
     events: pl.LazyFrame | pl.DataFrame,
     smap: SignalMap,
-    cutoff_ms: int,
+    cutoff_ms: int | pl.Expr,
     features: list[str],
     order: str | None = None,
+    keys: list[str] = PAIR,
 ) -> pl.LazyFrame:
     """Pair states of `events` (already restricted to one window) as of `cutoff_ms`.
+
+    With `keys` beyond the pair (e.g. the split), one group-by folds several windows at
+    once: `cutoff_ms` is then an expression of those keys, evaluated on the rows and on the
+    folded pairs alike, and the extra keys stay in the output after the pair.
 
     `order` names a column that ranks the rows in time without ties (ts, then input order):
     with it, a pair's last and first rows are found by max/min on it, not by sorting every
@@ -119,13 +124,13 @@ def aggregate_pairs(
     # event, folded apart from the main group-by where a per-group sort would be costly
     first_delay = (
         masked.filter(pl.col("clock_delay_ms").is_not_null())
-        .group_by(PAIR)
+        .group_by(keys)
         .agg(_first(pl.col("clock_delay_ms"), order).alias("_c2p_ms"))
     )
     return (
-        masked.group_by(PAIR)
+        masked.group_by(keys)
         .agg(aggs)
-        .join(first_delay, on=PAIR, how="left")
+        .join(first_delay, on=keys, how="left")
         .with_columns(
             pl.max_horizontal("_level", "_fallback_level").cast(pl.Int8).alias("level"),
             negative.alias("negative"),
@@ -146,7 +151,7 @@ def aggregate_pairs(
             (pl.col("_p2r_ms") / 1000).alias("purchase_to_refund_s"),
         )
         .select(
-            *PAIR,
+            *keys,
             "label",
             "level",
             "negative",

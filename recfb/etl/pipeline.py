@@ -2,7 +2,8 @@
 
 Stages: read -> validate (bad rows to quarantine) -> de-duplicate -> canonicalise signals ->
 drop noise by dwell -> optional filters -> vocabularies -> link cancellations and delays ->
-split -> fold pairs per split -> write everything atomically with `stats.json`.
+order the events as the log -> split -> fold pairs per split -> write everything atomically
+with `stats.json`.
 
 The scan, validation and quarantine run as one Polars lazy query collected by the streaming
 engine; the later stages work on the validated columns only (integers, an Enum for the
@@ -10,18 +11,26 @@ event, small strings), which is what bounds memory at tens of millions of events
 rules the later stages keep: no frame outlives its stage, a join that adds a column joins
 the keys only (`join_columns`, in slices), columns that are mostly null (links, delays) live
 apart keyed by `row` (`sparse_links`), `recfb etl` writes each pair table part by part as it
-folds, and the event log is sorted by position (`_log_order`) and written in slices, never
-copied whole. The validated rows are rechunked once: an eager `select` on a frame in many
-chunks rechunks all of it, each time.
+folds, and the events are gathered once into the log's order (`_log_order`, `_reorder`:
+a column at a time), so a fold part is a slice of users and the log is written in slices.
+The temporal windows fold in one pass (group-by on pair and split, `_fold_windows`). The
+validated rows are rechunked once: an eager `select` on a frame in many chunks rechunks all
+of it, each time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import polars as pl
 from polars.io.plugins import register_io_source
 from pydantic import BaseModel
@@ -32,7 +41,7 @@ from recfb.etl.aggregate import PAIR, aggregate_pairs
 from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import apply_filters
 from recfb.etl.frames import filter_consuming, join_columns, rechunk_consuming
-from recfb.etl.interactions import Interactions
+from recfb.etl.interactions import ZSTD_LEVEL, Interactions
 from recfb.etl.link import sparse_links
 from recfb.etl.readers import MEMORY_SOURCE, PROVENANCE, excerpt, read_events, read_frame
 from recfb.etl.signals import SignalMap, load_signal_map
@@ -134,7 +143,11 @@ def validate_in_memory(
         # every good row's event is in the map: an Enum holds it in one byte, not a string
         good = good_rows(validated, extras).with_columns(pl.col("event").cast(_event_type(smap)))
         good, bad = pl.collect_all([good, bad_rows(validated, extras)], engine="streaming")
-        return rechunk_consuming(good), bad, extras
+        good = rechunk_consuming(good)
+        if good.height and good["source_row"].max() < 1 << 32:
+            # record numbers in 4 bytes while the rows are held (back to Int64 in reports)
+            good = good.with_columns(pl.col("source_row").cast(pl.UInt32))
+        return good, bad, extras
 
     return _read_tolerantly(collect, source)
 
@@ -165,38 +178,59 @@ def _event_type(smap: SignalMap) -> pl.Enum:
 _DEDUPE_ROWS = 4_000_000  # rows per sort in _first_occurrence: bounds its working memory
 
 
-def _first_occurrence(frame: pl.DataFrame, keys: list[str]) -> pl.Series:
+# up to this many rows the key hash is cut to 32 bits: its colliding pairs (n^2 / 2^33, all
+# checked exactly) stay under 1% of the rows
+_HASH32_ROWS = 1 << 26
+
+
+def _first_occurrence(
+    frame: pl.DataFrame, keys: list[str], within: pl.Series | None = None
+) -> pl.Series:
     """True where a row is the first (in row order) with its key: `is_first_distinct` by
-    sorting, which beats a hash table of tens of millions of keys. The key (an integer id
-    itself, else its hash) is sorted; only rows whose key value repeats (duplicates and hash
-    collisions: a few) get the exact check. The rows are sorted in parts of about
-    `_DEDUPE_ROWS` by key value modulo the number of parts (equal keys share a part), so the
-    sorts' working memory stays that of one part. Null single keys are left to the caller."""
+    sorting, which beats a hash table of tens of millions of keys. The key's values (an
+    integer id itself, else its hash) are sorted, values only (NumPy's vectorised sort; no
+    row indices carried): the values that repeat (duplicates and hash collisions: a few)
+    pick the rows that get the exact check. The values are sorted in parts of about
+    `_DEDUPE_ROWS` by value modulo the number of parts (equal values share a part), so the
+    sorts' working memory stays that of one part. Null single keys are left to the caller.
+    With `within` (a mask), only those rows take part (the others are False): the first
+    among them wins."""
     key = pl.struct(keys) if len(keys) > 1 else pl.col(keys[0])
-    if len(keys) == 1 and frame.schema[keys[0]].is_integer():
+    if len(keys) == 1 and frame.schema[keys[0]].is_integer() and within is None:
         value = frame[keys[0]]
     else:
-        # one hash per column, combined: hashing the struct builds its rows in full first;
-        # the streaming engine computes it a morsel at a time
-        hashes = [pl.col(k).to_physical().hash(seed=i) for i, k in enumerate(keys)]
-        combined = pl.reduce(lambda a, b: a ^ b, hashes).alias("hash")
-        value = frame.lazy().select(combined).collect(engine="streaming").to_series()
+        if len(keys) == 1 and frame.schema[keys[0]].is_integer():
+            combined = pl.col(keys[0])
+        else:
+            # one hash per column, combined: hashing the struct builds its rows in full
+            # first; the streaming engine computes it a morsel at a time
+            hashes = [pl.col(k).to_physical().hash(seed=i) for i, k in enumerate(keys)]
+            combined = pl.reduce(lambda a, b: a ^ b, hashes)
+            if frame.height <= _HASH32_ROWS:  # half the memory; collisions are checked
+                combined = (combined % (1 << 32)).cast(pl.UInt32)
+        query = frame.lazy()
+        if within is not None:  # rows outside are null: never sorted, never candidates
+            query = query.with_columns(within.alias("_within"))
+            combined = pl.when(pl.col("_within")).then(combined)
+        value = query.select(combined.alias("hash")).collect(engine="streaming").to_series()
     n_parts = min(255, max(1, -(-frame.height // _DEDUPE_ROWS)))
-    part_of = (value % n_parts).abs().cast(pl.UInt8) if n_parts > 1 else None
-    found = []
+    part_of = None
+    if n_parts > 1:  # a morsel at a time: no whole-length intermediate of the key's width
+        part_expr = (pl.col(value.name) % n_parts).abs().cast(pl.UInt8)
+        part_of = value.to_frame().lazy().select(part_expr).collect(engine="streaming")
+        part_of = part_of.to_series()
+    repeated = []
     for part in range(n_parts):
-        where = None if part_of is None else (part_of == part).arg_true()
-        values = value if where is None else value.gather(where)
-        order = values.arg_sort()
-        ordered = values.gather(order)
+        values = value if part_of is None else value.filter(part_of == part)
+        ordered = np.sort(values.drop_nulls().to_numpy())
         del values
-        repeats = ((ordered == ordered.shift(1)) | (ordered == ordered.shift(-1))).fill_null(False)
+        repeated.append(np.unique(ordered[1:][ordered[1:] == ordered[:-1]]))
         del ordered
-        repeated = order.filter(repeats)
-        found.append(repeated if where is None else where.gather(repeated))
-    candidates = pl.concat(found).sort()
-    first = pl.repeat(True, frame.height, eager=True)
-    if candidates.len():
+    del part_of
+    repeats = pl.Series(np.concatenate(repeated)).cast(value.dtype)
+    first = pl.repeat(True, frame.height, eager=True) if within is None else within.clone()
+    if repeats.len():
+        candidates = value.is_in(repeats.implode()).arg_true()
         exact = frame.select(key.gather(candidates).is_first_distinct()).to_series()
         first = first.scatter(candidates, exact)
     return first
@@ -211,17 +245,43 @@ def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
     n0 = events.height
     id_col = pl.col("event_id")
     mask = events.select(id_col.is_null() | _first_occurrence(events, ["event_id"])).to_series()
-    events = filter_consuming(events, mask)
-    n1 = events.height
-    keys = ["user_id", "item_id", "event", "ts"]
-    events = filter_consuming(events, _first_occurrence(events, keys)).with_row_index("row")
+    n1 = int(mask.sum())
+    # the second rule among the first rule's survivors, then one filter for both
+    mask = _first_occurrence(events, ["user_id", "item_id", "event", "ts"], within=mask)
+    events = filter_consuming(events, mask).with_row_index("row")
     return events, {"same_event_id": n0 - n1, "same_user_item_event_ts": n1 - events.height}
+
+
+def _meaning(smap: SignalMap, names: list[str] | None = None) -> list[pl.Expr]:
+    """Each signal's meaning (code, level, flags; `names` of them, else all) as columns looked
+    up by the event's code (its Enum's physical value): no join."""
+    table = smap.signal_table()
+    dtypes = {"code": pl.UInt8, "level": pl.Int8, "fallback_level": pl.Int8}
+    dtypes["min_dwell_s"] = pl.Float64
+    code = pl.col("event").to_physical()
+    if names is None:
+        names = [n for n in table if n not in ("event", "cancels", "is_exposure")]
+    return [
+        pl.lit(pl.Series(name, table[name], dtype=dtypes.get(name))).gather(code).alias(name)
+        for name in names
+    ]
+
+
+# the signal columns the fold looks up again rather than carry into the event log's order
+_FOLD_MEANING = [
+    "code",
+    "is_negative",
+    "fallback_level",
+    "fallback_negative",
+    "is_purchase",
+    "is_refund",
+]
 
 
 def _filtered_frame(reason: str, rows: pl.DataFrame) -> pl.DataFrame:
     return rows.select(
         pl.col("source_file").cast(pl.String),
-        "source_row",
+        pl.col("source_row").cast(pl.Int64),
         pl.lit(reason).alias("reason"),
         pl.col("user_id").cast(pl.String),
         pl.col("item_id").cast(pl.String),
@@ -290,14 +350,8 @@ def build_tables(
 
     with timer.stage("canonicalise"):
         # each signal's meaning, looked up by its code (the Enum's physical value): no join
-        table = smap.signal_table()
-        dtypes = {"code": pl.UInt8, "level": pl.Int8, "fallback_level": pl.Int8}
-        dtypes["min_dwell_s"] = pl.Float64
-        code = pl.col("event").to_physical()
         events = events.with_columns(pl.col("event").cast(_event_type(smap))).with_columns(
-            pl.lit(pl.Series(name, table[name], dtype=dtypes.get(name))).gather(code).alias(name)
-            for name in table
-            if name not in ("event", "cancels", "is_exposure")
+            _meaning(smap)
         )
         noise = (
             pl.col("min_dwell_s").is_not_null()
@@ -335,10 +389,19 @@ def build_tables(
         # the few rows with a link or a delay, apart (`row`-keyed): no columns of nulls
         links = _with_flags(sparse_links(events, cancel_map), events)
 
+        cancels = int(events["is_cancel"].sum())
+
+    with timer.stage("order events"):
+        # the rows in the event log's order, once: each user's events are then one slice
+        # (a fold part is a slice, not a filter of the whole table), a position ranks a
+        # pair's events in time, and the log is written slice by slice
+        order = _log_order(events)
+        # the signal flags are looked up again where needed: not carried through the gather
+        events = events.drop(*_FOLD_MEANING, "is_clock", "is_cancel")
+        events = _reorder(events, order)  # (emptied as it goes: no second copy)
+        del order
+
     with timer.stage("split + fold pairs"):
-        # the event log's order, computed once: it also ranks each pair's events in time
-        order = _log_order(events).arg_sort()
-        events = events.with_columns(pl.Series("_order", order, pl.UInt32))
         pair_tables, windows, events = _split_and_fold(
             events, links, smap, split, extras, pairs_dir
         )
@@ -364,7 +427,7 @@ def build_tables(
         chunk = chunk.join(by_row, on="row", how="left", maintain_order="left")
         return chunk.select(log_columns)
 
-    seq = _in_order(
+    seq = _in_slices(
         events.select(
             "row",
             "user_idx",
@@ -378,7 +441,6 @@ def build_tables(
             "order_id",
             *extras,
         ),
-        events["_order"].arg_sort(),  # the splits may reorder rows: _order says where they go
         finish,
     )
     stats = _stats(
@@ -391,6 +453,7 @@ def build_tables(
         filtered,
         events,
         links,
+        cancels,
         pair_tables,
         windows,
         users_vocab,
@@ -411,24 +474,18 @@ def build_tables(
     )
 
 
-def _in_order(
-    log: pl.DataFrame,
-    positions: pl.Series,
-    finish: Callable[[pl.DataFrame], pl.DataFrame],
-    step: int = 2_000_000,
+def _in_slices(
+    log: pl.DataFrame, finish: Callable[[pl.DataFrame], pl.DataFrame], step: int = 2_000_000
 ) -> pl.LazyFrame:
-    """`finish(log)` in the order `positions` gives, as a lazy source that gathers `step` rows
-    at a time and finishes them: the streaming sink writes it without a second, sorted copy of
-    the whole log."""
+    """`finish(log)` (a log already in its order) as a lazy source that finishes `step` rows
+    at a time: the streaming sink writes it without a second copy of the whole log."""
 
     def batches(
         columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _: int | None
     ) -> Iterator[pl.DataFrame]:
         limit = log.height if n_rows is None else min(n_rows, log.height)
         for start in range(0, limit, step):
-            # a gather expression: indexing the frame with a Series takes a far slower path
-            where = positions.slice(start, min(step, limit - start))
-            chunk = finish(log.select(pl.all().gather(where)))
+            chunk = finish(log.slice(start, min(step, limit - start)))
             if columns is not None:
                 chunk = chunk.select(columns)
             yield chunk if predicate is None else chunk.filter(predicate)
@@ -449,13 +506,57 @@ def _with_flags(links: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
 
 
 def _log_order(events: pl.DataFrame) -> pl.Series:
-    """Row positions in the event log's order, (user_idx, ts, row): three stable one-key
-    sorts, last key first, cost a third of one sort on the three keys together."""
-    order = events["row"].arg_sort()  # row is unique: no ties to keep
-    for key in ("ts", "user_idx"):
-        keys = events.select(pl.col(key).gather(order))
-        order = order.gather(keys.select(pl.arg_sort_by(key, maintain_order=True)).to_series())
-    return order
+    """Row positions in the event log's order, (user_idx, ts, row); the events are in `row`
+    order. Two sorts of values, not of indices: (ts, position) packed into one integer gives
+    each row its time rank, then (user_idx, time rank) packed gives the order, the positions
+    read back from the low bits. Where ts and the positions do not fit one UInt64 together
+    (a time range of centuries), three stable one-key sorts, last key first."""
+    n = events.height
+    bits = max(1, (n - 1).bit_length())
+    low = (1 << bits) - 1
+    first, last = events["ts"].min(), events["ts"].max()
+    if n and int(last - first).bit_length() + bits > 64:
+        order = events["row"].arg_sort()  # row is unique: no ties to keep
+        for key in ("ts", "user_idx"):
+            keys = events.select(pl.col(key).gather(order))
+            order = order.gather(keys.select(pl.arg_sort_by(key, maintain_order=True)).to_series())
+        return order
+    position = pl.int_range(pl.len(), dtype=pl.UInt64)
+    by_time = _sorted(events, (pl.col("ts") - first).cast(pl.UInt64) * (1 << bits) + position)
+    by_time = (by_time & low).cast(pl.UInt32)
+    rank = pl.zeros(n, pl.UInt32, eager=True).scatter(
+        by_time, pl.int_range(n, dtype=pl.UInt32, eager=True)
+    )
+    by_user = _sorted(events, pl.col("user_idx").cast(pl.UInt64) * (1 << bits) + rank)
+    del rank
+    return by_time.gather((by_user & low).cast(pl.UInt32))
+
+
+def _sorted(frame: pl.DataFrame, value: pl.Expr) -> pl.Series:
+    """`value` (UInt64) on `frame`, sorted: by NumPy, whose vectorised sort of 64-bit keys
+    beats Polars' by a quarter here."""
+    values = frame.select(value).to_series().to_numpy(writable=True)
+    values.sort()
+    return pl.Series(values)
+
+
+def _reorder(events: pl.DataFrame, order: pl.Series) -> pl.DataFrame:
+    """`events` gathered in `order`, a column per thread of Polars' pool size (a random gather
+    waits on memory: two at once take half the time), emptying `events` as it goes: a column
+    is released once gathered, so at most one extra column per thread is held."""
+    workers = max(1, min(pl.thread_pool_size(), 4))
+    done: dict[str, pl.Series] = {}
+    names = events.columns
+    with ThreadPoolExecutor(workers) as pool:
+        running: deque[tuple[str, Future[pl.Series]]] = deque()
+        for name in names:
+            running.append((name, pool.submit(events.drop_in_place(name).gather, order)))
+            if len(running) >= workers:
+                finished, future = running.popleft()
+                done[finished] = future.result()
+        for finished, future in running:
+            done[finished] = future.result()
+    return pl.DataFrame([done[name] for name in names])
 
 
 def _pair_key() -> pl.Expr:
@@ -464,7 +565,19 @@ def _pair_key() -> pl.Expr:
     return (pl.col("user_idx").cast(pl.UInt64) * (1 << 32) + pl.col("item_idx")).alias("key")
 
 
-_FOLD_EVENTS = 4_000_000  # events per fold chunk: bounds the group-by's hash table
+_FOLD_EVENTS = 4_000_000  # events per fold part: bounds the group-by's hash table
+
+
+def _user_slices(users: pl.Series) -> list[tuple[int, int]]:
+    """(offset, length) slices of about `_FOLD_EVENTS` events each over `users` (sorted),
+    cut where the user changes: a pair lies in one slice."""
+    n = users.len()
+    n_parts = max(1, -(-n // _FOLD_EVENTS))
+    cuts = {0, n}
+    for i in range(1, n_parts):
+        cuts.add(int(users.search_sorted(users[i * n // n_parts], side="left")))
+    bounds = sorted(cuts)
+    return [(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False) if b > a] or [(0, 0)]
 
 
 def _fold_parts(
@@ -472,39 +585,26 @@ def _fold_parts(
     links: pl.DataFrame,
     split: str | None,
     smap: SignalMap,
-    cutoff: int,
+    cutoff: int | pl.Expr,
     features: list[str],
+    keys: list[str] = PAIR,
 ) -> Iterator[pl.DataFrame]:
     """The pair table of `events` (of one split, if given), sorted on the pair key, folded
-    over contiguous user_idx ranges of about `_FOLD_EVENTS` events each: a pair lies in one
-    range, so the parts, in the order given, make the whole sorted table while the group-by
-    holds one range's pairs at a time (its hash table is what peaks in memory). The parts
-    hold disjoint users. `links` gives the rows' link and delay columns (`sparse_links`)."""
+    over slices of the events (in the log's order: user-major) of about `_FOLD_EVENTS`
+    events each: a pair lies in one slice, so the parts, in the order given, make the whole
+    sorted table while the group-by holds one slice's pairs at a time (its hash table is what
+    peaks in memory). The parts hold disjoint users. A row's position in the log ranks a
+    pair's events in time. `links` gives the rows' link and delay columns
+    (`sparse_links`); `keys` and `cutoff` as in `aggregate_pairs`."""
     by_row = links.lazy().select("row", "cancelled_at", "linked_ts", "clock_delay_ms")
-    users = pl.col("user_idx")
-    if split is not None:
-        users = users.filter(pl.col("split") == split)
-    users = events.select(users).to_series()  # the one column, not a copy of the split
-    n_chunks = max(1, -(-users.len() // _FOLD_EVENTS))
-    bounds: list[tuple[int | None, int | None] | None] = [None]
-    if n_chunks > 1:  # user_idx cut points at event quantiles: chunks of similar event counts
-        cuts = sorted({int(users.quantile(i / n_chunks, "lower")) for i in range(1, n_chunks)})
-        bounds = list(zip([None, *cuts], [*cuts, None], strict=True))
-    del users
-    for bound in bounds:
-        part = events.lazy()
+    for offset, length in _user_slices(events["user_idx"]):
+        part = events.slice(offset, length).lazy().with_row_index("_order", offset)
         if split is not None:
             part = part.filter(pl.col("split") == split)
-        if bound is not None:
-            lo, hi = bound
-            user = pl.col("user_idx")
-            if lo is not None:
-                part = part.filter(user >= lo)
-            if hi is not None:
-                part = part.filter(user < hi)
-        part = part.join(by_row, on="row", how="left")
-        folded = aggregate_pairs(part, smap, cutoff, features, "_order")
-        yield folded.collect(engine="streaming").sort(_pair_key())
+        part = part.join(by_row, on="row", how="left").with_columns(_meaning(smap, _FOLD_MEANING))
+        folded = aggregate_pairs(part, smap, cutoff, features, "_order", keys)
+        # the extra keys first: a part folded by (pair, split) is one slice per split
+        yield folded.collect(engine="streaming").sort(*keys[len(PAIR) :], _pair_key())
 
 
 @dataclass
@@ -548,37 +648,92 @@ class _Pairs:
     summary: _PairSummary
 
 
+class _PairSink:
+    """One split's pair table as its parts come: kept (`path` None), else streamed to the
+    parquet file at `path` by a sink running in its own thread, a part at a time (several
+    splits are folded in one pass, so their tables are written side by side)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.summary = _PairSummary()
+        self.parts: list[pl.DataFrame] = []
+        self.schema: pl.Schema | None = None
+        self.queue: queue.Queue[pl.DataFrame | None] = queue.Queue(maxsize=1)
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def add(self, part: pl.DataFrame) -> None:
+        self.summary.add(part)
+        if self.schema is None:
+            self.schema = part.schema
+            if self.path is not None:
+                self.thread = threading.Thread(target=self._write, daemon=True)
+                self.thread.start()
+        if self.path is None:
+            self.parts.append(part)
+        else:
+            self._put(part)
+
+    def _write(self) -> None:
+        def batches(
+            columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _: int | None
+        ) -> Iterator[pl.DataFrame]:
+            if columns is not None or predicate is not None or n_rows is not None:
+                raise ValueError("the pair table source is only ever written whole")
+            while (part := self.queue.get()) is not None:
+                yield part
+                del part  # the sink holds it until written
+
+        try:
+            source = register_io_source(batches, schema=self.schema, explain_name="ETL pairs")
+            source.sink_parquet(self.path, compression_level=ZSTD_LEVEL, engine="streaming")
+        except BaseException as exc:  # raised in the folding thread by _put / close
+            self.error = exc
+
+    def _put(self, item: pl.DataFrame | None) -> None:
+        assert self.thread is not None
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if not self.thread.is_alive():
+                    raise RuntimeError("the pair table writer stopped") from self.error
+
+    def close(self) -> _Pairs:
+        """The table in memory, or the summary of the one written (waits for the writer)."""
+        if self.path is None:
+            frame = pl.concat(self.parts, rechunk=False)
+            self.parts = []
+            return _Pairs(frame, self.summary)
+        if self.thread is not None:
+            self._put(None)
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
+        return _Pairs(pl.DataFrame(schema=self.schema), self.summary)
+
+    def abort(self) -> None:
+        """End the writer thread after a failure elsewhere (its file is discarded)."""
+        if self.thread is not None and self.thread.is_alive():
+            with contextlib.suppress(BaseException):
+                self._put(None)
+            self.thread.join()
+
+
 def _pair_table(parts: Iterator[pl.DataFrame], path: Path | None) -> _Pairs:
     """The parts as one table in memory (`path` None), else written to `path` as they come,
     holding one part at a time."""
-    summary = _PairSummary()
-    if path is None:
-        frame = pl.concat(list(parts), rechunk=False)
-        summary.add(frame)
-        return _Pairs(frame, summary)
-    first = [next(parts)]
-    schema = first[0].schema
-
-    def batches(
-        columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _: int | None
-    ) -> Iterator[pl.DataFrame]:
-        if columns is not None or predicate is not None or n_rows is not None:
-            raise ValueError("the pair table source is only ever written whole")
-        while True:
-            if not first:  # (holds the first part, taken to learn the schema, until sent)
-                following = next(parts, None)
-                if following is None:
-                    return
-                first.append(following)
-                del following
-            part = first.pop()
-            summary.add(part)
-            yield part
-            del part  # the sink holds it until written: no reference here while folding
-
-    source = register_io_source(batches, schema=schema, explain_name="ETL pair table")
-    source.sink_parquet(path, engine="streaming")
-    return _Pairs(pl.DataFrame(schema=schema), summary)
+    sink = _PairSink(path)
+    try:
+        for part in parts:
+            sink.add(part)
+        return sink.close()
+    except BaseException:
+        sink.abort()
+        raise
 
 
 def _with_seen(
@@ -616,15 +771,7 @@ def _split_and_fold(
     if method == "temporal":
         windows = temporal_windows(events["ts"], split_cfg)
         events = assign_temporal(events, windows)
-        tables: dict[str, _Pairs] = {}
-        earlier: list[pl.Series] = []  # pair keys of the earlier windows
-        for split in SPLITS:
-            _, cutoff = windows.bounds(split)
-            keys: list[pl.Series] = []
-            parts = _fold_parts(events, links, split, smap, cutoff, features)
-            tables[split] = _pair_table(_with_seen(parts, list(earlier), keys), path(split))
-            earlier.append(pl.concat(keys, rechunk=False))
-        return tables, windows, events
+        return _fold_windows(events, links, smap, windows, features, path), windows, events
     end = int(events["ts"].max()) + 1
     pairs = pl.concat(list(_fold_parts(events, links, None, smap, end, features)), rechunk=False)
     pairs = pairs.with_columns(pl.lit(False).alias("seen_before"))
@@ -644,6 +791,49 @@ def _split_and_fold(
         tables[s] = _pair_table(iter([table]), path(s))
         del table
     return tables, None, events
+
+
+def _fold_windows(
+    events: pl.DataFrame,
+    links: pl.DataFrame,
+    smap: SignalMap,
+    windows: Windows,
+    features: list[str],
+    path: Callable[[str], Path | None],
+) -> dict[str, _Pairs]:
+    """The temporal splits' pair tables in one pass: each user slice folds its events by
+    (pair, split), each split as of its own window's end; `seen_before` is the pair's key in
+    an earlier window of the same slice (a pair's events all lie in its user's slice)."""
+    split = pl.col("split")
+    cutoff = (
+        pl.when(split == "train")
+        .then(windows.valid_ms)
+        .when(split == "valid")
+        .then(windows.test_ms)
+        .otherwise(windows.end)
+    )
+    sinks = {s: _PairSink(path(s)) for s in SPLITS}
+    try:
+        for part in _fold_parts(events, links, None, smap, cutoff, features, [*PAIR, "split"]):
+            earlier: list[pl.Series] = []
+            counts = dict(part.group_by("split").len().iter_rows())
+            offset = 0
+            for name in SPLITS:  # the part is sorted by split (in SPLITS order), then key
+                table = part.slice(offset, counts.get(name, 0)).drop("split")
+                offset += table.height
+                key = table.select(_pair_key()).to_series()
+                seen = pl.repeat(False, table.height, eager=True)
+                for previous in earlier:
+                    seen = seen | key.is_in(previous.implode())
+                earlier.append(key)
+                sinks[name].add(table.with_columns(seen.alias("seen_before")))
+                del table
+            del part
+        return {name: sink.close() for name, sink in sinks.items()}
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        raise
 
 
 def _leave_last_deepest(
@@ -697,6 +887,7 @@ def _stats(
     filtered: pl.DataFrame,
     events: pl.DataFrame,
     links: pl.DataFrame,
+    cancels: int,
     pair_tables: dict[str, _Pairs],
     windows: Windows | None,
     users_vocab: pl.DataFrame,
@@ -738,7 +929,7 @@ def _stats(
         "splits": per_split,
         "cancellations": {
             "linked_by": _counts(linked, "link"),
-            "unlinked": int(events["is_cancel"].sum()) - linked.height,
+            "unlinked": cancels - linked.height,
         },
         "delays_s": {
             "click_to_purchase": _quantiles(
