@@ -1,6 +1,7 @@
-"""RowSparseAdagrad and RowSparseSGD must move embedding rows exactly as torch's Adagrad and
-SGD do on the dense equivalent (recfb/models/base.py): both leave rows with a zero gradient
-untouched, so the row-sparse forms are the same update, only cheaper."""
+"""The row-sparse optimisers must move embedding rows exactly as torch's do (recfb/models/
+base.py): RowSparseAdam as SparseAdam, RowSparseAdagrad and RowSparseSGD as Adagrad and SGD
+on the dense equivalent (both leave rows with a zero gradient untouched). They replace
+torch's for speed only."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from recfb.models.base import RowSparseAdagrad, RowSparseSGD
+from recfb.models.base import RowSparseAdagrad, RowSparseAdam, RowSparseSGD, unique_rows
 
 
 def _train(optimizer_cls: type, sparse: bool, steps: int = 25, **kwargs) -> torch.Tensor:
@@ -28,18 +29,32 @@ def _train(optimizer_cls: type, sparse: bool, steps: int = 25, **kwargs) -> torc
 
 
 @pytest.mark.parametrize(
-    ("ours", "reference", "lr"),
-    [(RowSparseAdagrad, torch.optim.Adagrad, 0.05), (RowSparseSGD, torch.optim.SGD, 0.002)],
+    ("ours", "reference", "reference_sparse", "lr"),
+    [
+        (RowSparseAdam, torch.optim.SparseAdam, True, 0.05),
+        (RowSparseAdagrad, torch.optim.Adagrad, False, 0.05),
+        (RowSparseSGD, torch.optim.SGD, False, 0.002),
+    ],
 )
-def test_matches_torch_on_dense_tables(ours: type, reference: type, lr: float) -> None:
-    sparse, dense = _train(ours, True, lr=lr), _train(reference, False, lr=lr)
+def test_matches_torch(ours: type, reference: type, reference_sparse: bool, lr: float) -> None:
+    sparse, theirs = _train(ours, True, lr=lr), _train(reference, reference_sparse, lr=lr)
     start = _train(ours, True, steps=0, lr=lr)
     assert not torch.equal(sparse, start)  # the rows did move
-    assert torch.allclose(sparse, dense, atol=1e-5, rtol=1e-5)
-    assert torch.equal(sparse[60:], start[60:])  # rows never in a batch stay
+    assert torch.allclose(sparse, theirs, atol=1e-5, rtol=1e-5)
+    # rows never in a batch stay where they were (lazy: no decay of untouched rows)
+    assert torch.equal(sparse[60:], start[60:])
 
 
-@pytest.mark.parametrize("cls", [RowSparseAdagrad, RowSparseSGD])
+def test_unique_rows_sums_repeats() -> None:
+    grad = torch.sparse_coo_tensor(
+        torch.tensor([[4, 1, 4, 9]]), torch.tensor([[1.0], [2.0], [3.0], [4.0]]), (10, 1)
+    )
+    rows, summed = unique_rows(grad)
+    assert rows.tolist() == [1, 4, 9]
+    assert summed.squeeze(1).tolist() == [2.0, 4.0, 4.0]
+
+
+@pytest.mark.parametrize("cls", [RowSparseAdam, RowSparseAdagrad, RowSparseSGD])
 def test_refuses_dense_gradients(cls: type) -> None:
     table = nn.Embedding(10, 4)
     opt = cls(table.parameters())

@@ -393,7 +393,32 @@ def unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, summed.index_add_(0, slots, values)
 
 
-class RowSparseAdam(torch.optim.Optimizer):
+class _RowSparseOptimizer(torch.optim.Optimizer):
+    """The step loop the row-sparse optimisers share; each says what one table's update is.
+    They take sparse row gradients only (nn.Embedding(sparse=True))."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} takes sparse gradients (nn.Embedding(sparse=True))"
+                    )
+                self._update(p, group, self.state[p])
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        raise NotImplementedError
+
+
+class RowSparseAdam(_RowSparseOptimizer):
     """torch's SparseAdam update (only the rows in the gradient move, lazily) done with row
     index operations. torch's own coalesces by sorting and adds sparse into dense tensors at
     O(table) per step (profiled: two thirds of an MF step at 1M pairs)."""
@@ -407,37 +432,26 @@ class RowSparseAdam(torch.optim.Optimizer):
     ) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, grad = unique_rows(_sparse_grad(p, "RowSparseAdam"))
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                m = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - beta1)
-                v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2)
-                v.addcmul_(grad, grad, value=1 - beta2)
-                state["exp_avg"].index_copy_(0, rows, m)
-                state["exp_avg_sq"].index_copy_(0, rows, v)
-                step = state["step"]
-                step_size = group["lr"] * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
-                # scaled before the add: index_add_ with alpha takes a path ~3x slower
-                p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])).mul_(-step_size))
-        return loss
+    def _update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        beta1, beta2 = group["betas"]
+        rows, grad = unique_rows(p.grad)
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        m = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - beta1)
+        v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2)
+        v.addcmul_(grad, grad, value=1 - beta2)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        step = state["step"]
+        step_size = group["lr"] * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
+        # scaled before the add: index_add_ with alpha takes a path ~3x slower
+        p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])).mul_(-step_size))
 
 
-class RowSparseAdagrad(torch.optim.Optimizer):
+class RowSparseAdagrad(_RowSparseOptimizer):
     """torch's Adagrad (no lr decay, zero initial sum) on sparse row gradients, with row index
     operations: one state row (the running sum of squared gradients) read and written per
     touched row, half of Adam's state traffic. Adagrad leaves a row with a zero gradient
@@ -446,28 +460,17 @@ class RowSparseAdagrad(torch.optim.Optimizer):
     def __init__(self, params: Any, lr: float = 1e-2, eps: float = 1e-10) -> None:
         super().__init__(params, {"lr": lr, "eps": eps})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, grad = unique_rows(_sparse_grad(p, "RowSparseAdagrad"))
-                state = self.state[p]
-                if not state:
-                    state["sum"] = torch.zeros_like(p)
-                total = state["sum"].index_select(0, rows).addcmul_(grad, grad)
-                state["sum"].index_copy_(0, rows, total)
-                update = torch.div(grad, total.sqrt_().add_(group["eps"]), out=total)
-                p.index_add_(0, rows, update.mul_(-group["lr"]))
-        return loss
+    def _update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        rows, grad = unique_rows(p.grad)
+        if not state:
+            state["sum"] = torch.zeros_like(p)
+        total = state["sum"].index_select(0, rows).addcmul_(grad, grad)
+        state["sum"].index_copy_(0, rows, total)
+        update = torch.div(grad, total.sqrt_().add_(group["eps"]), out=total)
+        p.index_add_(0, rows, update.mul_(-group["lr"]))
 
 
-class RowSparseSGD(torch.optim.Optimizer):
+class RowSparseSGD(_RowSparseOptimizer):
     """Plain SGD on sparse row gradients: one index_add of the gradient's rows (repeated
     rows need no merging, index_add sums them), no state: what implicit's BPR does, per
     batch. `lr` multiplies the batch-mean loss's gradient (the training config passes its
@@ -478,26 +481,10 @@ class RowSparseSGD(torch.optim.Optimizer):
     def __init__(self, params: Any, lr: float = 1e-2) -> None:
         super().__init__(params, {"lr": lr})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = _sparse_grad(p, "RowSparseSGD")
-                p.index_add_(0, grad._indices()[0], grad._values().mul_(-group["lr"]))
-                p.grad = None
-        return loss
-
-
-def _sparse_grad(p: torch.Tensor, name: str) -> torch.Tensor:
-    if p.grad is None or not p.grad.is_sparse:
-        raise RuntimeError(f"{name} takes sparse gradients (nn.Embedding(sparse=True))")
-    return p.grad
+    def _update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        grad = p.grad
+        p.index_add_(0, grad._indices()[0], grad._values().mul_(-group["lr"]))
+        p.grad = None
 
 
 # optim.optimizer -> (the row-sparse form for sparse embedding tables, torch's for the rest)
