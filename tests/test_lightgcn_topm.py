@@ -173,3 +173,15 @@ def test_topm_fused_adam_moves_the_table_as_adam():
             )
             opt.step()
     assert torch.allclose(fast.embedding.weight, plain.embedding.weight, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)]
+)
+def test_topm_honours_the_configured_optimizer(name, expected):
+    cfg = {
+        "model": {"family": "lightgcn", "dim": 4, "propagation": "topm", "topm": 2},
+        "optim": {"optimizer": name},
+    }
+    (opt,) = LightGCN(5, 4, 2, cfg).configure_optimizers()
+    assert type(opt) is expected
