@@ -104,13 +104,18 @@ def policy_table(daily: pl.DataFrame) -> pl.DataFrame:
     if daily.is_empty():
         return daily
     cols = [c for c, _, _ in TABLE_COLUMNS if c in daily.columns]
-    per_seed = daily.group_by("policy", "seed", maintain_order=True).agg(
-        [pl.col(c).fill_nan(None).mean() for c in cols]
-    )
+    per_seed = _seed_means(daily, cols)
     return per_seed.group_by("policy", maintain_order=True).agg(
         [pl.len().alias("seeds")]
         + [pl.col(c).mean().alias(c) for c in cols]
         + [pl.col(c).std().alias(f"{c}_sd") for c in cols]
+    )
+
+
+def _seed_means(daily: pl.DataFrame, cols: list[str]) -> pl.DataFrame:
+    """Per (policy, seed): the mean over days of each column (NaN days left out)."""
+    return daily.group_by("policy", "seed", maintain_order=True).agg(
+        [pl.col(c).fill_nan(None).mean() for c in cols]
     )
 
 
@@ -197,9 +202,7 @@ def paired_lines(daily: pl.DataFrame, reference: str) -> list[str]:
     if daily.is_empty() or reference not in set(daily["policy"]):
         return []
     cols = [(c, label, d) for c, label, d in PAIRED_COLUMNS if c in daily.columns]
-    per_seed = daily.group_by("policy", "seed", maintain_order=True).agg(
-        [pl.col(c).fill_nan(None).mean() for c, _, _ in cols]
-    )
+    per_seed = _seed_means(daily, [c for c, _, _ in cols])
     ref = per_seed.filter(pl.col("policy") == reference).drop("policy")
     diff = (
         per_seed.filter(pl.col("policy") != reference)
