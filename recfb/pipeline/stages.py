@@ -14,9 +14,9 @@ import numpy as np
 import polars as pl
 
 from recfb.config import load_config
+from recfb.pipeline.context import Context, files_fingerprint, fingerprint
 from recfb.pipeline.definition import StageSpec
 from recfb.pipeline.gate import Vectors, holdout_metrics
-from recfb.pipeline.runner import Context, files_fingerprint, fingerprint
 
 DEFAULT_CONF = {
     "etl": "conf/etl.yaml",
