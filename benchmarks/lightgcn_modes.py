@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+
 from benchmarks.common import run_child  # noqa: E402
 
 TRAIN_SCRIPT = str(ROOT / "benchmarks" / "train.py")
@@ -63,7 +65,9 @@ def use_step_before(mode: str) -> None:
     LightGCN.configure_optimizers = EmbeddingRecommender.configure_optimizers  # type: ignore[method-assign]
 
 
-def quality_child(dataset: str, mode: str, work: Path, epochs: int, seed: int) -> dict:
+def quality_child(
+    dataset: str, mode: str, work: Path, epochs: int, seed: int, trainer: dict
+) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -81,7 +85,7 @@ def quality_child(dataset: str, mode: str, work: Path, epochs: int, seed: int) -
         "experiment": f"lightgcn-modes-{dataset}",
         "run_name": f"lightgcn-{mode}",
         "model": {"family": "lightgcn", "dim": 64} | mode_config(mode),
-        "trainer": {"max_epochs": epochs, "batch_size": 1024, "patience": 4, "lr": 0.005},
+        "trainer": {"max_epochs": epochs, "batch_size": 1024, "patience": 4, "lr": 0.005} | trainer,
         "eval": {"ks": [10, 20, 50]} | eval_rule,
         "seed": seed,
     }
@@ -102,7 +106,7 @@ def quality_child(dataset: str, mode: str, work: Path, epochs: int, seed: int) -
     }
 
 
-def speed_child(mode: str, etl: str, budget: float, batch: int | None) -> dict:
+def speed_child(mode: str, etl: str, budget: float, batch: int | None, trainer: dict) -> dict:
     """benchmarks/train.py's timed epoch, with this mode's model settings (and batch size,
     when given: train.py's LightGCN batch otherwise)."""
     import benchmarks.train as bench
@@ -113,8 +117,9 @@ def speed_child(mode: str, etl: str, budget: float, batch: int | None) -> dict:
     def config(family: str, etl: str, extra: dict | None = None):
         extra = dict(extra or {})
         extra["model"] = extra.get("model", {}) | mode_config(mode)
+        extra["trainer"] = extra.get("trainer", {}) | trainer
         if batch:
-            extra["trainer"] = extra.get("trainer", {}) | {"batch_size": batch}
+            extra["trainer"] = extra["trainer"] | {"batch_size": batch}
         return base(family, etl, extra)
 
     bench._config = config
@@ -207,16 +212,29 @@ def main() -> None:
     parser.add_argument("--etl", help="(internal)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--seed", type=int, default=0, help="training seed (quality)")
+    parser.add_argument(
+        "--trainer",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="trainer settings over the part's own (quality, speed), e.g. optimizer=sgd lr=0.1",
+    )
     args = parser.parse_args()
+    trainer = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.trainer)}
+    passed = ["--trainer", *args.trainer] if args.trainer else []
     if args.child and args.part == "quality":
         work = args.work / args.dataset
-        print(json.dumps(quality_child(args.dataset, args.child, work, args.epochs, args.seed)))
+        print(
+            json.dumps(
+                quality_child(args.dataset, args.child, work, args.epochs, args.seed, trainer)
+            )
+        )
         return
     if args.child and args.part == "profile":
         print(json.dumps(profile_child(args.child, args.etl, args.steps)))
         return
     if args.child:
-        print(json.dumps(speed_child(args.child, args.etl, args.budget, args.batch)))
+        print(json.dumps(speed_child(args.child, args.etl, args.budget, args.batch, trainer)))
         return
     rows = []
     if args.part == "quality":
@@ -237,9 +255,10 @@ def main() -> None:
             mlflow.search_experiments()
             for mode in args.modes:
                 cmd = ["quality", "--child", mode, "--dataset", dataset, "--work", str(args.work)]
-                cmd += ["--epochs", str(args.epochs), "--seed", str(args.seed)]
+                cmd += ["--epochs", str(args.epochs), "--seed", str(args.seed), *passed]
                 r = run_child(__file__, cmd)
-                rows.append({"dataset": dataset, "mode": mode, "seed": args.seed} | r)
+                row = {"dataset": dataset, "mode": mode, "seed": args.seed, "trainer": trainer}
+                rows.append(row | r)
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     elif args.part == "profile":
         work = ["--work", str(args.train_work)]
@@ -254,7 +273,8 @@ def main() -> None:
         for mode in args.modes:
             cmd = ["speed", "--child", mode, "--etl", etl, "--budget", str(args.budget)]
             cmd += ["--batch", str(args.batch)] if args.batch else []
-            rows.append({"mode": mode} | run_child(__file__, cmd))
+            cmd += passed
+            rows.append({"mode": mode, "trainer": trainer} | run_child(__file__, cmd))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         als = run_child(TRAIN_SCRIPT, ["--child", "als", "--etl", etl])
         rows.append({"mode": "implicit ALS"} | als)
