@@ -109,3 +109,27 @@ def test_the_step_leaves_deterministic_fill_as_it_was() -> None:
     flag = torch.utils.deterministic.fill_uninitialized_memory
     model.closed_form_backward(torch.arange(32))
     assert torch.utils.deterministic.fill_uninitialized_memory == flag
+
+
+def test_sgd_applied_in_the_step_moves_the_table_as_torch_sgd() -> None:
+    """With SGD the closed-form step updates the table itself (no gradient left for the
+    optimiser): over steps, the same table as autograd and torch's SGD."""
+    fast, plain = _model(optim={"optimizer": "sgd", "lr": 2.0}), _model()
+    with torch.no_grad():
+        plain.embedding.weight.copy_(fast.embedding.weight)
+    (sgd,) = fast.configure_optimizers()
+    reference = torch.optim.SGD(plain.parameters(), lr=2.0)
+    for step in range(3):
+        idx = torch.arange(64) + 64 * step
+        torch.manual_seed(step)
+        sgd.zero_grad()
+        assert fast.closed_form_backward(idx) is not None
+        assert fast.embedding.weight.grad is None
+        sgd.step()
+        torch.manual_seed(step)
+        reference.zero_grad()
+        plain.batch_loss(idx).backward()
+        reference.step()
+    moved = (fast.embedding.weight - plain.embedding.weight).abs().max()
+    assert moved < 1e-5
+    assert not torch.allclose(fast.embedding.weight, _model().embedding.weight)

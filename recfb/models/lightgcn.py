@@ -292,7 +292,10 @@ class LightGCN(EmbeddingRecommender):
         the vectors' gradients are G I (users) and G^T U (items), then through the bags into
         the kept buffer (`_bag_backward`). No (B, 1 + N, dim) products and no autograd graph
         (profiled at 10M pairs: the loss and its autograd backward were ~15 ms of a 72 ms
-        step). CPU, 32-bit, no DDP (which all-reduces only autograd's gradients)."""
+        step). With `optim.optimizer: sgd` (no weight decay) the update itself is applied
+        here, -lr times the gradient added into the table, and `.grad` stays None: the same
+        update as torch's SGD without a table-sized gradient written and read back. CPU,
+        32-bit, no DDP (which all-reduces only autograd's gradients)."""
         trainer = self._trainer
         precision = str(trainer.precision) if trainer is not None else "32-true"
         table = self.embedding.weight
@@ -332,7 +335,16 @@ class LightGCN(EmbeddingRecommender):
             loss, grad = self._pattern_step(uvec, ivec, columns, items.shape, pos, pair_weights)
             grad_uvec, grad_ivec = grad
             grad_users = torch.zeros_like(distinct_vec).index_add_(0, user_slots, grad_uvec)
-            target, fresh = self.table_grad(zero=not all_items)
+            optim = self.cfg.optim
+            if optim.optimizer == "sgd" and optim.weight_decay == 0 and table.grad is None:
+                # plain SGD applied here: the bags' backward scaled by -lr straight into the
+                # table (every vector above is computed already), no gradient buffer written
+                # then read again by the optimiser, which finds no gradient and skips it
+                target, fresh, scale = table, False, -optim.lr
+                grad_ivec.mul_(scale)
+                grad_users.mul_(scale)
+            else:
+                target, fresh = self.table_grad(zero=not all_items)
             if all_items:
                 # beta=0 on a fresh buffer: the product overwrites every row, no zero fill
                 target.addmm_(self.item_transpose(), grad_ivec, beta=0 if fresh else 1)
