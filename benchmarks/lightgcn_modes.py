@@ -4,6 +4,8 @@
     python benchmarks/lightgcn_modes.py speed --size 1000000 --modes full 8 16 32
     python benchmarks/lightgcn_modes.py speed --size 10000000 --modes 8:before 8
     python benchmarks/lightgcn_modes.py profile --size 10000000 --modes 8:before 8
+    python benchmarks/lightgcn_modes.py speed --size 10000000 --modes 8:autograd 8 \
+        --trainer optimizer=sgd lr=0.2
 
 quality: each dataset's ETL (conf/datasets/<name>.yaml, as benchmarks/quality.py runs it),
 then LightGCN trained per mode with quality.py's settings (batch 1024, lr 0.005, patience 4
@@ -14,11 +16,13 @@ train.py's own child (recfb train's loop at train.py's LightGCN batch size, `--b
 seconds of steps, extrapolated to an epoch) and implicit ALS runs one epoch on the same pairs
 in the same run. The top-m operator is built once per fit (timed apart: `operator_s`).
 profile: where one step's time goes (the model's own methods, timed apart: loader, sampling
-+ forward, backward, optimiser; then torch.profiler's top operators over a few steps).
++ forward, backward, optimiser; a closed-form step counts as backward; then torch.profiler's
+top operators over a few steps). `--trainer KEY=VALUE` sets trainer keys over the part's own.
 A mode is `full` or the top-m width m; `m:before` is top-m with the step as it was before
 the 10M work (autograd's embedding-bag backward into a fresh table-sized gradient, foreach
-Adam), patched in here only, for a same-run comparison. Each run is a child process (peak
-RSS, CPU steal share). Results:
+Adam), `m:autograd` as it was before the closed-form step (autograd into the kept gradient
+buffer, fused Adam), patched in here only, for a same-run comparison. Each run is a child
+process (peak RSS, CPU steal share). Results:
 benchmarks/results/lightgcn_modes_<part>.json and a Markdown table.
 """
 
@@ -34,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+
 from benchmarks.common import run_child  # noqa: E402
 
 TRAIN_SCRIPT = str(ROOT / "benchmarks" / "train.py")
@@ -46,12 +52,17 @@ def mode_config(mode: str) -> dict:
 
 
 def use_step_before(mode: str) -> None:
-    """For an `m:before` mode: the top-m step as it was (autograd's dense embedding-bag
-    backward, a fresh gradient each step; the base's foreach Adam)."""
-    if not mode.endswith(":before"):
-        return
+    """For an `m:before` mode: the top-m step as it was before the 10M work (autograd's
+    dense embedding-bag backward, a fresh gradient each step; the base's foreach Adam); for
+    `m:autograd`, as it was before the closed-form step (autograd into the kept buffer)."""
     from recfb.models.base import EmbeddingRecommender
     from recfb.models.lightgcn import LightGCN
+
+    if mode.endswith(":autograd"):
+        LightGCN.closed_form_backward = EmbeddingRecommender.closed_form_backward  # type: ignore[method-assign]
+        return
+    if not mode.endswith(":before"):
+        return
 
     init = LightGCN.__init__
 
@@ -63,7 +74,9 @@ def use_step_before(mode: str) -> None:
     LightGCN.configure_optimizers = EmbeddingRecommender.configure_optimizers  # type: ignore[method-assign]
 
 
-def quality_child(dataset: str, mode: str, work: Path, epochs: int, seed: int) -> dict:
+def quality_child(
+    dataset: str, mode: str, work: Path, epochs: int, seed: int, trainer: dict
+) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -81,7 +94,7 @@ def quality_child(dataset: str, mode: str, work: Path, epochs: int, seed: int) -
         "experiment": f"lightgcn-modes-{dataset}",
         "run_name": f"lightgcn-{mode}",
         "model": {"family": "lightgcn", "dim": 64} | mode_config(mode),
-        "trainer": {"max_epochs": epochs, "batch_size": 1024, "patience": 4, "lr": 0.005},
+        "trainer": {"max_epochs": epochs, "batch_size": 1024, "patience": 4, "lr": 0.005} | trainer,
         "eval": {"ks": [10, 20, 50]} | eval_rule,
         "seed": seed,
     }
@@ -102,7 +115,7 @@ def quality_child(dataset: str, mode: str, work: Path, epochs: int, seed: int) -
     }
 
 
-def speed_child(mode: str, etl: str, budget: float, batch: int | None) -> dict:
+def speed_child(mode: str, etl: str, budget: float, batch: int | None, trainer: dict) -> dict:
     """benchmarks/train.py's timed epoch, with this mode's model settings (and batch size,
     when given: train.py's LightGCN batch otherwise)."""
     import benchmarks.train as bench
@@ -113,8 +126,9 @@ def speed_child(mode: str, etl: str, budget: float, batch: int | None) -> dict:
     def config(family: str, etl: str, extra: dict | None = None):
         extra = dict(extra or {})
         extra["model"] = extra.get("model", {}) | mode_config(mode)
+        extra["trainer"] = extra.get("trainer", {}) | trainer
         if batch:
-            extra["trainer"] = extra.get("trainer", {}) | {"batch_size": batch}
+            extra["trainer"] = extra["trainer"] | {"batch_size": batch}
         return base(family, etl, extra)
 
     bench._config = config
@@ -131,7 +145,7 @@ def speed_child(mode: str, etl: str, budget: float, batch: int | None) -> dict:
     return out
 
 
-def profile_child(mode: str, etl: str, steps: int) -> dict:
+def profile_child(mode: str, etl: str, steps: int, trainer: dict) -> dict:
     """One step's parts in wall ms (mean over `steps` after two warm-up steps) and
     torch.profiler's operators by self CPU time over 3 more steps."""
     import torch
@@ -146,13 +160,15 @@ def profile_child(mode: str, etl: str, steps: int) -> dict:
     torch.use_deterministic_algorithms(True)
     use_step_before(mode)
     data = Interactions.load(etl)
-    cfg = bench._config("lightgcn", etl, {"trainer": {"max_epochs": 1}, "model": mode_config(mode)})
+    epoch = {"max_epochs": 1} | trainer
+    cfg = bench._config("lightgcn", etl, {"trainer": epoch, "model": mode_config(mode)})
     model = loop.build_model(cfg, data)
     model.on_fit_start()
     optimizers = model.configure_optimizers()
     model.train()
     batches = iter(loop._loader(model, cfg))
-    parts = dict.fromkeys(("loader", "zero_grad", "forward", "backward", "optimizer"), 0.0)
+    names = ("loader", "zero_grad", "forward", "backward", "optimizer")
+    parts = dict.fromkeys(names, 0.0)
 
     def step(timed: bool) -> None:
         t0 = time.perf_counter()
@@ -161,9 +177,15 @@ def profile_child(mode: str, etl: str, steps: int) -> dict:
         for opt in optimizers:
             opt.zero_grad()
         t2 = time.perf_counter()
-        loss = model.batch_loss(idx)  # sampling, propagation of the batch's nodes, loss
-        t3 = time.perf_counter()
-        loss.backward()
+        # the closed-form step (sampling, propagation, loss and gradient, no autograd) is
+        # timed as the backward; else sampling, propagation of the batch's nodes, the loss
+        loss = model.closed_form_backward(idx)
+        if loss is None:
+            loss = model.batch_loss(idx)
+            t3 = time.perf_counter()
+            loss.backward()
+        else:
+            t3 = t2
         t4 = time.perf_counter()
         for opt in optimizers:
             opt.step()
@@ -207,16 +229,29 @@ def main() -> None:
     parser.add_argument("--etl", help="(internal)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--seed", type=int, default=0, help="training seed (quality)")
+    parser.add_argument(
+        "--trainer",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="trainer settings over the part's own, e.g. optimizer=sgd lr=0.1",
+    )
     args = parser.parse_args()
+    trainer = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.trainer)}
+    passed = ["--trainer", *args.trainer] if args.trainer else []
     if args.child and args.part == "quality":
         work = args.work / args.dataset
-        print(json.dumps(quality_child(args.dataset, args.child, work, args.epochs, args.seed)))
+        print(
+            json.dumps(
+                quality_child(args.dataset, args.child, work, args.epochs, args.seed, trainer)
+            )
+        )
         return
     if args.child and args.part == "profile":
-        print(json.dumps(profile_child(args.child, args.etl, args.steps)))
+        print(json.dumps(profile_child(args.child, args.etl, args.steps, trainer)))
         return
     if args.child:
-        print(json.dumps(speed_child(args.child, args.etl, args.budget, args.batch)))
+        print(json.dumps(speed_child(args.child, args.etl, args.budget, args.batch, trainer)))
         return
     rows = []
     if args.part == "quality":
@@ -237,16 +272,17 @@ def main() -> None:
             mlflow.search_experiments()
             for mode in args.modes:
                 cmd = ["quality", "--child", mode, "--dataset", dataset, "--work", str(args.work)]
-                cmd += ["--epochs", str(args.epochs), "--seed", str(args.seed)]
+                cmd += ["--epochs", str(args.epochs), "--seed", str(args.seed), *passed]
                 r = run_child(__file__, cmd)
-                rows.append({"dataset": dataset, "mode": mode, "seed": args.seed} | r)
+                row = {"dataset": dataset, "mode": mode, "seed": args.seed, "trainer": trainer}
+                rows.append(row | r)
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     elif args.part == "profile":
         work = ["--work", str(args.train_work)]
         etl = run_child(TRAIN_SCRIPT, ["--prepare", str(args.size), *work])["etl"]
         for mode in args.modes:
-            cmd = ["profile", "--child", mode, "--etl", etl, "--steps", str(args.steps)]
-            rows.append({"mode": mode} | run_child(__file__, cmd))
+            cmd = ["profile", "--child", mode, "--etl", etl, "--steps", str(args.steps), *passed]
+            rows.append({"mode": mode, "trainer": trainer} | run_child(__file__, cmd))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     else:
         work = ["--work", str(args.train_work)]
@@ -254,7 +290,8 @@ def main() -> None:
         for mode in args.modes:
             cmd = ["speed", "--child", mode, "--etl", etl, "--budget", str(args.budget)]
             cmd += ["--batch", str(args.batch)] if args.batch else []
-            rows.append({"mode": mode} | run_child(__file__, cmd))
+            cmd += passed
+            rows.append({"mode": mode, "trainer": trainer} | run_child(__file__, cmd))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         als = run_child(TRAIN_SCRIPT, ["--child", "als", "--etl", etl])
         rows.append({"mode": "implicit ALS"} | als)
@@ -302,8 +339,10 @@ def main() -> None:
 def _name(mode: str) -> str:
     if not mode[0].isdigit():
         return mode
-    m, _, before = mode.partition(":")
-    return f"topm m={m}" + (" (step before)" if before else "")
+    m, _, step = mode.partition(":")
+    return (
+        f"topm m={m}" + {"": "", "before": " (step before)", "autograd": " (autograd step)"}[step]
+    )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,16 @@ kept gradient buffer and Adam is fused (one pass). A batch holding most items (a
 ~90% of them) propagates all items instead, whose gradient is then one sparse-dense product
 with the operator's item rows transposed (kept as CSR), written over the buffer (no zero
 fill). The buffer path is left out under DDP, which all-reduces only autograd's gradients.
+With BPR or BCE a topm step skips autograd altogether (`closed_form_backward`: scores and
+their gradient on the batch's sampled pattern, then sparse products through the bags; 10M
+pairs: 49.8 -> 41.4 s an epoch, the same training), and with `optim.optimizer: sgd` it applies
+the update itself (28.0 s; benchmarks/results/lightgcn_round2.md).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -129,9 +136,29 @@ class _BagIntoGrad(torch.autograd.Function):
             target.addmm_(ctx.transpose, grad.contiguous(), beta=0 if fresh else 1)
             return None, None, None, None, None
         neighbours, weights = ctx.saved_tensors
-        for slot in range(neighbours.shape[1]):
-            target.index_add_(0, neighbours[:, slot], grad * weights[:, slot].unsqueeze(1))
+        _bag_backward(target, neighbours, weights, grad)
         return None, None, None, None, None
+
+
+@contextmanager
+def _no_nan_fill() -> Iterator[None]:
+    """Deterministic mode (recfb train's trainer sets it) NaN-fills every fresh tensor, a
+    guard against reads of uninitialised memory; the closed-form step writes all that it
+    allocates before reading it, so it skips the fill (~3 ms of a step at 10M pairs)."""
+    flag = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = flag
+
+
+def _bag_backward(
+    target: torch.Tensor, bags: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor
+) -> None:
+    """Add the gradient of weighted sum bags (rows of `grad`) into their table rows."""
+    for slot in range(bags.shape[1]):
+        target.index_add_(0, bags[:, slot], grad * weights[:, slot].unsqueeze(1))
 
 
 class _SymmetricSpMM(torch.autograd.Function):
@@ -260,6 +287,102 @@ class LightGCN(EmbeddingRecommender):
             buffer.zero_()
         table.grad = buffer
         return buffer, True
+
+    def closed_form_backward(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """topm with BPR or BCE: the same batch as `batch_loss` (negatives, PLD, T-CE, IPS)
+        and its loss, with the table's gradient set without autograd.
+
+        Scores, and their gradient G (`pairwise_step`), on the batch's (B, 1 + N) pattern;
+        the vectors' gradients are G I (users) and G^T U (items), then through the bags into
+        the kept buffer (`_bag_backward`). No (B, 1 + N, dim) products and no autograd graph
+        (profiled at 10M pairs: the loss and its autograd backward were ~15 ms of a 72 ms
+        step). With `optim.optimizer: sgd` (no weight decay) the update itself is applied
+        here, -lr times the gradient added into the table, and `.grad` stays None: the same
+        update as torch's SGD without a table-sized gradient written and read back. CPU,
+        32-bit, no DDP (which all-reduces only autograd's gradients)."""
+        trainer = self._trainer
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        table = self.embedding.weight
+        if (
+            not self._bag_into_grad
+            or self.cfg.model.loss not in ("bpr", "bce")
+            or precision not in ("32-true", "32")
+            or table.device.type != "cpu"
+            or not table.requires_grad
+        ):
+            return None
+        with torch.no_grad(), _no_nan_fill():
+            neighbours, weights = self.operator_bags()
+            users = self.pos_users[idx]
+            neg = self.sample_negatives(users)
+            user_nodes, user_slots = distinct_slots(users, self.n_users)
+            user_bags = neighbours.index_select(0, user_nodes)
+            user_weights = weights.index_select(0, user_nodes)
+            distinct_vec = F.embedding_bag(
+                user_bags, table, per_sample_weights=user_weights, mode="sum"
+            )
+            uvec = distinct_vec.index_select(0, user_slots)
+            idx = self._denoised_index(idx, users, neg, uvec, self._item_vectors)
+            pos, pair_weights = self.pos_items[idx], self.pos_weights[idx]
+            items = torch.cat([pos.unsqueeze(1), neg], 1)
+            flat = items.reshape(-1)
+            item_nodes, item_slots = distinct_slots(flat, self.n_items)
+            all_items = 2 * len(item_nodes) >= self.n_items
+            if all_items:  # as `_propagate`: every item, its backward one product
+                item_bags, item_weights = neighbours[self.n_users :], weights[self.n_users :]
+                columns = flat
+            else:
+                item_bags = neighbours.index_select(0, item_nodes + self.n_users)
+                item_weights = weights.index_select(0, item_nodes + self.n_users)
+                columns = item_slots
+            ivec = F.embedding_bag(item_bags, table, per_sample_weights=item_weights, mode="sum")
+            loss, grad = self._pattern_step(uvec, ivec, columns, items.shape, pos, pair_weights)
+            grad_uvec, grad_ivec = grad
+            grad_users = torch.zeros_like(distinct_vec).index_add_(0, user_slots, grad_uvec)
+            optim = self.cfg.optim
+            if optim.optimizer == "sgd" and optim.weight_decay == 0 and table.grad is None:
+                # plain SGD applied here: the bags' backward scaled by -lr straight into the
+                # table (every vector above is computed already), no gradient buffer written
+                # then read again by the optimiser, which finds no gradient and skips it
+                target, fresh, scale = table, False, -optim.lr
+                grad_ivec.mul_(scale)
+                grad_users.mul_(scale)
+            else:
+                target, fresh = self.table_grad(zero=not all_items)
+            if all_items:
+                # beta=0 on a fresh buffer: the product overwrites every row, no zero fill
+                target.addmm_(self.item_transpose(), grad_ivec, beta=0 if fresh else 1)
+            else:
+                _bag_backward(target, item_bags, item_weights, grad_ivec)
+            _bag_backward(target, user_bags, user_weights, grad_users)
+        return loss
+
+    def _pattern_step(
+        self,
+        uvec: torch.Tensor,
+        ivec: torch.Tensor,
+        columns: torch.Tensor,
+        shape: torch.Size,
+        pos: torch.Tensor,
+        pair_weights: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The batch loss and the gradients of the pairs' user vectors (B, dim) and of
+        `ivec`'s rows, given each pair's (1 + N) item rows of `ivec` (`columns`, flat)."""
+        crow = torch.arange(0, len(columns) + 1, shape[1], device=columns.device)
+        size = (shape[0], ivec.shape[0])
+        pattern = torch.sparse_csr_tensor(
+            crow, columns, torch.zeros(len(columns)), size, check_invariants=False
+        )
+        scores = torch.sparse.sampled_addmm(pattern, uvec, ivec.T, beta=0.0)
+        loss, grad = self.pairwise_step(scores.values().view(shape), pos, pair_weights)
+        grad_matrix = torch.sparse_csr_tensor(
+            crow, columns, grad.reshape(-1), size, check_invariants=False
+        )
+        return loss, (grad_matrix @ ivec, grad_matrix.t() @ uvec)
+
+    def _item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """Final vectors of item ids (PLD's pool scores, under no_grad)."""
+        return self._propagate(items + self.n_users, items=True)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
         """topm: fused Adam, one pass over the table per step (the foreach Adam's ten or so
