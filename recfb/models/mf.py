@@ -71,13 +71,14 @@ class MatrixFactorization(EmbeddingRecommender):
 
     def sgd_step(self, idx: torch.Tensor, lr: float) -> torch.Tensor | None:
         """A plain SGD step of `batch_loss(idx)` in closed form, the update added straight
-        into the tables: the batch's item rows are gathered once (into a buffer kept between
-        steps: fresh memory costs its page faults every step), scored against the users'
-        rows, and with g = -lr dL/ds (`pairwise_step`) each user row moves by sum_n g_n
-        q_n (an embedding bag over the item table, no gathered copy) and each item row by
-        g p_u (`index_add_`, which sums repeated rows). Both moves are computed from the
-        rows before the step, as SGD on the closed form's gradient does, without its sparse
-        matrices, sorts and gradient copies (profiled: the bulk of a closed-form step). Any
+        into the tables. The batch's scores come from `sampled_addmm` (no gathered copy of
+        the item rows); with g = -lr dL/ds (`pairwise_step`) each user row moves by
+        sum_n g_n q_n (an embedding bag over the item table, again no gathered copy) and
+        each item row by g p_u (written into a buffer kept between steps, since fresh memory
+        costs its page faults every step, then `index_add_`, which sums repeated rows). Both
+        moves are computed from the rows before the step, as SGD on the closed form's
+        gradient does, but with no transposed sparse matrix (a sort), no gradient tensors
+        and no optimiser pass over them (profiled: the bulk of a closed-form step). Any
         batch size (its cost follows the batch, not the catalogue); plain MF only (item
         features keep the gradient path)."""
         if self.feature_names or not self._closed_form_covered():
@@ -91,18 +92,24 @@ class MatrixFactorization(EmbeddingRecommender):
             pos, weights = self.pos_items[idx], self.pos_weights[idx]
             items = torch.cat([pos.unsqueeze(1), neg], 1)
             flat = items.view(-1)
+            crow = torch.arange(0, len(flat) + 1, items.shape[1], device=flat.device)
+            pattern = torch.sparse_csr_tensor(
+                crow,
+                flat,
+                torch.zeros(len(flat)),  # read even at beta 0: no uninitialised memory
+                (len(users), self.n_items),
+                check_invariants=False,
+            )
+            scores = torch.sparse.sampled_addmm(pattern, uvec, item_table.T, beta=0.0)
+            loss, grad = self.pairwise_step(scores.values().view(items.shape), pos, weights)
+            step = grad.mul_(-lr)
+            user_step = F.embedding_bag(items, item_table, per_sample_weights=step, mode="sum")
             if self._rows_buffer is None:
                 self._rows_buffer = torch.empty(0, dtype=item_table.dtype)
             # resize_ keeps the storage when it is large enough
-            rows = self._rows_buffer.resize_(len(flat), item_table.shape[1])
-            torch.index_select(item_table, 0, flat, out=rows)
-            rows = rows.view(*items.shape, -1)
-            scores = torch.bmm(rows, uvec.unsqueeze(2)).squeeze(2)
-            loss, grad = self.pairwise_step(scores, pos, weights)
-            step = grad.mul_(-lr)
-            user_step = F.embedding_bag(items, item_table, per_sample_weights=step, mode="sum")
-            item_step = torch.mul(step.unsqueeze(2), uvec.unsqueeze(1), out=rows)
-            item_table.index_add_(0, flat, item_step.view(len(flat), -1))
+            item_step = self._rows_buffer.resize_(len(flat), item_table.shape[1])
+            torch.mul(step.unsqueeze(2), uvec.unsqueeze(1), out=item_step.view(*items.shape, -1))
+            item_table.index_add_(0, flat, item_step)
             user_table.index_add_(0, users, user_step)
         return loss
 
