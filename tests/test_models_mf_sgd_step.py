@@ -68,8 +68,8 @@ class _Cfg:
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_several_steps_per_loader_batch_train_as_one_per_batch(optimizer: str) -> None:
-    """900 pairs, batch 64: 15 steps an epoch, in loader batches of 1 or 4 steps (the last
-    one partial), over two epochs."""
+    """742 pairs, batch 64: 12 steps an epoch (the last one partial), in loader batches of 1
+    or 4 steps, over two epochs."""
     fitted = []
     for steps in (1, 4):
         model = _model(optim={"optimizer": optimizer, "lr": 0.05, "step_batch": 64})
@@ -84,6 +84,8 @@ def test_several_steps_per_loader_batch_train_as_one_per_batch(optimizer: str) -
         )
         torch.manual_seed(11)
         trainer.fit(model, _loader(model, _Cfg(), steps))  # type: ignore[arg-type]
+        assert len(model.pos_users) == 742
+        assert trainer.global_step == 2 * 12  # every step counts (checkpointing needs it)
         fitted.append((_tables(model), float(trainer.callback_metrics["train/loss"])))
     (one, loss_one), (several, loss_several) = fitted
     for name, table in one.items():

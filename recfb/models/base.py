@@ -319,8 +319,10 @@ class EmbeddingRecommender(L.LightningModule):
                 if loss is None:
                     loss = self.batch_loss(part)
                     self.manual_backward(loss)
-                for opt in optimizers:
-                    opt.step()
+            # after `sgd_step` no table has a gradient and this only counts the step: Lightning's
+            # global step, which checkpointing needs (it saves only when the step has moved)
+            for opt in optimizers:
+                opt.step()
             losses.append(loss.detach())
         if len(parts) > 1:  # the batch's mean, as the epoch's mean weighs it
             sizes = torch.tensor([len(p) for p in parts], dtype=losses[0].dtype)
