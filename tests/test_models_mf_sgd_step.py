@@ -91,3 +91,15 @@ def test_several_steps_per_loader_batch_train_as_one_per_batch(optimizer: str) -
     for name, table in one.items():
         assert torch.allclose(several[name], table, rtol=1e-6, atol=1e-7), name
     assert loss_several == pytest.approx(loss_one, rel=1e-5)
+
+
+def test_train_loader_holds_several_steps_on_one_device_only() -> None:
+    from recfb.train.config import TrainConfig
+    from recfb.train.loop import STEPS_PER_LOADER_BATCH, train_loader
+
+    model = _model()
+    one = TrainConfig(trainer={"batch_size": 64, "accelerator": "cpu"})
+    assert train_loader(model, one).batch_sampler.batch_size == 64 * STEPS_PER_LOADER_BATCH
+    for trainer in ({"strategy": "ddp"}, {"devices": 2}, {"num_nodes": 2}):
+        cfg = TrainConfig(trainer={"batch_size": 64, "accelerator": "cpu"} | trainer)
+        assert train_loader(model, cfg).batch_sampler.batch_size == 64

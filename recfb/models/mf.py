@@ -41,7 +41,7 @@ class MatrixFactorization(EmbeddingRecommender):
             table = self.embedding_table(int(codes[name].max()) + 1, dim)
             nn.init.zeros_(table.weight)  # start as plain MF; features learn what they add
             self.feature_tables[name] = table
-        self._rows_buffer: torch.Tensor | None = None  # sgd_step's gathered item rows
+        self._rows_buffer: torch.Tensor | None = None  # sgd_step's item step, kept
 
     def _item_vectors(self, rows: torch.Tensor | None) -> torch.Tensor:
         base = self.item_embedding.weight if rows is None else self.item_embedding(rows)

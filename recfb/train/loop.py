@@ -518,17 +518,21 @@ STEPS_PER_LOADER_BATCH = 8
 
 
 def train_loader(model: EmbeddingRecommender, cfg: TrainConfig) -> DataLoader:
-    """The loader a fit trains on: in one process, each of its batches holds
+    """The loader a fit trains on: on one device in one process, each of its batches holds
     STEPS_PER_LOADER_BATCH steps' positions (the model steps once per `batch_size` of them,
     `EmbeddingRecommender.training_step`), so that Lightning's work per batch (hooks,
-    logging, progress: ~0.9 ms of CPU a batch, a sixth of an SGD step at batch 4096 on 10M
-    pairs, 1 thread, measured) is paid once
-    for them. The steps see the same positions in the same order as one step per batch.
-    Under several devices or processes (DDP) each step must synchronise: one per batch."""
+    logging, progress: ~0.9 ms of CPU, a sixth of an SGD step at batch 4096 on 10M pairs,
+    1 thread, measured) is paid once for them. The steps see the same positions in the same
+    order as with one step per batch. Under several devices or processes (DDP) each step
+    must synchronise: one step per batch."""
     t = cfg.trainer
+    devices = str(t.devices)
+    one_device = devices == "1" or (
+        devices == "auto" and (t.accelerator == "cpu" or torch.cuda.device_count() <= 1)
+    )
     single = (
-        t.num_nodes == 1
-        and str(t.devices) in ("auto", "1")
+        one_device
+        and t.num_nodes == 1
         and str(t.strategy) in ("auto", "single_device")
         and not model.cfg.optim.distributed
     )
