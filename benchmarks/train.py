@@ -97,7 +97,7 @@ def child(family: str, etl: str, budget: float) -> dict:
     epoch = {"trainer": {"max_epochs": 1}}
     cfg = _config(family, etl, _mf_overrides(epoch["trainer"]) if family == "mf" else epoch)
     model = loop.build_model(cfg, data)
-    loader = loop._loader(model, cfg)
+    loader = loop.train_loader(model, cfg)
     per_epoch = len(loader)
 
     class Clock(L.Callback):
@@ -120,14 +120,17 @@ def child(family: str, etl: str, budget: float) -> dict:
     with loop._lightning_quiet(True):
         trainer = loop._trainer(cfg, [clock], None, True)
         trainer.fit(model, loader)
-    per_step = (time.perf_counter() - clock.start) / max(clock.steps, 1)
-    cpu_per_step = (time.process_time() - clock.cpu_start) / max(clock.steps, 1)
+    per_batch = (time.perf_counter() - clock.start) / max(clock.steps, 1)
+    cpu_per_batch = (time.process_time() - clock.cpu_start) / max(clock.steps, 1)
+    # a loader batch may hold several optimiser steps (loop.train_loader)
+    steps = -(-loader.batch_sampler.batch_size // cfg.trainer.batch_size)
     return {
-        "wall_per_step_s": per_step,
-        "cpu_per_step_s": cpu_per_step,
+        "wall_per_step_s": per_batch / steps,
+        "cpu_per_step_s": cpu_per_batch / steps,
         "pairs": n_pairs,
-        "epoch_s": per_step * per_epoch,
-        "measured": f"{clock.steps + 1} of {per_epoch} steps (recfb train's loop)",
+        "epoch_s": per_batch * per_epoch,
+        "measured": f"{clock.steps + 1} of {per_epoch} loader batches of {steps} steps "
+        "(recfb train's loop)",
         "batch_size": cfg.trainer.batch_size,
     }
 
@@ -165,6 +168,7 @@ def profile_child(etl: str, steps: int) -> dict:
     import torch
 
     torch.set_num_threads(_threads() or os.cpu_count() or 1)
+    from recfb.models.base import _sole_sgd_rate
     from recfb.train import loop
     from recfb.train.data import Interactions
 
@@ -178,26 +182,35 @@ def profile_child(etl: str, steps: int) -> dict:
     parts = dict.fromkeys(("loader", "sampling", "forward", "backward", "optimizer"), 0.0)
     # one thread: CPU time, which other processes on a shared machine disturb least
     clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    sgd = _sole_sgd_rate(optimizers)
+    kind = "autograd"
     for i in range(steps + 1):
         t0 = clock()
         idx = next(loader)
         t1 = clock()
         model.sample_negatives(model.pos_users[idx])
         t2 = clock()
-        for opt in optimizers:
-            opt.zero_grad()
         # samples again: forward = this - sampling; a closed-form step's forward holds its
-        # scores and gradients, and it has no backward
-        loss = model.closed_form_backward(idx)
-        t3 = clock()
-        if loss is None:
-            loss = model.batch_loss(idx)
+        # scores and gradients, and it has no backward; a fused SGD step's forward is the
+        # whole step (its update included), it has no optimiser step
+        loss = None if sgd is None else model.sgd_step(idx, sgd)
+        if loss is not None:
+            kind = "fused sgd"
+            t3 = t4 = t5 = clock()
+        else:
+            for opt in optimizers:
+                opt.zero_grad()
+            loss = model.closed_form_backward(idx)
             t3 = clock()
-            loss.backward()
-        t4 = clock()
-        for opt in optimizers:
-            opt.step()
-        t5 = clock()
+            kind = "autograd" if loss is None else "closed form"
+            if loss is None:
+                loss = model.batch_loss(idx)
+                t3 = clock()
+                loss.backward()
+            t4 = clock()
+            for opt in optimizers:
+                opt.step()
+            t5 = clock()
         if i:  # the first step warms up
             parts["loader"] += t1 - t0
             parts["sampling"] += t2 - t1
@@ -210,6 +223,7 @@ def profile_child(etl: str, steps: int) -> dict:
     step_ms = 1000 * per_step
     ms["lightning and the rest"] = step_ms - sum(ms.values())
     ms["clock"] = "CPU" if clock is time.process_time else "wall"
+    ms["step"] = kind
     return {"pairs": real["pairs"], "batch_size": cfg.trainer.batch_size, "step_ms": step_ms} | ms
 
 
@@ -308,12 +322,17 @@ def main() -> None:
         )
         parts = ["loader", "sampling", "forward", "backward", "optimizer"]
         parts.append("lightning and the rest")
-        print("| train pairs | batch | clock | ms / step | " + " | ".join(parts) + " | CPU steal |")
-        print("|---:|---:|---|---:|" + "---:|" * len(parts) + "---:|")
+        print(
+            "| train pairs | batch | step | clock | ms / step | "
+            + " | ".join(parts)
+            + " | CPU steal |"
+        )
+        print("|---:|---:|---|---|---:|" + "---:|" * len(parts) + "---:|")
         for r in rows:
             shares = " | ".join(f"{r[k]:.1f} ({r[k] / r['step_ms']:.0%})" for k in parts)
             print(
-                f"| {r['pairs']:,} | {r['batch_size']} | {r['clock']} | {r['step_ms']:.1f} | "
+                f"| {r['pairs']:,} | {r['batch_size']} | {r['step']} | {r['clock']} | "
+                f"{r['step_ms']:.1f} | "
                 f"{shares} | "
                 f"{r['cpu_steal_share']:.0%} |"
             )

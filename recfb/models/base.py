@@ -292,18 +292,41 @@ class EmbeddingRecommender(L.LightningModule):
             idx = self._pair_index(users, new_pos, idx)
         return idx
 
+    def sgd_step(self, idx: torch.Tensor, lr: float) -> torch.Tensor | None:
+        """One plain SGD step of `batch_loss(idx)` at rate `lr` done by the model itself, the
+        update added straight into its tables, and its loss; None: the step goes through
+        gradients and the optimiser. Called only when one RowSparseSGD holds every
+        parameter (MF's pairwise losses do it)."""
+        return None
+
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """One optimiser step per `optim.step_batch` positions of the loader's batch (one
+        per batch when unset): the loader may hand several steps' positions at once, so
+        that Lightning's own per-batch work is paid once for them."""
         self._cache = None
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        for opt in optimizers:
-            opt.zero_grad()
-        loss = self.closed_form_backward(idx)
-        if loss is None:
-            loss = self.batch_loss(idx)
-            self.manual_backward(loss)
-        for opt in optimizers:
-            opt.step()
+        lr = _sole_sgd_rate(optimizers)
+        size = self.cfg.optim.step_batch
+        parts = idx.split(size) if size and len(idx) > size else (idx,)
+        losses = []
+        for part in parts:
+            loss = None if lr is None else self.sgd_step(part, lr)
+            if loss is None:
+                for opt in optimizers:
+                    opt.zero_grad()
+                loss = self.closed_form_backward(part)
+                if loss is None:
+                    loss = self.batch_loss(part)
+                    self.manual_backward(loss)
+            # after `sgd_step` no table has a gradient and this only counts the step: Lightning's
+            # global step, which checkpointing needs (it saves only when the step has moved)
+            for opt in optimizers:
+                opt.step()
+            losses.append(loss.detach())
+        if len(parts) > 1:  # the batch's mean, as the epoch's mean weighs it
+            sizes = torch.tensor([len(p) for p in parts], dtype=losses[0].dtype)
+            loss = (torch.stack(losses) * sizes).sum() / len(idx)
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(idx))
         return loss
 
@@ -485,6 +508,17 @@ class RowSparseSGD(_RowSparseOptimizer):
         grad = p.grad
         p.index_add_(0, grad._indices()[0], grad._values().mul_(-group["lr"]))
         p.grad = None
+
+
+def _sole_sgd_rate(optimizers: list) -> float | None:
+    """The rate of a single RowSparseSGD (Lightning's wrapper or not) that holds every
+    parameter the model optimises, else None."""
+    if len(optimizers) != 1:
+        return None
+    opt = getattr(optimizers[0], "optimizer", optimizers[0])
+    if type(opt) is not RowSparseSGD or len(opt.param_groups) != 1:
+        return None
+    return float(opt.param_groups[0]["lr"])
 
 
 # optim.optimizer -> (the row-sparse form for sparse embedding tables, torch's for the rest)

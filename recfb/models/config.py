@@ -208,6 +208,12 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     sparse_embeddings: bool = True
     distributed: bool = Field(False, description="a DDP strategy: no sparse gradients")
+    step_batch: int | None = Field(
+        None,
+        ge=1,
+        description="positions per optimiser step when a loader batch holds several steps' "
+        "(the training loop's batch_size); None: one step per loader batch",
+    )
 
 
 class EmbeddingSettings(_Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recfb.models.base import EmbeddingRecommender, distinct_slots, set_row_gradient
@@ -40,6 +41,7 @@ class MatrixFactorization(EmbeddingRecommender):
             table = self.embedding_table(int(codes[name].max()) + 1, dim)
             nn.init.zeros_(table.weight)  # start as plain MF; features learn what they add
             self.feature_tables[name] = table
+        self._rows_buffer: torch.Tensor | None = None  # sgd_step's item step, kept
 
     def _item_vectors(self, rows: torch.Tensor | None) -> torch.Tensor:
         base = self.item_embedding.weight if rows is None else self.item_embedding(rows)
@@ -56,6 +58,61 @@ class MatrixFactorization(EmbeddingRecommender):
             return self.user_embedding, self.item_embedding
         return self.user_embedding, self._item_vectors
 
+    def _closed_form_covered(self) -> bool:
+        """The steps the closed forms cover: pairwise losses on sparse float32 CPU tables."""
+        trainer = self._trainer
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        return (
+            self.cfg.model.loss in ("bpr", "bce")
+            and self.sparse_embeddings
+            and precision in ("32-true", "32")
+            and self.user_embedding.weight.device.type == "cpu"
+        )
+
+    def sgd_step(self, idx: torch.Tensor, lr: float) -> torch.Tensor | None:
+        """A plain SGD step of `batch_loss(idx)` in closed form, the update added straight
+        into the tables. The batch's scores come from `sampled_addmm` (no gathered copy of
+        the item rows); with g = -lr dL/ds (`pairwise_step`) each user row moves by
+        sum_n g_n q_n (an embedding bag over the item table, again no gathered copy) and
+        each item row by g p_u (written into a buffer kept between steps, since fresh memory
+        costs its page faults every step, then `index_add_`, which sums repeated rows). Both
+        moves are computed from the rows before the step, as SGD on the closed form's
+        gradient does, but with no transposed sparse matrix (a sort), no gradient tensors
+        and no optimiser pass over them (profiled: the bulk of a closed-form step). Any
+        batch size (its cost follows the batch, not the catalogue); plain MF only (item
+        features keep the gradient path)."""
+        if self.feature_names or not self._closed_form_covered():
+            return None
+        with torch.no_grad():
+            users = self.pos_users[idx]
+            neg = self.sample_negatives(users)
+            user_table, item_table = self.user_embedding.weight, self.item_embedding.weight
+            uvec = user_table.index_select(0, users)
+            idx = self._denoised_index(idx, users, neg, uvec, self._item_vectors)
+            pos, weights = self.pos_items[idx], self.pos_weights[idx]
+            items = torch.cat([pos.unsqueeze(1), neg], 1)
+            flat = items.view(-1)
+            crow = torch.arange(0, len(flat) + 1, items.shape[1], device=flat.device)
+            pattern = torch.sparse_csr_tensor(
+                crow,
+                flat,
+                torch.zeros(len(flat)),  # read even at beta 0: no uninitialised memory
+                (len(users), self.n_items),
+                check_invariants=False,
+            )
+            scores = torch.sparse.sampled_addmm(pattern, uvec, item_table.T, beta=0.0)
+            loss, grad = self.pairwise_step(scores.values().view(items.shape), pos, weights)
+            step = grad.mul_(-lr)
+            user_step = F.embedding_bag(items, item_table, per_sample_weights=step, mode="sum")
+            if self._rows_buffer is None:
+                self._rows_buffer = torch.empty(0, dtype=item_table.dtype)
+            # resize_ keeps the storage when it is large enough
+            item_step = self._rows_buffer.resize_(len(flat), item_table.shape[1])
+            torch.mul(step.unsqueeze(2), uvec.unsqueeze(1), out=item_step.view(*items.shape, -1))
+            item_table.index_add_(0, flat, item_step)
+            user_table.index_add_(0, users, user_step)
+        return loss
+
     def closed_form_backward(self, idx: torch.Tensor) -> torch.Tensor | None:
         """BPR and BCE steps without autograd: the same batch as `batch_loss` (negatives,
         PLD, T-CE, IPS) and its loss, with the gradients set in closed form.
@@ -71,13 +128,8 @@ class MatrixFactorization(EmbeddingRecommender):
         items) its sparse products cost more than autograd's gathers (profiled: 26 vs 21 CPU
         ms a step), so such a step keeps autograd. CPU tables only (not checked on
         accelerators, which keep autograd)."""
-        trainer = self._trainer
-        precision = str(trainer.precision) if trainer is not None else "32-true"
         if (
-            self.cfg.model.loss not in ("bpr", "bce")
-            or not self.sparse_embeddings
-            or precision not in ("32-true", "32")
-            or self.user_embedding.weight.device.type != "cpu"
+            not self._closed_form_covered()
             or len(idx) * (1 + self.cfg.model.n_negatives) < self.n_items
         ):
             return None

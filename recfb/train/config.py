@@ -144,6 +144,7 @@ class TrainConfig(_Strict):
                 weight_decay=t.weight_decay,
                 sparse_embeddings=t.sparse_embeddings,
                 distributed="ddp" in str(t.strategy),
+                step_batch=t.batch_size,
             ),
         )
 

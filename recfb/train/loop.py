@@ -423,7 +423,7 @@ def _fit_embedding(
     with _lightning_quiet(quiet):
         trainer = _trainer(cfg, callbacks, checkpoint, quiet)
         if t.max_epochs > 0:
-            trainer.fit(model, _loader(model, cfg))
+            trainer.fit(model, train_loader(model, cfg))
     return _finish_fit(model, cfg, checkpoint, log_history)
 
 
@@ -513,9 +513,35 @@ def _as_batch(batch: torch.Tensor) -> torch.Tensor:
     return batch
 
 
-def _loader(model: EmbeddingRecommender, cfg: TrainConfig) -> DataLoader:
+# optimiser steps per loader batch where a fit runs in one process (`train_loader`)
+STEPS_PER_LOADER_BATCH = 8
+
+
+def train_loader(model: EmbeddingRecommender, cfg: TrainConfig) -> DataLoader:
+    """The loader a fit trains on: on one device in one process, each of its batches holds
+    STEPS_PER_LOADER_BATCH steps' positions (the model steps once per `batch_size` of them,
+    `EmbeddingRecommender.training_step`), so that Lightning's work per batch (hooks,
+    logging, progress: ~0.9 ms of CPU, a sixth of an SGD step at batch 4096 on 10M pairs,
+    1 thread, measured) is paid once for them. The steps see the same positions in the same
+    order as with one step per batch. Under several devices or processes (DDP) each step
+    must synchronise: one step per batch."""
+    t = cfg.trainer
+    devices = str(t.devices)
+    one_device = devices == "1" or (
+        devices == "auto" and (t.accelerator == "cpu" or torch.cuda.device_count() <= 1)
+    )
+    single = (
+        one_device
+        and t.num_nodes == 1
+        and str(t.strategy) in ("auto", "single_device")
+        and not model.cfg.optim.distributed
+    )
+    return _loader(model, cfg, STEPS_PER_LOADER_BATCH if single else 1)
+
+
+def _loader(model: EmbeddingRecommender, cfg: TrainConfig, steps: int = 1) -> DataLoader:
     """Shuffled batches of positive-pair positions (a map-style dataset, so Lightning can
-    shard it with a DistributedSampler under DDP)."""
+    shard it with a DistributedSampler under DDP), `steps` x batch_size positions each."""
     positions = PairPositions(len(model.pos_users))
     # one generator for the loader's base seed and the order, drawn in the order that
     # DataLoader(shuffle=True, generator=...) draws them: the same batches as before
@@ -523,7 +549,7 @@ def _loader(model: EmbeddingRecommender, cfg: TrainConfig) -> DataLoader:
     shuffled = RandomSampler(positions, generator=generator)
     return DataLoader(
         positions,
-        batch_sampler=ShuffledBatches(shuffled, cfg.trainer.batch_size, drop_last=False),
+        batch_sampler=ShuffledBatches(shuffled, cfg.trainer.batch_size * steps, drop_last=False),
         generator=generator,
         collate_fn=_as_batch,
     )
