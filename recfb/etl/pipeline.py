@@ -37,7 +37,7 @@ from pydantic import BaseModel
 
 from recfb.config import build_model
 from recfb.errors import ConfigError, InputError
-from recfb.etl.aggregate import PAIR, aggregate_pairs
+from recfb.etl.aggregate import PAIR, aggregate_pairs, fold_runs
 from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import apply_filters
 from recfb.etl.frames import filter_consuming, join_columns, rechunk_consuming
@@ -565,6 +565,15 @@ def _pair_key() -> pl.Expr:
     return (pl.col("user_idx").cast(pl.UInt64) * (1 << 32) + pl.col("item_idx")).alias("key")
 
 
+# the columns the fold reads besides the keys and the features
+_FOLD_INPUTS = [
+    "level",
+    "ts",
+    "cancelled_at",
+    "linked_ts",
+    "clock_delay_ms",
+    *_FOLD_MEANING,
+]
 _FOLD_EVENTS = 4_000_000  # events per fold part: bounds the group-by's hash table
 
 
@@ -601,10 +610,16 @@ def _fold_parts(
         part = events.slice(offset, length).lazy().with_row_index("_order", offset)
         if split is not None:
             part = part.filter(pl.col("split") == split)
-        part = part.join(by_row, on="row", how="left").with_columns(_meaning(smap, _FOLD_MEANING))
-        folded = aggregate_pairs(part, smap, cutoff, features, "_order", keys)
-        # the extra keys first: a part folded by (pair, split) is one slice per split
-        yield folded.collect(engine="streaming").sort(*keys[len(PAIR) :], _pair_key())
+        part = part.join(by_row, on="row", how="left", maintain_order="left")
+        part = part.with_columns(_meaning(smap, _FOLD_MEANING))
+        rows = part.select(*keys, *_FOLD_INPUTS, *features).collect()  # in the log's order
+        folded = fold_runs(rows, smap, cutoff, features, keys)
+        if folded is None:  # keys too wide to pack: the hash group-by
+            folded = aggregate_pairs(part, smap, cutoff, features, "_order", keys)
+            # the extra keys first: a part folded by (pair, split) is one slice per split
+            folded = folded.collect(engine="streaming").sort(*keys[len(PAIR) :], _pair_key())
+        del rows
+        yield folded
 
 
 @dataclass
@@ -821,12 +836,14 @@ def _fold_windows(
             for name in SPLITS:  # the part is sorted by split (in SPLITS order), then key
                 table = part.slice(offset, counts.get(name, 0)).drop("split")
                 offset += table.height
-                key = table.select(_pair_key()).to_series()
-                seen = pl.repeat(False, table.height, eager=True)
-                for previous in earlier:
-                    seen = seen | key.is_in(previous.implode())
-                earlier.append(key)
-                sinks[name].add(table.with_columns(seen.alias("seen_before")))
+                if "seen_before" not in table.columns:  # the hash group-by's part
+                    key = table.select(_pair_key()).to_series()
+                    seen = pl.repeat(False, table.height, eager=True)
+                    for previous in earlier:
+                        seen = seen | key.is_in(previous.implode())
+                    earlier.append(key)
+                    table = table.with_columns(seen.alias("seen_before"))
+                sinks[name].add(table)
                 del table
             del part
         return {name: sink.close() for name, sink in sinks.items()}
