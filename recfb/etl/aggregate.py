@@ -26,8 +26,6 @@ Columns of a pair table (documented in the README):
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import polars as pl
 
@@ -197,7 +195,36 @@ def finish_pairs(
     )
 
 
-_I64 = np.iinfo(np.int64)
+def _single_row_pairs(
+    events: pl.LazyFrame, smap: SignalMap, cutoff_ms: int | pl.Expr, features: list[str]
+) -> pl.LazyFrame:
+    """What `aggregate_pairs` folds for keys with one event each: the row's own values, no
+    group-by."""
+    masked = dict(
+        zip(
+            ["_pos_level", "_pos_ts", "_neg_ts", "_purchase_ts", "_p2r_ms"],
+            _masked(cutoff_ms),
+            strict=True,
+        )
+    )
+    columns = [
+        masked["_pos_level"].fill_null(0).alias("_level"),
+        pl.col("fallback_level").fill_null(0).alias("_fallback_level"),
+        masked["_pos_ts"].alias("_last_pos"),
+        masked["_neg_ts"].alias("_last_neg"),
+        masked["_purchase_ts"].alias("_last_purchase"),
+        pl.col("ts").alias("first_ts"),
+        pl.col("ts").alias("last_ts"),
+        masked["_p2r_ms"],
+        *[
+            (pl.col("code") == code).cast(pl.UInt32).alias(signal_column(name))
+            for code, name in enumerate(smap.signals)
+        ],
+        pl.col("clock_delay_ms").alias("_c2p_ms"),
+    ]
+    if _impressions(smap, features):
+        columns.append(_impression(smap).fill_null(False).cast(pl.UInt32).alias(IMPRESSIONS))
+    return events.with_columns(columns)
 
 
 def fold_runs(
@@ -207,123 +234,70 @@ def fold_runs(
     features: list[str],
     keys: list[str] = PAIR,
 ) -> pl.DataFrame | None:
-    """`aggregate_pairs` of `events` (rows in time order, ties broken), by sorting rather
-    than hashing: the keys and each row's position packed in one UInt64 are sorted (values
-    only), so each key's rows are one run in time order, and every aggregate is a segmented
-    NumPy reduction over the runs (most pairs have one or two events: a hash group-by is as
-    large as its input). The table is sorted by the extra keys (the split), then the pair.
-    With the split among the keys, `seen_before` is added: the run before is the same pair
-    (in an earlier window). None where the keys and positions do not fit 64 bits."""
+    """`aggregate_pairs` of `events` (rows in time order, ties broken), sorted by the extra
+    key (the split), then the pair. Most pairs have one event in a window: the keys and
+    each row's position, packed in one UInt64 and sorted (values only), find the keys with
+    one row, which need no group-by (their row is their state); the hash group-by folds the
+    rest. The same packing, of the folded keys, orders the table, and with the split among
+    the keys gives `seen_before` (the pair in an earlier window: the key before it in
+    (pair, split) order). None where the keys and positions do not fit 64 bits."""
     n = events.height
     extra = keys[len(PAIR) :]
     if n == 0 or len(extra) > 1:
         return None
-    user = events["user_idx"].to_numpy().astype(np.uint64)
-    item = events["item_idx"].to_numpy().astype(np.uint64)
+    user = events["user_idx"].to_numpy()
     first_user = int(user.min())
-    split_bits = 0
-    if extra:
-        split = events[extra[0]].to_physical().to_numpy().astype(np.uint64)
-        split_bits = max(1, int(split.max()).bit_length())
-    pos_bits = max(1, (n - 1).bit_length())
-    item_bits = max(1, int(item.max()).bit_length())
     user_bits = max(1, (int(user.max()) - first_user).bit_length())
+    item_bits = max(1, int(events["item_idx"].max()).bit_length())
+    split_bits = max(1, int(events[extra[0]].to_physical().max()).bit_length()) if extra else 0
+    pos_bits = max(1, (n - 1).bit_length())
     if user_bits + item_bits + split_bits + pos_bits > 64:
         return None
-    # (user, item, split, position): a pair's windows are adjacent runs, in split order
-    packed = (user - np.uint64(first_user)) << np.uint64(item_bits + split_bits + pos_bits)
-    packed |= item << np.uint64(split_bits + pos_bits)
-    del user, item
-    if extra:
-        packed |= split << np.uint64(pos_bits)
-        del split
-    packed |= np.arange(n, dtype=np.uint64)
-    packed.sort()
-    order = (packed & np.uint64((1 << pos_bits) - 1)).astype(np.int64)
-    run_key = packed >> np.uint64(pos_bits)
-    del packed
-    new_run = np.empty(n, dtype=bool)
-    new_run[0] = True
-    np.not_equal(run_key[1:], run_key[:-1], out=new_run[1:])
-    starts = np.flatnonzero(new_run)
-    last = np.append(starts[1:], n) - 1
-    runs = len(starts)
 
-    impressions = _impressions(smap, features)
-    # the masked columns with a sentinel for null (none of them takes the sentinel's value)
-    masked = {e.meta.output_name(): e for e in _masked(cutoff_ms)}
-    rows = events.select(
-        masked["_pos_level"].fill_null(0).cast(pl.Int8),
-        pl.col("fallback_level").fill_null(-128).cast(pl.Int8),
-        masked["_pos_ts"].fill_null(_I64.min),
-        masked["_neg_ts"].fill_null(_I64.min),
-        masked["_purchase_ts"].fill_null(_I64.min),
-        masked["_p2r_ms"].fill_null(_I64.max),
-        pl.col("ts"),
-        pl.col("code").cast(pl.Int64),
-        pl.col("clock_delay_ms").is_not_null().alias("_has_c2p"),
-        *([_impression(smap).fill_null(False).alias(IMPRESSIONS)] if impressions else []),
-    )
+    def packed(frame: pl.DataFrame) -> np.ndarray:
+        """(user, item, split, position) of `frame`'s rows as sorted UInt64 values."""
+        value = (frame["user_idx"].to_numpy() - np.uint32(first_user)).astype(np.uint64)
+        value <<= np.uint64(item_bits)
+        value |= frame["item_idx"].to_numpy()
+        if extra:
+            value <<= np.uint64(split_bits)
+            value |= frame[extra[0]].to_physical().to_numpy().astype(np.uint64)
+        value <<= np.uint64(pos_bits)
+        value |= np.arange(frame.height, dtype=np.uint64)
+        value.sort()
+        return value
 
-    def column(name: str) -> np.ndarray:
-        return rows[name].to_numpy()[order]
-
-    def nullable(values: np.ndarray, sentinel: int) -> pl.Series:
-        series = pl.Series(values)
-        return series.set(series == sentinel, None) if (values == sentinel).any() else series
-
-    ts = column("ts")
-    fallback = np.maximum.reduceat(column("fallback_level"), starts)
-    folded: dict[str, Any] = {
-        "_level": pl.Series(np.maximum.reduceat(column("_pos_level"), starts)),
-        "_fallback_level": pl.Series(np.where(fallback == -128, 0, fallback).astype(np.int8)),
-        "_last_pos": nullable(np.maximum.reduceat(column("_pos_ts"), starts), _I64.min),
-        "_last_neg": nullable(np.maximum.reduceat(column("_neg_ts"), starts), _I64.min),
-        "_last_purchase": nullable(np.maximum.reduceat(column("_purchase_ts"), starts), _I64.min),
-        "first_ts": pl.Series(ts[starts]),  # runs are in time order
-        "last_ts": pl.Series(ts[last]),
-        "_p2r_ms": nullable(np.minimum.reduceat(column("_p2r_ms"), starts), _I64.max),
-    }
-    del ts
-    run_of = np.cumsum(new_run) - 1
-    del new_run
-    n_signals = len(smap.signals)
-    counts = np.bincount(run_of * n_signals + column("code"), minlength=runs * n_signals).reshape(
-        runs, n_signals
-    )
-    for code, name in enumerate(smap.signals):
-        folded[signal_column(name)] = pl.Series(counts[:, code].astype(np.uint32))
-    del counts
-    if impressions:
-        shown = np.bincount(run_of, weights=column(IMPRESSIONS), minlength=runs)
-        folded[IMPRESSIONS] = pl.Series(shown.astype(np.uint32))
-    # the first clock delay of each run: its first row that has one
-    has = column("_has_c2p")
-    first_with = np.minimum.reduceat(np.where(has, np.arange(n), n), starts)
-    del has, run_of
-    with_delay = first_with < n
-    delay_rows = pl.Series(order[np.where(with_delay, first_with, 0)])
-    delays = events["clock_delay_ms"].gather(delay_rows)
-    folded["_c2p_ms"] = delays.set(pl.Series(~with_delay), None)
-    # the keys and the features from each run's last row (the last in time)
-    last_rows = order[last]
-    if extra:
-        split_of = events[extra[0]].to_physical().to_numpy()[last_rows]
-        by_split = np.argsort(split_of, kind="stable")
-        same_pair = np.zeros(runs, dtype=bool)
-        same_pair[1:] = run_key[last[1:]] >> np.uint64(split_bits) == (
-            run_key[last[:-1]] >> np.uint64(split_bits)
-        )
-        folded["seen_before"] = pl.Series(same_pair)
-    else:
-        by_split = None
-    del run_key
-    key_rows = pl.Series(last_rows)
-    table = pl.DataFrame(folded).with_columns(
-        events.select(*keys, *features).gather(key_rows).get_columns()
-    )
-    if by_split is not None:
-        table = table[pl.Series(by_split)]
-    seen = ["seen_before"] if extra else []
-    finished = finish_pairs(table.lazy(), smap, cutoff_ms, features, keys).collect()
-    return finished.with_columns(table.select(seen).get_columns()) if seen else finished
+    low = np.uint64((1 << pos_bits) - 1)
+    key = packed(events)
+    run = key >> np.uint64(pos_bits)
+    boundary = np.flatnonzero(run[1:] != run[:-1]) + 1
+    del run
+    starts = np.concatenate(([0], boundary))
+    ends = np.concatenate((boundary, [n]))
+    single_at = starts[ends - starts == 1]
+    single = np.zeros(n, dtype=bool)
+    single[(key[single_at] & low).astype(np.int64)] = True
+    del key, starts, ends, single_at, boundary
+    single = pl.Series(single)
+    rows = events.lazy().with_row_index("_order")
+    singles = _single_row_pairs(rows.filter(single), smap, cutoff_ms, features)
+    folded = [finish_pairs(singles, smap, cutoff_ms, features, keys)]
+    if not single.all():
+        many = rows.filter(~single)
+        folded.append(aggregate_pairs(many, smap, cutoff_ms, features, "_order", keys))
+    table = pl.concat(pl.collect_all(folded), rechunk=True)
+    del single, rows
+    order = packed(table)
+    position = (order & low).astype(np.int64)
+    if extra:  # seen before: the same pair just before, in (pair, split) order
+        pair = order >> np.uint64(pos_bits + split_bits)
+        seen = np.zeros(table.height, dtype=bool)
+        np.equal(pair[1:], pair[:-1], out=seen[1:])
+        del pair
+        split = ((order >> np.uint64(pos_bits)) & np.uint64((1 << split_bits) - 1)).astype(np.uint8)
+        by_split = np.argsort(split, kind="stable")
+        position, seen = position[by_split], seen[by_split]
+        del split, by_split
+    del order
+    table = table[pl.Series(position)]
+    return table.with_columns(pl.Series("seen_before", seen)) if extra else table
