@@ -625,30 +625,40 @@ def _fold_parts(
 @dataclass
 class _PairSummary:
     """What the statistics need of a pair table, added up part by part (parts of disjoint
-    users), so a table written as it is folded need not be kept."""
+    users, each sorted by user), so a table written as it is folded need not be kept."""
 
     pairs: int = 0
     users: int = 0
-    items: list[pl.Series] = field(default_factory=list)
+    items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     labels: dict[int, int] = field(default_factory=dict)
     matured: int = 0
     seen: int = 0
 
     def add(self, part: pl.DataFrame) -> None:
         self.pairs += part.height
-        self.users += part["user_idx"].n_unique()
-        self.items.append(part["item_idx"].unique())
-        for label, n in part.group_by("label").len().iter_rows():
-            self.labels[label] = self.labels.get(label, 0) + n
+        if part.height == 0:
+            return
+        users = part["user_idx"].to_numpy()
+        self.users += int(np.count_nonzero(users[1:] != users[:-1])) + 1
+        items = part["item_idx"].to_numpy()
+        if items.max() >= self.items.size:  # items seen: a flag per item index
+            self.items = np.concatenate(
+                (self.items, np.zeros(int(items.max()) + 1 - self.items.size, dtype=bool))
+            )
+        self.items[items] = True
+        label = part["label"].to_numpy().astype(np.int64)
+        low = int(label.min())
+        for value, n in enumerate(np.bincount(label - low).tolist(), start=low):
+            if n:
+                self.labels[value] = self.labels.get(value, 0) + n
         self.matured += int(part["matured"].sum())
         self.seen += int(part["seen_before"].sum())
 
     def stats(self, names: dict[int, str]) -> dict[str, Any]:
-        items = pl.concat(self.items).n_unique() if self.items else 0
         return {
             "pairs": self.pairs,
             "users": self.users,
-            "items": items,
+            "items": int(np.count_nonzero(self.items)),
             "pairs_per_label": {names[k]: self.labels[k] for k in sorted(self.labels)},
             "matured_share": self.matured / self.pairs if self.pairs else None,
             "seen_before_share": self.seen / self.pairs if self.pairs else None,
