@@ -13,7 +13,8 @@ the keys only (`join_columns`, in slices), columns that are mostly null (links, 
 apart keyed by `row` (`sparse_links`), `recfb etl` writes each pair table part by part as it
 folds, and the events are gathered once into the log's order (`_log_order`, `_reorder`:
 a column at a time), so a fold part is a slice of users and the log is written in slices.
-The temporal windows fold in one pass (group-by on pair and split, `_fold_windows`). The
+The temporal windows fold in one pass (by pair and split, `_fold_windows`; `fold_runs`
+sorts rather than hashes, and only pairs with several events go through a group-by). The
 validated rows are rechunked once: an eager `select` on a frame in many chunks rechunks all
 of it, each time.
 """
@@ -601,10 +602,11 @@ def _fold_parts(
     """The pair table of `events` (of one split, if given), sorted on the pair key, folded
     over slices of the events (in the log's order: user-major) of about `_FOLD_EVENTS`
     events each: a pair lies in one slice, so the parts, in the order given, make the whole
-    sorted table while the group-by holds one slice's pairs at a time (its hash table is what
-    peaks in memory). The parts hold disjoint users. A row's position in the log ranks a
-    pair's events in time. `links` gives the rows' link and delay columns
-    (`sparse_links`); `keys` and `cutoff` as in `aggregate_pairs`."""
+    sorted table while one slice's pairs are held at a time. The parts hold disjoint users.
+    A row's position in the log ranks a pair's events in time. `links` gives the rows' link
+    and delay columns (`sparse_links`); `keys` and `cutoff` as in `aggregate_pairs`. With the
+    split among the keys, `fold_runs` adds `seen_before`; where it cannot pack the keys, the
+    hash group-by folds the part and the caller finds `seen_before`."""
     by_row = links.lazy().select("row", "cancelled_at", "linked_ts", "clock_delay_ms")
     for offset, length in _user_slices(events["user_idx"]):
         part = events.slice(offset, length).lazy().with_row_index("_order", offset)
@@ -828,7 +830,8 @@ def _fold_windows(
 ) -> dict[str, _Pairs]:
     """The temporal splits' pair tables in one pass: each user slice folds its events by
     (pair, split), each split as of its own window's end; `seen_before` is the pair's key in
-    an earlier window of the same slice (a pair's events all lie in its user's slice)."""
+    an earlier window of the same slice (a pair's events all lie in its user's slice): the
+    fold's own, else found here by set membership."""
     split = pl.col("split")
     cutoff = (
         pl.when(split == "train")
