@@ -399,10 +399,8 @@ def build_tables(
         order = _log_order(events)
         # the signal flags are looked up again where needed: not carried through the gather
         events = events.drop(*_FOLD_MEANING, "is_clock", "is_cancel")
-        # the columns only the log writes stay in row order: gathered slice by slice as the
-        # log is written, while the sink compresses the slices before
-        log_only = pl.DataFrame([events.drop_in_place(name) for name in _LOG_ONLY])
         events = _reorder(events, order)  # (emptied as it goes: no second copy)
+        del order
 
     with timer.stage("split + fold pairs"):
         pair_tables, windows, events = _split_and_fold(
@@ -425,10 +423,8 @@ def build_tables(
     ]
     by_row = links.select("row", "cancelled_at", "clock_delay_ms")
 
-    def finish(chunk: pl.DataFrame, start: int) -> pl.DataFrame:
-        """The slice of the log from `start` with its link and log-only columns."""
-        rows = order.slice(start, chunk.height)
-        chunk = chunk.with_columns(log_only.select(pl.all().gather(rows)).get_columns())
+    def finish(chunk: pl.DataFrame) -> pl.DataFrame:
+        """A slice of the log with its link columns."""
         chunk = chunk.join(by_row, on="row", how="left", maintain_order="left")
         return chunk.select(log_columns)
 
@@ -440,7 +436,10 @@ def build_tables(
             "event",
             "level",
             "ts",
+            "value",
             "split",
+            "event_id",
+            "order_id",
             *extras,
         ),
         finish,
@@ -477,25 +476,22 @@ def build_tables(
 
 
 def _in_slices(
-    log: pl.DataFrame,
-    finish: Callable[[pl.DataFrame, int], pl.DataFrame],
-    step: int = 2_000_000,
+    log: pl.DataFrame, finish: Callable[[pl.DataFrame], pl.DataFrame], step: int = 2_000_000
 ) -> pl.LazyFrame:
-    """`finish(slice, its offset)` over `log` (already in its order) as a lazy source that
-    finishes `step` rows at a time: the streaming sink writes it without a second copy of
-    the whole log."""
+    """`finish(log)` (a log already in its order) as a lazy source that finishes `step` rows
+    at a time: the streaming sink writes it without a second copy of the whole log."""
 
     def batches(
         columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _: int | None
     ) -> Iterator[pl.DataFrame]:
         limit = log.height if n_rows is None else min(n_rows, log.height)
         for start in range(0, limit, step):
-            chunk = finish(log.slice(start, min(step, limit - start)), start)
+            chunk = finish(log.slice(start, min(step, limit - start)))
             if columns is not None:
                 chunk = chunk.select(columns)
             yield chunk if predicate is None else chunk.filter(predicate)
 
-    schema = finish(log.clear(), 0).schema
+    schema = finish(log.clear()).schema
     return register_io_source(batches, schema=schema, explain_name="ETL event log")
 
 
@@ -579,8 +575,6 @@ _FOLD_INPUTS = [
     "clock_delay_ms",
     *_FOLD_MEANING,
 ]
-# the columns only the event log writes (not the fold): not carried through `_reorder`
-_LOG_ONLY = ["value", "event_id", "order_id"]
 _FOLD_EVENTS = 4_000_000  # events per fold part: bounds the group-by's hash table
 
 
