@@ -30,14 +30,31 @@ def bracket_match(targets: pl.DataFrame, cancels: pl.DataFrame, keys: list[str])
             cancels.select(*keys, "ts", "row", pl.lit(-1, pl.Int32).alias("x")),
         ]
     ).sort([*keys, "ts", "x"], descending=[False] * len(keys) + [False, True])
-    # x descending at equal ts: a purchase and its refund in the same millisecond pair up
-    seq = seq.with_columns(pl.col("x").cum_sum().over(keys).alias("s"))
+    # x descending at equal ts: a purchase and its refund in the same millisecond pair up.
+    # The rows are sorted by the keys, so a group is a run: the running sums and minima per
+    # group come from running ones over the whole sequence (no hash of the keys)
+    first = pl.any_horizontal([pl.col(k).ne_missing(pl.col(k).shift(1)) for k in keys])
+    seq = seq.with_columns(first.alias("_first"), pl.col("x").cum_sum().alias("_total"))
     seq = seq.with_columns(
-        (pl.col("s") - pl.min_horizontal(pl.lit(0), pl.col("s").cum_min().over(keys))).alias("d"),
+        pl.col("_first").cum_sum().cast(pl.Int64).alias("_group"),
+        (pl.col("_total") - pl.col("x")).alias("_before"),
+    )
+    # each group's sum before it, carried along its run
+    base = pl.when(pl.col("_first")).then(pl.col("_before")).forward_fill()
+    seq = seq.with_columns((pl.col("_total") - base).cast(pl.Int64).alias("s"))
+    # a run's minimum so far: each group is offset below every earlier one (|s| <= rows),
+    # so the running minimum over all rows never reaches back into an earlier group
+    spread = 2 * seq.height + 1
+    offset = pl.col("_group") * spread
+    run_min = (pl.col("s") - offset).cum_min() + offset
+    seq = seq.with_columns(
+        (pl.col("s") - pl.min_horizontal(pl.lit(0), run_min)).alias("d"),
         pl.int_range(pl.len()).alias("pos"),
     )
     # depth before an event: the previous row's depth (not d - x: an orphan leaves d at 0)
-    seq = seq.with_columns(pl.col("d").shift(1, fill_value=0).over(keys).alias("d_before"))
+    seq = seq.with_columns(
+        pl.when(pl.col("_first")).then(0).otherwise(pl.col("d").shift(1)).alias("d_before")
+    )
     opens = seq.filter(pl.col("x") == 1).select(
         *keys, pl.col("d").alias("depth"), "pos", pl.col("row").alias("target_row")
     )

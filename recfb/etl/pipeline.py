@@ -13,7 +13,8 @@ the keys only (`join_columns`, in slices), columns that are mostly null (links, 
 apart keyed by `row` (`sparse_links`), `recfb etl` writes each pair table part by part as it
 folds, and the events are gathered once into the log's order (`_log_order`, `_reorder`:
 a column at a time), so a fold part is a slice of users and the log is written in slices.
-The temporal windows fold in one pass (group-by on pair and split, `_fold_windows`). The
+The temporal windows fold in one pass (by pair and split, `_fold_windows`; `fold_runs`
+sorts rather than hashes, and only pairs with several events go through a group-by). The
 validated rows are rechunked once: an eager `select` on a frame in many chunks rechunks all
 of it, each time.
 """
@@ -37,7 +38,7 @@ from pydantic import BaseModel
 
 from recfb.config import build_model
 from recfb.errors import ConfigError, InputError
-from recfb.etl.aggregate import PAIR, aggregate_pairs
+from recfb.etl.aggregate import PAIR, aggregate_pairs, fold_runs
 from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import apply_filters
 from recfb.etl.frames import filter_consuming, join_columns, rechunk_consuming
@@ -565,6 +566,15 @@ def _pair_key() -> pl.Expr:
     return (pl.col("user_idx").cast(pl.UInt64) * (1 << 32) + pl.col("item_idx")).alias("key")
 
 
+# the columns the fold reads besides the keys and the features
+_FOLD_INPUTS = [
+    "level",
+    "ts",
+    "cancelled_at",
+    "linked_ts",
+    "clock_delay_ms",
+    *_FOLD_MEANING,
+]
 _FOLD_EVENTS = 4_000_000  # events per fold part: bounds the group-by's hash table
 
 
@@ -592,48 +602,65 @@ def _fold_parts(
     """The pair table of `events` (of one split, if given), sorted on the pair key, folded
     over slices of the events (in the log's order: user-major) of about `_FOLD_EVENTS`
     events each: a pair lies in one slice, so the parts, in the order given, make the whole
-    sorted table while the group-by holds one slice's pairs at a time (its hash table is what
-    peaks in memory). The parts hold disjoint users. A row's position in the log ranks a
-    pair's events in time. `links` gives the rows' link and delay columns
-    (`sparse_links`); `keys` and `cutoff` as in `aggregate_pairs`."""
+    sorted table while one slice's pairs are held at a time. The parts hold disjoint users.
+    A row's position in the log ranks a pair's events in time. `links` gives the rows' link
+    and delay columns (`sparse_links`); `keys` and `cutoff` as in `aggregate_pairs`. With the
+    split among the keys, `fold_runs` adds `seen_before`; where it cannot pack the keys, the
+    hash group-by folds the part and the caller finds `seen_before`."""
     by_row = links.lazy().select("row", "cancelled_at", "linked_ts", "clock_delay_ms")
     for offset, length in _user_slices(events["user_idx"]):
         part = events.slice(offset, length).lazy().with_row_index("_order", offset)
         if split is not None:
             part = part.filter(pl.col("split") == split)
-        part = part.join(by_row, on="row", how="left").with_columns(_meaning(smap, _FOLD_MEANING))
-        folded = aggregate_pairs(part, smap, cutoff, features, "_order", keys)
-        # the extra keys first: a part folded by (pair, split) is one slice per split
-        yield folded.collect(engine="streaming").sort(*keys[len(PAIR) :], _pair_key())
+        part = part.join(by_row, on="row", how="left", maintain_order="left")
+        part = part.with_columns(_meaning(smap, _FOLD_MEANING))
+        rows = part.select(*keys, *_FOLD_INPUTS, *features).collect()  # in the log's order
+        folded = fold_runs(rows, smap, cutoff, features, keys)
+        if folded is None:  # keys too wide to pack: the hash group-by
+            folded = aggregate_pairs(part, smap, cutoff, features, "_order", keys)
+            # the extra keys first: a part folded by (pair, split) is one slice per split
+            folded = folded.collect(engine="streaming").sort(*keys[len(PAIR) :], _pair_key())
+        del rows
+        yield folded
 
 
 @dataclass
 class _PairSummary:
     """What the statistics need of a pair table, added up part by part (parts of disjoint
-    users), so a table written as it is folded need not be kept."""
+    users, each sorted by user), so a table written as it is folded need not be kept."""
 
     pairs: int = 0
     users: int = 0
-    items: list[pl.Series] = field(default_factory=list)
+    items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     labels: dict[int, int] = field(default_factory=dict)
     matured: int = 0
     seen: int = 0
 
     def add(self, part: pl.DataFrame) -> None:
         self.pairs += part.height
-        self.users += part["user_idx"].n_unique()
-        self.items.append(part["item_idx"].unique())
-        for label, n in part.group_by("label").len().iter_rows():
-            self.labels[label] = self.labels.get(label, 0) + n
+        if part.height == 0:
+            return
+        users = part["user_idx"].to_numpy()
+        self.users += int(np.count_nonzero(users[1:] != users[:-1])) + 1
+        items = part["item_idx"].to_numpy()
+        if items.max() >= self.items.size:  # items seen: a flag per item index
+            self.items = np.concatenate(
+                (self.items, np.zeros(int(items.max()) + 1 - self.items.size, dtype=bool))
+            )
+        self.items[items] = True
+        label = part["label"].to_numpy().astype(np.int64)
+        low = int(label.min())
+        for value, n in enumerate(np.bincount(label - low).tolist(), start=low):
+            if n:
+                self.labels[value] = self.labels.get(value, 0) + n
         self.matured += int(part["matured"].sum())
         self.seen += int(part["seen_before"].sum())
 
     def stats(self, names: dict[int, str]) -> dict[str, Any]:
-        items = pl.concat(self.items).n_unique() if self.items else 0
         return {
             "pairs": self.pairs,
             "users": self.users,
-            "items": items,
+            "items": int(np.count_nonzero(self.items)),
             "pairs_per_label": {names[k]: self.labels[k] for k in sorted(self.labels)},
             "matured_share": self.matured / self.pairs if self.pairs else None,
             "seen_before_share": self.seen / self.pairs if self.pairs else None,
@@ -803,7 +830,8 @@ def _fold_windows(
 ) -> dict[str, _Pairs]:
     """The temporal splits' pair tables in one pass: each user slice folds its events by
     (pair, split), each split as of its own window's end; `seen_before` is the pair's key in
-    an earlier window of the same slice (a pair's events all lie in its user's slice)."""
+    an earlier window of the same slice (a pair's events all lie in its user's slice): the
+    fold's own, else found here by set membership."""
     split = pl.col("split")
     cutoff = (
         pl.when(split == "train")
@@ -821,12 +849,14 @@ def _fold_windows(
             for name in SPLITS:  # the part is sorted by split (in SPLITS order), then key
                 table = part.slice(offset, counts.get(name, 0)).drop("split")
                 offset += table.height
-                key = table.select(_pair_key()).to_series()
-                seen = pl.repeat(False, table.height, eager=True)
-                for previous in earlier:
-                    seen = seen | key.is_in(previous.implode())
-                earlier.append(key)
-                sinks[name].add(table.with_columns(seen.alias("seen_before")))
+                if "seen_before" not in table.columns:  # the hash group-by's part
+                    key = table.select(_pair_key()).to_series()
+                    seen = pl.repeat(False, table.height, eager=True)
+                    for previous in earlier:
+                        seen = seen | key.is_in(previous.implode())
+                    earlier.append(key)
+                    table = table.with_columns(seen.alias("seen_before"))
+                sinks[name].add(table)
                 del table
             del part
         return {name: sink.close() for name, sink in sinks.items()}
