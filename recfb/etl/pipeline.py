@@ -763,6 +763,14 @@ def _pair_table(parts: Iterator[pl.DataFrame], path: Path | None) -> _Pairs:
         raise
 
 
+def _seen_in(key: pl.Series, earlier: list[pl.Series]) -> pl.Series:
+    """Whether each pair key is in one of the `earlier` windows' key sets."""
+    seen = pl.repeat(False, len(key), eager=True)
+    for previous in earlier:
+        seen = seen | key.is_in(previous.implode())
+    return seen
+
+
 def _with_seen(
     parts: Iterator[pl.DataFrame], earlier: list[pl.Series], keys: list[pl.Series]
 ) -> Iterator[pl.DataFrame]:
@@ -770,11 +778,8 @@ def _with_seen(
     part's keys are appended to `keys`."""
     for part in parts:
         key = part.select(_pair_key()).to_series()
-        seen = pl.repeat(False, part.height, eager=True)
-        for previous in earlier:
-            seen = seen | key.is_in(previous.implode())
+        part = part.with_columns(_seen_in(key, earlier).alias("seen_before"))
         keys.append(key)
-        part = part.with_columns(seen.alias("seen_before"))
         yield part
         del part
 
@@ -851,11 +856,8 @@ def _fold_windows(
                 offset += table.height
                 if "seen_before" not in table.columns:  # the hash group-by's part
                     key = table.select(_pair_key()).to_series()
-                    seen = pl.repeat(False, table.height, eager=True)
-                    for previous in earlier:
-                        seen = seen | key.is_in(previous.implode())
+                    table = table.with_columns(_seen_in(key, earlier).alias("seen_before"))
                     earlier.append(key)
-                    table = table.with_columns(seen.alias("seen_before"))
                 sinks[name].add(table)
                 del table
             del part
