@@ -292,6 +292,12 @@ class EmbeddingRecommender(L.LightningModule):
             idx = self._pair_index(users, new_pos, idx)
         return idx
 
+    def _trains_in_float32(self) -> bool:
+        """Whether the trainer (if any) runs at 32-bit precision: the closed-form steps'
+        condition, which compute in the tables' own dtype outside autocast."""
+        trainer = self._trainer
+        return trainer is None or str(trainer.precision) in ("32-true", "32")
+
     def sgd_step(self, idx: torch.Tensor, lr: float) -> torch.Tensor | None:
         """One plain SGD step of `batch_loss(idx)` at rate `lr` done by the model itself, the
         update added straight into its tables, and its loss; None: the step goes through

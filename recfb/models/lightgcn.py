@@ -300,13 +300,11 @@ class LightGCN(EmbeddingRecommender):
         here, -lr times the gradient added into the table, and `.grad` stays None: the same
         update as torch's SGD without a table-sized gradient written and read back. CPU,
         32-bit, no DDP (which all-reduces only autograd's gradients)."""
-        trainer = self._trainer
-        precision = str(trainer.precision) if trainer is not None else "32-true"
         table = self.embedding.weight
         if (
             not self._bag_into_grad
             or self.cfg.model.loss not in ("bpr", "bce")
-            or precision not in ("32-true", "32")
+            or not self._trains_in_float32()
             or table.device.type != "cpu"
             or not table.requires_grad
         ):

@@ -60,12 +60,10 @@ class MatrixFactorization(EmbeddingRecommender):
 
     def _closed_form_covered(self) -> bool:
         """The steps the closed forms cover: pairwise losses on sparse float32 CPU tables."""
-        trainer = self._trainer
-        precision = str(trainer.precision) if trainer is not None else "32-true"
         return (
             self.cfg.model.loss in ("bpr", "bce")
             and self.sparse_embeddings
-            and precision in ("32-true", "32")
+            and self._trains_in_float32()
             and self.user_embedding.weight.device.type == "cpu"
         )
 
