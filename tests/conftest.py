@@ -1,15 +1,18 @@
-"""Shared fixtures: paths of the real datasets and a helper that runs the ETL."""
+"""Shared fixtures: paths of the real datasets, a helper that runs the ETL, and random training
+pairs for the models' step tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
 
 from recfb.config import build_model
 from recfb.etl import EtlConfig, run_etl
+from recfb.train.data import csr_by_user
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -43,6 +46,33 @@ def shared_file(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: the real datasets live in ../shared/data/ beside the repo")
     return path
+
+
+def random_train_pairs(
+    rng: np.random.Generator, n_users: int, n_items: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A model's training buffers over random pairs with uneven labels and weights and
+    explicit negatives (900 and 200 draws), and the items' popularity."""
+    keys = np.unique(rng.integers(0, n_users * n_items, 900))
+    users, items = keys // n_items, keys % n_items
+    neg_keys = np.setdiff1d(np.unique(rng.integers(0, n_users * n_items, 200)), keys)
+    neg_indptr, neg_items = csr_by_user(neg_keys // n_items, neg_keys % n_items, n_users)
+    pos_indptr, pos_by_user = csr_by_user(users, items, n_users)
+    pairs = {
+        "pos_users": torch.as_tensor(users),
+        "pos_items": torch.as_tensor(items),
+        "pos_labels": torch.as_tensor(rng.integers(1, 3, len(keys))),
+        "pos_weights": torch.as_tensor(rng.uniform(0.2, 2.0, len(keys)).astype(np.float32)),
+        "pos_matured": torch.ones(len(keys), dtype=torch.bool),
+        "neg_indptr": neg_indptr,
+        "neg_items": neg_items,
+        "pos_indptr": pos_indptr,
+        "pos_by_user": pos_by_user,
+        "pair_keys": torch.as_tensor(keys),
+        "pair_index": torch.arange(len(keys)),
+    }
+    popularity = torch.as_tensor(np.bincount(items, minlength=n_items), dtype=torch.float32)
+    return pairs, popularity
 
 
 def run(tmp_path: Path, paths: list[Path | str], signals: Path | str, **sections) -> dict:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from recfb.models.lightgcn import LightGCN, normalized_adjacency
-from recfb.train.data import csr_by_user
+
+from conftest import random_train_pairs
 
 N_USERS, N_ITEMS = 60, 40
 
@@ -16,30 +17,11 @@ N_USERS, N_ITEMS = 60, 40
 def _model(**settings) -> LightGCN:
     """A topm LightGCN on random pairs with uneven weights and explicit negatives."""
     rng = np.random.default_rng(0)
-    keys = np.unique(rng.integers(0, N_USERS * N_ITEMS, 900))
-    users, items = keys // N_ITEMS, keys % N_ITEMS
-    neg_keys = np.setdiff1d(np.unique(rng.integers(0, N_USERS * N_ITEMS, 200)), keys)
-    neg_indptr, neg_items = csr_by_user(neg_keys // N_ITEMS, neg_keys % N_ITEMS, N_USERS)
-    pos_indptr, pos_by_user = csr_by_user(users, items, N_USERS)
-    pairs = {
-        "pos_users": torch.as_tensor(users),
-        "pos_items": torch.as_tensor(items),
-        "pos_labels": torch.as_tensor(rng.integers(1, 3, len(keys))),
-        "pos_weights": torch.as_tensor(rng.uniform(0.2, 2.0, len(keys)).astype(np.float32)),
-        "pos_matured": torch.ones(len(keys), dtype=torch.bool),
-        "neg_indptr": neg_indptr,
-        "neg_items": neg_items,
-        "pos_indptr": pos_indptr,
-        "pos_by_user": pos_by_user,
-        "pair_keys": torch.as_tensor(keys),
-        "pair_index": torch.arange(len(keys)),
-    }
-    popularity = torch.as_tensor(np.bincount(items, minlength=N_ITEMS), dtype=torch.float32)
+    pairs, popularity = random_train_pairs(rng, N_USERS, N_ITEMS)
     model_settings = {"family": "lightgcn", "dim": 8, "n_negatives": 3, "propagation": "topm"}
     model_settings |= {"topm": 4} | settings.pop("model", {})
-    adjacency = normalized_adjacency(
-        torch.as_tensor(users), torch.as_tensor(items), torch.ones(len(keys)), N_USERS, N_ITEMS
-    )
+    users, items = pairs["pos_users"], pairs["pos_items"]
+    adjacency = normalized_adjacency(users, items, torch.ones(len(users)), N_USERS, N_ITEMS)
     torch.manual_seed(1)
     model = LightGCN(
         N_USERS,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from recfb.models.mf import MatrixFactorization
-from recfb.train.data import csr_by_user
+
+from conftest import random_train_pairs
 
 N_USERS, N_ITEMS, N_CATEGORIES = 60, 40, 5
 
@@ -16,25 +17,7 @@ N_USERS, N_ITEMS, N_CATEGORIES = 60, 40, 5
 def _model(**settings) -> MatrixFactorization:
     """An MF model on random pairs with uneven weights, explicit negatives and item codes."""
     rng = np.random.default_rng(0)
-    keys = np.unique(rng.integers(0, N_USERS * N_ITEMS, 900))
-    users, items = keys // N_ITEMS, keys % N_ITEMS
-    neg_keys = np.setdiff1d(np.unique(rng.integers(0, N_USERS * N_ITEMS, 200)), keys)
-    neg_indptr, neg_items = csr_by_user(neg_keys // N_ITEMS, neg_keys % N_ITEMS, N_USERS)
-    pos_indptr, pos_by_user = csr_by_user(users, items, N_USERS)
-    pairs = {
-        "pos_users": torch.as_tensor(users),
-        "pos_items": torch.as_tensor(items),
-        "pos_labels": torch.as_tensor(rng.integers(1, 3, len(keys))),
-        "pos_weights": torch.as_tensor(rng.uniform(0.2, 2.0, len(keys)).astype(np.float32)),
-        "pos_matured": torch.ones(len(keys), dtype=torch.bool),
-        "neg_indptr": neg_indptr,
-        "neg_items": neg_items,
-        "pos_indptr": pos_indptr,
-        "pos_by_user": pos_by_user,
-        "pair_keys": torch.as_tensor(keys),
-        "pair_index": torch.arange(len(keys)),
-    }
-    popularity = torch.as_tensor(np.bincount(items, minlength=N_ITEMS), dtype=torch.float32)
+    pairs, popularity = random_train_pairs(rng, N_USERS, N_ITEMS)
     codes = {"category": torch.as_tensor(rng.integers(1, N_CATEGORIES + 1, N_ITEMS))}
     torch.manual_seed(1)
     model = MatrixFactorization(
