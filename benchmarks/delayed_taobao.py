@@ -55,8 +55,9 @@ def main() -> None:
         sys.exit(f"skipped: {DATA} is absent (the real datasets live in ../shared/data/)")
     from recfb.config import build_model, read_yaml
     from recfb.delayed.fit import fit_delays
+    from recfb.delayed.plots import delay_curves
     from recfb.etl import EtlConfig, run_etl
-    from recfb.tracking.plots import delay_curves, plt
+    from recfb.tracking.plots import plt
 
     work = Path(tempfile.mkdtemp(prefix="recfb-taobao-delays-"))
     cfg = read_yaml(ROOT / "conf" / "datasets" / "taobao.yaml")

@@ -113,9 +113,9 @@ def main() -> None:
         variants[name] = json.loads(spec)
 
     from recfb.config import build_model
+    from recfb.recommender import train
     from recfb.simulate import SimConfig
     from recfb.train.config import TrainConfig
-    from recfb.train.loop import train
 
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.work / 'mlruns.db'}")
     args.work.mkdir(parents=True, exist_ok=True)

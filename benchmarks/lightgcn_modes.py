@@ -83,8 +83,8 @@ def quality_child(
     use_step_before(mode)
     from benchmarks.quality import DATASETS
     from recfb.config import build_model
+    from recfb.recommender import train
     from recfb.train.config import TrainConfig
-    from recfb.train.loop import train
 
     os.chdir(ROOT)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlruns.db'}")

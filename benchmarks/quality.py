@@ -89,8 +89,8 @@ def main() -> None:
 
     from recfb.config import build_model, load_config, parse_override, set_dotted
     from recfb.etl import EtlConfig, run_etl
+    from recfb.recommender import train
     from recfb.train.config import TrainConfig
-    from recfb.train.loop import train
 
     os.chdir(ROOT)
     conf, eval_rule = DATASETS[args.dataset]

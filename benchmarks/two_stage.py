@@ -50,8 +50,8 @@ METHODS = {
 
 def train_mf(etl: Path, name: str, refit: bool) -> tuple[object, dict]:
     from recfb.config import load_config
+    from recfb.recommender import train
     from recfb.train.config import TrainConfig
-    from recfb.train.loop import train
 
     overrides = [f"data={etl}", f"eval.refit={str(refit).lower()}"]
     overrides += [f"experiment=two-stage-{name}", f"run_name=mf-bpr{'-refit' * refit}"]

@@ -286,8 +286,8 @@ def train(
     Example: `recfb train -c conf/models/gnolr.yaml --set data=data/etl --set trainer.max_epochs=5`
     """
     from recfb.config import load_config
+    from recfb.recommender import train as run_training
     from recfb.train.config import TrainConfig
-    from recfb.train.loop import train as run_training
 
     try:
         cfg = load_config(TrainConfig, config, overrides, env_prefix="RECFB_TRAIN")
@@ -421,9 +421,10 @@ def delays(
     Example: `recfb delays --etl data/etl-taobao --cutoff 2017-12-03T00:00:00 -o delays-taobao`
     """
     from recfb.delayed.fit import fit_delays
+    from recfb.delayed.plots import delay_curves
     from recfb.io import write_json
     from recfb.simulate.config import parse_utc, to_epoch_ms
-    from recfb.tracking.plots import delay_curves, plt
+    from recfb.tracking.plots import plt
 
     try:
         cut = to_epoch_ms(parse_utc(cutoff)) if cutoff else None

@@ -22,13 +22,17 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import polars as pl
 
 from recfb.errors import RecfbError
+
+if TYPE_CHECKING:
+    from recfb.train.config import TrainConfig
 
 RECOMMENDER_FILE = "recommender.json"
 LIST_SCHEMA = {
@@ -496,6 +500,31 @@ class PairsRecommender(Recommender):
         norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(1)).ravel())
         unit = sp.diags(1 / np.maximum(norms, 1e-12)) @ matrix
         return _similar_by_matrix(_ids(item_ids), self._item_ids, self._item_row, unit, k)
+
+
+# --- the `recfb train` command ---------------------------------------------------------
+@dataclass
+class TrainResult:
+    run_id: str
+    metrics: dict[str, float]
+    model: Any
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
+    """`recfb train`: fit the family on the ETL output `cfg.data`, evaluate it, and record
+    one MLflow run with the model logged as an MLflow model (`runs:/<id>/model`)."""
+    from recfb.tracking import MlflowTracker
+    from recfb.train.data import Interactions
+
+    data = Interactions.load(cfg.data)
+    rec = Recommender.create(cfg.model.family, cfg)
+    tracker = MlflowTracker(cfg.experiment, cfg.run_name)
+    rec.fit(data, tracker=tracker, quiet=quiet)
+    fitted = rec.fitted
+    return TrainResult(
+        run_id=fitted.run_id, metrics=fitted.metrics, model=fitted.model, history=fitted.history
+    )
 
 
 # --- helpers -------------------------------------------------------------------------------

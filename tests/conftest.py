@@ -106,9 +106,9 @@ def served_shop(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A small simulated shop, ETL'd, with an MF model trained on it and indexed into a
     bundle: {'etl', 'store' (MLflow URI), 'run_id', 'bundle', 'models'}."""
     from recfb.index import IndexConfig, build_bundle
+    from recfb.recommender import train
     from recfb.simulate import SimConfig, simulate
     from recfb.train.config import TrainConfig
-    from recfb.train.loop import train
 
     base = tmp_path_factory.mktemp("served")
     simulate(SimConfig(seed=5, n_users=1_200, n_items=500, n_events=120_000), base / "sim")

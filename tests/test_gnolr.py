@@ -10,9 +10,10 @@ import torch
 
 from recfb.config import build_model, read_yaml
 from recfb.models.gnolr import GNOLR
+from recfb.recommender import train
 from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions
-from recfb.train.loop import evaluate_scorer, train
+from recfb.train.loop import evaluate_scorer
 
 from conftest import CONF, RandomScorer, run, shared_file
 

@@ -208,6 +208,14 @@ def test_a_tracked_fit_logs_a_pyfunc_model_that_predicts_the_same_lists(shop, tm
             os.environ["MLFLOW_TRACKING_URI"] = old
 
 
+def test_a_pyfunc_model_pickled_without_its_loader_fails_with_a_clear_error():
+    from recfb.tracking.pyfunc import RecommenderModel
+
+    old = RecommenderModel.__new__(RecommenderModel)  # as unpickled from an older recfb
+    with pytest.raises(RuntimeError, match="older recfb without its loader"):
+        old.load_context(None)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_recfb_recommend_runs_every_familys_logged_model(shop, tmp_path, family, monkeypatch):
     from recfb.cli import app

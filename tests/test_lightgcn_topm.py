@@ -9,10 +9,11 @@ import torch
 
 from recfb.config import build_model
 from recfb.models.lightgcn import LightGCN, normalized_adjacency, propagation_operator
+from recfb.recommender import train
 from recfb.simulate import SimConfig, simulate
 from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions
-from recfb.train.loop import evaluate_scorer, train
+from recfb.train.loop import evaluate_scorer
 
 from conftest import CONF, RandomScorer, run
 

@@ -17,12 +17,12 @@ from recfb.errors import InputError
 from recfb.models.base import tce_drop_share
 from recfb.models.baselines import Popularity
 from recfb.models.config import FAMILIES
-from recfb.recommender import Recommender
+from recfb.recommender import Recommender, train
 from recfb.serving.fetch import resolve
 from recfb.simulate import SimConfig, simulate
 from recfb.train.config import DenoiseConfig, TrainConfig
 from recfb.train.data import Interactions, recency_weighted
-from recfb.train.loop import evaluate_scorer, train
+from recfb.train.loop import evaluate_scorer
 from recfb.train.runs import load_run
 
 from conftest import CONF, RandomScorer, run

@@ -526,7 +526,8 @@ def _log_to_run(run_id: str, info: dict, name: str, delays: Any = None) -> None:
             "index/build_s": info["build_s"],
         }
         if delays is not None:
-            from recfb.tracking.plots import delay_curves, plt
+            from recfb.delayed.plots import delay_curves
+            from recfb.tracking.plots import plt
 
             metrics["delay/conversion_median_h"] = delays.conversion.overall.median_s() / 3600
             metrics["delay/conversion_p"] = delays.conversion.overall.p

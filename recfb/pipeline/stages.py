@@ -130,7 +130,7 @@ def stage_etl(spec: StageSpec, ctx: Context) -> dict:
 
 
 def stage_train(spec: StageSpec, ctx: Context) -> dict:
-    from recfb.train.loop import train
+    from recfb.recommender import train
 
     result = train(_train_config(spec, ctx), quiet=True)
     ctx.adopt(result.run_id, "train")
@@ -219,6 +219,7 @@ def stage_evaluate(spec: StageSpec, ctx: Context) -> dict:
 
 def stage_index(spec: StageSpec, ctx: Context) -> dict:
     from recfb.index import build_bundle
+    from recfb.recommender import Recommender
     from recfb.tracking.pyfunc import log_bundle
 
     result = build_bundle(_index_config(spec, ctx))
@@ -228,7 +229,7 @@ def stage_index(spec: StageSpec, ctx: Context) -> dict:
     ctx.client.log_param(run_id, "bundle", str(result.path))
     # the bundle as an MLflow model of the training run: what the registry version points
     # at, so any host that reaches the tracking server can load or serve it
-    model_uri = log_bundle(result.path, ctx.outputs["train"]["run_id"])
+    model_uri = log_bundle(result.path, ctx.outputs["train"]["run_id"], Recommender.load)
     ctx.client.log_param(run_id, "model_uri", model_uri)
     ctx.client.set_terminated(run_id)
     return {

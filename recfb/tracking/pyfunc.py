@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,28 @@ SIGNATURE = ModelSignature(
 )
 
 
+Loader = Callable[[str], Any]  # bundle directory -> a model with `recommend(users, k)`
+
+
 class RecommenderModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: loads the bundle with `recfb.Recommender.load`."""
+    """pyfunc wrapper: loads the bundle with the loader it was logged with.
+
+    The loader (`recfb.Recommender.load`) is handed in by whoever logs the model and is
+    pickled by reference, so this module, which the low-level tracking code uses, never
+    imports the recommender that sits above it."""
+
+    def __init__(self, load: Loader) -> None:
+        self.load = load
 
     def load_context(self, context: Any) -> None:
-        from recfb.recommender import Recommender
-
-        self.model = Recommender.load(context.artifacts[BUNDLE_ARTIFACT])
+        load = getattr(self, "load", None)
+        if load is None:  # an instance pickled before the loader was stored in it
+            raise RuntimeError(
+                "recfb pyfunc model: logged by an older recfb without its loader; load it "
+                "with the recfb version its requirements pin, or serve its bundle with "
+                "`recfb serve --bundle models:/NAME@ALIAS`"
+            )
+        self.model = load(context.artifacts[BUNDLE_ARTIFACT])
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 (mlflow reads hints)
         if hasattr(model_input, "columns"):
@@ -58,26 +74,28 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
 
 
 def log_recommender(model: Any, registered_model_name: str | None = None) -> Any:
-    """Log `model`'s bundle into the active run as an MLflow model; returns the ModelInfo."""
-    return _log(model.path, registered_model_name)
+    """Log a fitted `recfb.Recommender`'s bundle into the active run as an MLflow model,
+    loaded back by the model's own `load`; returns the ModelInfo."""
+    return _log(model.path, model.load, registered_model_name)
 
 
-def log_bundle(path: str | Path, run_id: str) -> str:
-    """Log a published bundle directory as an MLflow model of run `run_id`; returns the
-    model URI (`models:/m-<id>`), what a registry version's source names."""
+def log_bundle(path: str | Path, run_id: str, load: Loader) -> str:
+    """Log a published bundle directory as an MLflow model of run `run_id`, loaded back by
+    `load` (`recfb.Recommender.load`); returns the model URI (`models:/m-<id>`), what a
+    registry version's source names."""
     from recfb.tracking import configure
 
     configure()
     with mlflow.start_run(run_id=run_id):
-        return _log(path, None).model_uri
+        return _log(path, load, None).model_uri
 
 
-def _log(bundle: str | Path, registered_model_name: str | None) -> Any:
+def _log(bundle: str | Path, load: Loader, registered_model_name: str | None) -> Any:
     from recfb import __version__
 
     return mlflow.pyfunc.log_model(
         name=MODEL_NAME,
-        python_model=RecommenderModel(),
+        python_model=RecommenderModel(load),
         artifacts={BUNDLE_ARTIFACT: str(bundle)},
         signature=SIGNATURE,
         pip_requirements=[f"recfb=={__version__}"],

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,6 @@ from recfb.models.lightgcn import normalized_adjacency
 from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions, csr_by_user, item_attribute, recency_weighted
 from recfb.train.fallback import PopularityFallback, warm_users
-
-
-@dataclass
-class TrainResult:
-    run_id: str
-    metrics: dict[str, float]
-    model: Any
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def eval_config(cfg: TrainConfig, data: Interactions) -> EvalConfig:
@@ -295,22 +287,6 @@ def fit_model(
         if isinstance(model, EmbeddingRecommender):
             _log_model_artifacts(model, data, cfg, history, metrics)
     return Fitted(model=model, data=data, metrics=metrics, history=history, run_id=run_id)
-
-
-def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
-    """`recfb train`: fit the family on the ETL output `cfg.data`, evaluate it, and record
-    one MLflow run with the model logged as an MLflow model (`runs:/<id>/model`)."""
-    from recfb.recommender import Recommender
-    from recfb.tracking import MlflowTracker
-
-    data = Interactions.load(cfg.data)
-    rec = Recommender.create(cfg.model.family, cfg)
-    tracker = MlflowTracker(cfg.experiment, cfg.run_name)
-    rec.fit(data, tracker=tracker, quiet=quiet)
-    fitted = rec.fitted
-    return TrainResult(
-        run_id=fitted.run_id, metrics=fitted.metrics, model=fitted.model, history=fitted.history
-    )
 
 
 def fit_baseline_pairs(
