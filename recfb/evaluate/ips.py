@@ -26,7 +26,8 @@ from recfb.evaluate.metrics import EvalConfig, ScoreFn, _masked_pairs, topk_item
 
 def propensities(counts: np.ndarray, eta: float, clip: float) -> np.ndarray:
     """theta_i = (count_i / max count)^eta, clipped from below at `clip` (the training
-    side's rule, `recfb.models.base`), from exposure (or popularity) counts per item."""
+    side's rule too: `recfb.models.base` takes its propensities from here), from exposure
+    (or popularity) counts per item."""
     counts = np.clip(np.asarray(counts, dtype=np.float64), 0.0, None)
     theta = (counts / max(counts.max(initial=0.0), 1.0)) ** eta
     return np.maximum(theta, clip)

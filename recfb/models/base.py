@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recfb.evaluate.ips import propensities
 from recfb.models.config import DenoiseConfig, EmbeddingSettings
 
 
@@ -75,8 +76,8 @@ class EmbeddingRecommender(L.LightningModule):
                 )
             if item_exposure is not None:
                 counts = item_exposure.float().clamp(min=0)
-        theta = (counts / counts.max().clamp(min=1)).pow(debias.eta)
-        self.register_buffer("propensity", theta.clamp(min=debias.clip), persistent=False)
+        theta = propensities(counts.numpy(), debias.eta, debias.clip)  # the evaluator's rule
+        self.register_buffer("propensity", torch.from_numpy(theta).float(), persistent=False)
         # sparse gradients on the embedding tables (RowSparseAdam), unless weight decay is asked
         # for or a DDP strategy is used (NCCL cannot all-reduce sparse gradients)
         optim = self.cfg.optim
