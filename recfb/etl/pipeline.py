@@ -238,20 +238,29 @@ def _first_occurrence(
     return first
 
 
-def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
+def _dedupe(
+    events: pl.DataFrame, noise: pl.Expr, unused: list[str]
+) -> tuple[pl.DataFrame, dict[str, int], pl.DataFrame]:
     """Drop repeated event_ids, then repeated (user, item, event, ts); the first copy wins.
+    Returns the kept rows, the counts and the first copies that are `noise` (for the
+    canonicalise stage's report): one filter drops duplicates and noise together, and the
+    `unused` columns are left out of the kept rows rather than filtered.
 
-    Also numbers the surviving rows (`row`) in input order: later joins may reorder rows, and
+    Also numbers the kept rows (`row`) in input order: later joins may reorder rows, and
     `row` keeps every tie-break (equal timestamps) deterministic.
     """
     n0 = events.height
     id_col = pl.col("event_id")
     mask = events.select(id_col.is_null() | _first_occurrence(events, ["event_id"])).to_series()
     n1 = int(mask.sum())
-    # the second rule among the first rule's survivors, then one filter for both
+    # the second rule among the first rule's survivors, then one filter for both and noise
     mask = _first_occurrence(events, ["user_id", "item_id", "event", "ts"], within=mask)
-    events = filter_consuming(events, mask).with_row_index("row")
-    return events, {"same_event_id": n0 - n1, "same_user_item_event_ts": n1 - events.height}
+    n2 = int(mask.sum())
+    noisy = events.select(noise).to_series() & mask
+    noise_rows = events.filter(noisy)
+    events = events.drop(unused)
+    events = filter_consuming(events, mask & ~noisy).with_row_index("row")
+    return events, {"same_event_id": n0 - n1, "same_user_item_event_ts": n1 - n2}, noise_rows
 
 
 def _meaning(smap: SignalMap, names: list[str] | None = None) -> list[pl.Expr]:
@@ -262,11 +271,16 @@ def _meaning(smap: SignalMap, names: list[str] | None = None) -> list[pl.Expr]:
     dtypes["min_dwell_s"] = pl.Float64
     code = pl.col("event").to_physical()
     if names is None:
-        names = [n for n in table if n not in ("event", "cancels", "is_exposure")]
+        names = _meaning_names(smap)
     return [
         pl.lit(pl.Series(name, table[name], dtype=dtypes.get(name))).gather(code).alias(name)
         for name in names
     ]
+
+
+def _meaning_names(smap: SignalMap) -> list[str]:
+    """The names of the meaning columns `_meaning` adds by default."""
+    return [n for n in smap.signal_table() if n not in ("event", "cancels", "is_exposure")]
 
 
 # the signal columns the fold looks up again rather than carry into the event log's order
@@ -347,30 +361,30 @@ def build_tables(
     are empty (`recfb etl`: no split's table is held whole)."""
     rows_in = events.height + quarantine.height
 
+    # the rows removed as noise (dwell under the signal's minimum) go with the duplicates,
+    # in one filter; the provenance only serves the reports of removed rows
+    events = events.with_columns(pl.col("event").cast(_event_type(smap)))
+    (min_dwell,) = _meaning(smap, ["min_dwell_s"])
+    noise = pl.col("value").is_not_null() & (pl.col("value") < min_dwell).fill_null(False)
+    filtering = bool(filters.outlier_users or filters.min_user_items or filters.min_item_users)
     with timer.stage("deduplicate"):
-        events, duplicates = _dedupe(events)
+        events, duplicates, noise_rows = _dedupe(events, noise, [] if filtering else PROVENANCE)
 
     with timer.stage("canonicalise"):
         # each signal's meaning, looked up by its code (the Enum's physical value): no join
-        events = events.with_columns(pl.col("event").cast(_event_type(smap))).with_columns(
-            _meaning(smap)
+        events = events.with_columns(
+            _meaning(smap, [n for n in _meaning_names(smap) if n != "min_dwell_s"])
         )
-        noise = (
-            pl.col("min_dwell_s").is_not_null()
-            & pl.col("value").is_not_null()
-            & (pl.col("value") < pl.col("min_dwell_s"))
-        )
-        noisy = events.select(noise).to_series()
-        removed = [("noise_dwell", events.filter(noisy))]
-        events = events.drop("min_dwell_s")  # rebound: filter_consuming frees each column
-        events = filter_consuming(events, ~noisy)
+        removed = [("noise_dwell", noise_rows)]
+        del noise_rows
         events, more = apply_filters(events, filters)
         removed += more
         filtered = pl.concat(
             [_filtered_frame(r, rows) for r, rows in removed], how="diagonal_relaxed"
         )
         del removed
-        events = events.drop(*PROVENANCE)  # it only served the reports of removed rows
+        if filtering:
+            events = events.drop(*PROVENANCE)  # it only served the reports of removed rows
 
     if events.height == 0:
         raise InputError(
