@@ -258,7 +258,8 @@ def _dedupe(
     n2 = int(mask.sum())
     noisy = events.select(noise).to_series() & mask
     noise_rows = events.filter(noisy)
-    events = events.drop(unused)
+    for name in unused:  # in place: the caller's frame is the one emptied as it is filtered
+        events.drop_in_place(name)
     events = filter_consuming(events, mask & ~noisy).with_row_index("row")
     return events, {"same_event_id": n0 - n1, "same_user_item_event_ts": n1 - n2}, noise_rows
 
