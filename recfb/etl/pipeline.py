@@ -655,9 +655,9 @@ def _fold_parts(
     sorted table while one slice's pairs are held at a time. The parts hold disjoint users.
     A row's position in the log ranks a pair's events in time. `links` gives the rows' link
     and delay columns by log position (`_log_links`); `keys` and `cutoff` as in
-    `aggregate_pairs`. With the
-    split among the keys, `fold_runs` adds `seen_before`; where it cannot pack the keys, the
-    hash group-by folds the part and the caller finds `seen_before`."""
+    `aggregate_pairs`. With the split among the keys, `fold_runs` adds `seen_before`; where
+    it cannot pack the keys, the hash group-by folds the part and the caller finds
+    `seen_before`."""
     for offset, length in _user_slices(events["user_idx"]):
         part = events.slice(offset, length)
         part = part.hstack(_link_columns(links, offset, length, _LINK_COLUMNS))
