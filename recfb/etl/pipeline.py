@@ -12,7 +12,8 @@ rules the later stages keep: no frame outlives its stage, a join that adds a col
 the keys only (`join_columns`, in slices), columns that are mostly null (links, delays) live
 apart keyed by `row` (`sparse_links`), `recfb etl` writes each pair table part by part as it
 folds, and the events are gathered once into the log's order (`_log_order`, `_reorder`:
-a column at a time), so a fold part is a slice of users and the log is written in slices.
+a column at a time), so a fold part is a slice of users and the log is written in slices;
+a slice finds its rows' links by log position (`_log_links`), not by a join.
 The temporal windows fold in one pass (by pair and split, `_fold_windows`; `fold_runs`
 sorts rather than hashes, and only pairs with several events go through a group-by). The
 validated rows are rechunked once: an eager `select` on a frame in many chunks rechunks all
@@ -237,20 +238,30 @@ def _first_occurrence(
     return first
 
 
-def _dedupe(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
+def _dedupe(
+    events: pl.DataFrame, noise: pl.Expr, unused: list[str]
+) -> tuple[pl.DataFrame, dict[str, int], pl.DataFrame]:
     """Drop repeated event_ids, then repeated (user, item, event, ts); the first copy wins.
+    Returns the kept rows, the counts and the first copies that are `noise` (for the
+    canonicalise stage's report): one filter drops duplicates and noise together, and the
+    `unused` columns are left out of the kept rows rather than filtered.
 
-    Also numbers the surviving rows (`row`) in input order: later joins may reorder rows, and
+    Also numbers the kept rows (`row`) in input order: later joins may reorder rows, and
     `row` keeps every tie-break (equal timestamps) deterministic.
     """
     n0 = events.height
     id_col = pl.col("event_id")
     mask = events.select(id_col.is_null() | _first_occurrence(events, ["event_id"])).to_series()
     n1 = int(mask.sum())
-    # the second rule among the first rule's survivors, then one filter for both
+    # the second rule among the first rule's survivors, then one filter for both and noise
     mask = _first_occurrence(events, ["user_id", "item_id", "event", "ts"], within=mask)
-    events = filter_consuming(events, mask).with_row_index("row")
-    return events, {"same_event_id": n0 - n1, "same_user_item_event_ts": n1 - events.height}
+    n2 = int(mask.sum())
+    noisy = events.select(noise).to_series() & mask
+    noise_rows = events.filter(noisy)
+    for name in unused:  # in place: the caller's frame is the one emptied as it is filtered
+        events.drop_in_place(name)
+    events = filter_consuming(events, mask & ~noisy).with_row_index("row")
+    return events, {"same_event_id": n0 - n1, "same_user_item_event_ts": n1 - n2}, noise_rows
 
 
 def _meaning(smap: SignalMap, names: list[str] | None = None) -> list[pl.Expr]:
@@ -261,11 +272,16 @@ def _meaning(smap: SignalMap, names: list[str] | None = None) -> list[pl.Expr]:
     dtypes["min_dwell_s"] = pl.Float64
     code = pl.col("event").to_physical()
     if names is None:
-        names = [n for n in table if n not in ("event", "cancels", "is_exposure")]
+        names = _meaning_names(smap)
     return [
         pl.lit(pl.Series(name, table[name], dtype=dtypes.get(name))).gather(code).alias(name)
         for name in names
     ]
+
+
+def _meaning_names(smap: SignalMap) -> list[str]:
+    """The names of the meaning columns `_meaning` adds by default."""
+    return [n for n in smap.signal_table() if n not in ("event", "cancels", "is_exposure")]
 
 
 # the signal columns the fold looks up again rather than carry into the event log's order
@@ -346,30 +362,30 @@ def build_tables(
     are empty (`recfb etl`: no split's table is held whole)."""
     rows_in = events.height + quarantine.height
 
+    # the rows removed as noise (dwell under the signal's minimum) go with the duplicates,
+    # in one filter; the provenance only serves the reports of removed rows
+    events = events.with_columns(pl.col("event").cast(_event_type(smap)))
+    (min_dwell,) = _meaning(smap, ["min_dwell_s"])
+    noise = pl.col("value").is_not_null() & (pl.col("value") < min_dwell).fill_null(False)
+    filtering = bool(filters.outlier_users or filters.min_user_items or filters.min_item_users)
     with timer.stage("deduplicate"):
-        events, duplicates = _dedupe(events)
+        events, duplicates, noise_rows = _dedupe(events, noise, [] if filtering else PROVENANCE)
 
     with timer.stage("canonicalise"):
         # each signal's meaning, looked up by its code (the Enum's physical value): no join
-        events = events.with_columns(pl.col("event").cast(_event_type(smap))).with_columns(
-            _meaning(smap)
+        events = events.with_columns(
+            _meaning(smap, [n for n in _meaning_names(smap) if n != "min_dwell_s"])
         )
-        noise = (
-            pl.col("min_dwell_s").is_not_null()
-            & pl.col("value").is_not_null()
-            & (pl.col("value") < pl.col("min_dwell_s"))
-        )
-        noisy = events.select(noise).to_series()
-        removed = [("noise_dwell", events.filter(noisy))]
-        events = events.drop("min_dwell_s")  # rebound: filter_consuming frees each column
-        events = filter_consuming(events, ~noisy)
+        removed = [("noise_dwell", noise_rows)]
+        del noise_rows
         events, more = apply_filters(events, filters)
         removed += more
         filtered = pl.concat(
             [_filtered_frame(r, rows) for r, rows in removed], how="diagonal_relaxed"
         )
         del removed
-        events = events.drop(*PROVENANCE)  # it only served the reports of removed rows
+        if filtering:
+            events = events.drop(*PROVENANCE)  # it only served the reports of removed rows
 
     if events.height == 0:
         raise InputError(
@@ -397,14 +413,16 @@ def build_tables(
         # (a fold part is a slice, not a filter of the whole table), a position ranks a
         # pair's events in time, and the log is written slice by slice
         order = _log_order(events)
+        # the link columns found by log position from here on (no join on `row`)
+        log_links = _log_links(links, events, order)
         # the signal flags are looked up again where needed: not carried through the gather
-        events = events.drop(*_FOLD_MEANING, "is_clock", "is_cancel")
+        events = events.drop(*_FOLD_MEANING, "is_clock", "is_cancel", "row")
         events = _reorder(events, order)  # (emptied as it goes: no second copy)
         del order
 
     with timer.stage("split + fold pairs"):
         pair_tables, windows, events = _split_and_fold(
-            events, links, smap, split, extras, pairs_dir
+            events, log_links, smap, split, extras, pairs_dir
         )
 
     log_columns = [
@@ -421,16 +439,14 @@ def build_tables(
         "order_id",
         *extras,
     ]
-    by_row = links.select("row", "cancelled_at", "clock_delay_ms")
 
-    def finish(chunk: pl.DataFrame) -> pl.DataFrame:
-        """A slice of the log with its link columns."""
-        chunk = chunk.join(by_row, on="row", how="left", maintain_order="left")
-        return chunk.select(log_columns)
+    def finish(chunk: pl.DataFrame, start: int) -> pl.DataFrame:
+        """A slice of the log (from position `start`) with its link columns."""
+        added = _link_columns(log_links, start, chunk.height, ["cancelled_at", "clock_delay_ms"])
+        return chunk.hstack(added).select(log_columns)
 
     seq = _in_slices(
         events.select(
-            "row",
             "user_idx",
             "item_idx",
             "event",
@@ -476,7 +492,7 @@ def build_tables(
 
 
 def _in_slices(
-    log: pl.DataFrame, finish: Callable[[pl.DataFrame], pl.DataFrame], step: int = 2_000_000
+    log: pl.DataFrame, finish: Callable[[pl.DataFrame, int], pl.DataFrame], step: int = 2_000_000
 ) -> pl.LazyFrame:
     """`finish(log)` (a log already in its order) as a lazy source that finishes `step` rows
     at a time: the streaming sink writes it without a second copy of the whole log."""
@@ -486,12 +502,12 @@ def _in_slices(
     ) -> Iterator[pl.DataFrame]:
         limit = log.height if n_rows is None else min(n_rows, log.height)
         for start in range(0, limit, step):
-            chunk = finish(log.slice(start, min(step, limit - start)))
+            chunk = finish(log.slice(start, min(step, limit - start)), start)
             if columns is not None:
                 chunk = chunk.select(columns)
             yield chunk if predicate is None else chunk.filter(predicate)
 
-    schema = finish(log.clear()).schema
+    schema = finish(log.clear(), 0).schema
     return register_io_source(batches, schema=schema, explain_name="ETL event log")
 
 
@@ -504,6 +520,40 @@ def _with_flags(links: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
     where = rows.search_sorted(links["row"])
     flags = events.select(pl.col("ts", "is_purchase", "is_refund", "is_cancel").gather(where))
     return links.with_columns(flags.get_columns())
+
+
+_LINK_COLUMNS = ["cancelled_at", "linked_ts", "clock_delay_ms"]
+
+
+def _log_links(links: pl.DataFrame, events: pl.DataFrame, order: pl.Series) -> pl.DataFrame:
+    """The link columns of `links` (`_LINK_COLUMNS`) with `_log`, each link's row's position
+    in the event log (`order`: row positions in log order; the events are in `row` order),
+    sorted by it: a slice of the log finds its links by position (`_link_columns`), not by a
+    hash join on `row` per slice. A flag per row, gathered in log order, finds the positions
+    in one pass."""
+    where = events["row"].search_sorted(links["row"]).to_numpy()
+    is_link = np.zeros(events.height, dtype=bool)
+    is_link[where] = True
+    positions = order.to_numpy()
+    at = np.flatnonzero(is_link[positions])
+    del is_link
+    which = np.searchsorted(where, positions[at])  # `where` ascends: links are in row order
+    return links.select(_LINK_COLUMNS)[pl.Series(which)].with_columns(
+        pl.Series("_log", at, dtype=pl.Int64)
+    )
+
+
+def _link_columns(
+    log_links: pl.DataFrame, start: int, length: int, names: list[str]
+) -> pl.DataFrame:
+    """`names` of `_log_links` for log positions `start` .. `start + length`: null where the
+    row has no link (a gather from the slice's links plus one row of nulls)."""
+    at = log_links["_log"].to_numpy()
+    lo, hi = np.searchsorted(at, [start, start + length])
+    found = log_links.select(names).slice(int(lo), int(hi - lo))
+    index = np.full(length, hi - lo, dtype=np.uint32)
+    index[at[lo:hi] - start] = np.arange(hi - lo, dtype=np.uint32)
+    return pl.concat([found, found.clear(1)])[pl.Series(index)]
 
 
 def _log_order(events: pl.DataFrame) -> pl.Series:
@@ -604,15 +654,16 @@ def _fold_parts(
     events each: a pair lies in one slice, so the parts, in the order given, make the whole
     sorted table while one slice's pairs are held at a time. The parts hold disjoint users.
     A row's position in the log ranks a pair's events in time. `links` gives the rows' link
-    and delay columns (`sparse_links`); `keys` and `cutoff` as in `aggregate_pairs`. With the
-    split among the keys, `fold_runs` adds `seen_before`; where it cannot pack the keys, the
-    hash group-by folds the part and the caller finds `seen_before`."""
-    by_row = links.lazy().select("row", "cancelled_at", "linked_ts", "clock_delay_ms")
+    and delay columns by log position (`_log_links`); `keys` and `cutoff` as in
+    `aggregate_pairs`. With the split among the keys, `fold_runs` adds `seen_before`; where
+    it cannot pack the keys, the hash group-by folds the part and the caller finds
+    `seen_before`."""
     for offset, length in _user_slices(events["user_idx"]):
-        part = events.slice(offset, length).lazy().with_row_index("_order", offset)
+        part = events.slice(offset, length)
+        part = part.hstack(_link_columns(links, offset, length, _LINK_COLUMNS))
+        part = part.lazy().with_row_index("_order", offset)
         if split is not None:
             part = part.filter(pl.col("split") == split)
-        part = part.join(by_row, on="row", how="left", maintain_order="left")
         part = part.with_columns(_meaning(smap, _FOLD_MEANING))
         rows = part.select(*keys, *_FOLD_INPUTS, *features).collect()  # in the log's order
         folded = fold_runs(rows, smap, cutoff, features, keys)
