@@ -28,12 +28,23 @@ With BPR or BCE a topm step skips autograd altogether (`closed_form_backward`: s
 their gradient on the batch's sampled pattern, then sparse products through the bags; 10M
 pairs: 49.8 -> 41.4 s an epoch, the same training), and with `optim.optimizer: sgd` it applies
 the update itself (28.0 s; benchmarks/results/lightgcn_round2.md).
+
+A topm table is laid out hot rows first (`_lay_out`, once per operator): hot are the items
+and every node some item's bag holds, the rows a step that holds most items always reads;
+cold are the users no item's bag holds (the heavy users, whom the degree-normalised weights
+rank last: at 10M pairs 48% of the table). Adam (a step pre-hook, `_lazy_adam`) moves the
+hot rows with one fused pass over them and a cold row only in a step that reaches it (lazy
+Adam: in other steps its vector and moments stay as they are; dense Adam would keep moving
+it on its momentum). That halves Adam's pass at 10M pairs (benchmarks/results/
+lightgcn_round3.md; valid NDCG kept on the four sets). The layout does not show outside:
+`state_dict` and `encode` are in node order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +190,41 @@ def _table_into_layout(module: LightGCN, state: dict, prefix: str, *_: object) -
         state[key] = state[key][order]
 
 
+@lru_cache(maxsize=4)
+def _drift_sums(b1: float, b2: float, size: int) -> torch.Tensor:
+    """T(l) = sum over j >= 1 of r^j w(l + j) for l = 0 .. size - 1 (float64), r = b1 /
+    sqrt(b2), w(s) = sqrt(1 - b2^s) / (1 - b1^s): Adam's step sizes over zero-gradient steps
+    (`_drift`). By T(l) = r (w(l + 1) + T(l + 1)), from far enough out that w is 1."""
+    r, far = b1 / b2**0.5, size + 20_000
+    total, out = r / (1 - r), [0.0] * size
+    for step in range(far, 0, -1):  # total = T(step - 1)
+        w = (1 - b2**step) ** 0.5 / (1 - b1**step)
+        total = r * (w + total)
+        if step - 1 < size:
+            out[step - 1] = total
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _drift(
+    p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor, now: int, group: dict
+) -> None:
+    """Rows (p, m, v) moved through Adam's zero-gradient steps last+1 .. now in one go: m
+    and v decay by beta^k (k = now - last), p moves by lr * (T(last) - r^k T(now)) * m /
+    (sqrt(v) + eps') (`_drift_sums`): dense Adam's own steps, but for eps, which Adam adds
+    to each step's bias-corrected sqrt(v) and this adds once, as the first step has it."""
+    b1, b2 = group["betas"]
+    sums = _drift_sums(b1, b2, -(-(now + 1) // 65_536) * 65_536)
+    k = (now - last).to(torch.float64)
+    r = b1 / b2**0.5
+    total = sums[last] - torch.pow(r, k) * sums[now]
+    shift = (group["lr"] * total).to(p.dtype).unsqueeze(1)
+    # eps as the first missed step has it: Adam adds it to sqrt(v / (1 - b2^s))
+    eps = group["eps"] * (1 - torch.pow(b2, last.to(torch.float64) + 1)).sqrt()
+    p.sub_(shift * m / (v.sqrt() + eps.to(p.dtype).unsqueeze(1)))
+    m.mul_(torch.pow(b1, k).to(m.dtype).unsqueeze(1))
+    v.mul_(torch.pow(b2, k).to(v.dtype).unsqueeze(1))
+
+
 class _SymmetricSpMM(torch.autograd.Function):
     """A @ x for a symmetric sparse A, with backward A @ grad (no transpose)."""
 
@@ -238,6 +284,7 @@ class LightGCN(EmbeddingRecommender):
         self._row_of: torch.Tensor | None = None
         self._hot_rows: int | None = None
         self._cold_written: list[torch.Tensor] = []
+        self._lazy_state: tuple[dict, dict] | None = None
         self.register_state_dict_post_hook(_table_in_node_order)
         self.register_load_state_dict_pre_hook(_table_into_layout)
 
@@ -354,9 +401,10 @@ class LightGCN(EmbeddingRecommender):
 
     def _lazy_adam(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
         """Adam's step pre-hook (topm): the table's hot rows by one fused Adam pass, its
-        cold rows only where this step's gradient reached them (lazy Adam: a cold row keeps
-        its moments and vector in steps without it), in torch Adam's own state; the table's
-        gradient is then cleared so that Adam's own step skips it."""
+        cold rows only when this step's gradient reaches them, in torch Adam's own state
+        (plus each row's last step); the table's gradient is then cleared so that Adam's
+        own step skips it. A cold row's zero-gradient steps since it last moved are applied
+        then in one go (`_drift`), as dense Adam would have moved it on its momentum."""
         table = self.embedding.weight
         hot, grad = self._hot_rows, table.grad
         if hot is None or grad is None or hot >= len(table) or grad.is_sparse:
@@ -369,6 +417,9 @@ class LightGCN(EmbeddingRecommender):
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(table, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(table, memory_format=torch.preserve_format)
+        if "last_step" not in state:  # the step each row last moved at
+            state["last_step"] = torch.full((len(table),), int(state["step"]), dtype=torch.long)
+        self._lazy_state = (state, group)
         step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
         with torch.no_grad(), _no_nan_fill():
             if grad is self._grad_buffer:  # the cold rows this step's bags wrote
@@ -392,11 +443,39 @@ class LightGCN(EmbeddingRecommender):
             parts = [t[:hot] for t in (table, grad, m, v)]
             torch._fused_adam_(*([t] for t in parts), [], [step], **kwargs)
             if len(cold):
-                parts = [t.index_select(0, cold) for t in (table, grad, m, v)]
-                torch._fused_adam_(*([t] for t in parts), [], [step], **kwargs)
-                for target, part in zip((table, m, v), (parts[0], parts[2], parts[3]), strict=True):
-                    target.index_copy_(0, cold, part)
+                old = [t.index_select(0, cold) for t in (table, m, v)]
+                new = [t.clone() for t in old]
+                _drift(*new, state["last_step"][cold], int(step) - 1, group)
+                rows_grad = grad.index_select(0, cold)
+                torch._fused_adam_(
+                    *([t] for t in (new[0], rows_grad, *new[1:])), [], [step], **kwargs
+                )
+                # written back as differences: index_add_ takes the parallel scatter path
+                for target, after, before in zip((table, m, v), new, old, strict=True):
+                    target.index_add_(0, cold, after.sub_(before))
+                state["last_step"].index_fill_(0, cold, int(step))
         table.grad = None
+
+    def catch_up(self) -> None:
+        """Apply every cold row's zero-gradient Adam steps since it last moved (`_drift`),
+        so that the table is as dense Adam's would be: before the vectors are read whole
+        (`encode`: validation, export)."""
+        if self._lazy_state is None or self._hot_rows is None:
+            return
+        state, group = self._lazy_state
+        table, hot, now = self.embedding.weight, self._hot_rows, int(state["step"])
+        last = state["last_step"]
+        rows = (last[hot:] < now).nonzero().squeeze(1) + hot
+        if not len(rows):
+            return
+        with torch.no_grad(), _no_nan_fill():
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            old = [t.index_select(0, rows) for t in (table, m, v)]
+            new = [t.clone() for t in old]
+            _drift(*new, last[rows], now, group)
+            for target, after, before in zip((table, m, v), new, old, strict=True):
+                target.index_add_(0, rows, after.sub_(before))
+            last.index_fill_(0, rows, now)
 
     def closed_form_backward(self, idx: torch.Tensor) -> torch.Tensor | None:
         """topm with BPR or BCE: the same batch as `batch_loss` (negatives, PLD, T-CE, IPS)
@@ -499,7 +578,8 @@ class LightGCN(EmbeddingRecommender):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
         """topm: fused Adam, one pass over the table per step (the foreach Adam's ten or so
-        passes measured 66 ms a step at 10M pairs, fused 15 ms); full, or another
+        passes measured 66 ms a step at 10M pairs, fused 15 ms), over the hot rows only with
+        the cold ones lazy (`_lazy_adam`, its step pre-hook); full, or another
         `optim.optimizer` than adam: the base's."""
         if not self.topm or self.cfg.optim.optimizer != "adam":
             return super().configure_optimizers()
@@ -518,6 +598,7 @@ class LightGCN(EmbeddingRecommender):
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.topm:
+            self.catch_up()
             out = self._propagate(torch.arange(self.n_users + self.n_items))
             return out[: self.n_users], out[self.n_users :]
         x = self.embedding.weight
