@@ -28,23 +28,12 @@ With BPR or BCE a topm step skips autograd altogether (`closed_form_backward`: s
 their gradient on the batch's sampled pattern, then sparse products through the bags; 10M
 pairs: 49.8 -> 41.4 s an epoch, the same training), and with `optim.optimizer: sgd` it applies
 the update itself (28.0 s; benchmarks/results/lightgcn_round2.md).
-
-A topm table is laid out hot rows first (`_lay_out`, once per operator): hot are the items
-and every node some item's bag holds, the rows a step that holds most items always reads;
-cold are the users no item's bag holds (the heavy users, whom the degree-normalised weights
-rank last: at 10M pairs 48% of the table). Adam (a step pre-hook, `_lazy_adam`) moves the
-hot rows with one fused pass over them and a cold row only in a step that reaches it (lazy
-Adam: in other steps its vector and moments stay as they are; dense Adam would keep moving
-it on its momentum). That halves Adam's pass at 10M pairs (benchmarks/results/
-lightgcn_round3.md; valid NDCG kept on the four sets). The layout does not show outside:
-`state_dict` and `encode` are in node order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -144,12 +133,10 @@ class _BagIntoGrad(torch.autograd.Function):
         if ctx.transpose is not None:  # the bags' operator transposed, kept as CSR: one SpMM
             # beta=0 on a fresh buffer: the product overwrites it, no zero fill first (the item
             # side, created last in a step, runs its backward first)
-            rows = ctx.transpose.shape[0]  # the rows item bags reach (all, or the hot rows)
-            target[:rows].addmm_(ctx.transpose, grad.contiguous(), beta=0 if fresh else 1)
+            target.addmm_(ctx.transpose, grad.contiguous(), beta=0 if fresh else 1)
             return None, None, None, None, None
         neighbours, weights = ctx.saved_tensors
         _bag_backward(target, neighbours, weights, grad)
-        ctx.owner.note_cold_rows(neighbours)
         return None, None, None, None, None
 
 
@@ -172,57 +159,6 @@ def _bag_backward(
     """Add the gradient of weighted sum bags (rows of `grad`) into their table rows."""
     for slot in range(bags.shape[1]):
         target.index_add_(0, bags[:, slot], grad * weights[:, slot].unsqueeze(1))
-
-
-def _table_in_node_order(module: LightGCN, state: dict, prefix: str, _meta: object) -> None:
-    """state_dict's table in node order, whatever the rows' layout (`_lay_out`)."""
-    key = prefix + "embedding.weight"
-    if module._row_of is not None and key in state:
-        state[key] = state[key][module._row_of]
-
-
-def _table_into_layout(module: LightGCN, state: dict, prefix: str, *_: object) -> None:
-    """A node-order table loaded into the rows' current layout."""
-    key = prefix + "embedding.weight"
-    if module._row_of is not None and key in state:
-        order = torch.empty_like(module._row_of)
-        order[module._row_of] = torch.arange(len(order), device=order.device)
-        state[key] = state[key][order]
-
-
-@lru_cache(maxsize=4)
-def _drift_sums(b1: float, b2: float, size: int) -> torch.Tensor:
-    """T(l) = sum over j >= 1 of r^j w(l + j) for l = 0 .. size - 1 (float64), r = b1 /
-    sqrt(b2), w(s) = sqrt(1 - b2^s) / (1 - b1^s): Adam's step sizes over zero-gradient steps
-    (`_drift`). By T(l) = r (w(l + 1) + T(l + 1)), from far enough out that w is 1."""
-    r, far = b1 / b2**0.5, size + 20_000
-    total, out = r / (1 - r), [0.0] * size
-    for step in range(far, 0, -1):  # total = T(step - 1)
-        w = (1 - b2**step) ** 0.5 / (1 - b1**step)
-        total = r * (w + total)
-        if step - 1 < size:
-            out[step - 1] = total
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def _drift(
-    p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor, now: int, group: dict
-) -> None:
-    """Rows (p, m, v) moved through Adam's zero-gradient steps last+1 .. now in one go: m
-    and v decay by beta^k (k = now - last), p moves by lr * (T(last) - r^k T(now)) * m /
-    (sqrt(v) + eps') (`_drift_sums`): dense Adam's own steps, but for eps, which Adam adds
-    to each step's bias-corrected sqrt(v) and this adds once, as the first step has it."""
-    b1, b2 = group["betas"]
-    sums = _drift_sums(b1, b2, -(-(now + 1) // 65_536) * 65_536)
-    k = (now - last).to(torch.float64)
-    r = b1 / b2**0.5
-    total = sums[last] - torch.pow(r, k) * sums[now]
-    shift = (group["lr"] * total).to(p.dtype).unsqueeze(1)
-    # eps as the first missed step has it: Adam adds it to sqrt(v / (1 - b2^s))
-    eps = group["eps"] * (1 - torch.pow(b2, last.to(torch.float64) + 1)).sqrt()
-    p.sub_(shift * m / (v.sqrt() + eps.to(p.dtype).unsqueeze(1)))
-    m.mul_(torch.pow(b1, k).to(m.dtype).unsqueeze(1))
-    v.mul_(torch.pow(b2, k).to(v.dtype).unsqueeze(1))
 
 
 class _SymmetricSpMM(torch.autograd.Function):
@@ -278,15 +214,6 @@ class LightGCN(EmbeddingRecommender):
         self._bag_into_grad = self.topm and not self.cfg.optim.distributed
         # topm: the item rows of the operator transposed, (nodes, items) CSR, built once
         self._item_transpose: torch.Tensor | None = None
-        # topm with Adam: the table's rows laid out hot first (`_lay_out`): the table row of
-        # each node, the hot row count, and the cold rows written into the gradient buffer
-        # since it was last cleared there
-        self._row_of: torch.Tensor | None = None
-        self._hot_rows: int | None = None
-        self._cold_written: list[torch.Tensor] = []
-        self._lazy_state: tuple[dict, dict] | None = None
-        self.register_state_dict_post_hook(_table_in_node_order)
-        self.register_load_state_dict_pre_hook(_table_into_layout)
 
     def on_fit_start(self) -> None:
         self.adjacency = self.adjacency.to(self.device)
@@ -300,8 +227,7 @@ class LightGCN(EmbeddingRecommender):
         if self._bags is None:
             m = self.cfg.model.topm
             operator = propagation_operator(self.adjacency, self.cfg.model.layers, m)
-            neighbours, weights = padded_rows(operator, m + 1)
-            self._bags = (self._lay_out(neighbours, weights), weights)
+            self._bags = padded_rows(operator, m + 1)
         if self._bags[0].device != device:
             self._bags = (self._bags[0].to(device), self._bags[1].to(device))
         return self._bags
@@ -315,7 +241,7 @@ class LightGCN(EmbeddingRecommender):
             items = torch.arange(self.n_items, device=bags.device).repeat_interleave(bags.shape[1])
             keep = bag_weights.reshape(-1) > 0
             index = torch.stack([bags.reshape(-1)[keep], items[keep]])
-            shape = (self._hot_rows or neighbours.shape[0], self.n_items)
+            shape = (neighbours.shape[0], self.n_items)
             coo = torch.sparse_coo_tensor(index, bag_weights.reshape(-1)[keep], shape)
             self._item_transpose = coo.coalesce().to_sparse_csr()
         if self._item_transpose.device != neighbours.device:
@@ -357,125 +283,10 @@ class LightGCN(EmbeddingRecommender):
         buffer = self._grad_buffer
         if buffer is None or buffer.shape != table.shape or buffer.device != table.device:
             buffer = self._grad_buffer = torch.zeros_like(table)
-            self._cold_written = []
         elif zero:
             buffer.zero_()
-            self._cold_written = []
-        elif self._cold_written:  # the caller overwrites the hot rows only: clear the cold
-            buffer.index_fill_(0, torch.cat(self._cold_written), 0.0)
-            self._cold_written = []
         table.grad = buffer
         return buffer, True
-
-    def note_cold_rows(self, bags: torch.Tensor) -> None:
-        """Record the cold rows among `bags`, whose gradient was just added into the kept
-        buffer: the next fresh buffer clears them, and the lazy Adam step updates them."""
-        hot = self._hot_rows
-        if hot is not None and hot < self.embedding.weight.shape[0]:
-            flat = bags.reshape(-1)
-            self._cold_written.append(flat[flat >= hot])
-
-    def _lay_out(self, neighbours: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Move the table's rows so the hot ones come first and return the bags relabelled
-        to table rows. Hot: every item and every node in an item's bag, rows that every step
-        with most items reads; cold: the rest (users no item's bag holds: at 10M pairs 48% of
-        the table, the heavy users, whom the degree-normalised weights rank last). Adam moves
-        the hot rows densely, one fused pass over them, and a cold row only in a step that
-        reaches it (`_lazy_adam`): the dense pass over the whole table was 16 ms of a 63 ms
-        step. Node order is kept outside: `state_dict` and `encode` see nodes."""
-        n = neighbours.shape[0]
-        hot = torch.zeros(n, dtype=torch.bool, device=neighbours.device)
-        hot[self.n_users :] = True
-        hot[neighbours[self.n_users :][weights[self.n_users :] > 0]] = True
-        order = torch.cat([hot.nonzero().squeeze(1), (~hot).nonzero().squeeze(1)])
-        row_of = torch.empty_like(order)
-        row_of[order] = torch.arange(n, device=order.device)
-        with torch.no_grad():
-            table = self.embedding.weight
-            nodes = table if self._row_of is None else table[self._row_of]
-            table.copy_(nodes[order])
-        self._row_of, self._hot_rows = row_of, int(hot.sum())
-        self._cold_written = []
-        self._grad_buffer = None
-        return row_of[neighbours]
-
-    def _lazy_adam(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
-        """Adam's step pre-hook (topm): the table's hot rows by one fused Adam pass, its
-        cold rows only when this step's gradient reaches them, in torch Adam's own state
-        (plus each row's last step); the table's gradient is then cleared so that Adam's
-        own step skips it. A cold row's zero-gradient steps since it last moved are applied
-        then in one go (`_drift`), as dense Adam would have moved it on its momentum."""
-        table = self.embedding.weight
-        hot, grad = self._hot_rows, table.grad
-        if hot is None or grad is None or hot >= len(table) or grad.is_sparse:
-            return
-        group = next(g for g in optimizer.param_groups if any(p is table for p in g["params"]))
-        if group["amsgrad"] or group["maximize"] or table.device.type != "cpu":
-            return
-        state = optimizer.state[table]
-        if not state:  # as torch's fused Adam creates it
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(table, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(table, memory_format=torch.preserve_format)
-        if "last_step" not in state:  # the step each row last moved at
-            state["last_step"] = torch.full((len(table),), int(state["step"]), dtype=torch.long)
-        self._lazy_state = (state, group)
-        step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-        with torch.no_grad(), _no_nan_fill():
-            if grad is self._grad_buffer:  # the cold rows this step's bags wrote
-                mark = torch.zeros(len(table), dtype=torch.bool)
-                for rows in self._cold_written:
-                    mark.index_fill_(0, rows, True)
-            else:  # a gradient autograd wrote: the cold rows with a gradient
-                mark = torch.zeros(len(table), dtype=torch.bool)
-                mark[hot:] = (grad[hot:] != 0).any(1)
-            cold = mark[hot:].nonzero().squeeze(1) + hot
-            step.add_(1)
-            kwargs = {
-                "amsgrad": False,
-                "lr": group["lr"],
-                "beta1": group["betas"][0],
-                "beta2": group["betas"][1],
-                "weight_decay": group["weight_decay"],
-                "eps": group["eps"],
-                "maximize": False,
-            }
-            parts = [t[:hot] for t in (table, grad, m, v)]
-            torch._fused_adam_(*([t] for t in parts), [], [step], **kwargs)
-            if len(cold):
-                old = [t.index_select(0, cold) for t in (table, m, v)]
-                new = [t.clone() for t in old]
-                _drift(*new, state["last_step"][cold], int(step) - 1, group)
-                rows_grad = grad.index_select(0, cold)
-                torch._fused_adam_(
-                    *([t] for t in (new[0], rows_grad, *new[1:])), [], [step], **kwargs
-                )
-                # written back as differences: index_add_ takes the parallel scatter path
-                for target, after, before in zip((table, m, v), new, old, strict=True):
-                    target.index_add_(0, cold, after.sub_(before))
-                state["last_step"].index_fill_(0, cold, int(step))
-        table.grad = None
-
-    def catch_up(self) -> None:
-        """Apply every cold row's zero-gradient Adam steps since it last moved (`_drift`),
-        so that the table is as dense Adam's would be: before the vectors are read whole
-        (`encode`: validation, export)."""
-        if self._lazy_state is None or self._hot_rows is None:
-            return
-        state, group = self._lazy_state
-        table, hot, now = self.embedding.weight, self._hot_rows, int(state["step"])
-        last = state["last_step"]
-        rows = (last[hot:] < now).nonzero().squeeze(1) + hot
-        if not len(rows):
-            return
-        with torch.no_grad(), _no_nan_fill():
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            old = [t.index_select(0, rows) for t in (table, m, v)]
-            new = [t.clone() for t in old]
-            _drift(*new, last[rows], now, group)
-            for target, after, before in zip((table, m, v), new, old, strict=True):
-                target.index_add_(0, rows, after.sub_(before))
-            last.index_fill_(0, rows, now)
 
     def closed_form_backward(self, idx: torch.Tensor) -> torch.Tensor | None:
         """topm with BPR or BCE: the same batch as `batch_loss` (negatives, PLD, T-CE, IPS)
@@ -537,16 +348,11 @@ class LightGCN(EmbeddingRecommender):
             else:
                 target, fresh = self.table_grad(zero=not all_items)
             if all_items:
-                # beta=0 on a fresh buffer: the product overwrites every row item bags reach
-                # (the hot rows; the cold ones were cleared by `table_grad`), no zero fill
-                transpose = self.item_transpose()
-                rows = transpose.shape[0]
-                target[:rows].addmm_(transpose, grad_ivec, beta=0 if fresh else 1)
+                # beta=0 on a fresh buffer: the product overwrites every row, no zero fill
+                target.addmm_(self.item_transpose(), grad_ivec, beta=0 if fresh else 1)
             else:
                 _bag_backward(target, item_bags, item_weights, grad_ivec)
             _bag_backward(target, user_bags, user_weights, grad_users)
-            if target is not table:
-                self.note_cold_rows(user_bags)
         return loss
 
     def _pattern_step(
@@ -578,17 +384,16 @@ class LightGCN(EmbeddingRecommender):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
         """topm: fused Adam, one pass over the table per step (the foreach Adam's ten or so
-        passes measured 66 ms a step at 10M pairs, fused 15 ms), over the hot rows only with
-        the cold ones lazy (`_lazy_adam`, its step pre-hook); full, or another
+        passes measured 66 ms a step at 10M pairs, fused 15 ms); full, or another
         `optim.optimizer` than adam: the base's."""
         if not self.topm or self.cfg.optim.optimizer != "adam":
             return super().configure_optimizers()
         optim = self.cfg.optim
-        adam = torch.optim.Adam(
-            self.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, fused=True
-        )
-        adam.register_step_pre_hook(self._lazy_adam)
-        return [adam]
+        return [
+            torch.optim.Adam(
+                self.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, fused=True
+            )
+        ]
 
     def batch_encoder(self):  # type: ignore[override]
         if not self.topm:
@@ -598,7 +403,6 @@ class LightGCN(EmbeddingRecommender):
 
     def encode(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.topm:
-            self.catch_up()
             out = self._propagate(torch.arange(self.n_users + self.n_items))
             return out[: self.n_users], out[self.n_users :]
         x = self.embedding.weight
