@@ -20,8 +20,7 @@ becomes per-example losses (`example_losses`). Everything else lives here once:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -286,7 +285,8 @@ class EmbeddingRecommender(L.LightningModule):
         item_vectors: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """The batch's pair indices, with PLD's resampled positives once it is warm."""
-        if self._pld_warm():
+        dn = self.cfg.denoise
+        if dn.method == "pld" and self.current_epoch >= dn.warmup_epochs:
             new_pos = self._pld_resample(uvec, item_vectors, users, self.pos_items[idx], neg)
             # a resampled positive brings its own pair's label, weight and maturity
             idx = self._pair_index(users, new_pos, idx)
@@ -302,48 +302,8 @@ class EmbeddingRecommender(L.LightningModule):
         """One plain SGD step of `batch_loss(idx)` at rate `lr` done by the model itself, the
         update added straight into its tables, and its loss; None: the step goes through
         gradients and the optimiser. Called only when one RowSparseSGD holds every
-        parameter. It is `sgd_update(sgd_draw(idx))`: models that do it (MF's pairwise
-        losses) implement those two."""
-        drawn = self.sgd_draw(idx)
-        return None if drawn is None else self.sgd_update(drawn, lr)
-
-    def sgd_draw(self, idx: torch.Tensor) -> Any | None:
-        """A fused SGD step's part that reads no table (its random draws, its gathers from
-        the pair arrays), which `training_step` may run while the step before it updates
-        the tables; None: no fused step for this model."""
+        parameter (MF's pairwise losses do it)."""
         return None
-
-    def sgd_update(self, drawn: Any, lr: float) -> torch.Tensor:
-        """A drawn step's update, added into the tables, and its loss."""
-        raise NotImplementedError
-
-    def _pld_warm(self) -> bool:
-        """Whether PLD resamples this epoch's positives (its draws read the user rows)."""
-        dn = self.cfg.denoise
-        return dn.method == "pld" and self.current_epoch >= dn.warmup_epochs
-
-    def _sgd_draws(
-        self, parts: tuple[torch.Tensor, ...], lr: float | None
-    ) -> Iterator[tuple[torch.Tensor, Any | None]]:
-        """Each part with its fused-step draw (None: the gradient path). With several parts,
-        the next part is drawn in a background thread while the caller updates the tables
-        with the current one (the step's sampling and cold gathers overlap its arithmetic:
-        torch ops release the GIL). The draws still run one after the other in the parts'
-        order, and the update draws nothing (PLD, whose draws do, stays in line), so the
-        generator gives the same numbers as drawing in line."""
-        first = None if lr is None else self.sgd_draw(parts[0])
-        if first is None or len(parts) == 1 or self._pld_warm():
-            yield parts[0], first
-            for part in parts[1:]:
-                yield part, None if first is None else self.sgd_draw(part)
-            return
-        drawn = first
-        for j, part in enumerate(parts):
-            ahead = _drawer().submit(self.sgd_draw, parts[j + 1]) if j + 1 < len(parts) else None
-            try:
-                yield part, drawn
-            finally:  # never leave a draw running past the step (the generator's order)
-                drawn = None if ahead is None else ahead.result()
 
     def training_step(self, idx: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """One optimiser step per `optim.step_batch` positions of the loader's batch (one
@@ -356,8 +316,8 @@ class EmbeddingRecommender(L.LightningModule):
         size = self.cfg.optim.step_batch
         parts = idx.split(size) if size and len(idx) > size else (idx,)
         losses = []
-        for part, drawn in self._sgd_draws(parts, lr):
-            loss = None if drawn is None else self.sgd_update(drawn, lr)
+        for part in parts:
+            loss = None if lr is None else self.sgd_step(part, lr)
             if loss is None:
                 for opt in optimizers:
                     opt.zero_grad()
@@ -554,17 +514,6 @@ class RowSparseSGD(_RowSparseOptimizer):
         grad = p.grad
         p.index_add_(0, grad._indices()[0], grad._values().mul_(-group["lr"]))
         p.grad = None
-
-
-_DRAWER: ThreadPoolExecutor | None = None
-
-
-def _drawer() -> ThreadPoolExecutor:
-    """The one background thread that draws fused SGD steps ahead (`_sgd_draws`)."""
-    global _DRAWER
-    if _DRAWER is None:
-        _DRAWER = ThreadPoolExecutor(1, thread_name_prefix="recfb-sgd-draw")
-    return _DRAWER
 
 
 def _sole_sgd_rate(optimizers: list) -> float | None:

@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from recfb.models.base import EmbeddingRecommender, distinct_slots, set_row_gradient
-
-
-class _SGDDraw(NamedTuple):
-    """A fused SGD step's table-free part (`MatrixFactorization.sgd_draw`); with PLD warm
-    only the positions, users and negatives (the rest needs the user rows)."""
-
-    idx: torch.Tensor
-    users: torch.Tensor
-    neg: torch.Tensor
-    items: torch.Tensor | None = None
-    pattern: torch.Tensor | None = None
-    entries: torch.Tensor | None = None
-    weights: torch.Tensor | None = None
-
 
 # the closed-form step's batch pattern is a CSR matrix; torch notes CSR's "beta" status
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -81,68 +66,49 @@ class MatrixFactorization(EmbeddingRecommender):
             and self.user_embedding.weight.device.type == "cpu"
         )
 
-    def sgd_draw(self, idx: torch.Tensor) -> _SGDDraw | None:
-        """The part of a fused SGD step that reads no table: the positives' fields, the
-        negatives (every random draw of the step, unless PLD is warm: its resampling reads
-        the user rows, so it moves to `sgd_update`) and the batch's (user, item) pattern."""
+    def sgd_step(self, idx: torch.Tensor, lr: float) -> torch.Tensor | None:
+        """A plain SGD step of `batch_loss(idx)` in closed form, the update added straight
+        into the tables. The batch's scores come from `sampled_addmm` (no gathered copy of
+        the item rows); with g = -lr dL/ds (`pairwise_step`) each user row moves by
+        sum_n g_n q_n (an embedding bag over the item table, again no gathered copy) and
+        each item row by g p_u: one `addmm_` of an (items x batch) COO matrix holding g with
+        the batch's user rows adds each entry's row straight into the table (repeated rows
+        summed), with no (B(1+N), dim) block of products written and read back (less CPU a
+        step than the block plus `index_add_`: benchmarks/results/train_mf_round3.md). Both
+        moves are computed from the rows before the step, as SGD on the closed form's
+        gradient does, but with no transposed sparse matrix (a sort), no gradient tensors
+        and no optimiser pass over them (profiled: the bulk of a closed-form step). Any
+        batch size (its cost follows the batch, not the catalogue); plain MF only (item
+        features keep the gradient path)."""
         if self.feature_names or not self._closed_form_covered():
             return None
         with torch.no_grad():
             users = self.pos_users[idx]
             neg = self.sample_negatives(users)
-            if self._pld_warm():
-                return _SGDDraw(idx, users, neg)
-            pos, weights = self.pos_items[idx], self.pos_weights[idx]
-            return _SGDDraw(idx, users, neg, *self._pattern(pos, neg), weights)
-
-    def _pattern(
-        self, pos: torch.Tensor, neg: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch's items (B, 1+N: the positive, then its negatives), their (user slot,
-        item) pattern as a CSR matrix for the scores, and its (item, user slot) indices for
-        the item rows' update."""
-        items = torch.cat([pos.unsqueeze(1), neg], 1)
-        flat = items.view(-1)
-        width = items.shape[1]
-        crow = torch.arange(0, len(flat) + 1, width, device=flat.device)
-        pattern = torch.sparse_csr_tensor(
-            crow,
-            flat,
-            torch.zeros(len(flat)),  # read even at beta 0: no uninitialised memory
-            (len(items), self.n_items),
-            check_invariants=False,
-        )
-        slots = torch.arange(len(items), device=flat.device).repeat_interleave(width)
-        return items, pattern, torch.stack([flat, slots])
-
-    def sgd_update(self, drawn: _SGDDraw, lr: float) -> torch.Tensor:
-        """The update of a drawn step, added into the tables, and its loss. The batch's
-        scores come from `sampled_addmm` (no gathered copy of the item rows); with
-        g = -lr dL/ds (`pairwise_step`) each user row moves by sum_n g_n q_n (an embedding
-        bag over the item table, again no gathered copy) and each item row by g p_u: one
-        `addmm_` of a (items x batch) COO matrix holding g with the batch's user rows, which
-        adds each entry's row straight into the table (repeated rows summed), with no
-        (B x (1+N), dim) block written and read back. Both moves are computed from the rows
-        before the step, as SGD on the closed form's gradient does, but with no transposed
-        sparse matrix (a sort), no gradient tensors and no optimiser pass over them
-        (profiled: the bulk of a closed-form step)."""
-        with torch.no_grad():
             user_table, item_table = self.user_embedding.weight, self.item_embedding.weight
-            users = drawn.users
             uvec = user_table.index_select(0, users)
-            if drawn.items is None:  # PLD: resample the positives from the rows
-                idx = self._denoised_index(drawn.idx, users, drawn.neg, uvec, self._item_vectors)
-                pos, weights = self.pos_items[idx], self.pos_weights[idx]
-                items, pattern, entries = self._pattern(pos, drawn.neg)
-            else:
-                items, pattern, entries = drawn.items, drawn.pattern, drawn.entries
-                weights = drawn.weights
+            idx = self._denoised_index(idx, users, neg, uvec, self._item_vectors)
+            pos, weights = self.pos_items[idx], self.pos_weights[idx]
+            items = torch.cat([pos.unsqueeze(1), neg], 1)
+            flat = items.view(-1)
+            crow = torch.arange(0, len(flat) + 1, items.shape[1], device=flat.device)
+            pattern = torch.sparse_csr_tensor(
+                crow,
+                flat,
+                torch.zeros(len(flat)),  # read even at beta 0: no uninitialised memory
+                (len(users), self.n_items),
+                check_invariants=False,
+            )
             scores = torch.sparse.sampled_addmm(pattern, uvec, item_table.T, beta=0.0)
-            loss, grad = self.pairwise_step(scores.values().view(items.shape), items[:, 0], weights)
+            loss, grad = self.pairwise_step(scores.values().view(items.shape), pos, weights)
             step = grad.mul_(-lr)
             user_step = F.embedding_bag(items, item_table, per_sample_weights=step, mode="sum")
+            slots = torch.arange(len(users), device=flat.device).repeat_interleave(items.shape[1])
             by_item = torch.sparse_coo_tensor(
-                entries, step.view(-1), (self.n_items, len(users)), check_invariants=False
+                torch.stack([flat, slots]),
+                step.view(-1),
+                (self.n_items, len(users)),
+                check_invariants=False,
             )
             item_table.addmm_(by_item, uvec)  # uncoalesced: each entry added on its own
             user_table.index_add_(0, users, user_step)
