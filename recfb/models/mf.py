@@ -41,6 +41,7 @@ class MatrixFactorization(EmbeddingRecommender):
             table = self.embedding_table(int(codes[name].max()) + 1, dim)
             nn.init.zeros_(table.weight)  # start as plain MF; features learn what they add
             self.feature_tables[name] = table
+        self._rows_buffer: torch.Tensor | None = None  # sgd_step's item step, kept
 
     def _item_vectors(self, rows: torch.Tensor | None) -> torch.Tensor:
         base = self.item_embedding.weight if rows is None else self.item_embedding(rows)
@@ -71,10 +72,8 @@ class MatrixFactorization(EmbeddingRecommender):
         into the tables. The batch's scores come from `sampled_addmm` (no gathered copy of
         the item rows); with g = -lr dL/ds (`pairwise_step`) each user row moves by
         sum_n g_n q_n (an embedding bag over the item table, again no gathered copy) and
-        each item row by g p_u: one `addmm_` of an (items x batch) COO matrix holding g with
-        the batch's user rows adds each entry's row straight into the table (repeated rows
-        summed), with no (B(1+N), dim) block of products written and read back (less CPU a
-        step than the block plus `index_add_`: benchmarks/results/train_mf_round3.md). Both
+        each item row by g p_u (written into a buffer kept between steps, since fresh memory
+        costs its page faults every step, then `index_add_`, which sums repeated rows). Both
         moves are computed from the rows before the step, as SGD on the closed form's
         gradient does, but with no transposed sparse matrix (a sort), no gradient tensors
         and no optimiser pass over them (profiled: the bulk of a closed-form step). Any
@@ -103,14 +102,12 @@ class MatrixFactorization(EmbeddingRecommender):
             loss, grad = self.pairwise_step(scores.values().view(items.shape), pos, weights)
             step = grad.mul_(-lr)
             user_step = F.embedding_bag(items, item_table, per_sample_weights=step, mode="sum")
-            slots = torch.arange(len(users), device=flat.device).repeat_interleave(items.shape[1])
-            by_item = torch.sparse_coo_tensor(
-                torch.stack([flat, slots]),
-                step.view(-1),
-                (self.n_items, len(users)),
-                check_invariants=False,
-            )
-            item_table.addmm_(by_item, uvec)  # uncoalesced: each entry added on its own
+            if self._rows_buffer is None:
+                self._rows_buffer = torch.empty(0, dtype=item_table.dtype)
+            # resize_ keeps the storage when it is large enough
+            item_step = self._rows_buffer.resize_(len(flat), item_table.shape[1])
+            torch.mul(step.unsqueeze(2), uvec.unsqueeze(1), out=item_step.view(*items.shape, -1))
+            item_table.index_add_(0, flat, item_step)
             user_table.index_add_(0, users, user_step)
         return loss
 
