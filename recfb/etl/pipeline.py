@@ -221,18 +221,13 @@ def _first_occurrence(
         part_expr = (pl.col(value.name) % n_parts).abs().cast(pl.UInt8)
         part_of = value.to_frame().lazy().select(part_expr).collect(engine="streaming")
         part_of = part_of.to_series()
-
-    def repeated_in(part: int) -> np.ndarray:
+    repeated = []
+    for part in range(n_parts):
         values = value if part_of is None else value.filter(part_of == part)
         ordered = np.sort(values.drop_nulls().to_numpy())
         del values
-        return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
-
-    # NumPy's sort runs on one thread: the parts are sorted on as many as Polars uses (each
-    # releases the GIL), two parts' working memory at once on two cores
-    workers = max(1, min(pl.thread_pool_size(), n_parts, 4))
-    with ThreadPoolExecutor(workers) as pool:
-        repeated = list(pool.map(repeated_in, range(n_parts)))
+        repeated.append(np.unique(ordered[1:][ordered[1:] == ordered[:-1]]))
+        del ordered
     del part_of
     repeats = pl.Series(np.concatenate(repeated)).cast(value.dtype)
     first = pl.repeat(True, frame.height, eager=True) if within is None else within.clone()
