@@ -2,7 +2,8 @@
 survivors) for one or more checkouts, in turn, on the same key columns: an A/B of the stage
 that a whole-ETL run on a noisy machine cannot resolve.
 
-    python benchmarks/etl_dedupe.py /tmp/recfb-bench/sim-50000000/events /tmp/wt-base . /tmp/wt-base .
+    python benchmarks/etl_dedupe.py /tmp/recfb-bench/sim-50000000/events \\
+        /tmp/wt-base . /tmp/wt-base .
 
 Each checkout runs in its own process (PYTHONPATH=<checkout>), `--calls` times.
 """
@@ -36,7 +37,7 @@ print(json.dumps(out))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("events", help="a directory of parquet events (benchmarks/etl.py's)")
     parser.add_argument("checkouts", nargs="+", help="recfb checkouts, run in this order")
     parser.add_argument("--calls", type=int, default=3)
