@@ -62,11 +62,10 @@ class LightGCNConfig(_Embedding):
         "node), so a step propagates only its batch's distinct nodes",
     )
     topm: int = Field(
-        4,
+        8,
         ge=1,
-        description="neighbours kept per node when propagation=topm (4 and 8 match full on "
-        "valid MovieLens, 4 is best on Taobao and 12% faster an epoch than 8; 16 and 32 lose "
-        "on Taobao: benchmarks/results/lightgcn_modes.md, lightgcn_round4.md)",
+        description="neighbours kept per node when propagation=topm (8 matched full on valid "
+        "MovieLens and Taobao; 16 and 32 lost on Taobao: benchmarks/results/lightgcn_modes.md)",
     )
 
 
