@@ -49,21 +49,44 @@ def run_child(script: str, args: list[str]) -> dict[str, Any]:
     return result
 
 
+def sim_etl_config(events: str | Path, out: str | Path, split: dict | None = None) -> Any:
+    """The ETL config the benchmarks run on simulated events (parquet files, the simulator's
+    signal map)."""
+    from recfb.config import build_model
+    from recfb.etl import EtlConfig
+
+    data: dict[str, Any] = {
+        "input": {"paths": [str(events)], "format": "parquet"},
+        "signals": str(SIGNALS),
+        "out": str(out),
+    }
+    if split is not None:
+        data["split"] = split
+    return build_model(EtlConfig, data, "benchmark")
+
+
+def run_in_checkout(checkout: str | Path, code: str, args: list[str]) -> str:
+    """Run Python `code` with `args` in its own process on another checkout's recfb
+    (PYTHONPATH=<checkout>, cwd there); returns its stdout. For A/Bs across checkouts."""
+    checkout = Path(checkout).resolve()
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=os.environ | {"PYTHONPATH": str(checkout)},
+        cwd=checkout,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
 def simulated_etl(sim_config: Any, base: Path, split: dict | None = None) -> Path:
     """Simulate into base/sim (unless there) and run the ETL into base/etl; returns base/etl."""
-    from recfb.config import build_model
-    from recfb.etl import EtlConfig, run_etl
+    from recfb.etl import run_etl
     from recfb.simulate import simulate
 
     if not (base / "sim" / "events").exists():
         simulate(sim_config, base / "sim", overwrite=True)
     etl = base / "etl"
-    data: dict[str, Any] = {
-        "input": {"paths": [str(base / "sim" / "events")]},
-        "signals": str(SIGNALS),
-        "out": str(etl),
-    }
-    if split is not None:
-        data["split"] = split
-    run_etl(build_model(EtlConfig, data, "benchmark"), quiet=True)
+    run_etl(sim_etl_config(base / "sim" / "events", etl, split), quiet=True)
     return etl

@@ -24,20 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_child  # noqa: E402
-
-SIGNALS = ROOT / "conf" / "signals" / "simulator.yaml"
+from benchmarks.common import SIGNALS, run_child, sim_etl_config  # noqa: E402
 
 
 def child_etl(events: str, out: str) -> dict:
-    from recfb.config import build_model
-    from recfb.etl import EtlConfig, run_etl
+    from recfb.etl import run_etl
 
-    cfg = build_model(
-        EtlConfig,
-        {"input": {"paths": [events], "format": "parquet"}, "signals": str(SIGNALS), "out": out},
-        "bench",
-    )
+    cfg = sim_etl_config(events, out)
     start = time.perf_counter()
     stats = run_etl(cfg, quiet=True).stats
     return {

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +22,9 @@ import polars as pl
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import run_in_checkout  # noqa: E402
 
 _CHILD = """
 import json, sys
@@ -34,14 +35,7 @@ run_etl(build_model(EtlConfig, json.loads(sys.argv[1]), "compare"), quiet=True)
 
 
 def run(checkout: Path, config: dict, out: Path) -> None:
-    env = os.environ | {"PYTHONPATH": str(checkout)}
-    data = config | {"out": str(out)}
-    subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(data, default=str)],
-        check=True,
-        env=env,
-        cwd=checkout,
-    )
+    run_in_checkout(checkout, _CHILD, [json.dumps(config | {"out": str(out)}, default=str)])
 
 
 def compare_dirs(a: Path, b: Path) -> list[str]:

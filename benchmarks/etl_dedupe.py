@@ -13,8 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import run_in_checkout  # noqa: E402
 
 _CHILD = """
 import json, sys, time
@@ -44,15 +48,8 @@ def main() -> None:
     args = parser.parse_args()
     pattern = os.path.join(args.events, "*.parquet")
     for checkout in args.checkouts:
-        env = os.environ | {"PYTHONPATH": os.path.abspath(checkout)}
-        done = subprocess.run(
-            [sys.executable, "-c", _CHILD, pattern, str(args.calls)],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        print(json.dumps({"checkout": checkout} | json.loads(done.stdout.splitlines()[-1])))
+        output = run_in_checkout(checkout, _CHILD, [pattern, str(args.calls)])
+        print(json.dumps({"checkout": checkout} | json.loads(output.splitlines()[-1])))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import sim_etl_config  # noqa: E402
 from recfb import progress  # noqa: E402
 
 
@@ -29,7 +30,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("events", help="a parquet file, directory or glob of events")
     parser.add_argument("--out", default="/tmp/recfb-etl-stages", help="ETL output directory")
-    parser.add_argument("--signals", default=str(ROOT / "conf/signals/simulator.yaml"))
     args = parser.parse_args()
     rows: list[tuple[str, float, float, float]] = []
     peak = {"now": 0.0}
@@ -53,11 +53,9 @@ def main() -> None:
         rows.append((name, wall, cpu, peak["now"]))
 
     progress.StageTimer.stage = stage  # type: ignore[method-assign]
-    from recfb.config import build_model
-    from recfb.etl import EtlConfig, run_etl
+    from recfb.etl import run_etl
 
-    spec = {"input": {"paths": [args.events], "format": "parquet"}, "signals": args.signals}
-    cfg = build_model(EtlConfig, spec | {"out": args.out}, "etl_stages")
+    cfg = sim_etl_config(args.events, args.out)
     wall, cpu = time.perf_counter(), time.process_time()
     run_etl(cfg, quiet=True)
     whole = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
