@@ -667,6 +667,8 @@ _EXTRA_OF = {
     "prometheus_client": "serve",
     "lleaves": "serve",
     "faiss": "cpu",
+    "psycopg": "postgres",
+    "psycopg_pool": "postgres",
 }
 
 

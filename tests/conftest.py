@@ -3,6 +3,7 @@ pairs for the models' step tests."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,20 @@ def served_shop(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "models": base / "models",
         "base": base,
     }
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for the session (tests/pgserver.py), or skip saying why."""
+    try:
+        import psycopg  # noqa: F401
+    except ModuleNotFoundError:
+        pytest.skip("psycopg is not installed: pip install 'recfb[postgres]'")
+    from pgserver import PgServer
+
+    try:
+        server = PgServer()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"no PostgreSQL server could be started here: {exc}")
+    yield server
+    server.stop()

@@ -36,10 +36,17 @@ def free_port() -> int:
 class Server:
     """`recfb serve` in a subprocess on 127.0.0.1; stopped (or killed) by the test."""
 
-    def __init__(self, bundle: Path, event_log: Path, *extra: str) -> None:
+    def __init__(
+        self, bundle: Path, event_log: Path | str, *extra: str, output: Path | None = None
+    ) -> None:
+        """`event_log`: a SQLite file (the server's output goes beside it) or a PostgreSQL
+        URI (then `output` names the directory for the server's output)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_file = event_log.with_suffix(f".{self.port}.log")
+        if output is None:
+            self.log_file = Path(event_log).with_suffix(f".{self.port}.log")
+        else:
+            self.log_file = output / f"server.{self.port}.log"
         cmd = [
             sys.executable,
             "-m",

@@ -14,7 +14,11 @@ class InputConfig(BaseModel):
     """Where the raw events are and how to read them."""
 
     model_config = ConfigDict(extra="forbid")
-    paths: list[str] = Field(min_length=1, description="files, globs or directories")
+    paths: list[str] = Field(
+        min_length=1,
+        description="files, globs, directories, or the service's event log on PostgreSQL "
+        "(postgresql://...; the `postgres` extra)",
+    )
     format: Literal["auto", "parquet", "csv", "jsonl", "sqlite"] = "auto"
     adapter: Literal["canonical", "taobao", "movielens", "kuairand"] = "canonical"
     csv_separator: str = ","

@@ -1,5 +1,5 @@
 """Readers: files, globs or directories of parquet / CSV / JSONL, the serving event log
-(SQLite `*.db`), and dataset adapters.
+(SQLite `*.db`, or a `postgresql://` URI), and dataset adapters.
 
 Every reader returns a LazyFrame in the canonical schema (`user_id, item_id, event, ts`, plus
 optional `value, event_id, order_id` and pass-through feature columns) with two provenance
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import polars as pl
 
+from recfb import pglog
 from recfb.errors import InputError
 from recfb.etl.config import InputConfig
 
@@ -85,10 +86,26 @@ class _Reading:
     malformed: list[pl.DataFrame] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class DatabaseLog:
+    """The service's event log on a PostgreSQL server, as an input beside files: `uri` to
+    read it; its name (provenance, messages) is the URI without its password."""
+
+    uri: str
+    suffix: str = ""
+
+    def __str__(self) -> str:
+        return pglog.redact(self.uri)
+
+
 def resolve_paths(paths: list[str]) -> list[Path]:
-    """Expand files, globs and directories (recursively) into a sorted list of files."""
+    """Expand files, globs and directories (recursively) into a sorted list of files;
+    a `postgresql://` URI stays one input (`DatabaseLog`)."""
     files: list[Path] = []
     for spec in paths:
+        if pglog.is_pg_uri(spec):  # the service's log on a PostgreSQL server
+            files.append(DatabaseLog(str(spec)))  # type: ignore[arg-type]
+            continue
         p = Path(spec)
         if p.is_dir():
             found = sorted(
@@ -108,6 +125,8 @@ def resolve_paths(paths: list[str]) -> list[Path]:
 
 
 def file_format(path: Path, configured: str) -> str:
+    if isinstance(path, DatabaseLog):
+        return "postgresql"
     if configured != "auto":
         return configured
     fmt = _SUFFIX_FORMAT.get(path.suffix.lower())
@@ -125,6 +144,8 @@ def _scan(
 ) -> pl.LazyFrame:
     if fmt == "sqlite":
         return _read_event_log(path)
+    if fmt == "postgresql":
+        return _read_pg_event_log(path.uri)  # type: ignore[attr-defined]
     if fmt == "parquet":
         return pl.scan_parquet(path)
     if fmt == "csv":
@@ -393,18 +414,49 @@ def _read_event_log(path: Path) -> pl.LazyFrame:
         frame = pl.read_database(
             f"SELECT {', '.join(columns)} FROM events ORDER BY received_at, rowid",
             connection=conn,
-            schema_overrides={
-                "event_id": pl.String,
-                "user_id": pl.String,
-                "item_id": pl.String,
-                "event": pl.String,
-                "ts": pl.Int64,
-                "value": pl.Float64,
-                "order_id": pl.String,
-                "is_organic": pl.Int64,
-            },
+            schema_overrides=_LOG_SCHEMA,
         )
     return frame.lazy()
+
+
+_LOG_SCHEMA = {
+    "event_id": pl.String,
+    "user_id": pl.String,
+    "item_id": pl.String,
+    "event": pl.String,
+    "ts": pl.Int64,
+    "value": pl.Float64,
+    "order_id": pl.String,
+    "is_organic": pl.Int64,
+}
+
+
+def _read_pg_event_log(uri: str) -> pl.LazyFrame:
+    """The service's event log on PostgreSQL (table `events`), in arrival order, as one
+    COPY to CSV (text fields quoted, so an empty text stays text and only NULL is null)."""
+    name = pglog.redact(uri)
+    try:
+        conn = pglog.connect(uri, connect_timeout=10)
+    except Exception as exc:  # psycopg.Error: the server's words name the cause
+        raise InputError(f"cannot connect to the event log ({exc})", file=name) from exc
+    with conn:
+        columns = pglog.table_columns(conn)
+        if not columns:
+            raise InputError("has no table 'events': not a recfb event log", file=name)
+        names = list(CANONICAL)
+        if conn.execute("SELECT 1 FROM events WHERE is_organic IS NOT NULL LIMIT 1").fetchone():
+            names.append("is_organic")  # as the SQLite log: only where the flag was told
+        text = [c for c in names if _LOG_SCHEMA[c] == pl.String]
+        buffer = io.BytesIO()
+        query = (
+            f"COPY (SELECT {', '.join(names)} FROM events ORDER BY received_at, seq) "
+            f"TO STDOUT WITH (FORMAT csv, HEADER true, FORCE_QUOTE ({', '.join(text)}))"
+        )
+        with conn.cursor() as cur, cur.copy(query) as copy:
+            for block in copy:
+                buffer.write(block)
+    buffer.seek(0)
+    return pl.read_csv(buffer, schema={c: _LOG_SCHEMA[c] for c in names}).lazy()
 
 
 def _rename_canonical(lf: pl.LazyFrame, mapping: dict[str, str], path: Path | str) -> pl.LazyFrame:

@@ -19,11 +19,16 @@ def fingerprint(*parts: Any) -> str:
 
 
 def files_fingerprint(paths: list[str]) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of every input file, directories walked."""
-    from recfb.etl.readers import resolve_paths
+    """(path, size, mtime_ns) of every input file, directories walked; (URI, events, last
+    seq) of a PostgreSQL event log."""
+    from recfb import pglog
+    from recfb.etl.readers import DatabaseLog, resolve_paths
 
     out = []
     for p in resolve_paths(paths):
+        if isinstance(p, DatabaseLog):  # a log on a server: (URI, events, last seq)
+            out.append(pglog.log_fingerprint(p.uri))
+            continue
         st = p.stat()
         out.append((str(p), st.st_size, st.st_mtime_ns))
     return sorted(out)

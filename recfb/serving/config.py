@@ -88,7 +88,11 @@ class ServeConfig(BaseModel):
     allow_unsigned: bool = Field(
         False, description="INSECURE: serve bundles whose signature is missing or wrong"
     )
-    event_log: str = Field("events.db", description="SQLite file of the durable event log")
+    event_log: str = Field(
+        "events.db",
+        description="the durable event log: a SQLite file (one server), or a PostgreSQL URI "
+        "postgresql://user@host/db that several replicas share (the `postgres` extra)",
+    )
     synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="FULL: an acknowledged event survives a power cut; NORMAL: a crash"
     )

@@ -30,8 +30,12 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recfb.errors import RecfbError
+
+if TYPE_CHECKING:
+    from recfb.serving.eventlog_pg import PgEventLog
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -57,6 +61,24 @@ MARKER_EVERY, MARKER_SECONDS = 64, 5.0  # marker rewritten this often (and on cl
 
 class EventLogError(RecfbError):
     """The event log cannot be opened as it is: corrupt, foreign, or shorter than it was."""
+
+
+def now_ms() -> int:
+    """The current time in epoch milliseconds: the logs' `received_at`."""
+    return int(time.time() * 1000)
+
+
+def open_event_log(location: str | Path, synchronous: str = "FULL") -> EventLog | PgEventLog:
+    """The event log at `location`: a PostgreSQL URI (`postgresql://...`, shared by replicas;
+    the `postgres` extra) or a SQLite file (the embedded default). `synchronous` is SQLite's
+    setting; PostgreSQL always commits synchronously."""
+    from recfb import pglog
+
+    if pglog.is_pg_uri(location):
+        from recfb.serving.eventlog_pg import PgEventLog
+
+        return PgEventLog(str(location))
+    return EventLog(location, synchronous)
 
 
 def marker_path(path: Path) -> Path:
@@ -201,7 +223,7 @@ class EventLog:
         transaction; returns how many were new.
 
         Returns only after the commit, so the caller may acknowledge."""
-        now = int(time.time() * 1000)
+        now = now_ms()
         with self._write_lock:
             before = self._writer.total_changes
             self._writer.execute("BEGIN IMMEDIATE")

@@ -30,7 +30,7 @@ from fastapi import HTTPException
 from recfb.index import load_bundle
 from recfb.index.bundle import gate_verdict
 from recfb.serving.config import ServeConfig
-from recfb.serving.eventlog import EventLog
+from recfb.serving.eventlog import open_event_log
 from recfb.serving.retrieval import ServingBundle
 from recfb.serving.telemetry import Metrics
 
@@ -44,7 +44,7 @@ class Service:
         self.cfg = cfg
         self.api_key = api_key
         self.metrics = Metrics()
-        self.log = EventLog(cfg.event_log, cfg.synchronous)
+        self.log = open_event_log(cfg.event_log, cfg.synchronous)
         self.current: ServingBundle | None = None
         self.loading: str | None = None
         self.last_error: str | None = None
