@@ -338,10 +338,18 @@ def recommend(
         Path | None, typer.Option(help="Text file with one external user id per line; default all.")
     ] = None,
     k: Annotated[int, typer.Option("-k", help="Items per user.")] = 20,
+    engine: Annotated[
+        str, typer.Option(help="local (this process) or ray (a pool of Ray actors).")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray head host:port or `auto`; default: a private local cluster."),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Ray actors scoring at once.")] = 2,
 ) -> None:
     """Top-k items per user from any fitted model (every family: embedding models, baselines,
     the two-stage recommender), with the signal map's exclusion rule; unknown users get the
-    most popular items.
+    most popular items. `--engine ray` scores the users on a Ray cluster: the same lists.
 
     Example: `recfb recommend --run-id 0123abcd --users users.txt -k 50 -o recs.parquet`
     """
@@ -351,6 +359,8 @@ def recommend(
     try:
         if (run_id is None) == (model is None):
             raise RecfbError("recommend: give exactly one of --run-id or --model")
+        if engine not in ("local", "ray"):
+            raise RecfbError(f"recommend: --engine must be local or ray, not {engine!r}")
         location = f"runs:/{run_id}/model" if run_id else str(model)
         fitted = Recommender.load(resolve(location))
         ids = (
@@ -358,7 +368,13 @@ def recommend(
             if users
             else fitted.user_ids()
         )
-        frame = fitted.recommend(ids, k)
+        if engine == "ray":
+            from recfb.distributed import RayConfig
+            from recfb.distributed.recommend import recommend_on_ray
+
+            frame = recommend_on_ray(location, ids, k, RayConfig(address=address, workers=workers))
+        else:
+            frame = fitted.recommend(ids, k)
         output.parent.mkdir(parents=True, exist_ok=True)
         frame.write_parquet(output)
     except RecfbError as exc:
@@ -669,6 +685,7 @@ _EXTRA_OF = {
     "faiss": "cpu",
     "psycopg": "postgres",
     "psycopg_pool": "postgres",
+    "ray": "ray",
 }
 
 

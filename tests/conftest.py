@@ -157,3 +157,30 @@ def pg_server():
         pytest.skip(f"no PostgreSQL server could be started here: {exc}")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A real local Ray cluster (tests/raycluster.py) for the session, or skip saying why.
+    Drivers in this process and the commands the tests start join it by its address."""
+    import os
+
+    try:
+        import ray  # noqa: F401
+    except ModuleNotFoundError:
+        pytest.skip("Ray is not installed: pip install 'recfb[ray]'")
+    from raycluster import ENV, RayCluster
+
+    try:
+        cluster = RayCluster()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"no Ray cluster could be started here: {exc}")
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)
+    yield cluster
+    cluster.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

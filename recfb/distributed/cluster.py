@@ -1,0 +1,44 @@
+"""Joining a Ray cluster with what recfb's workers need from the driver's environment."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from recfb.distributed.config import RayConfig
+
+# what a worker reads to find the registry, its caches and the bundle signing key
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "RECFB_CACHE_DIR",
+    "RECFB_CONFIG_DIR",
+    "RECFB_BUNDLE_KEY",
+    "RECFB_ALLOW_UNSIGNED",
+)
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "the ray engine needs Ray: pip install 'recfb[ray]'", name="ray"
+        ) from exc
+    return ray
+
+
+def connect(cfg: RayConfig) -> Any:
+    """`ray` connected to the cluster at `cfg.address` (a private local one when None),
+    with the forwarded environment set on every worker. Idempotent within a process."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    ray.init(
+        address=cfg.address,
+        runtime_env={"env_vars": env} if env else None,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="warning",
+    )
+    return ray
