@@ -359,9 +359,69 @@ def build_tables(
     implementation behind both `run_etl` (files) and `recfb.etl.run` (memory). The returned
     event log is a lazy query over the folded events; the caller sinks or collects it. With
     `pairs_dir` the pair tables are written there as they are folded and the returned ones
-    are empty (`recfb etl`: no split's table is held whole)."""
+    are empty (`recfb etl`: no split's table is held whole). The Ray engine runs the same
+    phases (`clean_events`, `fold_events`) on shards of users, with the global parts
+    (vocabularies, cut points, statistics) reduced between them."""
     rows_in = events.height + quarantine.height
+    cleaned = clean_events(events, smap, filters, timer)
+    del events
+    if cleaned.events.height == 0:
+        raise InputError(
+            "no usable events left after validation and filters; see quarantine reasons "
+            f"{_counts(quarantine, 'reason')}",
+            file=", ".join(inputs[:5]),
+        )
+    with timer.stage("vocabularies"):
+        users_vocab = extend_vocab(users_vocab, cleaned.events, "user")
+        items_vocab = extend_vocab(items_vocab, cleaned.events, "item")
+    folded = fold_events(
+        cleaned.events, smap, split, extras, users_vocab, items_vocab, timer, pairs_dir
+    )
+    stats = _stats(
+        split,
+        smap,
+        inputs,
+        rows_in,
+        _counts(quarantine, "reason"),
+        cleaned.duplicates,
+        _counts(cleaned.filtered, "reason"),
+        folded.counts,
+        folded.links,
+        folded.cancels,
+        {s: t.summary for s, t in folded.pair_tables.items()},
+        folded.windows,
+        users_vocab.height,
+        items_vocab.height,
+    )
+    stats["timings_s"] = timer.seconds
+    return Interactions(
+        train=folded.pair_tables["train"].frame,
+        valid=folded.pair_tables["valid"].frame,
+        test=folded.pair_tables["test"].frame,
+        users=users_vocab,
+        items=items_vocab,
+        events=folded.log,
+        quarantine=quarantine.lazy(),
+        filtered=cleaned.filtered.lazy(),
+        stats=stats,
+        signal_map=smap,
+    )
 
+
+@dataclass
+class Cleaned:
+    """De-duplicated, canonical, filtered events (`row`: their order), what was removed."""
+
+    events: pl.DataFrame
+    duplicates: dict[str, int]
+    filtered: pl.DataFrame
+
+
+def clean_events(
+    events: pl.DataFrame, smap: SignalMap, filters: FilterConfig, timer: StageTimer
+) -> Cleaned:
+    """Validated rows -> de-duplicated, canonical rows with the filters applied (the rows
+    removed as noise or by a filter, with their reason, in `filtered`)."""
     # the rows removed as noise (dwell under the signal's minimum) go with the duplicates,
     # in one filter; the provenance only serves the reports of removed rows
     events = events.with_columns(pl.col("event").cast(_event_type(smap)))
@@ -386,17 +446,74 @@ def build_tables(
         del removed
         if filtering:
             events = events.drop(*PROVENANCE)  # it only served the reports of removed rows
+    return Cleaned(events, duplicates, filtered)
 
-    if events.height == 0:
-        raise InputError(
-            "no usable events left after validation and filters; see quarantine reasons "
-            f"{_counts(quarantine, 'reason')}",
-            file=", ".join(inputs[:5]),
+
+@dataclass
+class EventCounts:
+    """What the statistics need of the folded events, added up shard by shard."""
+
+    used: int
+    per_split: dict[str, int]
+    per_signal: dict[str, int]
+    first_ts: int | None
+    last_ts: int | None
+
+    @classmethod
+    def of(cls, events: pl.DataFrame) -> EventCounts:
+        return cls(
+            events.height,
+            _counts(events.select("split"), "split"),  # counted, not copied out
+            _counts(events, "event"),
+            events["ts"].min(),
+            events["ts"].max(),
         )
 
+    def merge(self, other: EventCounts) -> EventCounts:
+        def add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+            return {k: a.get(k, 0) + b.get(k, 0) for k in sorted({*a, *b})}
+
+        def pick(f: Callable[..., Any], a: Any, b: Any) -> Any:
+            return b if a is None else a if b is None else f(a, b)
+
+        return EventCounts(
+            self.used + other.used,
+            add(self.per_split, other.per_split),
+            add(self.per_signal, other.per_signal),
+            pick(min, self.first_ts, other.first_ts),
+            pick(max, self.last_ts, other.last_ts),
+        )
+
+
+@dataclass
+class Folded:
+    """The split pair tables, the event log (lazy, in its order) and what the statistics
+    read of the folded events and their links."""
+
+    pair_tables: dict[str, _Pairs]
+    windows: Windows | None
+    log: pl.LazyFrame
+    counts: EventCounts
+    links: pl.DataFrame
+    cancels: int
+
+
+def fold_events(
+    events: pl.DataFrame,
+    smap: SignalMap,
+    split: SplitConfig,
+    extras: list[str],
+    users_vocab: pl.DataFrame,
+    items_vocab: pl.DataFrame,
+    timer: StageTimer,
+    pairs_dir: Path | None = None,
+    cut: Windows | int | None = None,
+) -> Folded:
+    """Clean events (every id in the vocabularies) -> indexed, linked, ordered as the log,
+    split and folded into pair tables. `cut` fixes the temporal windows (or, for the other
+    split methods, the end of data) instead of finding them in `events`: a shard of users
+    takes the whole data's."""
     with timer.stage("vocabularies"):
-        users_vocab = extend_vocab(users_vocab, events, "user")
-        items_vocab = extend_vocab(items_vocab, events, "item")
         events = attach_index(events, users_vocab, "user")
         events = attach_index(events, items_vocab, "item")
         events = events.drop("user_id", "item_id")  # from here on rows are addressed by index
@@ -422,7 +539,7 @@ def build_tables(
 
     with timer.stage("split + fold pairs"):
         pair_tables, windows, events = _split_and_fold(
-            events, log_links, smap, split, extras, pairs_dir
+            events, log_links, smap, split, extras, pairs_dir, cut
         )
 
     log_columns = [
@@ -460,35 +577,7 @@ def build_tables(
         ),
         finish,
     )
-    stats = _stats(
-        split,
-        smap,
-        inputs,
-        rows_in,
-        quarantine,
-        duplicates,
-        filtered,
-        events,
-        links,
-        cancels,
-        pair_tables,
-        windows,
-        users_vocab,
-        items_vocab,
-    )
-    stats["timings_s"] = timer.seconds
-    return Interactions(
-        train=pair_tables["train"].frame,
-        valid=pair_tables["valid"].frame,
-        test=pair_tables["test"].frame,
-        users=users_vocab,
-        items=items_vocab,
-        events=seq,
-        quarantine=quarantine.lazy(),
-        filtered=filtered.lazy(),
-        stats=stats,
-        signal_map=smap,
-    )
+    return Folded(pair_tables, windows, seq, EventCounts.of(events), links, cancels)
 
 
 def _in_slices(
@@ -842,20 +931,22 @@ def _split_and_fold(
     split_cfg: SplitConfig,
     features: list[str],
     out: Path | None,
+    cut: Windows | int | None = None,
 ) -> tuple[dict[str, _Pairs], Windows | None, pl.DataFrame]:
     """Pair tables per split, the temporal windows (if any), and events with `split`. With
     `out`, each table is written to `<out>/<split>.parquet` (as it is folded, where the split
-    allows) and only its summary kept."""
+    allows) and only its summary kept. `cut`: the windows (temporal) or end of data (the
+    other methods) to use, rather than those of `events`."""
     method = split_cfg.method
 
     def path(split: str) -> Path | None:
         return None if out is None else out / f"{split}.parquet"
 
     if method == "temporal":
-        windows = temporal_windows(events["ts"], split_cfg)
+        windows = cut if isinstance(cut, Windows) else temporal_windows(events["ts"], split_cfg)
         events = assign_temporal(events, windows)
         return _fold_windows(events, links, smap, windows, features, path), windows, events
-    end = int(events["ts"].max()) + 1
+    end = cut if isinstance(cut, int) else int(events["ts"].max()) + 1
     pairs = pl.concat(list(_fold_parts(events, links, None, smap, end, features)), rechunk=False)
     pairs = pairs.with_columns(pl.lit(False).alias("seen_before"))
     if method == "none":
@@ -965,30 +1056,27 @@ def _stats(
     smap: SignalMap,
     inputs: list[str],
     rows_in: int,
-    quarantine: pl.DataFrame,
+    quarantined: dict[str, int],
     duplicates: dict[str, int],
-    filtered: pl.DataFrame,
-    events: pl.DataFrame,
+    filtered_counts: dict[str, int],
+    counts: EventCounts,
     links: pl.DataFrame,
     cancels: int,
-    pair_tables: dict[str, _Pairs],
+    pair_summaries: dict[str, _PairSummary],
     windows: Windows | None,
-    users_vocab: pl.DataFrame,
-    items_vocab: pl.DataFrame,
+    n_users: int,
+    n_items: int,
 ) -> dict[str, Any]:
     """Everything a reviewer checks first: reconciliation, volumes, levels, delays."""
-    quarantined = _counts(quarantine, "reason")
-    filtered_counts = _counts(filtered, "reason")
-    used = events.height
+    used = counts.used
     accounted = (
         used + sum(quarantined.values()) + sum(duplicates.values()) + sum(filtered_counts.values())
     )
     names = _level_names(smap)
     per_split = {}
-    per_split_events = _counts(events.select("split"), "split")  # counted, not copied out
-    for split, pairs in pair_tables.items():
-        events_in = {"events": per_split_events.get(split, 0)}
-        per_split[split] = events_in | pairs.summary.stats(names)
+    for split, summary in pair_summaries.items():
+        events_in = {"events": counts.per_split.get(split, 0)}
+        per_split[split] = events_in | summary.stats(names)
     refunds = links.filter(pl.col("is_refund"))
     linked = links.filter(pl.col("is_cancel") & pl.col("link").is_not_null())
     stats: dict[str, Any] = {
@@ -1006,9 +1094,9 @@ def _stats(
             "balanced": accounted == rows_in,
         },
         "quarantine_expected": {r: REASON_EXPECTED[r] for r in quarantined},
-        "time_range": {"first": _ms_text(events["ts"].min()), "last": _ms_text(events["ts"].max())},
+        "time_range": {"first": _ms_text(counts.first_ts), "last": _ms_text(counts.last_ts)},
         "split": {"method": split_cfg.method},
-        "events_per_signal": _counts(events, "event"),
+        "events_per_signal": counts.per_signal,
         "splits": per_split,
         "cancellations": {
             "linked_by": _counts(linked, "link"),
@@ -1023,8 +1111,8 @@ def _stats(
             ),
         },
         "vocabulary": {
-            "users": users_vocab.height,
-            "items": items_vocab.height,
+            "users": n_users,
+            "items": n_items,
         },
         "levels": {str(k): v for k, v in names.items()},
     }
