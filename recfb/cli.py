@@ -98,15 +98,18 @@ def etl(
     output: Annotated[str | None, typer.Option("--out", "-o", help="Output directory.")] = None,
     overrides: SetOpt = None,
     quiet: QuietOpt = False,
+    engine: EngineOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Validate, canonicalise, fold and split raw events into training data.
 
-    Example: `recfb etl -c conf/datasets/taobao.yaml --set split.method=leave_last_out`
+    Example: `recfb etl -c conf/datasets/taobao.yaml --set split.method=leave_last_out`;
+    on a Ray cluster: `recfb etl --engine ray --address 10.0.0.5:6379` (the same output).
     """
     from recfb.config import load_config
     from recfb.etl import EtlConfig, run_etl
 
-    sets = list(overrides or [])
+    sets = list(overrides or []) + _engine_sets(engine, address)
     if input_paths:
         sets.append(f"input.paths={input_paths!r}")
     if signals:
@@ -121,6 +124,26 @@ def etl(
         return
     print_etl_summary(result.stats)
     out.print(f"wrote {result.out}")
+
+
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(help="local (this process) or ray (a Ray cluster); default: the config's."),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(help="Ray head host:port or `auto`; default: a private local cluster."),
+]
+
+
+def _engine_sets(engine: str | None, address: str | None) -> list[str]:
+    """`--engine` / `--address` as config overrides (`engine`, `ray.address`)."""
+    sets = []
+    if engine is not None:
+        sets.append(f"engine={engine}")
+    if address is not None:
+        sets.append(f"ray.address={address}")
+    return sets
 
 
 @app.command()

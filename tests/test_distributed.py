@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
+
+from conftest import CONF
 
 
 def recfb(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -67,3 +70,109 @@ def test_an_unknown_engine_is_refused_by_name(served_shop, tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 2 and "--engine must be local or ray" in done.stderr
+
+
+def _messy_inputs(base: Path) -> list[str]:
+    """A simulated shop in three files, made messy: exact repeats, an event_id reused by
+    another user, a row with an unknown signal (quarantined), dwell noise (the simulator's)."""
+    from recfb.simulate import SimConfig, simulate
+
+    simulate(SimConfig(seed=21, n_users=900, n_items=300, n_events=60_000), base / "sim")
+    events = pl.read_parquet(base / "sim" / "events")
+    repeats = events.sample(300, seed=1)  # the same rows again (the first copy wins)
+    reused = events.sample(50, seed=2).with_columns(pl.col("user_id") + 7)  # same event_id
+    bad = events.head(3).with_columns(pl.lit("teleport").alias("event"), pl.col("event_id") + 10**9)
+    files = []
+    for i, part in enumerate(
+        [events.slice(0, 25_000), pl.concat([events.slice(25_000, 20_000), repeats, bad]),
+         pl.concat([reused, events.slice(45_000)])]
+    ):  # fmt: skip
+        path = base / f"events-{i}.parquet"
+        part.write_parquet(path)
+        files.append(str(path))
+    return files
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    import json
+
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for path in sorted(a.glob("*.parquet")):
+        x, y = pl.read_parquet(path), pl.read_parquet(b / path.name)
+        assert x.height > 0 or path.name not in ("train.parquet", "events.parquet")
+        assert x.equals(y), path.name  # row for row, in the same order
+    sa, sb = (json.loads((d / "stats.json").read_text()) for d in (a, b))
+    assert sb.pop("engine")["shards"] == 3
+    sa.pop("timings_s"), sb.pop("timings_s")
+    assert sa == sb
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        {"method": "temporal"},
+        {"method": "leave_last_out", "leave_out": "positive"},
+        {"method": "leave_last_out", "leave_out": "deepest"},
+        {"method": "none"},
+    ],
+    ids=["temporal", "last-positive", "last-deepest", "none"],
+)
+def test_the_etl_on_ray_writes_the_local_engines_tables(ray_cluster, tmp_path, split):
+    from recfb.config import build_model
+    from recfb.etl import EtlConfig, run_etl
+
+    inputs = _messy_inputs(tmp_path)
+    base = {
+        "input": {"paths": inputs},
+        "signals": str(CONF / "signals" / "simulator.yaml"),
+        "split": split,
+    }
+    local = run_etl(build_model(EtlConfig, base | {"out": str(tmp_path / "local")}, "t"), True)
+    ray_cfg = base | {
+        "out": str(tmp_path / "ray"),
+        "engine": "ray",
+        "ray": {"address": ray_cluster.address, "workers": 2, "shards": 3},
+    }
+    on_ray = run_etl(build_model(EtlConfig, ray_cfg, "t"), True)
+    rec = on_ray.stats["reconciliation"]
+    assert rec["balanced"] and rec["quarantined"] == {"unknown_event": 3}
+    assert rec["duplicates_removed"]["same_event_id"] == 350  # the repeats and the reuses
+    assert local.stats["reconciliation"] == rec
+    _same_outputs(tmp_path / "local", tmp_path / "ray")
+    assert not (tmp_path / "ray" / "_shards").exists()
+
+
+def test_the_etl_on_ray_extends_an_earlier_vocabulary_as_the_local_engine(ray_cluster, tmp_path):
+    """A second run over more data keeps the first run's indices and appends the new ids."""
+    from recfb.config import build_model
+    from recfb.etl import EtlConfig, run_etl
+
+    inputs = _messy_inputs(tmp_path)
+    signals = str(CONF / "signals" / "simulator.yaml")
+    first = {"input": {"paths": inputs[:1]}, "signals": signals, "out": str(tmp_path / "v1")}
+    run_etl(build_model(EtlConfig, first, "t"), True)
+    more = {"input": {"paths": inputs}, "signals": signals, "vocab_from": str(tmp_path / "v1")}
+    run_etl(build_model(EtlConfig, more | {"out": str(tmp_path / "local")}, "t"), True)
+    cluster = {"address": ray_cluster.address, "shards": 3}
+    ray_cfg = more | {"out": str(tmp_path / "ray"), "engine": "ray", "ray": cluster}
+    run_etl(build_model(EtlConfig, ray_cfg, "t"), True)
+    _same_outputs(tmp_path / "local", tmp_path / "ray")
+    v1 = pl.read_parquet(tmp_path / "v1" / "items.parquet")
+    v2 = pl.read_parquet(tmp_path / "ray" / "items.parquet")
+    assert v2.head(v1.height).equals(v1) and v2.height > v1.height
+
+
+def test_the_ray_engine_refuses_filters_by_name(tmp_path):
+    from recfb.config import build_model
+    from recfb.errors import ConfigError
+    from recfb.etl import EtlConfig, run_etl
+
+    cfg = {
+        "input": {"paths": [str(tmp_path)]},
+        "signals": str(CONF / "signals" / "simulator.yaml"),
+        "engine": "ray",
+        "filters": {"min_user_items": 3},
+        "out": str(tmp_path / "out"),
+    }
+    with pytest.raises(ConfigError, match="not on the ray engine yet"):
+        run_etl(build_model(EtlConfig, cfg, "t"), True)

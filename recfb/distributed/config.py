@@ -21,3 +21,6 @@ class RayConfig(BaseModel):
     )
     workers: int = Field(2, ge=1, description="Ray actors or tasks a job runs on at once")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves")
+    shards: int | None = Field(
+        None, ge=1, description="ETL: user shards (hash of user_id); default 2 x workers"
+    )

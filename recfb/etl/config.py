@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from recfb.distributed.config import Engine, RayConfig
 from recfb.signals.rules import DEFAULT_MIN_TS
 
 
@@ -87,3 +88,7 @@ class EtlConfig(BaseModel):
     )
     split: SplitConfig = Field(default_factory=SplitConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
+    engine: Engine = Field(
+        "local", description="local (this process) or ray (shards of users on a Ray cluster)"
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="the cluster of engine: ray")

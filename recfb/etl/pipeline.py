@@ -312,6 +312,10 @@ def _filtered_frame(reason: str, rows: pl.DataFrame) -> pl.DataFrame:
 
 def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
     """Run the whole ETL; returns the output directory and the statistics written there."""
+    if cfg.engine == "ray":
+        from recfb.distributed.etl import run_etl_ray
+
+        return run_etl_ray(cfg, quiet)
     smap = load_signal_map(cfg.signals)
     timer = StageTimer(quiet)
     out = Path(cfg.out)
@@ -795,6 +799,24 @@ class _PairSummary:
                 self.labels[value] = self.labels.get(value, 0) + n
         self.matured += int(part["matured"].sum())
         self.seen += int(part["seen_before"].sum())
+
+    def merge(self, other: _PairSummary) -> _PairSummary:
+        """The summary of two tables of disjoint users (shards)."""
+        size = max(self.items.size, other.items.size)
+        items = np.zeros(size, dtype=bool)
+        items[: self.items.size] |= self.items
+        items[: other.items.size] |= other.items
+        labels = {
+            k: self.labels.get(k, 0) + other.labels.get(k, 0) for k in {*self.labels, *other.labels}
+        }
+        return _PairSummary(
+            self.pairs + other.pairs,
+            self.users + other.users,
+            items,
+            labels,
+            self.matured + other.matured,
+            self.seen + other.seen,
+        )
 
     def stats(self, names: dict[int, str]) -> dict[str, Any]:
         return {
