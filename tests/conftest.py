@@ -166,7 +166,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     import os
 
     try:
-        import ray  # noqa: F401
+        import ray
     except ModuleNotFoundError:
         pytest.skip("Ray is not installed: pip install 'recfb[ray]'")
     from raycluster import ENV, RayCluster
@@ -178,6 +178,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)
     yield cluster
+    if ray.is_initialized():  # this process joined it as a driver (in-process engine calls)
+        ray.shutdown()
     cluster.stop()
     for k, v in saved.items():
         if v is None:

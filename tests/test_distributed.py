@@ -176,3 +176,43 @@ def test_the_ray_engine_refuses_filters_by_name(tmp_path):
     }
     with pytest.raises(ConfigError, match="not on the ray engine yet"):
         run_etl(build_model(EtlConfig, cfg, "t"), True)
+
+
+def test_training_on_two_ray_workers_matches_one_process_on_movielens(
+    ray_cluster, tmp_path, monkeypatch
+):
+    """MF (the shipped config) on MovieLens 100k, DDP over two Ray Train workers against
+    one process, two seeds each. Seed noise, measured over five seeds each (valid NDCG@20,
+    session 30): one process 0.2512 +- 0.0027, two workers 0.2531 +- 0.0032 (sd). The means of
+    two seeds must agree within 0.01 (about three standard deviations of their difference)."""
+    from mlflow import MlflowClient
+
+    from recfb.config import load_config
+    from recfb.recommender import train
+    from recfb.train.config import TrainConfig
+
+    from conftest import shared_file
+
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.chdir(tmp_path)
+    from recfb.etl import EtlConfig, run_etl
+
+    ratings = shared_file("ml-100k/u.data")
+    sets = [f"out={tmp_path / 'ml'}", f"input.paths=['{ratings}']"]
+    sets.append(f"signals={CONF / 'signals' / 'movielens.yaml'}")
+    etl = load_config(EtlConfig, CONF / "datasets" / "movielens.yaml", sets)
+    run_etl(etl, True)
+    cluster = [f"ray.address={ray_cluster.address}", "ray.workers=2"]
+    scores: dict[str, list[float]] = {"local": [], "ray": []}
+    for engine in ("local", "ray"):
+        for seed in (0, 1):
+            sets = [f"data={tmp_path / 'ml'}", "eval.exclude=any", f"seed={seed}"]
+            sets += [f"engine={engine}", *cluster]
+            cfg = load_config(TrainConfig, CONF / "models" / "mf.yaml", sets)
+            result = train(cfg, quiet=True)
+            scores[engine].append(result.metrics["valid/ndcg@20"])
+    local, on_ray = (sum(v) / len(v) for v in (scores["local"], scores["ray"]))
+    assert local > 0.2 and abs(on_ray - local) < 0.01, scores
+    params = MlflowClient(store).get_run(result.run_id).data.params
+    assert params["engine"] == "ray" and params["ray.workers"] == "2"

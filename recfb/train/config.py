@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from recfb.distributed.config import Engine, RayConfig
 from recfb.models.config import (
     DebiasConfig,
     DenoiseConfig,
@@ -114,6 +115,12 @@ class TrainConfig(_Strict):
     )
     experiment: str = "recfb"
     run_name: str | None = None
+    engine: Engine = Field(
+        "local",
+        description="local (this process) or ray (Lightning's DDP over Ray Train workers, "
+        "`ray.workers` of them, each stepping on its share of every batch)",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="the cluster of engine: ray")
     checkpoint_dir: str | None = Field(
         None,
         description="keep local checkpoints here; default: a temp dir (the best one is "

@@ -368,9 +368,28 @@ def warm_start(model: EmbeddingRecommender, cfg: TrainConfig, data: Interactions
 def _fit_embedding(
     cfg: TrainConfig, data: Interactions, quiet: bool, log_history: bool = True
 ) -> tuple[EmbeddingRecommender, list[dict[str, float]]]:
+    if cfg.engine == "ray":
+        from recfb.distributed.train import fit_on_ray
+
+        return fit_on_ray(cfg, data, quiet, log_history)
     model = build_model(cfg, data)
     if cfg.init_from_run:
         warm_start(model, cfg, data)
+    callbacks, checkpoint = early_stopping(model, cfg, data)
+    t = cfg.trainer
+    with _lightning_quiet(quiet):
+        trainer = _trainer(cfg, callbacks, checkpoint, quiet)
+        if t.max_epochs > 0:
+            trainer.fit(model, train_loader(model, cfg))
+    return _finish_fit(model, cfg, checkpoint, log_history)
+
+
+def early_stopping(
+    model: EmbeddingRecommender, cfg: TrainConfig, data: Interactions
+) -> tuple[list[Any], Any]:
+    """Where there is a valid split: the model evaluates itself after each epoch, training
+    stops when the monitored metric stops rising, and the best epoch's weights are kept
+    (the callbacks, and the checkpoint callback or None)."""
     monitor = f"valid/{cfg.trainer.monitor}"
     callbacks: list[Any] = []
     checkpoint = None
@@ -395,12 +414,7 @@ def _fit_embedding(
             save_on_train_epoch_end=True,
         )
         callbacks.append(checkpoint)
-    t = cfg.trainer
-    with _lightning_quiet(quiet):
-        trainer = _trainer(cfg, callbacks, checkpoint, quiet)
-        if t.max_epochs > 0:
-            trainer.fit(model, train_loader(model, cfg))
-    return _finish_fit(model, cfg, checkpoint, log_history)
+    return callbacks, checkpoint
 
 
 @contextmanager
@@ -416,14 +430,21 @@ def _lightning_quiet(quiet: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _trainer(cfg: TrainConfig, callbacks: list, checkpoint: Any, quiet: bool) -> L.Trainer:
+def _trainer(
+    cfg: TrainConfig, callbacks: list, checkpoint: Any, quiet: bool, **placement: Any
+) -> L.Trainer:
+    """The Lightning trainer of a fit; `placement` (strategy, devices, plugins...) overrides
+    the config's where another engine places the work (Ray Train's workers)."""
     t = cfg.trainer
+    where = {
+        "accelerator": t.accelerator,
+        "devices": t.devices,
+        "strategy": t.strategy,
+        "num_nodes": t.num_nodes,
+    }
     return L.Trainer(
         max_epochs=t.max_epochs,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=t.num_nodes,
+        **(where | placement),
         precision=t.precision,
         callbacks=callbacks,
         logger=False,

@@ -1,0 +1,145 @@
+"""Training on Ray Train (`engine: ray`): Lightning's DDP across `ray.workers` workers (CPU
+here, a GPU each where the cluster has them), with the same config and the same model.
+
+Each worker loads the ETL output (a path every worker can read), builds the model with the
+config's seed (DDP starts every replica from rank 0's weights anyway) and steps on its share
+of each batch: the batch size per worker is `batch_size / workers`, so the batch the
+averaged gradient stands for, and SGD's rate per example, keep their meaning. Embedding
+tables take dense gradients here (DDP's all-reduce cannot sum sparse ones), so the row-sparse
+and closed-form steps of one process are off. Every worker evaluates the valid split after
+each epoch (the same weights, the same figure: early stopping agrees), and rank 0 reports
+the best epoch's weights; the driver goes on as after a local fit (test metrics, MLflow: one
+writer).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recfb.distributed.cluster import connect
+from recfb.errors import ConfigError
+
+
+def worker_config(cfg: Any) -> Any:
+    """The config one of `workers` DDP workers trains with: its share of the batch, SGD's
+    rate scaled so that rate x batch (the rate per example) is unchanged, a DDP strategy
+    (which turns the sparse-gradient paths off)."""
+    workers = cfg.ray.workers
+    t = cfg.trainer
+    if t.batch_size % workers:
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} must be a multiple of ray.workers={workers} "
+            "(each worker steps on an equal share of the batch)"
+        )
+    lr = t.lr * workers if t.optimizer == "sgd" else t.lr
+    trainer = t.model_copy(
+        update={"batch_size": t.batch_size // workers, "lr": lr, "strategy": "ddp"}
+    )
+    return cfg.model_copy(update={"trainer": trainer, "engine": "local"})
+
+
+def _train_worker(config: dict) -> None:
+    """One Ray Train worker: the local fit under Ray's DDP strategy."""
+    import lightning as L
+    import ray.train
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+
+    from recfb.etl import Interactions
+    from recfb.train.config import TrainConfig
+    from recfb.train.loop import _lightning_quiet, _loader, _trainer, build_model, early_stopping
+    from recfb.train.loop import warm_start as warm
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    data = Interactions.load(config["data"])
+    torch.set_num_threads(max(1, int(config["threads"])))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = build_model(cfg, data)
+    if cfg.init_from_run:
+        warm(model, cfg, data)
+    callbacks, checkpoint = early_stopping(model, cfg, data)
+    gpu = config["gpu"]
+    with _lightning_quiet(True):
+        trainer = _trainer(
+            cfg,
+            callbacks,
+            checkpoint,
+            True,
+            accelerator="gpu" if gpu else "cpu",
+            devices="auto",
+            num_nodes=1,
+            strategy=RayDDPStrategy(),
+            plugins=[RayLightningEnvironment()],
+        )
+        trainer = prepare_trainer(trainer)
+        if cfg.trainer.max_epochs > 0:
+            trainer.fit(model, _loader(model, cfg, 1))
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report({})
+        return
+    if checkpoint is not None and checkpoint.best_model_path:
+        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["state_dict"], strict=False)
+    out = Path(tempfile.mkdtemp(prefix="recfb-ray-fit-"))
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "state.pt")
+    (out / "history.json").write_text(json.dumps(model.history))
+    ray.train.report({"epochs": len(model.history)}, checkpoint=ray.train.Checkpoint(str(out)))
+
+
+def fit_on_ray(cfg: Any, data: Any, quiet: bool, log_history: bool = True) -> tuple[Any, list]:
+    """`_fit_embedding` on Ray Train: the fitted model (weights of the best epoch) and its
+    per-epoch history, as a local fit returns them."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from recfb import tracking
+    from recfb.train.loop import build_model
+
+    if data.directory is None:
+        raise ConfigError(
+            "engine: ray trains from an ETL output directory its workers can read "
+            "(data=...); these interactions are in memory"
+        )
+    connect(cfg.ray)
+    gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (
+        cfg.trainer.accelerator == "auto" and torch.cuda.is_available()
+    )
+    storage = Path(tempfile.mkdtemp(prefix="recfb-ray-train-", dir=cfg.checkpoint_dir))
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "cfg": worker_config(cfg).model_dump(mode="json"),
+            "data": str(Path(data.directory).resolve()),
+            "threads": cfg.ray.cpus_per_worker,
+            "gpu": gpu,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.workers,
+            use_gpu=gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        run_config=RunConfig(storage_path=str(storage), name="fit"),
+    )
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        with result.checkpoint.as_directory() as found:
+            state = torch.load(Path(found) / "state.pt", map_location="cpu", weights_only=True)
+            history = json.loads((Path(found) / "history.json").read_text())
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+    model = build_model(cfg, data)
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    model._cache = None
+    for row in history if log_history else []:
+        tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+    model.history = history
+    return model, history
