@@ -302,9 +302,12 @@ def train(
     config: ConfigOpt = Path("conf/models/mf.yaml"),
     overrides: SetOpt = None,
     quiet: QuietOpt = False,
+    engine: EngineOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Train a model (mf, lightgcn, gnolr) or fit a baseline (popularity, itemknn, als,
-    bpr_implicit) on an ETL output; evaluate it; record the run in MLflow.
+    bpr_implicit) on an ETL output; evaluate it; record the run in MLflow. `--engine ray`
+    trains an embedding model with DDP over Ray Train workers (`--set ray.workers=N`).
 
     Example: `recfb train -c conf/models/gnolr.yaml --set data=data/etl --set trainer.max_epochs=5`
     """
@@ -313,7 +316,8 @@ def train(
     from recfb.train.config import TrainConfig
 
     try:
-        cfg = load_config(TrainConfig, config, overrides, env_prefix="RECFB_TRAIN")
+        sets = list(overrides or []) + _engine_sets(engine, address)
+        cfg = load_config(TrainConfig, config, sets, env_prefix="RECFB_TRAIN")
         result = run_training(cfg, quiet=quiet)
     except RecfbError as exc:
         _fail(exc)
@@ -647,13 +651,16 @@ app.add_typer(pipeline_app, name="pipeline")
 def pipeline_run(
     definition: Annotated[Path, typer.Argument(help="A pipeline definition, pipelines/*.yaml.")],
     overrides: SetOpt = None,
+    engine: EngineOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Run a pipeline's stages (etl -> train -> evaluate -> index -> register -> promote):
     unchanged stages are skipped, a failed run resumes at the failed stage, one run per
     pipeline at a time. Exit codes: 0 done, 1 a stage failed, 2 bad definition or input,
     75 already running.
 
-    Example: `recfb pipeline run pipelines/nightly.yaml --set gate.tolerance=0.01`
+    Example: `recfb pipeline run pipelines/nightly.yaml --set gate.tolerance=0.01`; with
+    `--engine ray --address ADDR` its ETL and training run on a Ray cluster.
     """
     import logging
 
@@ -669,6 +676,10 @@ def pipeline_run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         spec = load_pipeline(definition, overrides)
+        for name in ("etl", "train"):  # the stages that run on either engine
+            if name in spec.stages and (engine or address):
+                stage = spec.stages[name]
+                stage.set = [*stage.set, *_engine_sets(engine, address)]
         result = run_pipeline(spec, definition.read_text())
     except PipelineBusy as exc:
         out.print(f"[yellow]{exc}[/]")

@@ -161,7 +161,7 @@ def pg_server():
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """A real local Ray cluster (tests/raycluster.py) for the session, or skip saying why.
+    """A real local Ray cluster (recfb.distributed.local) for the session, or skip saying why.
     Drivers in this process and the commands the tests start join it by its address."""
     import os
 
@@ -169,10 +169,10 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
         import ray
     except ModuleNotFoundError:
         pytest.skip("Ray is not installed: pip install 'recfb[ray]'")
-    from raycluster import ENV, RayCluster
+    from recfb.distributed.local import ENV, LocalCluster
 
     try:
-        cluster = RayCluster()
+        cluster = LocalCluster()
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         pytest.skip(f"no Ray cluster could be started here: {exc}")
     saved = {k: os.environ.get(k) for k in ENV}

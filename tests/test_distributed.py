@@ -1,4 +1,4 @@
-"""The scale-out engine on a real local Ray cluster (tests/raycluster.py): the same commands
+"""The scale-out engine on a real local Ray cluster (recfb.distributed.local): the same commands
 with `--engine ray --address ADDR`, and the same results as the local engine."""
 
 from __future__ import annotations

@@ -88,7 +88,9 @@ def stage_fingerprint(name: str, spec: StageSpec, ctx: Context) -> str:
     fp = ctx.fingerprints
     if name == "etl":
         cfg = _etl_config(spec, ctx)
-        return fingerprint(cfg.model_dump(mode="json"), files_fingerprint(cfg.input.paths))
+        # not where it runs: both engines write the same tables (tests/test_distributed.py)
+        settings = cfg.model_dump(mode="json", exclude={"engine", "ray"})
+        return fingerprint(settings, files_fingerprint(cfg.input.paths))
     if name == "train":
         cfg = _train_config(spec, ctx).model_dump(mode="json")
         cfg.pop("run_name", None)

@@ -1,10 +1,12 @@
-"""A real local Ray cluster for the tests: `ray start --head` on 127.0.0.1 with 2 CPUs, from
-this environment's `ray` command, stopped (and checked gone) at the end. Token auth is off for
-this private loopback cluster (drivers get RAY_AUTH_MODE=disabled too)."""
+"""A private Ray cluster on this host: `ray start --head` on 127.0.0.1 from this environment's
+`ray` command, stopped (and its processes checked gone) by `stop`. What the tests and
+benchmarks run the Ray engine on, as a user would run a real cluster's head. Token auth is off
+for this loopback-only cluster (drivers joining it need RAY_AUTH_MODE=disabled too: `ENV`)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +23,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class RayCluster:
+class LocalCluster:
+    """A started head node with `cpus` CPUs; `address` is what drivers join."""
+
     def __init__(self, cpus: int = 2, object_store_bytes: int = 1 << 30) -> None:
         self.ray = str(Path(sys.executable).with_name("ray"))
         self.port = _free_port()
@@ -56,15 +60,19 @@ class RayCluster:
             raise RuntimeError(f"ray start failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
 
     def stop(self) -> None:
+        """`ray stop` (every Ray process of this host), then wait until this cluster's are
+        gone; its temp dir removed."""
         subprocess.run(
             [self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120
         )
         deadline = time.time() + 30  # its processes are gone before the next test starts one
         while time.time() < deadline and _ray_processes(self.temp):
             time.sleep(0.5)
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def _ray_processes(marker: str) -> list[int]:
+    """Processes whose command line names this cluster's temp dir."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
