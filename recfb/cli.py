@@ -660,7 +660,7 @@ def pipeline_run(
     75 already running.
 
     Example: `recfb pipeline run pipelines/nightly.yaml --set gate.tolerance=0.01`; with
-    `--engine ray --address ADDR` its ETL and training run on a Ray cluster.
+    `--engine ray --address ADDR` its ETL, training and gate run on a Ray cluster.
     """
     import logging
 
@@ -680,6 +680,10 @@ def pipeline_run(
             if name in spec.stages and (engine or address):
                 stage = spec.stages[name]
                 stage.set = [*stage.set, *_engine_sets(engine, address)]
+        if engine:  # and the gate's scoring of the holdout users
+            spec.gate.engine = engine  # type: ignore[assignment]
+        if address:
+            spec.gate.ray.address = address
         result = run_pipeline(spec, definition.read_text())
     except PipelineBusy as exc:
         out.print(f"[yellow]{exc}[/]")

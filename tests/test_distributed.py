@@ -216,3 +216,26 @@ def test_training_on_two_ray_workers_matches_one_process_on_movielens(
     assert local > 0.2 and abs(on_ray - local) < 0.01, scores
     params = MlflowClient(store).get_run(result.run_id).data.params
     assert params["engine"] == "ray" and params["ray.workers"] == "2"
+
+
+def test_the_gates_holdout_scoring_on_ray_gives_the_local_figures(
+    ray_cluster, served_shop, monkeypatch
+):
+    """Every holdout user of the shop (no sample), scored as Ray tasks: the same metrics."""
+    from recfb.distributed import RayConfig
+    from recfb.pipeline import gate
+    from recfb.pipeline.gate import Vectors, holdout_metrics
+
+    monkeypatch.setattr(gate, "CHUNK_USERS", 64)  # several chunks, so several tasks
+    vectors = Vectors.from_bundle(served_shop["bundle"])
+    local = holdout_metrics(vectors, served_shop["etl"], k=10, max_users=None)
+    assert local["users"] > 3 * 64
+    on_ray = holdout_metrics(
+        vectors,
+        served_shop["etl"],
+        k=10,
+        max_users=None,
+        ray=RayConfig(address=ray_cluster.address, workers=2),
+    )
+    assert on_ray == local
+    assert local["ndcg@10"] > 0

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from recfb.config import build_model, read_yaml
+from recfb.distributed.config import Engine, RayConfig
 
 STAGES = ("etl", "train", "rank", "evaluate", "index", "register", "promote")
 Stage = Literal["etl", "train", "rank", "evaluate", "index", "register", "promote"]
@@ -40,6 +41,11 @@ class GateSpec(BaseModel):
     negative_share_tolerance: float = Field(
         0.0, ge=0, description="how much more disliked/refunded items in the lists is ok"
     )
+    max_users: int | None = Field(
+        20_000, ge=1, description="holdout users scored (the first by id); None: all of them"
+    )
+    engine: Engine = Field("local", description="local, or ray: the users scored as Ray tasks")
+    ray: RayConfig = Field(default_factory=RayConfig, description="the cluster of engine: ray")
 
 
 class PipelineSpec(BaseModel):

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recfb.distributed.config import RayConfig
 from recfb.errors import InputError
 from recfb.etl.signals import exclusion_labels
 from recfb.evaluate.ranking import hit_matrix, ranking_metrics
@@ -62,17 +63,59 @@ def _pairs(etl: Path, split: str) -> pl.DataFrame:
     )
 
 
+CHUNK_USERS = 1024  # users scored at once: a (chunk, items) score matrix
+
+
+def top_items(
+    model: Vectors,
+    rows: list[int],
+    seen: list[np.ndarray | None],
+    pop_share: np.ndarray,
+    k: int,
+) -> np.ndarray:
+    """The top-k item rows of a chunk of users: by inner product for a user the model knows
+    (`rows[j]` >= 0), by popularity for one it does not, the user's hidden items (`seen`)
+    left out."""
+    scores = np.tile(pop_share, (len(rows), 1))
+    known = [j for j, r in enumerate(rows) if r >= 0]
+    if known:
+        scores[known] = model.user_vectors[[rows[j] for j in known]] @ model.item_vectors.T
+    for j, hide in enumerate(seen):
+        if hide is not None:
+            scores[j, hide] = -np.inf
+    return np.argsort(-scores, axis=1)[:, :k]
+
+
+def _top_items_on_ray(
+    model: Vectors,
+    chunks: list[tuple[list[int], list[np.ndarray | None]]],
+    pop_share: np.ndarray,
+    k: int,
+    cluster: RayConfig,
+) -> list[np.ndarray]:
+    """`top_items` of every chunk as Ray tasks (the model and popularity put in the object
+    store once), in chunk order."""
+    from recfb.distributed.cluster import connect
+
+    ray = connect(cluster)
+    task = ray.remote(num_cpus=cluster.cpus_per_worker)(top_items)
+    shared, pop = ray.put(model), ray.put(pop_share)
+    return ray.get([task.remote(shared, rows, seen, pop, k) for rows, seen in chunks])
+
+
 def holdout_metrics(
     model: Vectors,
     etl: str | Path,
     k: int = 10,
     split: str = "test",
-    max_users: int = 20_000,
+    max_users: int | None = 20_000,
     lists: dict[str, list[str]] | None = None,
+    ray: RayConfig | None = None,
 ) -> dict[str, float]:
     """NDCG@k, recall@k and negative_share@k of ``model`` on ``split`` of ``etl``; with
     ``lists`` (user id -> ranked item ids, e.g. the two-stage recommender's) a listed user's
-    top-k comes from there instead of the inner product."""
+    top-k comes from there instead of the inner product. ``max_users`` None: every holdout
+    user. With ``ray`` the users' lists are scored as Ray tasks: the same lists."""
     etl = Path(etl)
     holdout = _pairs(etl, split)
     if holdout.filter(pl.col("label") >= 1).height == 0:
@@ -111,20 +154,21 @@ def holdout_metrics(
     users = sorted(positives)[:max_users]
     top_lists: list[np.ndarray] = []
     neg, n_recs, recommended = 0, 0, []
-    known = 0
-    for start in range(0, len(users), 1024):
-        chunk = users[start : start + 1024]
-        scores = np.tile(pop_share, (len(chunk), 1))
-        rows = [(j, user_row[u]) for j, u in enumerate(chunk) if u in user_row]
-        known += len(rows)
-        if rows:
-            scores[[j for j, _ in rows]] = (
-                model.user_vectors[[r for _, r in rows]] @ model.item_vectors.T
-            )
-        for j, u in enumerate(chunk):
-            if u in seen:
-                scores[j, seen[u]] = -np.inf
-        top = np.argsort(-scores, axis=1)[:, :k]
+    known = sum(u in user_row for u in users)
+    starts = range(0, len(users), CHUNK_USERS)
+    chunks = [
+        (
+            [user_row.get(u, -1) for u in users[i : i + CHUNK_USERS]],
+            [seen.get(u) for u in users[i : i + CHUNK_USERS]],
+        )
+        for i in starts
+    ]
+    if ray is None:
+        tops = [top_items(model, rows, hide, pop_share, k) for rows, hide in chunks]
+    else:
+        tops = _top_items_on_ray(model, chunks, pop_share, k, ray)
+    for start, top in zip(starts, tops, strict=True):
+        chunk = users[start : start + CHUNK_USERS]
         for j, u in enumerate(chunk):
             negs = negatives.get(u, set())
             top_ids = model.item_ids[top[j]]

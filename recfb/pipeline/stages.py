@@ -184,8 +184,14 @@ def stage_evaluate(spec: StageSpec, ctx: Context) -> dict:
     etl = ctx.outputs["etl"]["out"]
     vectors = _run_vectors(ctx.outputs["train"]["run_id"])
     rank_dir = ctx.outputs.get("rank", {}).get("dir")
+    where = {"max_users": gate.max_users, "ray": gate.ray if gate.engine == "ray" else None}
     cand = holdout_metrics(
-        vectors, etl, gate.k, gate.split, lists=_two_stage_lists(etl, vectors, rank_dir, gate)
+        vectors,
+        etl,
+        gate.k,
+        gate.split,
+        lists=_two_stage_lists(etl, vectors, rank_dir, gate),
+        **where,
     )
     prod_version = _production(ctx)
     prod = None
@@ -201,6 +207,7 @@ def stage_evaluate(spec: StageSpec, ctx: Context) -> dict:
             gate.k,
             gate.split,
             lists=_two_stage_lists(etl, prod_vectors, prod_rank, gate),
+            **where,
         )
     pops = {
         "candidate": cand.pop("_rec_popularity"),
