@@ -4,7 +4,9 @@ pairs for the models' step tests."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import polars as pl
@@ -18,6 +20,7 @@ from recfb.train.data import csr_by_user
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CONF = ROOT / "conf"
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -142,39 +145,47 @@ def served_shop(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
+def _started_or_skip(module: str, extra: str, what: str, start: Callable[[], T]) -> T:
+    """`start()` (a server the tests need), or skip saying why: its Python package is not
+    installed, or it could not be started here."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError:
+        pytest.skip(f"{module} is not installed: pip install 'recfb[{extra}]'")
+    try:
+        return start()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"no {what} could be started here: {exc}")
+
+
 @pytest.fixture(scope="session")
 def pg_server():
     """A real PostgreSQL server for the session (tests/pgserver.py), or skip saying why."""
-    try:
-        import psycopg  # noqa: F401
-    except ModuleNotFoundError:
-        pytest.skip("psycopg is not installed: pip install 'recfb[postgres]'")
     from pgserver import PgServer
 
-    try:
-        server = PgServer()
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"no PostgreSQL server could be started here: {exc}")
+    server = _started_or_skip("psycopg", "postgres", "PostgreSQL server", PgServer)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+def ray_cluster():
     """A real local Ray cluster (recfb.distributed.local) for the session, or skip saying why.
     Drivers in this process and the commands the tests start join it by its address."""
     import os
 
-    try:
-        import ray
-    except ModuleNotFoundError:
-        pytest.skip("Ray is not installed: pip install 'recfb[ray]'")
-    from recfb.distributed.local import ENV, LocalCluster
+    def start():
+        from recfb.distributed.local import LocalCluster
 
-    try:
-        cluster = LocalCluster()
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"no Ray cluster could be started here: {exc}")
+        return LocalCluster()
+
+    cluster = _started_or_skip("ray", "ray", "Ray cluster", start)
+    import ray
+
+    from recfb.distributed.local import ENV
+
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)
     yield cluster

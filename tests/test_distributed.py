@@ -51,9 +51,12 @@ def test_batch_recommendations_on_ray_match_the_local_engine(ray_cluster, served
     a = pl.read_parquet(tmp_path / "local.parquet")
     b = pl.read_parquet(tmp_path / "ray.parquet")
     assert a.height == 7 * len(asked) and b.columns == a.columns
-    exact = ["user_id", "rank", "item_id", "source"]
-    assert b.select(exact).equals(a.select(exact))
+    # the same lists: an actor scores on one thread, this process on several, so float32
+    # sums may differ in their last bits and swap two items whose scores tie to 1e-5
+    assert b.select("user_id", "rank", "source").equals(a.select("user_id", "rank", "source"))
     assert (b["score"] - a["score"]).abs().max() < 1e-5
+    by_user = ["user_id", "item_id"]
+    assert b.select(by_user).sort(by_user).equals(a.select(by_user).sort(by_user))
     assert b.filter(pl.col("user_id") == "no-such-user")["source"].unique().to_list() == [
         "popularity"
     ]

@@ -14,12 +14,11 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from recfb.serving.eventlog import EventLog, EventLogError
 
-from test_serving import KEY, ROOT, Server, event, free_port
+from test_serving import KEY, ROOT, Server, event, free_port, ingest_until
 
 N_EVENTS = 5_000
 
@@ -108,20 +107,10 @@ def test_kill_9_during_ingestion_three_times_loses_nothing(served_shop, tmp_path
         srv = Server(served_shop["bundle"], log_path)  # raises if the log's checks fail
         stop = threading.Event()
 
-        def ingest(url: str = srv.url, tag: int = round_, stop=stop) -> None:
-            with httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=10) as c:
-                n = 0
-                while not stop.is_set():
-                    batch = [event(f"r{tag}-{n}", "x", "view") for _ in range(50)]
-                    n += 1
-                    try:
-                        r = c.post("/v1/events", json={"events": batch})
-                    except httpx.HTTPError:
-                        return  # the server died mid-request: not acknowledged
-                    if r.status_code == 200:
-                        acknowledged.extend(e["event_id"] for e in batch)
+        def batch_of(n: int, tag: int = round_) -> list[dict]:
+            return [event(f"r{tag}-{n}", "x", "view") for _ in range(50)]
 
-        writer = threading.Thread(target=ingest)
+        writer = threading.Thread(target=ingest_until, args=(srv.url, stop, acknowledged, batch_of))
         writer.start()
         time.sleep(2.0)
         srv.proc.send_signal(signal.SIGKILL)

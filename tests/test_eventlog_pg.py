@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -15,7 +16,7 @@ import pytest
 from recfb.serving.eventlog import EventLog, EventLogError, open_event_log
 
 from conftest import CONF, ROOT, run
-from test_serving import KEY, Server, event
+from test_serving import Server, event, ingest_until
 
 T0 = 1_767_225_600_000  # 2026-01-01, epoch ms
 
@@ -159,21 +160,11 @@ def test_two_replicas_share_one_pg_log_and_lose_no_acknowledged_event(
     acknowledged: list[str] = []
     stop = threading.Event()
 
-    def ingest(srv: Server, tag: str) -> None:
-        with httpx.Client(base_url=srv.url, headers={"X-API-Key": KEY}, timeout=10) as c:
-            n = 0
-            while not stop.is_set():
-                batch = [event(f"{tag}{n % 40}", f"i{n % 25}", "view") for _ in range(20)]
-                n += 1
-                try:
-                    r = c.post("/v1/events", json={"events": batch})
-                except httpx.HTTPError:
-                    return  # the replica died mid-request: not acknowledged
-                if r.status_code == 200:
-                    acknowledged.extend(e["event_id"] for e in batch)
+    def batches(tag: str) -> Callable[[int], list[dict]]:
+        return lambda n: [event(f"{tag}{n % 40}", f"i{n % 25}", "view") for _ in range(20)]
 
     writers = [
-        threading.Thread(target=ingest, args=(srv, tag))
+        threading.Thread(target=ingest_until, args=(srv.url, stop, acknowledged, batches(tag)))
         for srv, tag in zip(replicas, ("a", "b"), strict=True)
     ]
     try:

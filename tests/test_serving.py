@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -112,6 +112,27 @@ def event(user: str, item: str, kind: str, **extra) -> dict:
 
 def post(client: httpx.Client, events: list[dict]) -> httpx.Response:
     return client.post("/v1/events", json={"events": events}, headers={"X-API-Key": KEY})
+
+
+def ingest_until(
+    url: str,
+    stop: threading.Event,
+    acknowledged: list[str],
+    batch_of: Callable[[int], list[dict]],
+) -> None:
+    """POST `batch_of(n)` for n = 0, 1, ... until `stop` is set or the server dies, adding
+    the event_ids of every acknowledged (200) batch to `acknowledged`."""
+    with httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=10) as c:
+        n = 0
+        while not stop.is_set():
+            batch = batch_of(n)
+            n += 1
+            try:
+                r = c.post("/v1/events", json={"events": batch})
+            except httpx.HTTPError:
+                return  # the server died mid-request: not acknowledged
+            if r.status_code == 200:
+                acknowledged.extend(e["event_id"] for e in batch)
 
 
 def known_user(shop: dict, rank: int = 0) -> str:
@@ -319,20 +340,10 @@ def test_kill_9_during_ingestion_loses_no_acknowledged_event(served_shop, tmp_pa
     acknowledged: list[str] = []
     stop = threading.Event()
 
-    def ingest() -> None:
-        with httpx.Client(base_url=srv.url, headers={"X-API-Key": KEY}, timeout=10) as c:
-            n = 0
-            while not stop.is_set():
-                batch = [event(f"k{n}", "x", "view") for _ in range(50)]
-                n += 1
-                try:
-                    r = c.post("/v1/events", json={"events": batch})
-                except httpx.HTTPError:
-                    return  # the server died mid-request: not acknowledged
-                if r.status_code == 200:
-                    acknowledged.extend(e["event_id"] for e in batch)
+    def batch_of(n: int) -> list[dict]:
+        return [event(f"k{n}", "x", "view") for _ in range(50)]
 
-    writer = threading.Thread(target=ingest)
+    writer = threading.Thread(target=ingest_until, args=(srv.url, stop, acknowledged, batch_of))
     writer.start()
     time.sleep(2.0)
     srv.proc.send_signal(signal.SIGKILL)

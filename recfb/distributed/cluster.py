@@ -34,9 +34,12 @@ def connect(cfg: RayConfig) -> Any:
     if ray.is_initialized():
         return ray
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    # a worker's Polars uses the CPUs it reserved, as Ray sets OMP_NUM_THREADS: one thread
+    # pool per core, not one per worker on every core
+    env["POLARS_MAX_THREADS"] = str(max(1, int(cfg.cpus_per_worker)))
     ray.init(
         address=cfg.address,
-        runtime_env={"env_vars": env} if env else None,
+        runtime_env={"env_vars": env},
         include_dashboard=False,
         log_to_driver=False,
         logging_level="warning",

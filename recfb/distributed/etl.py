@@ -206,10 +206,11 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
             )
         del cleaned
 
-        with timer.stage("merge"):
-            parts = [f.out for f in folded]
+        parts = [f.out for f in folded]
+        with timer.stage("merge pair tables"):
             for name in SPLITS:
                 _merge_sorted([p / f"{name}.parquet" for p in parts], tmp / f"{name}.parquet", True)
+        with timer.stage("statistics"):
             counts = folded[0].counts
             summaries = dict(folded[0].summaries)
             for f in folded[1:]:
@@ -233,22 +234,21 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
                 items_vocab.height,
             )
             stats["engine"] = {"name": "ray", "shards": n_shards, "workers": cfg.ray.workers}
-            stats["timings_s"] = timer.seconds
-            log = _merged([p / "events.parquet" for p in parts], pair=False)
-            with timer.stage("write"):
-                Interactions(
-                    train=pl.DataFrame(),
-                    valid=pl.DataFrame(),
-                    test=pl.DataFrame(),
-                    users=users_vocab,
-                    items=items_vocab,
-                    events=log,
-                    quarantine=quarantine.lazy(),
-                    filtered=filtered.lazy(),
-                    stats=stats,
-                    signal_map=smap,
-                ).write_into(tmp, pairs=False)
-            stats["timings_s"] = timer.seconds
+        stats["timings_s"] = timer.seconds
+        log = _merged([p / "events.parquet" for p in parts], pair=False)
+        with timer.stage("merge log + write"):
+            Interactions(
+                train=pl.DataFrame(),
+                valid=pl.DataFrame(),
+                test=pl.DataFrame(),
+                users=users_vocab,
+                items=items_vocab,
+                events=log,
+                quarantine=quarantine.lazy(),
+                filtered=filtered.lazy(),
+                stats=stats,
+                signal_map=smap,
+            ).write_into(tmp, pairs=False)
         shutil.rmtree(work)
     return EtlResult(out=out, stats=stats)
 
