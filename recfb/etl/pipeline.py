@@ -313,7 +313,7 @@ def _filtered_frame(reason: str, rows: pl.DataFrame) -> pl.DataFrame:
 def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
     """Run the whole ETL; returns the output directory and the statistics written there."""
     if cfg.engine == "ray":
-        from recfb.distributed.etl import run_etl_ray
+        from recfb.etl.on_ray import run_etl_ray
 
         return run_etl_ray(cfg, quiet)
     smap = load_signal_map(cfg.signals)

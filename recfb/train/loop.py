@@ -369,7 +369,7 @@ def _fit_embedding(
     cfg: TrainConfig, data: Interactions, quiet: bool, log_history: bool = True
 ) -> tuple[EmbeddingRecommender, list[dict[str, float]]]:
     if cfg.engine == "ray":
-        from recfb.distributed.train import fit_on_ray
+        from recfb.train.on_ray import fit_on_ray
 
         return fit_on_ray(cfg, data, quiet, log_history)
     model = build_model(cfg, data)
