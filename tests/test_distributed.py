@@ -165,20 +165,30 @@ def test_the_etl_on_ray_extends_an_earlier_vocabulary_as_the_local_engine(ray_cl
     assert v2.head(v1.height).equals(v1) and v2.height > v1.height
 
 
-def test_the_ray_engine_refuses_filters_by_name(tmp_path):
+def test_the_etl_on_ray_filters_as_the_local_engine(ray_cluster, tmp_path):
+    """Outlier users and the k-core are decided on the whole data (a user's rate against
+    every user's median; the core of every shard's pairs) and applied per shard."""
     from recfb.config import build_model
-    from recfb.errors import ConfigError
     from recfb.etl import EtlConfig, run_etl
 
-    cfg = {
-        "input": {"paths": [str(tmp_path)]},
-        "signals": str(CONF / "signals" / "simulator.yaml"),
-        "engine": "ray",
-        "filters": {"min_user_items": 3},
-        "out": str(tmp_path / "out"),
+    filters = {
+        "outlier_users": True,
+        "outlier_rate_factor": 2.0,
+        "min_user_items": 4,
+        "min_item_users": 30,
     }
-    with pytest.raises(ConfigError, match="not on the ray engine yet"):
-        run_etl(build_model(EtlConfig, cfg, "t"), True)
+    base = {
+        "input": {"paths": _messy_inputs(tmp_path)},
+        "signals": str(CONF / "signals" / "simulator.yaml"),
+        "filters": filters,
+    }
+    local = run_etl(build_model(EtlConfig, base | {"out": str(tmp_path / "local")}, "t"), True)
+    cluster = {"address": ray_cluster.address, "shards": 3}
+    ray_cfg = base | {"out": str(tmp_path / "ray"), "engine": "ray", "ray": cluster}
+    run_etl(build_model(EtlConfig, ray_cfg, "t"), True)
+    removed = local.stats["reconciliation"]["filtered"]
+    assert removed["outlier_user"] > 0 and removed["kcore"] > 0 and removed["noise_dwell"] > 0
+    _same_outputs(tmp_path / "local", tmp_path / "ray")
 
 
 def test_training_on_two_ray_workers_matches_one_process_on_movielens(

@@ -7,6 +7,8 @@ with the same rows in the same order, as the local engine's.
     same event_id         driver: the first copy in input order wins (the local rule)
     shard                 hash(user_id) mod S, in input order: a user's events in one shard
     clean        [Ray]    per shard: the (user, item, event, ts) rule, noise by dwell
+    filters               reduction (when configured): the outlier rate, the k-core
+             [Ray]        per shard: the decision applied
     vocabularies          reduction: each id's first event time, min over shards, then the
                           local `extend_vocab` (indices by first appearance, then id)
     cut points            reduction: the temporal windows' quantiles over every shard's
@@ -17,8 +19,10 @@ with the same rows in the same order, as the local engine's.
                           the log by user: a user's events are one shard's run), the
                           statistics from added counts and summaries
 
-Filters (outlier users, k-core) need iterated global reductions and are refused here for
-now. The driver holds the validated columns and the event times, as the local engine does;
+With filters, the clean phase returns each user's event rate and the engaged pairs; the
+driver decides (the outlier rate from every user's, then the local `k_core` on the pairs
+left) and a filter phase applies the decision per shard before the vocabularies. The driver
+holds the validated columns and the event times, as the local engine does;
 what moves to the workers is the work of dedupe, ordering and folding.
 """
 
@@ -32,8 +36,15 @@ from typing import Any
 import polars as pl
 
 from recfb.distributed.cluster import connect
-from recfb.errors import ConfigError, InputError
-from recfb.etl.config import EtlConfig, SplitConfig
+from recfb.errors import InputError
+from recfb.etl.config import EtlConfig, FilterConfig, SplitConfig
+from recfb.etl.filters import (
+    FilterDecision,
+    engaged_pairs,
+    k_core,
+    outlier_rate,
+    user_rates,
+)
 from recfb.etl.interactions import ZSTD_LEVEL, Interactions
 from recfb.etl.pipeline import (
     EtlResult,
@@ -44,6 +55,7 @@ from recfb.etl.pipeline import (
     _stage_validation,
     _stats,
     clean_events,
+    finish_filters,
     fold_events,
 )
 from recfb.etl.signals import SignalMap, load_signal_map
@@ -54,13 +66,22 @@ from recfb.progress import StageTimer
 
 
 @dataclass
+class _Firsts:
+    """What the vocabularies and cut points need of a shard's final events."""
+
+    users: pl.DataFrame  # user_id, ts: each user's first event time in the shard
+    items: pl.DataFrame
+    ts: pl.Series  # every event time (temporal split), else the largest
+
+
+@dataclass
 class _CleanShard:
     path: Path | None  # the shard's clean events (None: nothing left)
     duplicates: dict[str, int]
     filtered: pl.DataFrame
-    users: pl.DataFrame  # user_id, ts: each user's first event time in the shard
-    items: pl.DataFrame
-    ts: pl.Series
+    firsts: _Firsts | None  # None while filters are still to be applied
+    rates: pl.DataFrame | None = None  # user_id, rate (the outlier filter)
+    pairs: pl.DataFrame | None = None  # engaged (user_id, item_id) (the k-core)
 
 
 @dataclass
@@ -72,20 +93,69 @@ class _FoldedShard:
     summaries: dict[str, _PairSummary]
 
 
+def _firsts(rows: pl.DataFrame, split: SplitConfig) -> _Firsts:
+    first = {kind: rows.group_by(f"{kind}_id").agg(pl.col("ts").min()) for kind in ("user", "item")}
+    ts = rows["ts"] if split.method == "temporal" else rows.select(pl.col("ts").max())["ts"]
+    return _Firsts(first["user"], first["item"], ts)
+
+
+def _keep(rows: pl.DataFrame, out: Path) -> Path | None:
+    if rows.height == 0:
+        return None
+    rows.write_parquet(out)
+    return out
+
+
+def _filtering(cfg: EtlConfig) -> bool:
+    f = cfg.filters
+    return bool(f.outlier_users or f.min_user_items or f.min_item_users)
+
+
 def _clean_shard(source: Path, smap: SignalMap, cfg: EtlConfig, out: Path) -> _CleanShard:
-    """One shard's `clean_events`, written to `out`; what the reductions need of it."""
+    """One shard's `clean_events`, written to `out`; what the reductions need of it (with
+    filters: what deciding them needs, the filters themselves applied later)."""
     events = pl.read_parquet(source)
     source.unlink()
-    cleaned = clean_events(events, smap, cfg.filters, StageTimer(quiet=True))
+    filtering = _filtering(cfg)
+    cleaned = clean_events(events, smap, cfg.filters, StageTimer(quiet=True), not filtering)
     del events
     rows = cleaned.events
-    first = {kind: rows.group_by(f"{kind}_id").agg(pl.col("ts").min()) for kind in ("user", "item")}
-    ts = rows["ts"] if cfg.split.method == "temporal" else rows.select(pl.col("ts").max())["ts"]
-    path = None
-    if rows.height:
-        rows.write_parquet(out)
-        path = out
-    return _CleanShard(path, cleaned.duplicates, cleaned.filtered, first["user"], first["item"], ts)
+    if not filtering:
+        firsts = _firsts(rows, cfg.split)
+        return _CleanShard(_keep(rows, out), cleaned.duplicates, cleaned.filtered, firsts)
+    rates = user_rates(rows) if cfg.filters.outlier_users else None
+    kcore = cfg.filters.min_user_items or cfg.filters.min_item_users
+    pairs = engaged_pairs(rows) if kcore else None
+    path = _keep(rows, out)
+    return _CleanShard(path, cleaned.duplicates, cleaned.filtered, None, rates, pairs)
+
+
+def _decide_filters(cleaned: list[_CleanShard], filters: FilterConfig) -> FilterDecision:
+    """The filters' decisions on the whole data, as the local engine makes them: the outlier
+    rate from every user's rate, then the k-core of the engaged pairs left."""
+    rate, bots = None, None
+    if filters.outlier_users:
+        rates = pl.concat([c.rates for c in cleaned if c.rates is not None])
+        rate = outlier_rate(rates, filters.outlier_rate_factor)
+        bots = rates.filter(pl.col("rate") > rate)["user_id"]
+    if not (filters.min_user_items or filters.min_item_users):
+        return FilterDecision(outlier_rate=rate)
+    pairs = pl.concat([c.pairs for c in cleaned if c.pairs is not None])
+    if bots is not None:
+        pairs = pairs.filter(~pl.col("user_id").is_in(bots.implode()))
+    core = k_core(
+        pairs.with_columns(pl.lit(1).alias("level")), filters.min_user_items, filters.min_item_users
+    )
+    return FilterDecision(rate, core["user_id"].unique(), core["item_id"].unique())
+
+
+def _filter_shard(
+    source: Path, cfg: EtlConfig, decided: FilterDecision
+) -> tuple[Path | None, pl.DataFrame, _Firsts]:
+    """One shard's filters as decided on the whole data; its kept events rewritten."""
+    events, removed = finish_filters(pl.read_parquet(source), cfg.filters, decided)
+    source.unlink()
+    return _keep(events, source), removed, _firsts(events, cfg.split)
 
 
 def _fold_shard(
@@ -118,12 +188,6 @@ def _fold_shard(
 
 def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
     """`run_etl` on the cluster of `cfg.ray`: the same output directory."""
-    filters = cfg.filters
-    if filters.outlier_users or filters.min_user_items or filters.min_item_users:
-        raise ConfigError(
-            "filters (outlier_users, min_user_items, min_item_users) are not on the ray engine "
-            "yet: run this ETL with engine: local"
-        )
     smap = load_signal_map(cfg.signals)
     timer = StageTimer(quiet)
     out = Path(cfg.out)
@@ -133,6 +197,7 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
     n_shards = cfg.ray.shards or 2 * cfg.ray.workers
     options = {"num_cpus": cfg.ray.cpus_per_worker}
     clean_task = ray.remote(**options)(_clean_shard)
+    filter_task = ray.remote(**options)(_filter_shard)
     fold_task = ray.remote(**options)(_fold_shard)
 
     with atomic_dir(out) as tmp:
@@ -172,9 +237,16 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
         duplicates = {"same_event_id": same_event_id, "same_user_item_event_ts": 0}
         for c in cleaned:
             duplicates["same_user_item_event_ts"] += c.duplicates["same_user_item_event_ts"]
-        filtered = _in_input_order(
-            pl.concat([c.filtered for c in cleaned], how="diagonal_relaxed"), inputs
-        )
+        removed = [c.filtered for c in cleaned]
+        if _filtering(cfg):
+            with timer.stage("filters"):
+                decided = ray.put(_decide_filters(cleaned, cfg.filters))
+                done = ray.get(
+                    [filter_task.remote(c.path, cfg, decided) for c in cleaned if c.path]
+                )
+            cleaned = [_CleanShard(path, {}, rows, firsts) for path, rows, firsts in done]
+            removed += [c.filtered for c in cleaned]
+        filtered = _in_input_order(pl.concat(removed, how="diagonal_relaxed"), inputs)
         if not any(c.path for c in cleaned):
             raise InputError(
                 "no usable events left after validation and filters; see quarantine reasons "
@@ -183,9 +255,10 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
             )
 
         with timer.stage("vocabularies"):
-            users_vocab = extend_vocab(users_vocab, pl.concat([c.users for c in cleaned]), "user")
-            items_vocab = extend_vocab(items_vocab, pl.concat([c.items for c in cleaned]), "item")
-            ts = pl.concat([c.ts for c in cleaned])
+            firsts = [c.firsts for c in cleaned if c.firsts is not None]
+            users_vocab = extend_vocab(users_vocab, pl.concat([f.users for f in firsts]), "user")
+            items_vocab = extend_vocab(items_vocab, pl.concat([f.items for f in firsts]), "item")
+            ts = pl.concat([f.ts for f in firsts])
             cut: Windows | int = (
                 temporal_windows(ts, cfg.split)
                 if cfg.split.method == "temporal"
@@ -273,13 +346,20 @@ def _merge_sorted(paths: list[Path], target: Path, pair: bool) -> None:
     _merged(paths, pair).sink_parquet(target, compression_level=ZSTD_LEVEL, engine="streaming")
 
 
+_REASONS = ("noise_dwell", "outlier_user", "kcore")  # the order the local engine lists them
+
+
 def _in_input_order(rows: pl.DataFrame, inputs: list[str]) -> pl.DataFrame:
-    """Removed rows in the order the local engine lists them: input order (file, then row)."""
+    """Removed rows in the order the local engine lists them: by reason (noise, outlier
+    users, k-core), then input order (file, then row)."""
     if rows.height == 0:
         return rows
     rank = {name: i for i, name in enumerate(inputs)}
     order = pl.col("source_file").replace_strict(rank, default=len(rank), return_dtype=pl.Int64)
-    return rows.sort(order, "source_row", maintain_order=True)
+    reason = pl.col("reason").replace_strict(
+        {r: i for i, r in enumerate(_REASONS)}, default=len(_REASONS), return_dtype=pl.Int64
+    )
+    return rows.sort(reason, order, "source_row", maintain_order=True)
 
 
 def shard_summary(stats: dict[str, Any]) -> str:

@@ -41,7 +41,7 @@ from recfb.config import build_model
 from recfb.errors import ConfigError, InputError
 from recfb.etl.aggregate import PAIR, aggregate_pairs, fold_runs
 from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
-from recfb.etl.filters import apply_filters
+from recfb.etl.filters import FilterDecision, apply_filters
 from recfb.etl.frames import filter_consuming, join_columns, rechunk_consuming
 from recfb.etl.interactions import ZSTD_LEVEL, Interactions
 from recfb.etl.link import sparse_links
@@ -422,10 +422,15 @@ class Cleaned:
 
 
 def clean_events(
-    events: pl.DataFrame, smap: SignalMap, filters: FilterConfig, timer: StageTimer
+    events: pl.DataFrame,
+    smap: SignalMap,
+    filters: FilterConfig,
+    timer: StageTimer,
+    apply: bool = True,
 ) -> Cleaned:
     """Validated rows -> de-duplicated, canonical rows with the filters applied (the rows
-    removed as noise or by a filter, with their reason, in `filtered`)."""
+    removed as noise or by a filter, with their reason, in `filtered`). `apply=False`: the
+    filters are left to `finish_filters` (a shard's: they are decided on the whole data)."""
     # the rows removed as noise (dwell under the signal's minimum) go with the duplicates,
     # in one filter; the provenance only serves the reports of removed rows
     events = events.with_columns(pl.col("event").cast(_event_type(smap)))
@@ -442,15 +447,28 @@ def clean_events(
         )
         removed = [("noise_dwell", noise_rows)]
         del noise_rows
+        if not apply:
+            return Cleaned(events, duplicates, _filtered_rows(removed))
         events, more = apply_filters(events, filters)
         removed += more
-        filtered = pl.concat(
-            [_filtered_frame(r, rows) for r, rows in removed], how="diagonal_relaxed"
-        )
+        filtered = _filtered_rows(removed)
         del removed
         if filtering:
             events = events.drop(*PROVENANCE)  # it only served the reports of removed rows
     return Cleaned(events, duplicates, filtered)
+
+
+def finish_filters(
+    events: pl.DataFrame, filters: FilterConfig, decided: FilterDecision
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The filters of a shard cleaned with `apply=False`, as decided on the whole data: the
+    kept events (provenance dropped) and the removed rows with their reason."""
+    events, removed = apply_filters(events, filters, decided)
+    return events.drop(*PROVENANCE), _filtered_rows(removed)
+
+
+def _filtered_rows(removed: list[tuple[str, pl.DataFrame]]) -> pl.DataFrame:
+    return pl.concat([_filtered_frame(r, rows) for r, rows in removed], how="diagonal_relaxed")
 
 
 @dataclass
