@@ -31,7 +31,6 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
@@ -360,9 +359,3 @@ def _in_input_order(rows: pl.DataFrame, inputs: list[str]) -> pl.DataFrame:
         {r: i for i, r in enumerate(_REASONS)}, default=len(_REASONS), return_dtype=pl.Int64
     )
     return rows.sort(reason, order, "source_row", maintain_order=True)
-
-
-def shard_summary(stats: dict[str, Any]) -> str:
-    """One line on how the work was spread, for the CLI's summary."""
-    engine = stats.get("engine", {})
-    return f"{engine.get('shards', 1)} shards on {engine.get('workers', 1)} Ray workers"
