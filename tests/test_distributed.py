@@ -252,3 +252,66 @@ def test_the_gates_holdout_scoring_on_ray_gives_the_local_figures(
     )
     assert on_ray == local
     assert local["ndcg@10"] > 0
+
+
+def test_a_pipeline_runs_on_ray_behind_the_same_command(ray_cluster, tmp_path):
+    """`recfb pipeline run DEF --engine ray --address ADDR`: the ETL, the training and the
+    gate on the cluster; the run records where each ran, promotes, and the ETL's tables are
+    those of the same ETL run locally."""
+    import json
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from recfb.config import build_model
+    from recfb.etl import EtlConfig, run_etl
+    from recfb.simulate import SimConfig, simulate
+
+    simulate(SimConfig(seed=4, n_users=800, n_items=300, n_events=60_000), tmp_path / "sim")
+    signals = str(CONF / "signals" / "simulator.yaml")
+    etl_sets = [f"input.paths=['{tmp_path / 'sim' / 'events'}']", f"signals={signals}"]
+    definition = {
+        "name": "on-ray",
+        "experiment": "ray-test",
+        "registered_model": "recfb-ray",
+        "work_dir": str(tmp_path / "pipelines"),
+        "stages": {
+            "etl": {"config": str(CONF / "etl.yaml"), "set": etl_sets},
+            "train": {
+                "config": str(CONF / "models" / "mf.yaml"),
+                "set": ["model.dim=16", "trainer.max_epochs=3", "ray.workers=2"],
+            },
+            "evaluate": {},
+            "index": {"config": str(CONF / "index.yaml"), "set": [f"models_dir={tmp_path}/m"]},
+            "register": {},
+            "promote": {},
+        },
+        "gate": {"max_users": None},
+    }
+    path = tmp_path / "on-ray.yaml"
+    path.write_text(yaml.safe_dump(definition))
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    done = recfb(
+        "pipeline",
+        "run",
+        str(path),
+        "--engine",
+        "ray",
+        "--address",
+        ray_cluster.address,
+        env={"MLFLOW_TRACKING_URI": store},
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = MlflowClient(store)
+    prod = client.get_model_version_by_alias("recfb-ray", "production")
+    params = client.get_run(prod.run_id).data.params
+    assert params["engine"] == "ray" and params["ray.address"] == ray_cluster.address
+    etl_out = tmp_path / "pipelines" / "on-ray" / "etl"
+    stats = json.loads((etl_out / "stats.json").read_text())
+    assert stats["engine"]["name"] == "ray"
+    local = {"input": {"paths": [str(tmp_path / "sim" / "events")]}, "signals": signals}
+    run_etl(build_model(EtlConfig, local | {"out": str(tmp_path / "local")}, "t"), True)
+    for name in ("train", "valid", "test", "events"):
+        a = pl.read_parquet(tmp_path / "local" / f"{name}.parquet")
+        assert a.equals(pl.read_parquet(etl_out / f"{name}.parquet")), name
