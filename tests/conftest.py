@@ -3,6 +3,7 @@ pairs for the models' step tests."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,13 @@ def bundle_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["RECFB_CONFIG_DIR"] = str(path)
     os.environ.pop("RECFB_BUNDLE_KEY", None)
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shared_file(name: str) -> Path:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+
+from conftest import free_port
 
 
 def _bin_dir() -> Path | None:
@@ -20,12 +21,6 @@ def _bin_dir() -> Path | None:
         return Path(found).resolve().parent
     dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]))
     return Path(dirs[-1]) if dirs and (Path(dirs[-1]) / "initdb").exists() else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PgServer:
@@ -41,7 +36,7 @@ class PgServer:
         self.bin = bin_dir
         self.dir = Path(tempfile.mkdtemp(prefix="recfb-pg-", dir="/tmp"))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self._as: list[str] = []
         if os.geteuid() == 0:  # PostgreSQL refuses to run as root
             runuser = shutil.which("runuser")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,10 @@ import pytest
 import recfb
 from recfb.simulate import SimConfig, simulate
 
-from conftest import CONF, ROOT
+from conftest import CONF, ROOT, free_port
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 RECFB = Path(sys.executable).parent / "recfb"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(url: str, seconds: float, proc: subprocess.Popen, log: Path) -> None:

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 import httpx
 import polars as pl
 import pytest
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "extra-key"
@@ -64,12 +65,6 @@ class Served:
     known_source: str  # `source` of a known user's recommendations
     fresh_source: str  # `source` of a new user's after one posted event
     rates_status: int  # GET /v1/items/{item}/rates: 200 with delay models, else 404
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def first_ids(bundle: Path) -> tuple[str, str]:

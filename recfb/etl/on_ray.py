@@ -50,6 +50,7 @@ from recfb.etl.pipeline import (
     EventCounts,
     _counts,
     _first_occurrence,
+    _pair_key,
     _PairSummary,
     _stage_validation,
     _stats,
@@ -329,11 +330,7 @@ def _merged(paths: list[Path], pair: bool) -> pl.LazyFrame:
     """The parts (each sorted, of disjoint users) as one frame in the local engine's order:
     pair tables by (user, item), the log by user (each user's events are one part's run, in
     the log's order already). A merge of sorted runs, not a sort."""
-    key = (
-        (pl.col("user_idx").cast(pl.UInt64) * (1 << 32) + pl.col("item_idx"))
-        if pair
-        else pl.col("user_idx")
-    )
+    key = _pair_key() if pair else pl.col("user_idx")
     frames = [pl.scan_parquet(p).with_columns(key.alias("_merge_key")) for p in paths]
     merged = frames[0]
     for frame in frames[1:]:

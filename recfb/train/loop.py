@@ -563,11 +563,17 @@ def _finish_fit(
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["state_dict"], strict=False)
         tracking.log_file(checkpoint.best_model_path, "checkpoint")
-        if not cfg.checkpoint_dir:
-            shutil.rmtree(Path(checkpoint.best_model_path).parent, ignore_errors=True)
+    _drop_checkpoints(checkpoint, cfg)
     model.eval()
     model._cache = None
     return model, history
+
+
+def _drop_checkpoints(checkpoint: Any, cfg: TrainConfig) -> None:
+    """Remove the temporary checkpoint directory `early_stopping` made (kept where the
+    config names one), saved into or not (no epoch ran, or another DDP rank saved)."""
+    if checkpoint is not None and not cfg.checkpoint_dir:
+        shutil.rmtree(checkpoint.dirpath, ignore_errors=True)
 
 
 def _log_model_artifacts(

@@ -52,7 +52,14 @@ def _train_worker(config: dict) -> None:
 
     from recfb.etl import Interactions
     from recfb.train.config import TrainConfig
-    from recfb.train.loop import _lightning_quiet, _loader, _trainer, build_model, early_stopping
+    from recfb.train.loop import (
+        _finish_fit,
+        _lightning_quiet,
+        _loader,
+        _trainer,
+        build_model,
+        early_stopping,
+    )
     from recfb.train.loop import warm_start as warm
 
     cfg = TrainConfig.model_validate(config["cfg"])
@@ -63,6 +70,9 @@ def _train_worker(config: dict) -> None:
     if cfg.init_from_run:
         warm(model, cfg, data)
     callbacks, checkpoint = early_stopping(model, cfg, data)
+    # Lightning gives every rank rank 0's checkpoint directory: the one made here is this
+    # rank's own (empty on the others), removed below
+    own_dir = checkpoint.dirpath if checkpoint is not None else None
     gpu = config["gpu"]
     with _lightning_quiet(True):
         trainer = _trainer(
@@ -80,15 +90,17 @@ def _train_worker(config: dict) -> None:
         if cfg.trainer.max_epochs > 0:
             trainer.fit(model, _loader(model, cfg, 1))
     if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report({})
+        if own_dir is not None and not cfg.checkpoint_dir:
+            shutil.rmtree(own_dir, ignore_errors=True)  # rank 0 alone saves checkpoints
+        ray.train.report({})  # and reports the weights
         return
-    if checkpoint is not None and checkpoint.best_model_path:
-        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["state_dict"], strict=False)
+    # the best epoch's weights, as a local fit takes them (no MLflow run here: nothing logged)
+    model, _ = _finish_fit(model, cfg, checkpoint, log_history=False)
     out = Path(tempfile.mkdtemp(prefix="recfb-ray-fit-"))
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "state.pt")
     (out / "history.json").write_text(json.dumps(model.history))
     ray.train.report({"epochs": len(model.history)}, checkpoint=ray.train.Checkpoint(str(out)))
+    shutil.rmtree(out, ignore_errors=True)  # reported: Ray has its copy in the run's storage
 
 
 def fit_on_ray(cfg: Any, data: Any, quiet: bool, log_history: bool = True) -> tuple[Any, list]:
@@ -97,8 +109,7 @@ def fit_on_ray(cfg: Any, data: Any, quiet: bool, log_history: bool = True) -> tu
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from recfb import tracking
-    from recfb.train.loop import build_model
+    from recfb.train.loop import _finish_fit, build_model
 
     if data.directory is None:
         raise ConfigError(
@@ -137,9 +148,5 @@ def fit_on_ray(cfg: Any, data: Any, quiet: bool, log_history: bool = True) -> tu
         shutil.rmtree(storage, ignore_errors=True)
     model = build_model(cfg, data)
     model.load_state_dict(state, strict=False)
-    model.eval()
-    model._cache = None
-    for row in history if log_history else []:
-        tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
     model.history = history
-    return model, history
+    return _finish_fit(model, cfg, None, log_history)  # the history logged, as a local fit
