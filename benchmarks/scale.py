@@ -183,6 +183,11 @@ def main() -> None:
     parser.add_argument("--score-users", type=int, default=50_000)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/scale.json")
     parser.add_argument("--table", action="store_true", help="print --out's table and stop")
+    parser.add_argument(
+        "--etl-only",
+        action="store_true",
+        help="time the ETL only; keep the scoring figures --out already holds (marked so)",
+    )
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.out.read_text())))
@@ -191,12 +196,25 @@ def main() -> None:
     store = f"sqlite:///{args.work / 'mlruns.db'}"
     env = ENV | {"MLFLOW_TRACKING_URI": store}
     results: dict[str, Any] = {"host_cpus": os.cpu_count(), "sizes": {}}
+    earlier = json.loads(args.out.read_text()) if args.etl_only and args.out.exists() else {}
     for size in args.sizes:
         events = ensure_sim(args.sim_root, size)
         row: dict[str, Any] = {"etl": {}, "scoring": {}}
         local_out = args.work / f"etl-{size}-local"
         row["etl"]["local"] = timed(etl_cmd(events, local_out, []), env)
+        row["etl"]["local"]["stages_s"] = stages(local_out)
         print(size, "etl local", row["etl"]["local"], flush=True)
+        if args.etl_only:
+            row["scoring"] = earlier.get("sizes", {}).get(str(size), {}).get("scoring", {})
+            row["scoring_from_earlier_run"] = True
+            for workers in args.workers:
+                row["etl"][f"ray{workers}"] = ray_etl(
+                    events, size, local_out, args.work, workers, env
+                )
+            finish(row, size)
+            results["sizes"][str(size)] = row
+            args.out.write_text(json.dumps(results, indent=1))
+            continue
         # a model to score with: MF, one epoch, on the same events split with a tiny holdout
         # (training evaluates every holdout user against every item: at 50M events, 1M users
         # by 100k items, that took longer than everything else here)
@@ -232,12 +250,9 @@ def main() -> None:
             cluster = LocalCluster(cpus=workers, object_store_bytes=4 << 30)
             try:
                 engine = ["--engine", "ray", "--address", cluster.address]
-                ray_out = args.work / f"etl-{size}-ray{workers}"
-                cmd = etl_cmd(events, ray_out, [*engine, "--set", f"ray.workers={workers}"])
-                result = timed(cmd, env)
-                result["same_as_local"] = same_etl(local_out, ray_out)
-                row["etl"][f"ray{workers}"] = result
-                print(size, f"etl ray{workers}", result, flush=True)
+                row["etl"][f"ray{workers}"] = ray_etl(
+                    events, size, local_out, args.work, workers, env, cluster
+                )
                 recs = args.work / f"recs-{size}-ray{workers}.parquet"
                 result = timed([*score, "-o", str(recs), *engine, "--workers", str(workers)], env)
                 result |= same_lists(local_recs, recs)
@@ -245,22 +260,55 @@ def main() -> None:
                 print(size, f"scoring ray{workers}", result, flush=True)
             finally:
                 cluster.stop()
-        for part in ("etl", "scoring"):
-            base = row[part]["local"]["wall_s"]
-            for value in row[part].values():
-                if isinstance(value, dict):
-                    value["vs_local"] = round(base / value["wall_s"], 3)
-        row["etl"]["events_per_s"] = {
-            name: round(size / value["wall_s"]) for name, value in row["etl"].items()
-        }
-        row["scoring"]["users_per_s"] = {
-            name: round(row["scoring"]["users"] / value["wall_s"])
-            for name, value in row["scoring"].items()
-            if isinstance(value, dict)
-        }
+        finish(row, size)
         results["sizes"][str(size)] = row
         args.out.write_text(json.dumps(results, indent=1))
     print(table(results))
+
+
+def ray_etl(
+    events: Path,
+    size: int,
+    local_out: Path,
+    work: Path,
+    workers: int,
+    env: dict[str, str],
+    cluster: LocalCluster | None = None,
+) -> dict[str, Any]:
+    """`recfb etl --engine ray` on a cluster of `workers` CPUs (started here unless given),
+    timed and checked equal to the local output."""
+    own = cluster is None
+    cluster = cluster or LocalCluster(cpus=workers, object_store_bytes=4 << 30)
+    try:
+        engine = ["--engine", "ray", "--address", cluster.address]
+        ray_out = work / f"etl-{size}-ray{workers}"
+        cmd = etl_cmd(events, ray_out, [*engine, "--set", f"ray.workers={workers}"])
+        result = timed(cmd, env)
+        result["same_as_local"] = same_etl(local_out, ray_out)
+        result["stages_s"] = stages(ray_out)
+        print(size, f"etl ray{workers}", result, flush=True)
+        return result
+    finally:
+        if own:
+            cluster.stop()
+
+
+def stages(out: Path) -> dict[str, float]:
+    """The ETL's own stage timings (its stats.json)."""
+    return json.loads((out / "stats.json").read_text())["timings_s"]
+
+
+def finish(row: dict[str, Any], size: int) -> None:
+    """Ratios against the local engine and throughputs."""
+    for part in ("etl", "scoring"):
+        runs = {k: v for k, v in row[part].items() if isinstance(v, dict) and "wall_s" in v}
+        if "local" not in runs:
+            continue
+        for value in runs.values():
+            value["vs_local"] = round(runs["local"]["wall_s"] / value["wall_s"], 3)
+        per = size if part == "etl" else row[part]["users"]
+        unit = "events_per_s" if part == "etl" else "users_per_s"
+        row[part][unit] = {name: round(per / value["wall_s"]) for name, value in runs.items()}
 
 
 if __name__ == "__main__":

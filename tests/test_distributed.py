@@ -145,6 +145,52 @@ def test_the_etl_on_ray_writes_the_local_engines_tables(ray_cluster, tmp_path, s
     assert not (tmp_path / "ray" / "_shards").exists()
 
 
+def test_the_etl_on_ray_reads_mixed_files_as_the_local_engine(ray_cluster, tmp_path):
+    """Each file is read and validated by its own task: a CSV (text ids and event_ids beside
+    the parquet's integers, a ragged record) and a JSONL file (a line that is not JSON, a
+    column no other file has) must come out typed, ordered and quarantined as the local
+    engine's one query over every file does."""
+    from recfb.config import build_model
+    from recfb.errors import InputError
+    from recfb.etl import EtlConfig, run_etl
+
+    parquet = _messy_inputs(tmp_path)
+    text = tmp_path / "events-3.csv"
+    pl.read_parquet(parquet[0]).slice(0, 4_000).write_csv(text)  # the same events, as text
+    with text.open("a") as fh:
+        fh.write("1,2,3,view,2024-01-01,,,,,extra-field\n")
+    lines = tmp_path / "events-4.jsonl"
+    pl.read_parquet(parquet[1]).slice(0, 3_000).with_columns(
+        pl.col("user_id") + 5, pl.lit("spring").alias("campaign")
+    ).write_ndjson(lines)
+    with lines.open("a") as fh:
+        fh.write('{"user_id": 1, "item_id": 2,\n')
+    base = {
+        "input": {"paths": [parquet[0], str(text), *parquet[1:], str(lines)]},
+        "signals": str(CONF / "signals" / "simulator.yaml"),
+    }
+    local = run_etl(build_model(EtlConfig, base | {"out": str(tmp_path / "local")}, "t"), True)
+    cluster = {"address": ray_cluster.address, "shards": 3}
+    ray_cfg = base | {"out": str(tmp_path / "ray"), "engine": "ray", "ray": cluster}
+    run_etl(build_model(EtlConfig, ray_cfg, "t"), True)
+    rec = local.stats["reconciliation"]
+    assert rec["quarantined"] == {"unknown_event": 3, "ragged_row": 1, "bad_json": 1}
+    assert rec["duplicates_removed"]["same_event_id"] >= 4_000
+    quarantine = pl.read_parquet(tmp_path / "local" / "quarantine.parquet")
+    assert "campaign" in quarantine.columns
+    assert "campaign" in pl.read_parquet(tmp_path / "local" / "events.parquet").columns
+    _same_outputs(tmp_path / "local", tmp_path / "ray")
+
+    # an unknown event, where the signal map makes it an error: the task's error as itself
+    strict = tmp_path / "strict.yaml"
+    signals = (CONF / "signals" / "simulator.yaml").read_text()
+    strict.write_text(signals.replace("unknown_events: quarantine", "unknown_events: error"))
+    with pytest.raises(InputError) as raised:
+        run_etl(build_model(EtlConfig, ray_cfg | {"signals": str(strict)}, "t"), True)
+    assert str(raised.value).startswith(f"file {parquet[1]}, row 20301, field 'event'")
+    assert "Traceback" not in str(raised.value)
+
+
 def test_the_etl_on_ray_extends_an_earlier_vocabulary_as_the_local_engine(ray_cluster, tmp_path):
     """A second run over more data keeps the first run's indices and appends the new ids."""
     from recfb.config import build_model

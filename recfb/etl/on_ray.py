@@ -3,10 +3,17 @@ phases (`clean_events`, `fold_events` of recfb/etl/pipeline.py), and the parts t
 whole data are explicit reductions between them. The output directory holds the same files,
 with the same rows in the same order, as the local engine's.
 
-    read + validate       driver, the local code (quarantine, provenance, input order)
-    same event_id         driver: the first copy in input order wins (the local rule)
-    shard                 hash(user_id) mod S, in input order: a user's events in one shard
-    clean        [Ray]    per shard: the (user, item, event, ts) rule, noise by dwell
+    schemas      [Ray]    per input: its columns; the driver combines them as the local
+                          engine's one query over every file does (union, relaxed types)
+    read         [Ray]    per input: read + validate (the local code: quarantine, provenance,
+                          the slow path for a malformed file), in the combined types; its good
+                          rows written into user shards (hash(user_id) mod S) with their place
+                          in the input, its event_ids into buckets (hash(event_id) mod S)
+    same event_id [Ray]   per bucket: every copy of an id is in one bucket, in input order;
+                          the first copy wins (the local rule), the others' places go to their
+                          user shards
+    clean        [Ray]    per shard: its parts in input order, less those places; the
+                          (user, item, event, ts) rule, noise by dwell
     filters               reduction (when configured): the outlier rate, the k-core
              [Ray]        per shard: the decision applied
     vocabularies          reduction: each id's first event time, min over shards, then the
@@ -22,8 +29,9 @@ with the same rows in the same order, as the local engine's.
 With filters, the clean phase returns each user's event rate and the engaged pairs; the
 driver decides (the outlier rate from every user's, then the local `k_core` on the pairs
 left) and a filter phase applies the decision per shard before the vocabularies. The driver
-holds the validated columns and the event times, as the local engine does;
-what moves to the workers is the work of dedupe, ordering and folding.
+holds what the reductions need (quarantined rows, first times, event times for a temporal
+split) and streams the merges; the events themselves pass through workers only. A file is
+one task: a single huge file reads on one worker.
 """
 
 from __future__ import annotations
@@ -31,12 +39,13 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from recfb.distributed.cluster import connect
 from recfb.errors import InputError
-from recfb.etl.config import EtlConfig, FilterConfig, SplitConfig
+from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import (
     FilterDecision,
     engaged_pairs,
@@ -52,11 +61,20 @@ from recfb.etl.pipeline import (
     _first_occurrence,
     _pair_key,
     _PairSummary,
-    _stage_validation,
     _stats,
     clean_events,
     finish_filters,
     fold_events,
+    validate_in_memory,
+)
+from recfb.etl.readers import (
+    MALFORMED_RAW,
+    MALFORMED_REASON,
+    MALFORMED_REASONS,
+    PROVENANCE,
+    DatabaseLog,
+    read_events,
+    resolve_paths,
 )
 from recfb.etl.signals import SignalMap, load_signal_map
 from recfb.etl.split import SPLITS, Windows, temporal_windows
@@ -111,11 +129,137 @@ def _filtering(cfg: EtlConfig) -> bool:
     return bool(f.outlier_users or f.min_user_items or f.min_item_users)
 
 
-def _clean_shard(source: Path, smap: SignalMap, cfg: EtlConfig, out: Path) -> _CleanShard:
-    """One shard's `clean_events`, written to `out`; what the reductions need of it (with
-    filters: what deciding them needs, the filters themselves applied later)."""
-    events = pl.read_parquet(source)
-    source.unlink()
+ORDER, SHARD = "_order", "_shard"  # a row's place in the input; its user's shard
+_FILE_BITS = 40  # `_order` = file index << 40 | row in the file's validated rows
+_NOT_INPUT = {*PROVENANCE, MALFORMED_REASON, MALFORMED_RAW}
+
+
+@dataclass
+class _ReadFile:
+    """What the driver keeps of one input file's read: counts and quarantine (small)."""
+
+    rows_in: int
+    bad: pl.DataFrame  # its quarantined rows (malformed records last, as read)
+    extras: list[str]
+    shards: list[int]  # the user shards it wrote a part for
+    buckets: list[int]  # the event_id buckets it wrote a part for
+
+
+def _input_spec(path: Path | DatabaseLog) -> str:
+    """What reads one resolved input again: a file's path, a database log's URI."""
+    return path.uri if isinstance(path, DatabaseLog) else str(path)
+
+
+def _one_input(cfg: InputConfig, spec: str) -> InputConfig:
+    return cfg.model_copy(update={"paths": [spec]})
+
+
+def _raw_schema(spec: str, cfg: InputConfig) -> pl.Schema:
+    """One input's columns as its reader gives them (no rows read where the format says)."""
+    return read_events(_one_input(cfg, spec))[0].collect_schema()
+
+
+def _combined_schema(schemas: list[pl.Schema]) -> dict[str, pl.DataType]:
+    """The columns the local engine's one query over every file has: the union, in order
+    of appearance, each in the type every file's column casts to (`diagonal_relaxed`)."""
+    frames = [
+        pl.DataFrame(schema={c: t for c, t in s.items() if c not in _NOT_INPUT}) for s in schemas
+    ]
+    return dict(pl.concat(frames, how="diagonal_relaxed").schema)
+
+
+def _as_combined(raw: pl.LazyFrame, combined: dict[str, pl.DataType]) -> pl.LazyFrame:
+    """One file's rows in the combined columns and types, so validation types them as the
+    local engine's one query does (a CSV's text event_id beside a parquet's integers)."""
+    have = raw.collect_schema()
+    columns = [
+        pl.col(c).cast(t) if c in have else pl.lit(None, t).alias(c) for c, t in combined.items()
+    ]
+    return raw.select(*columns, *[c for c in have.names() if c in _NOT_INPUT])
+
+
+def _read_file(
+    index: int,
+    spec: str,
+    name: str,
+    cfg: InputConfig,
+    smap: SignalMap,
+    combined: dict[str, pl.DataType],
+    n_shards: int,
+    work: Path,
+) -> _ReadFile:
+    """Read and validate one input (the local code, on its own: a malformed record costs
+    only its file the slow path), then write its good rows into the user shards, in input
+    order with their place `_order`, and its event_ids into buckets by their hash."""
+    one = _one_input(cfg, spec)
+
+    def read(tolerant: bool) -> pl.LazyFrame:
+        return _as_combined(read_events(one, tolerant=tolerant)[0], combined)
+
+    good, bad, extras = validate_in_memory(read, one, smap, name)
+    good = good.with_columns(
+        (pl.int_range(pl.len(), dtype=pl.UInt64) + (index << _FILE_BITS)).alias(ORDER),
+        (pl.col("user_id").hash(seed=0) % n_shards).cast(pl.UInt32).alias(SHARD),
+    )
+    shards = _write_parts(good.drop(SHARD), good[SHARD], work, "in", index)
+    ids = good.filter(pl.col("event_id").is_not_null()).select("event_id", ORDER, SHARD)
+    bucket = (ids["event_id"].hash(seed=1) % n_shards).cast(pl.UInt32)
+    buckets = _write_parts(ids, bucket, work, "eid", index)
+    return _ReadFile(good.height + bad.height, bad, extras, shards, buckets)
+
+
+def _write_parts(
+    rows: pl.DataFrame, part: pl.Series, work: Path, kind: str, index: int
+) -> list[int]:
+    """`rows` split by `part` (order kept) into work/{kind}-{part}-{index}.parquet."""
+    written = []
+    for (p,), chunk in (
+        rows.with_columns(part.alias("_part"))
+        .partition_by("_part", as_dict=True, include_key=False)
+        .items()
+    ):
+        chunk.write_parquet(_part_path(work, kind, p, index))
+        written.append(p)
+    return written
+
+
+def _part_path(work: Path, kind: str, part: int, index: int) -> Path:
+    return work / f"{kind}-{part:05d}-{index:06d}.parquet"
+
+
+def _event_id_losers(sources: list[Path], work: Path, bucket: int) -> int:
+    """One bucket of event_ids (every copy of an id is in one bucket, parts in input
+    order): the rows an earlier copy took, written per user shard; how many."""
+    ids = pl.concat([pl.read_parquet(p) for p in sources])
+    for path in sources:
+        path.unlink()
+    lost = ids.filter(~_first_occurrence(ids, ["event_id"])).select(ORDER, SHARD)
+    _write_parts(lost.drop(SHARD), lost[SHARD], work, "lost", bucket)
+    return lost.height
+
+
+def _quarantine_in_order(reads: list[_ReadFile]) -> pl.DataFrame:
+    """The files' quarantined rows in the local engine's order: the rows validation
+    rejected in input order, then the malformed records (file by file)."""
+    bad = pl.concat([r.bad for r in reads], how="diagonal_relaxed")
+    malformed = pl.col("reason").is_in(MALFORMED_REASONS)
+    return pl.concat([bad.filter(~malformed), bad.filter(malformed)])
+
+
+def _clean_shard(
+    sources: list[Path], losers: list[Path], smap: SignalMap, cfg: EtlConfig, out: Path
+) -> _CleanShard:
+    """One shard's `clean_events`, written to `out`: its parts from every input file (in
+    input order), less the rows whose event_id an earlier row took (`losers`); what the
+    reductions need of it (with filters: what deciding them needs, the filters themselves
+    applied later)."""
+    events = pl.concat([pl.read_parquet(p) for p in sources], how="vertical_relaxed")
+    if losers:
+        lost = pl.concat([pl.read_parquet(p) for p in losers])
+        events = events.join(lost, on=ORDER, how="anti", maintain_order="left")
+    events = events.drop(ORDER)
+    for path in (*sources, *losers):
+        path.unlink()
     filtering = _filtering(cfg)
     cleaned = clean_events(events, smap, cfg.filters, StageTimer(quiet=True), not filtering)
     del events
@@ -196,6 +340,9 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
     ray = connect(cfg.ray)
     n_shards = cfg.ray.shards or 2 * cfg.ray.workers
     options = {"num_cpus": cfg.ray.cpus_per_worker}
+    schema_task = ray.remote(num_cpus=0.25)(_raw_schema)
+    read_task = ray.remote(**options)(_read_file)
+    dedupe_task = ray.remote(**options)(_event_id_losers)
     clean_task = ray.remote(**options)(_clean_shard)
     filter_task = ray.remote(**options)(_filter_shard)
     fold_task = ray.remote(**options)(_fold_shard)
@@ -203,35 +350,46 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
     with atomic_dir(out) as tmp:
         work = tmp / "_shards"  # beside the output: workers on other hosts need it shared
         work.mkdir()
-        with timer.stage("read + validate"):
-            events, quarantine, extras, files = _stage_validation(cfg, smap)
+        files = resolve_paths(cfg.input.paths)
         inputs = [str(f) for f in files]
-        rows_in = events.height + quarantine.height
+        specs = [_input_spec(f) for f in files]
+        with timer.stage("read + validate (files)"):
+            schemas = ray.get([schema_task.remote(spec, cfg.input) for spec in specs])
+            combined = _combined_schema(schemas)
+            reads: list[_ReadFile] = _get(
+                ray,
+                [
+                    read_task.remote(i, spec, name, cfg.input, smap, combined, n_shards, work)
+                    for i, (spec, name) in enumerate(zip(specs, inputs, strict=True))
+                ],
+            )
+        quarantine = _quarantine_in_order(reads)
+        extras = reads[0].extras
+        rows_in = sum(r.rows_in for r in reads)
 
-        with timer.stage("deduplicate event ids"):
-            keep = events.select(
-                pl.col("event_id").is_null() | _first_occurrence(events, ["event_id"])
-            ).to_series()
-            same_event_id = events.height - int(keep.sum())
-            events = events.filter(keep)
-            del keep
-
-        with timer.stage("shard by user"):
-            shard = events.select(
-                (pl.col("user_id").hash(seed=0) % n_shards).cast(pl.UInt32)
-            ).to_series()
-            sources = []
-            for s in range(n_shards):
-                path = work / f"validated-{s:05d}.parquet"
-                events.filter(shard == s).write_parquet(path)
-                sources.append(path)
-            del events, shard
+        with timer.stage("deduplicate event ids (buckets)"):
+            same_event_id = sum(
+                ray.get(
+                    [
+                        dedupe_task.remote(parts, work, b)
+                        for b in range(n_shards)
+                        if (parts := _parts(work, "eid", b, reads, "buckets"))
+                    ]
+                )
+            )
 
         with timer.stage("clean (shards)"):
             cleaned: list[_CleanShard] = ray.get(
                 [
-                    clean_task.remote(src, smap, cfg, work / f"clean-{s:05d}.parquet")
-                    for s, src in enumerate(sources)
+                    clean_task.remote(
+                        parts,
+                        sorted(work.glob(f"lost-{s:05d}-*.parquet")),
+                        smap,
+                        cfg,
+                        work / f"clean-{s:05d}.parquet",
+                    )
+                    for s in range(n_shards)
+                    if (parts := _parts(work, "in", s, reads, "shards"))
                 ]
             )
         duplicates = {"same_event_id": same_event_id, "same_user_item_event_ts": 0}
@@ -324,6 +482,23 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
             ).write_into(tmp, pairs=False)
         shutil.rmtree(work)
     return EtlResult(out=out, stats=stats)
+
+
+def _parts(work: Path, kind: str, part: int, reads: list[_ReadFile], field: str) -> list[Path]:
+    """The files' parts of one shard or bucket, in input order."""
+    wrote = [i for i, r in enumerate(reads) if part in getattr(r, field)]
+    return [_part_path(work, kind, part, i) for i in wrote]
+
+
+def _get(ray: Any, refs: list) -> list:
+    """`ray.get`, with a task's input error raised as itself (its message names the file,
+    row and field), not wrapped in the task's traceback."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, InputError):
+            raise exc.cause from None
+        raise
 
 
 def _merged(paths: list[Path], pair: bool) -> pl.LazyFrame:
