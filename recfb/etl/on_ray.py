@@ -18,8 +18,9 @@ with the same rows in the same order, as the local engine's.
              [Ray]        per shard: the decision applied
     vocabularies          reduction: each id's first event time, min over shards, then the
                           local `extend_vocab` (indices by first appearance, then id)
-    cut points            reduction: the temporal windows' quantiles over every shard's
-                          event times (exact), or the end of data
+    cut points            reduction: the temporal windows' quantiles, exact, from every
+                          shard's events counted by hour, then the times of the one hour
+                          a quantile falls in (fetched from the shards), or the end of data
     fold         [Ray]    per shard: index, link, order as the log, split, fold; parts
                           written to disk
     merge                 driver: the parts merged in the local order (pairs by (user, item),
@@ -29,8 +30,8 @@ with the same rows in the same order, as the local engine's.
 With filters, the clean phase returns each user's event rate and the engaged pairs; the
 driver decides (the outlier rate from every user's, then the local `k_core` on the pairs
 left) and a filter phase applies the decision per shard before the vocabularies. The driver
-holds what the reductions need (quarantined rows, first times, event times for a temporal
-split) and streams the merges; the events themselves pass through workers only. A file is
+holds what the reductions need (quarantined rows, first times, hourly counts) and streams
+the merges; the events themselves pass through workers only. A file is
 one task: a single huge file reads on one worker.
 """
 
@@ -77,7 +78,7 @@ from recfb.etl.readers import (
     resolve_paths,
 )
 from recfb.etl.signals import SignalMap, load_signal_map
-from recfb.etl.split import SPLITS, Windows, temporal_windows
+from recfb.etl.split import SPLITS, Windows, lower_rank, windows_at
 from recfb.etl.vocab import extend_vocab, load_vocab
 from recfb.io import atomic_dir
 from recfb.progress import StageTimer
@@ -89,7 +90,8 @@ class _Firsts:
 
     users: pl.DataFrame  # user_id, ts: each user's first event time in the shard
     items: pl.DataFrame
-    ts: pl.Series  # every event time (temporal split), else the largest
+    ts_range: tuple[int, int]  # the first and last event time
+    hours: pl.DataFrame | None  # temporal split: hour (ts // 1 h), len: events per hour
 
 
 @dataclass
@@ -111,10 +113,55 @@ class _FoldedShard:
     summaries: dict[str, _PairSummary]
 
 
-def _firsts(rows: pl.DataFrame, split: SplitConfig) -> _Firsts:
+def _firsts(rows: pl.DataFrame, split: SplitConfig) -> _Firsts | None:
+    if rows.height == 0:
+        return None
     first = {kind: rows.group_by(f"{kind}_id").agg(pl.col("ts").min()) for kind in ("user", "item")}
-    ts = rows["ts"] if split.method == "temporal" else rows.select(pl.col("ts").max())["ts"]
-    return _Firsts(first["user"], first["item"], ts)
+    hours = None
+    if split.method == "temporal":
+        hours = rows.group_by((pl.col("ts") // _HOUR_MS).alias("hour")).len()
+    ts_range = (int(rows["ts"].min()), int(rows["ts"].max()))
+    return _Firsts(first["user"], first["item"], ts_range, hours)
+
+
+_HOUR_MS = 3_600_000
+
+
+def _cut_points(
+    firsts: list[_Firsts], paths: list[Path], split: SplitConfig, ts_in: Any, ray: Any
+) -> Windows | int:
+    """The temporal windows of every shard's event times, exact, without gathering them: a
+    quantile's rank falls in one hour of the added hourly counts, and only that hour's
+    times are fetched from the shards (`ts_in`). Other splits: the end of data."""
+    start = min(f.ts_range[0] for f in firsts)
+    end = max(f.ts_range[1] for f in firsts) + 1
+    if split.method != "temporal":
+        return end
+    hours = (
+        pl.concat([f.hours for f in firsts if f.hours is not None])
+        .group_by("hour")
+        .agg(pl.col("len").sum())
+        .sort("hour")
+    )
+    counts = hours["len"]
+    cumulative = counts.cum_sum()
+
+    def quantile(q: float) -> int:
+        rank = lower_rank(q, int(counts.sum()))
+        at = int((cumulative <= rank).sum())  # the first hour whose count passes the rank
+        hour = int(hours["hour"][at])
+        before = int(cumulative[at]) - int(counts[at])
+        span = (hour * _HOUR_MS, (hour + 1) * _HOUR_MS)
+        times = pl.concat(ray.get([ts_in.remote(p, *span) for p in paths])).sort()
+        return int(times[rank - before])
+
+    return windows_at(start, end, quantile, split)
+
+
+def _ts_in(path: Path, low: int, high: int) -> pl.Series:
+    """A shard's event times in [low, high)."""
+    ts = pl.scan_parquet(path).select("ts").filter(pl.col("ts").is_between(low, high, "left"))
+    return ts.collect()["ts"]
 
 
 def _keep(rows: pl.DataFrame, out: Path) -> Path | None:
@@ -295,7 +342,7 @@ def _decide_filters(cleaned: list[_CleanShard], filters: FilterConfig) -> Filter
 
 def _filter_shard(
     source: Path, cfg: EtlConfig, decided: FilterDecision
-) -> tuple[Path | None, pl.DataFrame, _Firsts]:
+) -> tuple[Path | None, pl.DataFrame, _Firsts | None]:
     """One shard's filters as decided on the whole data; its kept events rewritten."""
     events, removed = finish_filters(pl.read_parquet(source), cfg.filters, decided)
     source.unlink()
@@ -344,6 +391,7 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
     read_task = ray.remote(**options)(_read_file)
     dedupe_task = ray.remote(**options)(_event_id_losers)
     clean_task = ray.remote(**options)(_clean_shard)
+    ts_task = ray.remote(num_cpus=0.25)(_ts_in)
     filter_task = ray.remote(**options)(_filter_shard)
     fold_task = ray.remote(**options)(_fold_shard)
 
@@ -412,17 +460,12 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
                 file=", ".join(inputs[:5]),
             )
 
-        with timer.stage("vocabularies"):
+        with timer.stage("vocabularies + cut points"):
             firsts = [c.firsts for c in cleaned if c.firsts is not None]
             users_vocab = extend_vocab(users_vocab, pl.concat([f.users for f in firsts]), "user")
             items_vocab = extend_vocab(items_vocab, pl.concat([f.items for f in firsts]), "item")
-            ts = pl.concat([f.ts for f in firsts])
-            cut: Windows | int = (
-                temporal_windows(ts, cfg.split)
-                if cfg.split.method == "temporal"
-                else int(ts.max()) + 1
-            )
-            del ts
+            paths = [c.path for c in cleaned if c.path is not None]
+            cut = _cut_points(firsts, paths, cfg.split, ts_task, ray)
             vocabs = ray.put((users_vocab, items_vocab))
 
         with timer.stage("fold (shards)"):

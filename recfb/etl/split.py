@@ -8,6 +8,8 @@ never peeks past the train cut.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import polars as pl
@@ -38,14 +40,30 @@ class Windows:
 
 def temporal_windows(ts: pl.Series, cfg: SplitConfig) -> Windows:
     """Cut points from explicit datetimes, else from quantiles of event time."""
-    start, end = int(ts.min()), int(ts.max()) + 1
+    return windows_at(
+        int(ts.min()),
+        int(ts.max()) + 1,
+        lambda q: int(ts.quantile(q, interpolation="lower")),
+        cfg,
+    )
+
+
+def lower_rank(q: float, n: int) -> int:
+    """The 0-based rank in sorted order of the `q` quantile of `n` values, interpolation
+    "lower" (Polars'): what a distributed engine looks up without holding every value."""
+    return math.floor(q * (n - 1))
+
+
+def windows_at(start: int, end: int, quantile: Callable[[float], int], cfg: SplitConfig) -> Windows:
+    """The windows over event times in [start, end), `quantile(q)` giving the "lower"
+    quantile of every event time."""
 
     def cut(explicit, frac_after: float) -> int:
         if explicit is not None:
             return min(max(to_ms(explicit), start), end)
         if frac_after <= 0:
             return end
-        return int(ts.quantile(1.0 - frac_after, interpolation="lower"))
+        return quantile(1.0 - frac_after)
 
     valid_ms = cut(cfg.valid_start, cfg.valid_frac + cfg.test_frac)
     test_ms = cut(cfg.test_start, cfg.test_frac)
