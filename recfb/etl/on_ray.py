@@ -167,7 +167,7 @@ def _ts_in(path: Path, low: int, high: int) -> pl.Series:
 def _keep(rows: pl.DataFrame, out: Path) -> Path | None:
     if rows.height == 0:
         return None
-    rows.write_parquet(out)
+    rows.write_parquet(out, compression=_WORK_COMPRESSION)
     return out
 
 
@@ -176,6 +176,8 @@ def _filtering(cfg: EtlConfig) -> bool:
     return bool(f.outlier_users or f.min_user_items or f.min_item_users)
 
 
+# the shards' files between phases: written once, read once, on local or shared disk
+_WORK_COMPRESSION = "lz4"
 ORDER, SHARD = "_order", "_shard"  # a row's place in the input; its user's shard
 _FILE_BITS = 40  # `_order` = file index << 40 | row in the file's validated rows
 _NOT_INPUT = {*PROVENANCE, MALFORMED_REASON, MALFORMED_RAW}
@@ -265,7 +267,7 @@ def _write_parts(
         .partition_by("_part", as_dict=True, include_key=False)
         .items()
     ):
-        chunk.write_parquet(_part_path(work, kind, p, index))
+        chunk.write_parquet(_part_path(work, kind, p, index), compression=_WORK_COMPRESSION)
         written.append(p)
     return written
 
@@ -367,7 +369,8 @@ def _fold_shard(
         events, smap, split, extras, vocabs[0], vocabs[1], StageTimer(quiet=True), out, cut
     )
     del events
-    folded.log.sink_parquet(out / "events.parquet", engine="streaming")
+    log = out / "events.parquet"
+    folded.log.sink_parquet(log, compression=_WORK_COMPRESSION, engine="streaming")
     return _FoldedShard(
         out,
         folded.counts,
