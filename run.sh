@@ -26,7 +26,7 @@ setup() {
   echo "setting up .venv (first run: about 2 minutes) ..." >&2
   "$(python_bin)" -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 2> >(grep -v "is ignored" >&2)
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[train,serve,cpu,postgres,ray,dev,bench]' 2> >(grep -v "is ignored" >&2)
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[train,serve,cpu,postgres,ray,s3,dev,bench]' 2> >(grep -v "is ignored" >&2)
   touch .venv/.installed
 }
 

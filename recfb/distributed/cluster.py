@@ -14,6 +14,16 @@ FORWARDED_ENV = (
     "RECFB_CONFIG_DIR",
     "RECFB_BUNDLE_KEY",
     "RECFB_ALLOW_UNSIGNED",
+    # object-store inputs: where the store is and the driver's credentials for it (workers
+    # with a role of their own need none: leave these unset on the driver)
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ALLOW_HTTP",
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
 )
 
 

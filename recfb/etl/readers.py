@@ -1,5 +1,6 @@
-"""Readers: files, globs or directories of parquet / CSV / JSONL, the serving event log
-(SQLite `*.db`, or a `postgresql://` URI), and dataset adapters.
+"""Readers: files, globs or directories of parquet / CSV / JSONL (local, or objects in a
+store: `s3://bucket/events/*.parquet`), the serving event log (SQLite `*.db`, or a
+`postgresql://` URI), and dataset adapters.
 
 Every reader returns a LazyFrame in the canonical schema (`user_id, item_id, event, ts`, plus
 optional `value, event_id, order_id` and pass-through feature columns) with two provenance
@@ -28,6 +29,7 @@ import polars as pl
 from recfb import pglog
 from recfb.errors import InputError
 from recfb.etl.config import InputConfig
+from recfb.etl.objectstore import ObjectFile, is_object_uri, list_objects
 
 REQUIRED = ("user_id", "item_id", "event", "ts")
 OPTIONAL = ("value", "event_id", "order_id")
@@ -100,11 +102,15 @@ class DatabaseLog:
 
 def resolve_paths(paths: list[str]) -> list[Path]:
     """Expand files, globs and directories (recursively) into a sorted list of files;
-    a `postgresql://` URI stays one input (`DatabaseLog`)."""
+    a `postgresql://` URI stays one input (`DatabaseLog`); an object store's URI (a glob or
+    a prefix) lists its objects (`ObjectFile`)."""
     files: list[Path] = []
     for spec in paths:
         if pglog.is_pg_uri(spec):  # the service's log on a PostgreSQL server
             files.append(DatabaseLog(str(spec)))  # type: ignore[arg-type]
+            continue
+        if is_object_uri(spec):  # s3://bucket/prefix/*.parquet
+            files += list_objects(spec, tuple(_SUFFIX_FORMAT))  # type: ignore[arg-type]
             continue
         p = Path(spec)
         if p.is_dir():
@@ -143,21 +149,24 @@ def _scan(
     path: Path, fmt: str, sep: str, cfg: InputConfig, string_cols: tuple[str, ...]
 ) -> pl.LazyFrame:
     if fmt == "sqlite":
+        if isinstance(path, ObjectFile):
+            raise InputError("a SQLite event log is read from a local file", file=str(path))
         return _read_event_log(path)
     if fmt == "postgresql":
         return _read_pg_event_log(path.uri)  # type: ignore[attr-defined]
+    source = str(path) if isinstance(path, ObjectFile) else path  # Polars reads the store
     if fmt == "parquet":
-        return pl.scan_parquet(path)
+        return pl.scan_parquet(source)
     if fmt == "csv":
         return pl.scan_csv(
-            path,
+            source,
             separator=sep,
             has_header=cfg.csv_has_header,
             infer_schema_length=10_000,
             schema_overrides={c: pl.String for c in string_cols},
             truncate_ragged_lines=False,
         )
-    return pl.scan_ndjson(path, infer_schema_length=None)
+    return pl.scan_ndjson(source, infer_schema_length=None)
 
 
 def _scan_one(
@@ -216,7 +225,8 @@ def _refuse_duplicate_header(path: Path, sep: str) -> None:
 def _refuse_duplicate_parquet(path: Path) -> None:
     import pyarrow.parquet as pq
 
-    _refuse_duplicates(pq.read_schema(path).names, "the parquet schema", path)
+    with path.open("rb") as fh:
+        _refuse_duplicates(pq.read_schema(fh).names, "the parquet schema", path)
 
 
 def _refuse_duplicates(names: list[str], where: str, path: Path) -> None:

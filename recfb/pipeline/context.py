@@ -20,14 +20,18 @@ def fingerprint(*parts: Any) -> str:
 
 def files_fingerprint(paths: list[str]) -> list[tuple[str, int, int]]:
     """(path, size, mtime_ns) of every input file, directories walked; (URI, events, last
-    seq) of a PostgreSQL event log."""
+    seq) of a PostgreSQL event log; (URI, size, ETag) of an object in a store."""
     from recfb import pglog
+    from recfb.etl.objectstore import ObjectFile
     from recfb.etl.readers import DatabaseLog, resolve_paths
 
-    out = []
+    out: list = []
     for p in resolve_paths(paths):
         if isinstance(p, DatabaseLog):  # a log on a server: (URI, events, last seq)
             out.append(pglog.log_fingerprint(p.uri))
+            continue
+        if isinstance(p, ObjectFile):
+            out.append(p.fingerprint())
             continue
         st = p.stat()
         out.append((str(p), st.st_size, st.st_mtime_ns))
