@@ -21,17 +21,19 @@ with the same rows in the same order, as the local engine's.
     cut points            reduction: the temporal windows' quantiles, exact, from every
                           shard's events counted by hour, then the times of the one hour
                           a quantile falls in (fetched from the shards), or the end of data
-    fold         [Ray]    per shard: index, link, order as the log, split, fold; parts
+    ranges       [Ray]    per shard: its events split by their user's range of consecutive
+                          user indices (about equal events each; the driver picks them)
+    fold         [Ray]    per range: index, link, order as the log, split, fold; parts
                           written to disk
-    merge                 driver: the parts merged in the local order (pairs by (user, item),
-                          the log by user: a user's events are one shard's run), the
+    concatenate           driver: the ranges' parts one after another (each range sorted
+                          as the local output, the ranges in index order: no merge), the
                           statistics from added counts and summaries
 
 With filters, the clean phase returns each user's event rate and the engaged pairs; the
 driver decides (the outlier rate from every user's, then the local `k_core` on the pairs
 left) and a filter phase applies the decision per shard before the vocabularies. The driver
-holds what the reductions need (quarantined rows, first times, hourly counts) and streams
-the merges; the events themselves pass through workers only. A file is
+holds what the reductions need (quarantined rows, each id's first time, hourly counts) and
+streams the concatenation; the events themselves pass through workers only. A file is
 one task: a single huge file reads on one worker.
 """
 
@@ -60,7 +62,6 @@ from recfb.etl.pipeline import (
     EventCounts,
     _counts,
     _first_occurrence,
-    _pair_key,
     _PairSummary,
     _stats,
     clean_events,
@@ -79,7 +80,7 @@ from recfb.etl.readers import (
 )
 from recfb.etl.signals import SignalMap, load_signal_map
 from recfb.etl.split import SPLITS, Windows, lower_rank, windows_at
-from recfb.etl.vocab import extend_vocab, load_vocab
+from recfb.etl.vocab import attach_index, extend_vocab, load_vocab
 from recfb.io import atomic_dir
 from recfb.progress import StageTimer
 
@@ -88,7 +89,7 @@ from recfb.progress import StageTimer
 class _Firsts:
     """What the vocabularies and cut points need of a shard's final events."""
 
-    users: pl.DataFrame  # user_id, ts: each user's first event time in the shard
+    users: pl.DataFrame  # user_id, ts, events: each user's first event time, events
     items: pl.DataFrame
     ts_range: tuple[int, int]  # the first and last event time
     hours: pl.DataFrame | None  # temporal split: hour (ts // 1 h), len: events per hour
@@ -116,12 +117,13 @@ class _FoldedShard:
 def _firsts(rows: pl.DataFrame, split: SplitConfig) -> _Firsts | None:
     if rows.height == 0:
         return None
-    first = {kind: rows.group_by(f"{kind}_id").agg(pl.col("ts").min()) for kind in ("user", "item")}
+    users = rows.group_by("user_id").agg(pl.col("ts").min(), pl.len().alias("events"))
+    items = rows.group_by("item_id").agg(pl.col("ts").min())
     hours = None
     if split.method == "temporal":
         hours = rows.group_by((pl.col("ts") // _HOUR_MS).alias("hour")).len()
     ts_range = (int(rows["ts"].min()), int(rows["ts"].max()))
-    return _Firsts(first["user"], first["item"], ts_range, hours)
+    return _Firsts(users, items, ts_range, hours)
 
 
 _HOUR_MS = 3_600_000
@@ -351,8 +353,36 @@ def _filter_shard(
     return _keep(events, source), removed, _firsts(events, cfg.split)
 
 
+def _user_ranges(
+    firsts: list[_Firsts], users_vocab: pl.DataFrame, n_ranges: int
+) -> list[pl.DataFrame]:
+    """Per shard, its users' range (`user_id`, `range`): consecutive user indices with about
+    equal events each, so the folded ranges, concatenated in order, are the local engine's
+    output order (by user index) without a merge."""
+    per_user = pl.concat(
+        [f.users.select("user_id", "events").with_columns(shard=i) for i, f in enumerate(firsts)]
+    )
+    indexed = attach_index(per_user, users_vocab, "user").sort("user_idx")
+    before = indexed["events"].cum_sum() - indexed["events"]  # events of earlier users
+    total = int(indexed["events"].sum())
+    ranged = indexed.with_columns(
+        (before * n_ranges // max(total, 1)).clip(0, n_ranges - 1).cast(pl.UInt32).alias("range")
+    )
+    return [
+        ranged.filter(pl.col("shard") == i).select("user_id", "range") for i in range(len(firsts))
+    ]
+
+
+def _to_ranges(source: Path, ranges: pl.DataFrame, work: Path, shard: int) -> list[int]:
+    """One shard's clean events split by their user's range (order kept)."""
+    events = pl.read_parquet(source)
+    source.unlink()
+    part = events.select("user_id").join(ranges, on="user_id", how="left", maintain_order="left")
+    return _write_parts(events, part["range"], work, "range", shard)
+
+
 def _fold_shard(
-    source: Path,
+    sources: list[Path],
     smap: SignalMap,
     split: SplitConfig,
     extras: list[str],
@@ -360,11 +390,16 @@ def _fold_shard(
     cut: Windows | int,
     out: Path,
 ) -> _FoldedShard:
-    """One shard's `fold_events` with the whole data's vocabularies and cut points; its pair
+    """One range of users' `fold_events` with the whole data's vocabularies and cut points
+    (its parts from every shard: a user's events are one shard's, in input order); its pair
     tables and event log written into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    events = pl.read_parquet(source)
-    source.unlink()
+    events = pl.concat([pl.read_parquet(p) for p in sources])
+    # `row` (the clean phase's position, which the fold's stages keep in order) numbered
+    # again over the parts: each user's events keep their order
+    events = events.drop("row").with_row_index("row")
+    for path in sources:
+        path.unlink()
     folded = fold_events(
         events, smap, split, extras, vocabs[0], vocabs[1], StageTimer(quiet=True), out, cut
     )
@@ -397,6 +432,7 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
     ts_task = ray.remote(num_cpus=0.25)(_ts_in)
     filter_task = ray.remote(**options)(_filter_shard)
     fold_task = ray.remote(**options)(_fold_shard)
+    range_task = ray.remote(**options)(_to_ranges)
 
     with atomic_dir(out) as tmp:
         work = tmp / "_shards"  # beside the output: workers on other hosts need it shared
@@ -471,22 +507,39 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
             cut = _cut_points(firsts, paths, cfg.split, ts_task, ray)
             vocabs = ray.put((users_vocab, items_vocab))
 
-        with timer.stage("fold (shards)"):
+        with timer.stage("users into index ranges"):
+            kept = [c for c in cleaned if c.path is not None]
+            ranges = _user_ranges([c.firsts for c in kept], users_vocab, n_shards)
+            written = ray.get(
+                [
+                    range_task.remote(c.path, r, work, i)
+                    for i, (c, r) in enumerate(zip(kept, ranges, strict=True))
+                ]
+            )
+        del cleaned, kept, ranges
+
+        with timer.stage("fold (ranges)"):
             folded: list[_FoldedShard] = ray.get(
                 [
                     fold_task.remote(
-                        c.path, smap, cfg.split, extras, vocabs, cut, work / f"part-{s:05d}"
+                        [_part_path(work, "range", r, i) for i, w in enumerate(written) if r in w],
+                        smap,
+                        cfg.split,
+                        extras,
+                        vocabs,
+                        cut,
+                        work / f"part-{r:05d}",
                     )
-                    for s, c in enumerate(cleaned)
-                    if c.path is not None
+                    for r in sorted(set().union(*written))
                 ]
             )
-        del cleaned
 
-        parts = [f.out for f in folded]
-        with timer.stage("merge pair tables"):
+        parts = [f.out for f in folded]  # in range order: the local engine's order
+        with timer.stage("concatenate pair tables"):
             for name in SPLITS:
-                _merge_sorted([p / f"{name}.parquet" for p in parts], tmp / f"{name}.parquet", True)
+                _concatenated([p / f"{name}.parquet" for p in parts]).sink_parquet(
+                    tmp / f"{name}.parquet", compression_level=ZSTD_LEVEL, engine="streaming"
+                )
         with timer.stage("statistics"):
             counts = folded[0].counts
             summaries = dict(folded[0].summaries)
@@ -512,8 +565,8 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
             )
             stats["engine"] = {"name": "ray", "shards": n_shards, "workers": cfg.ray.workers}
         stats["timings_s"] = timer.seconds
-        log = _merged([p / "events.parquet" for p in parts], pair=False)
-        with timer.stage("merge log + write"):
+        log = _concatenated([p / "events.parquet" for p in parts])
+        with timer.stage("concatenate log + write"):
             Interactions(
                 train=pl.DataFrame(),
                 valid=pl.DataFrame(),
@@ -547,20 +600,10 @@ def _get(ray: Any, refs: list) -> list:
         raise
 
 
-def _merged(paths: list[Path], pair: bool) -> pl.LazyFrame:
-    """The parts (each sorted, of disjoint users) as one frame in the local engine's order:
-    pair tables by (user, item), the log by user (each user's events are one part's run, in
-    the log's order already). A merge of sorted runs, not a sort."""
-    key = _pair_key() if pair else pl.col("user_idx")
-    frames = [pl.scan_parquet(p).with_columns(key.alias("_merge_key")) for p in paths]
-    merged = frames[0]
-    for frame in frames[1:]:
-        merged = merged.merge_sorted(frame, "_merge_key")
-    return merged.drop("_merge_key")
-
-
-def _merge_sorted(paths: list[Path], target: Path, pair: bool) -> None:
-    _merged(paths, pair).sink_parquet(target, compression_level=ZSTD_LEVEL, engine="streaming")
+def _concatenated(paths: list[Path]) -> pl.LazyFrame:
+    """The ranges' parts, one after another: ranges of consecutive user indices, each
+    sorted as the local engine's output, so their concatenation is too (no merge)."""
+    return pl.concat([pl.scan_parquet(p) for p in paths])
 
 
 _REASONS = ("noise_dwell", "outlier_user", "kcore")  # the order the local engine lists them
