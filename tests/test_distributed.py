@@ -191,6 +191,51 @@ def test_the_etl_on_ray_reads_mixed_files_as_the_local_engine(ray_cluster, tmp_p
     assert "Traceback" not in str(raised.value)
 
 
+def test_the_etl_on_ray_survives_a_worker_killed_mid_task(ray_cluster, tmp_path):
+    """A worker killed with SIGKILL while it runs one of the ETL's tasks: Ray runs the task
+    again (tasks never delete what they read), and the tables equal the local engine's."""
+    import signal
+    import threading
+
+    import psutil
+
+    from recfb.config import build_model
+    from recfb.etl import EtlConfig, run_etl
+
+    base = {
+        "input": {"paths": _messy_inputs(tmp_path)},
+        "signals": str(CONF / "signals" / "simulator.yaml"),
+    }
+    run_etl(build_model(EtlConfig, base | {"out": str(tmp_path / "local")}, "t"), True)
+    cluster = {"address": ray_cluster.address, "shards": 3}
+    ray_cfg = base | {"out": str(tmp_path / "ray"), "engine": "ray", "ray": cluster}
+    killed: list[str] = []
+    done = threading.Event()
+
+    def kill_one() -> None:
+        """SIGKILL a fold task's worker once it has read its inputs (it is writing its
+        pair tables): a task that had deleted them could not run again."""
+        while not done.is_set():
+            if any(tmp_path.glob("**/_shards/part-*/train.parquet")):
+                break
+        for proc in psutil.process_iter(["cmdline"]):
+            title = " ".join(proc.info["cmdline"] or [])
+            if title.startswith("ray::_fold_shard"):
+                proc.send_signal(signal.SIGKILL)
+                killed.append(title)
+                return
+
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    try:
+        run_etl(build_model(EtlConfig, ray_cfg, "t"), True)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no fold task was seen running"
+    _same_outputs(tmp_path / "local", tmp_path / "ray")
+
+
 def test_the_etl_on_ray_extends_an_earlier_vocabulary_as_the_local_engine(ray_cluster, tmp_path):
     """A second run over more data keeps the first run's indices and appends the new ids."""
     from recfb.config import build_model

@@ -274,6 +274,15 @@ def _write_parts(
     return written
 
 
+def _drop(work: Path, *kinds: str) -> None:
+    """A phase's input files, once every task of it has returned. Tasks never delete what
+    they read and write each output under a new name, so a task that Ray runs again (its
+    worker died) finds its inputs and gives the same result."""
+    for kind in kinds:
+        for path in work.glob(f"{kind}-*.parquet"):
+            path.unlink()
+
+
 def _part_path(work: Path, kind: str, part: int, index: int) -> Path:
     return work / f"{kind}-{part:05d}-{index:06d}.parquet"
 
@@ -282,8 +291,6 @@ def _event_id_losers(sources: list[Path], work: Path, bucket: int) -> int:
     """One bucket of event_ids (every copy of an id is in one bucket, parts in input
     order): the rows an earlier copy took, written per user shard; how many."""
     ids = pl.concat([pl.read_parquet(p) for p in sources])
-    for path in sources:
-        path.unlink()
     lost = ids.filter(~_first_occurrence(ids, ["event_id"])).select(ORDER, SHARD)
     _write_parts(lost.drop(SHARD), lost[SHARD], work, "lost", bucket)
     return lost.height
@@ -309,8 +316,6 @@ def _clean_shard(
         lost = pl.concat([pl.read_parquet(p) for p in losers])
         events = events.join(lost, on=ORDER, how="anti", maintain_order="left")
     events = events.drop(ORDER)
-    for path in (*sources, *losers):
-        path.unlink()
     filtering = _filtering(cfg)
     cleaned = clean_events(events, smap, cfg.filters, StageTimer(quiet=True), not filtering)
     del events
@@ -349,8 +354,8 @@ def _filter_shard(
 ) -> tuple[Path | None, pl.DataFrame, _Firsts | None]:
     """One shard's filters as decided on the whole data; its kept events rewritten."""
     events, removed = finish_filters(pl.read_parquet(source), cfg.filters, decided)
-    source.unlink()
-    return _keep(events, source), removed, _firsts(events, cfg.split)
+    kept = _keep(events, source.with_name(source.name.replace("clean-", "filtered-")))
+    return kept, removed, _firsts(events, cfg.split)
 
 
 def _user_ranges(
@@ -376,7 +381,6 @@ def _user_ranges(
 def _to_ranges(source: Path, ranges: pl.DataFrame, work: Path, shard: int) -> list[int]:
     """One shard's clean events split by their user's range (order kept)."""
     events = pl.read_parquet(source)
-    source.unlink()
     part = events.select("user_id").join(ranges, on="user_id", how="left", maintain_order="left")
     return _write_parts(events, part["range"], work, "range", shard)
 
@@ -398,8 +402,6 @@ def _fold_shard(
     # `row` (the clean phase's position, which the fold's stages keep in order) numbered
     # again over the parts: each user's events keep their order
     events = events.drop("row").with_row_index("row")
-    for path in sources:
-        path.unlink()
     folded = fold_events(
         events, smap, split, extras, vocabs[0], vocabs[1], StageTimer(quiet=True), out, cut
     )
@@ -464,6 +466,7 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
                     ]
                 )
             )
+            _drop(work, "eid")
 
         with timer.stage("clean (shards)"):
             cleaned: list[_CleanShard] = ray.get(
@@ -479,6 +482,7 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
                     if (parts := _parts(work, "in", s, reads, "shards"))
                 ]
             )
+            _drop(work, "in", "lost")
         duplicates = {"same_event_id": same_event_id, "same_user_item_event_ts": 0}
         for c in cleaned:
             duplicates["same_user_item_event_ts"] += c.duplicates["same_user_item_event_ts"]
@@ -489,6 +493,7 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
                 done = ray.get(
                     [filter_task.remote(c.path, cfg, decided) for c in cleaned if c.path]
                 )
+                _drop(work, "clean")
             cleaned = [_CleanShard(path, {}, rows, firsts) for path, rows, firsts in done]
             removed += [c.filtered for c in cleaned]
         filtered = _in_input_order(pl.concat(removed, how="diagonal_relaxed"), inputs)
@@ -516,6 +521,7 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
                     for i, (c, r) in enumerate(zip(kept, ranges, strict=True))
                 ]
             )
+            _drop(work, "clean", "filtered")
         del cleaned, kept, ranges
 
         with timer.stage("fold (ranges)"):
@@ -533,6 +539,7 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
                     for r in sorted(set().union(*written))
                 ]
             )
+            _drop(work, "range")
 
         parts = [f.out for f in folded]  # in range order: the local engine's order
         with timer.stage("concatenate pair tables"):
