@@ -14,8 +14,11 @@ with the same rows in the same order, as the local engine's.
                           user shards
     clean        [Ray]    per shard: its parts in input order, less those places; the
                           (user, item, event, ts) rule, noise by dwell
-    filters               reduction (when configured): the outlier rate, the k-core
-             [Ray]        per shard: the decision applied
+    filters               reduction (when configured): the outlier rate from every user's
+             [Ray]        rate; the k-core in rounds: per shard, peel its engaged pairs
+                          (outliers, items found under their minimum, then its users under
+                          theirs), then add the items' degrees over shards; per shard, the
+                          decision applied
     vocabularies          reduction: each id's first event time, min over shards, then the
                           local `extend_vocab` (indices by first appearance, then id)
     cut points            reduction: the temporal windows' quantiles, exact, from every
@@ -29,12 +32,12 @@ with the same rows in the same order, as the local engine's.
                           as the local output, the ranges in index order: no merge), the
                           statistics from added counts and summaries
 
-With filters, the clean phase returns each user's event rate and the engaged pairs; the
-driver decides (the outlier rate from every user's, then the local `k_core` on the pairs
-left) and a filter phase applies the decision per shard before the vocabularies. The driver
-holds what the reductions need (quarantined rows, each id's first time, hourly counts) and
-streams the concatenation; the events themselves pass through workers only. A file is
-one task: a single huge file reads on one worker.
+With filters, the clean phase returns each user's event rate and writes its engaged pairs;
+the driver decides the outlier rate, and the k-core is peeled on the shards with only the
+items' degrees coming back (users are whole in their shard: their degrees are local). The
+driver holds what the reductions need (quarantined rows, each id's first time, hourly
+counts, user rates, item degrees) and streams the concatenation; the events themselves pass
+through workers only. A file is one task: a single huge file reads on one worker.
 """
 
 from __future__ import annotations
@@ -52,7 +55,6 @@ from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
 from recfb.etl.filters import (
     FilterDecision,
     engaged_pairs,
-    k_core,
     outlier_rate,
     user_rates,
 )
@@ -102,7 +104,7 @@ class _CleanShard:
     filtered: pl.DataFrame
     firsts: _Firsts | None  # None while filters are still to be applied
     rates: pl.DataFrame | None = None  # user_id, rate (the outlier filter)
-    pairs: pl.DataFrame | None = None  # engaged (user_id, item_id) (the k-core)
+    pairs: Path | None = None  # its engaged (user_id, item_id) pairs (the k-core), on disk
 
 
 @dataclass
@@ -325,35 +327,107 @@ def _clean_shard(
         return _CleanShard(_keep(rows, out), cleaned.duplicates, cleaned.filtered, firsts)
     rates = user_rates(rows) if cfg.filters.outlier_users else None
     kcore = cfg.filters.min_user_items or cfg.filters.min_item_users
-    pairs = engaged_pairs(rows) if kcore else None
+    pairs = _keep(engaged_pairs(rows), _core_path(out.parent, 0, out)) if kcore else None
     path = _keep(rows, out)
     return _CleanShard(path, cleaned.duplicates, cleaned.filtered, None, rates, pairs)
 
 
-def _decide_filters(cleaned: list[_CleanShard], filters: FilterConfig) -> FilterDecision:
-    """The filters' decisions on the whole data, as the local engine makes them: the outlier
-    rate from every user's rate, then the k-core of the engaged pairs left."""
-    rate, bots = None, None
-    if filters.outlier_users:
-        rates = pl.concat([c.rates for c in cleaned if c.rates is not None])
-        rate = outlier_rate(rates, filters.outlier_rate_factor)
-        bots = rates.filter(pl.col("rate") > rate)["user_id"]
-    if not (filters.min_user_items or filters.min_item_users):
-        return FilterDecision(outlier_rate=rate)
-    pairs = pl.concat([c.pairs for c in cleaned if c.pairs is not None])
+def _outliers(
+    cleaned: list[_CleanShard], filters: FilterConfig
+) -> tuple[float | None, list[pl.Series | None]]:
+    """The outlier rate from every user's rate (the local rule), and each shard's users
+    above it."""
+    if not filters.outlier_users:
+        return None, [None] * len(cleaned)
+    rate = outlier_rate(pl.concat([c.rates for c in cleaned]), filters.outlier_rate_factor)
+    return rate, [c.rates.filter(pl.col("rate") > rate)["user_id"] for c in cleaned]
+
+
+def _core_path(work: Path, round_: int, shard_file: Path) -> Path:
+    """A shard's engaged pairs after peeling round `round_` (0: as cleaned)."""
+    return work / f"core-{round_}-{shard_file.name.split('-')[-1]}"
+
+
+def _peel(
+    source: Path | None,
+    out: Path,
+    bots: pl.Series | None,
+    dead_items: pl.Series | None,
+    min_user_items: int,
+) -> tuple[Path | None, pl.DataFrame | None]:
+    """One round of the k-core on one shard's engaged pairs: the pairs of outlier users and
+    of the items found under their minimum on the whole data go, then the users left with
+    too few items (a user's pairs are all in its shard). The pairs left are written to
+    `out`; their items' degrees returned for the next reduction."""
+    if source is None:
+        return None, None
+    pairs = pl.read_parquet(source)
     if bots is not None:
         pairs = pairs.filter(~pl.col("user_id").is_in(bots.implode()))
-    core = k_core(
-        pairs.with_columns(pl.lit(1).alias("level")), filters.min_user_items, filters.min_item_users
-    )
-    return FilterDecision(rate, core["user_id"].unique(), core["item_id"].unique())
+    if dead_items is not None:
+        pairs = pairs.filter(~pl.col("item_id").is_in(dead_items.implode()))
+    if min_user_items:
+        pairs = pairs.filter(pl.len().over("user_id") >= min_user_items)
+    return _keep(pairs, out), pairs.group_by("item_id").len()
+
+
+def _k_core_on_shards(
+    cleaned: list[_CleanShard],
+    bots: list[pl.Series | None],
+    filters: FilterConfig,
+    peel: Any,
+    ray: Any,
+    work: Path,
+) -> tuple[list[Path | None], pl.Series | None]:
+    """The k-core of every shard's engaged pairs without gathering them: rounds of `_peel`
+    on the shards, each followed by a reduction of the items' degrees (added over shards)
+    that finds the items under `min_item_users`, until none is. The same core as the local
+    `k_core` (the k-core is unique, whatever order the peeling takes). Returns each shard's
+    pairs in the core and the core's items."""
+    paths = [c.pairs for c in cleaned]
+    dead: pl.Series | None = None
+    round_ = 0
+    while True:
+        round_ += 1
+        done = ray.get(
+            [
+                peel.remote(
+                    path,
+                    _core_path(work, round_, c.pairs) if c.pairs else None,
+                    bots[i] if round_ == 1 else None,
+                    dead,
+                    filters.min_user_items,
+                )
+                for i, (path, c) in enumerate(zip(paths, cleaned, strict=True))
+            ]
+        )
+        _drop(work, f"core-{round_ - 1}")
+        paths = [path for path, _ in done]
+        found = [degrees for _, degrees in done if degrees is not None]
+        if not found:
+            return paths, None
+        degrees = pl.concat(found).group_by("item_id").agg(pl.col("len").sum())
+        dead = degrees.filter(pl.col("len") < filters.min_item_users)["item_id"]
+        if dead.len() == 0:
+            return paths, degrees["item_id"]
 
 
 def _filter_shard(
-    source: Path, cfg: EtlConfig, decided: FilterDecision
+    source: Path,
+    cfg: EtlConfig,
+    rate: float | None,
+    core: Path | None,
+    core_items: pl.Series | None,
 ) -> tuple[Path | None, pl.DataFrame, _Firsts | None]:
-    """One shard's filters as decided on the whole data; its kept events rewritten."""
-    events, removed = finish_filters(pl.read_parquet(source), cfg.filters, decided)
+    """One shard's filters as decided on the whole data (the outlier rate; with a k-core,
+    the shard's pairs in it and the core's items); its kept events rewritten."""
+    events = pl.read_parquet(source)
+    decided = FilterDecision(outlier_rate=rate)
+    if cfg.filters.min_user_items or cfg.filters.min_item_users:
+        users = pl.read_parquet(core)["user_id"].unique() if core else events["user_id"].clear()
+        items = events["item_id"].clear() if core_items is None else core_items
+        decided = FilterDecision(rate, users, items.cast(events.schema["item_id"]))
+    events, removed = finish_filters(events, cfg.filters, decided)
     kept = _keep(events, source.with_name(source.name.replace("clean-", "filtered-")))
     return kept, removed, _firsts(events, cfg.split)
 
@@ -433,6 +507,7 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
     clean_task = ray.remote(**options)(_clean_shard)
     ts_task = ray.remote(num_cpus=0.25)(_ts_in)
     filter_task = ray.remote(**options)(_filter_shard)
+    peel_task = ray.remote(**options)(_peel)
     fold_task = ray.remote(**options)(_fold_shard)
     range_task = ray.remote(**options)(_to_ranges)
 
@@ -489,11 +564,22 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
         removed = [c.filtered for c in cleaned]
         if _filtering(cfg):
             with timer.stage("filters"):
-                decided = ray.put(_decide_filters(cleaned, cfg.filters))
+                cleaned = [c for c in cleaned if c.path is not None]
+                rate, bots = _outliers(cleaned, cfg.filters)
+                cores: list[Path | None] = [None] * len(cleaned)
+                core_items = None
+                if cfg.filters.min_user_items or cfg.filters.min_item_users:
+                    cores, core_items = _k_core_on_shards(
+                        cleaned, bots, cfg.filters, peel_task, ray, work
+                    )
+                core_items = ray.put(core_items)
                 done = ray.get(
-                    [filter_task.remote(c.path, cfg, decided) for c in cleaned if c.path]
+                    [
+                        filter_task.remote(c.path, cfg, rate, core, core_items)
+                        for c, core in zip(cleaned, cores, strict=True)
+                    ]
                 )
-                _drop(work, "clean")
+                _drop(work, "clean", "core")
             cleaned = [_CleanShard(path, {}, rows, firsts) for path, rows, firsts in done]
             removed += [c.filtered for c in cleaned]
         filtered = _in_input_order(pl.concat(removed, how="diagonal_relaxed"), inputs)
