@@ -236,6 +236,27 @@ def test_the_etl_on_ray_survives_a_worker_killed_mid_task(ray_cluster, tmp_path)
     _same_outputs(tmp_path / "local", tmp_path / "ray")
 
 
+def test_the_etl_on_ray_reads_a_large_parquet_file_in_pieces(ray_cluster, tmp_path):
+    """`ray.rows_per_read` splits a parquet file's read over several tasks: the record
+    numbers stay the file's (the quarantined rows name theirs), the event_id rule and the
+    input order hold across pieces, the tables equal the local engine's."""
+    from recfb.config import build_model
+    from recfb.etl import EtlConfig, run_etl
+
+    base = {
+        "input": {"paths": _messy_inputs(tmp_path)},
+        "signals": str(CONF / "signals" / "simulator.yaml"),
+    }
+    run_etl(build_model(EtlConfig, base | {"out": str(tmp_path / "local")}, "t"), True)
+    cluster = {"address": ray_cluster.address, "shards": 3, "rows_per_read": 7_000}
+    ray_cfg = base | {"out": str(tmp_path / "ray"), "engine": "ray", "ray": cluster}
+    stats = run_etl(build_model(EtlConfig, ray_cfg, "t"), True).stats
+    assert stats["engine"]["read_tasks"] == 4 + 3 + 3  # 25,000, 20,303 and 15,050 rows
+    quarantine = pl.read_parquet(tmp_path / "ray" / "quarantine.parquet")
+    assert quarantine["source_row"].to_list() == [20_301, 20_302, 20_303]
+    _same_outputs(tmp_path / "local", tmp_path / "ray")
+
+
 def test_the_etl_on_ray_extends_an_earlier_vocabulary_as_the_local_engine(ray_cluster, tmp_path):
     """A second run over more data keeps the first run's indices and appends the new ids."""
     from recfb.config import build_model

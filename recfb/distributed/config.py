@@ -24,3 +24,9 @@ class RayConfig(BaseModel):
     shards: int | None = Field(
         None, ge=1, description="ETL: user shards (hash of user_id); default 2 x workers"
     )
+    rows_per_read: int = Field(
+        4_000_000,
+        ge=1,
+        description="ETL: a parquet input with more rows is read by several tasks, this many "
+        "rows each (one huge file is not one worker's)",
+    )

@@ -5,7 +5,7 @@ with the same rows in the same order, as the local engine's.
 
     schemas      [Ray]    per input: its columns; the driver combines them as the local
                           engine's one query over every file does (union, relaxed types)
-    read         [Ray]    per input: read + validate (the local code: quarantine, provenance,
+    read         [Ray]    per input (or slice of a large parquet file): read + validate (the local code: quarantine, provenance,
                           the slow path for a malformed file), in the combined types; its good
                           rows written into user shards (hash(user_id) mod S) with their place
                           in the input, its event_ids into buckets (hash(event_id) mod S)
@@ -37,7 +37,8 @@ the driver decides the outlier rate, and the k-core is peeled on the shards with
 items' degrees coming back (users are whole in their shard: their degrees are local). The
 driver holds what the reductions need (quarantined rows, each id's first time, hourly
 counts, user rates, item degrees) and streams the concatenation; the events themselves pass
-through workers only. A file is one task: a single huge file reads on one worker.
+through workers only. A parquet file over `ray.rows_per_read` rows is read by several tasks;
+a CSV or JSONL file is one task.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ from recfb.etl.readers import (
     MALFORMED_REASONS,
     PROVENANCE,
     DatabaseLog,
+    file_format,
     read_events,
     resolve_paths,
 )
@@ -207,9 +209,22 @@ def _one_input(cfg: InputConfig, spec: str) -> InputConfig:
     return cfg.model_copy(update={"paths": [spec]})
 
 
-def _raw_schema(spec: str, cfg: InputConfig) -> pl.Schema:
-    """One input's columns as its reader gives them (no rows read where the format says)."""
-    return read_events(_one_input(cfg, spec))[0].collect_schema()
+def _raw_schema(spec: str, cfg: InputConfig) -> tuple[pl.Schema, int | None]:
+    """One input's columns as its reader gives them (no rows read where the format says),
+    and a parquet file's row count (its metadata), which may split its read."""
+    one = _one_input(cfg, spec)
+    schema = read_events(one)[0].collect_schema()
+    (path,) = resolve_paths(one.paths)
+    if cfg.adapter != "canonical" or file_format(path, cfg.format) != "parquet":
+        return schema, None
+    return schema, pl.scan_parquet(spec).select(pl.len()).collect().item()
+
+
+def _pieces(rows: int | None, per_read: int) -> list[tuple[int, int | None]]:
+    """(offset, rows) of the reads of one input: one unless a parquet file is larger."""
+    if rows is None or rows <= per_read:
+        return [(0, None)]
+    return [(offset, per_read) for offset in range(0, rows, per_read)]
 
 
 def _combined_schema(schemas: list[pl.Schema]) -> dict[str, pl.DataType]:
@@ -240,14 +255,20 @@ def _read_file(
     combined: dict[str, pl.DataType],
     n_shards: int,
     work: Path,
+    piece: tuple[int, int | None] = (0, None),
 ) -> _ReadFile:
     """Read and validate one input (the local code, on its own: a malformed record costs
     only its file the slow path), then write its good rows into the user shards, in input
-    order with their place `_order`, and its event_ids into buckets by their hash."""
+    order with their place `_order`, and its event_ids into buckets by their hash. `piece`:
+    the rows (offset, count) of a parquet file read by several tasks (`index` counts
+    pieces)."""
     one = _one_input(cfg, spec)
 
     def read(tolerant: bool) -> pl.LazyFrame:
-        return _as_combined(read_events(one, tolerant=tolerant)[0], combined)
+        raw = read_events(one, tolerant=tolerant)[0]
+        if piece[1] is not None:  # record numbers are the file's: counted before the slice
+            raw = raw.slice(*piece)
+        return _as_combined(raw, combined)
 
     good, bad, extras = validate_in_memory(read, one, smap, name)
     good = good.with_columns(
@@ -518,13 +539,20 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
         inputs = [str(f) for f in files]
         specs = [_input_spec(f) for f in files]
         with timer.stage("read + validate (files)"):
-            schemas = ray.get([schema_task.remote(spec, cfg.input) for spec in specs])
-            combined = _combined_schema(schemas)
+            found = _get(ray, [schema_task.remote(spec, cfg.input) for spec in specs])
+            combined = _combined_schema([schema for schema, _ in found])
+            pieces = [
+                (spec, name, piece)
+                for spec, name, (_, rows) in zip(specs, inputs, found, strict=True)
+                for piece in _pieces(rows, cfg.ray.rows_per_read)
+            ]
             reads: list[_ReadFile] = _get(
                 ray,
                 [
-                    read_task.remote(i, spec, name, cfg.input, smap, combined, n_shards, work)
-                    for i, (spec, name) in enumerate(zip(specs, inputs, strict=True))
+                    read_task.remote(
+                        i, spec, name, cfg.input, smap, combined, n_shards, work, piece
+                    )
+                    for i, (spec, name, piece) in enumerate(pieces)
                 ],
             )
         quarantine = _quarantine_in_order(reads)
@@ -656,7 +684,12 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
                 users_vocab.height,
                 items_vocab.height,
             )
-            stats["engine"] = {"name": "ray", "shards": n_shards, "workers": cfg.ray.workers}
+            stats["engine"] = {
+                "name": "ray",
+                "shards": n_shards,
+                "workers": cfg.ray.workers,
+                "read_tasks": len(pieces),
+            }
         stats["timings_s"] = timer.seconds
         log = _concatenated([p / "events.parquet" for p in parts])
         with timer.stage("concatenate log + write"):
