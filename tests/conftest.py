@@ -182,7 +182,6 @@ def pg_server():
 def ray_cluster():
     """A real local Ray cluster (recfb.distributed.local) for the session, or skip saying why.
     Drivers in this process and the commands the tests start join it by its address."""
-    import os
 
     def start():
         from recfb.distributed.local import LocalCluster
@@ -194,14 +193,10 @@ def ray_cluster():
 
     from recfb.distributed.local import ENV
 
-    saved = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(ENV)
-    yield cluster
-    if ray.is_initialized():  # this process joined it as a driver (in-process engine calls)
-        ray.shutdown()
-    cluster.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in ENV.items():
+            patch.setenv(name, value)
+        yield cluster
+        if ray.is_initialized():  # this process joined it as a driver (in-process engine calls)
+            ray.shutdown()
+        cluster.stop()

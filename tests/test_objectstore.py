@@ -5,7 +5,6 @@ read by both engines into the same tables as the same files on disk."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import polars as pl
@@ -40,18 +39,14 @@ def s3_env():
         "AWS_ACCESS_KEY_ID": "recfb-test",
         "AWS_SECRET_ACCESS_KEY": "recfb-test-secret",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        import boto3
 
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    yield env
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        yield env
+        server.stop()
 
 
 def _shop_files(base: Path) -> list[Path]:

@@ -5,8 +5,9 @@ with the same rows in the same order, as the local engine's.
 
     schemas      [Ray]    per input: its columns; the driver combines them as the local
                           engine's one query over every file does (union, relaxed types)
-    read         [Ray]    per input (or slice of a large parquet file): read + validate (the local code: quarantine, provenance,
-                          the slow path for a malformed file), in the combined types; its good
+    read         [Ray]    per input (or slice of a large parquet file): read + validate
+                          (the local code: quarantine, provenance, the slow path for a
+                          malformed file), in the combined types; its good
                           rows written into user shards (hash(user_id) mod S) with their place
                           in the input, its event_ids into buckets (hash(event_id) mod S)
     same event_id [Ray]   per bucket: every copy of an id is in one bucket, in input order;
