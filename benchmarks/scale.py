@@ -7,8 +7,10 @@ own process; the Ray ETL's output is checked equal to the local one's (stats, ro
     python benchmarks/scale.py --sizes 10000000 50000000 --workers 1 2 \
         --sim-root /tmp/recfb-bench --score-users 50000 --out benchmarks/results/scale.json
 
-The simulated events are `<sim-root>/sim-<size>/events` (made with `recfb simulate` if
-absent). What the figures imply for 1B events on N machines is worked out in the README.
+`--etl-only` times the ETL alone and keeps the scoring rows `--out` already holds (marked
+`scoring_from_earlier_run`). The simulated events are `<sim-root>/sim-<size>/events` (made
+with `recfb simulate` if absent). Each ETL row carries the ETL's own stage timings. What
+the figures imply for 1B events on N machines is worked out in the README.
 """
 
 from __future__ import annotations
