@@ -230,3 +230,16 @@ def test_vocabulary_is_stable_across_runs(tmp_path: Path) -> None:
     assert users2.head(users1.height).equals(users1)
     assert set(users2["user_id"]) == {f"u{k}" for k in range(8)}
     assert users2["user_idx"].to_list() == list(range(users2.height))
+
+
+def test_the_quantile_rank_a_sharded_engine_looks_up_is_polars_lower_quantile():
+    """`lower_rank` (what the Ray engine's cut points look up by counting) picks the value
+    Polars' own `quantile(interpolation="lower")` returns, for the fractions splits use."""
+    from recfb.etl.split import lower_rank
+
+    rng = random.Random(7)
+    for n in [1, 2, 3, 10, 99, 1_000, 65_537]:
+        values = pl.Series([rng.randrange(10**9) for _ in range(n)])
+        ordered = values.sort()
+        for q in (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.998, 0.999, 1.0):
+            assert ordered[lower_rank(q, n)] == values.quantile(q, interpolation="lower")
