@@ -220,7 +220,7 @@ def test_the_etl_on_ray_survives_a_worker_killed_mid_task(ray_cluster, tmp_path)
                 break
         for proc in psutil.process_iter(["cmdline"]):
             title = " ".join(proc.info["cmdline"] or [])
-            if title.startswith("ray::_fold_shard"):
+            if title.startswith("ray::fold_shard"):
                 proc.send_signal(signal.SIGKILL)
                 killed.append(title)
                 return

@@ -13,7 +13,8 @@ import httpx
 import polars as pl
 import pytest
 
-from recfb.serving.eventlog import EventLog, EventLogError, open_event_log
+from recfb.serving.eventlog import EventLog, EventLogError
+from recfb.serving.logstore import open_event_log
 
 from conftest import CONF, ROOT, run
 from test_serving import Server, event, ingest_until

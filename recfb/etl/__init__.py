@@ -5,8 +5,9 @@
 """
 
 from recfb.etl.config import EtlConfig, FilterConfig, InputConfig, SplitConfig
+from recfb.etl.engine import run_etl
 from recfb.etl.interactions import Interactions, as_interactions
-from recfb.etl.pipeline import EtlResult, run, run_etl
+from recfb.etl.pipeline import EtlResult, run
 from recfb.etl.signals import SignalMap, load_signal_map
 
 __all__ = [

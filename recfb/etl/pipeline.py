@@ -310,12 +310,9 @@ def _filtered_frame(reason: str, rows: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def run_etl(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
-    """Run the whole ETL; returns the output directory and the statistics written there."""
-    if cfg.engine == "ray":
-        from recfb.etl.on_ray import run_etl_ray
-
-        return run_etl_ray(cfg, quiet)
+def run_etl_local(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
+    """The whole ETL in this process; returns the output directory and the statistics
+    written there."""
     smap = load_signal_map(cfg.signals)
     timer = StageTimer(quiet)
     out = Path(cfg.out)

@@ -30,12 +30,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from recfb.errors import RecfbError
-
-if TYPE_CHECKING:
-    from recfb.serving.eventlog_pg import PgEventLog
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -66,19 +62,6 @@ class EventLogError(RecfbError):
 def now_ms() -> int:
     """The current time in epoch milliseconds: the logs' `received_at`."""
     return int(time.time() * 1000)
-
-
-def open_event_log(location: str | Path, synchronous: str = "FULL") -> EventLog | PgEventLog:
-    """The event log at `location`: a PostgreSQL URI (`postgresql://...`, shared by replicas;
-    the `postgres` extra) or a SQLite file (the embedded default). `synchronous` is SQLite's
-    setting; PostgreSQL always commits synchronously."""
-    from recfb import pglog
-
-    if pglog.is_pg_uri(location):
-        from recfb.serving.eventlog_pg import PgEventLog
-
-        return PgEventLog(str(location))
-    return EventLog(location, synchronous)
 
 
 def marker_path(path: Path) -> Path:

@@ -30,7 +30,7 @@ from fastapi import HTTPException
 from recfb.index import load_bundle
 from recfb.index.bundle import gate_verdict
 from recfb.serving.config import ServeConfig
-from recfb.serving.eventlog import open_event_log
+from recfb.serving.logstore import open_event_log
 from recfb.serving.retrieval import ServingBundle
 from recfb.serving.telemetry import Metrics
 
