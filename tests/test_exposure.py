@@ -15,7 +15,7 @@ from recfb.config import build_model
 from recfb.errors import InputError
 from recfb.models.mf import MatrixFactorization
 from recfb.train.config import TrainConfig
-from recfb.train.loop import build_model as build_recommender
+from recfb.train.fit import build_model as build_recommender
 
 from conftest import CONF
 

@@ -13,7 +13,7 @@ from recfb.models.gnolr import GNOLR
 from recfb.recommender import train
 from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions
-from recfb.train.loop import evaluate_scorer
+from recfb.train.fit import evaluate_scorer
 
 from conftest import CONF, RandomScorer, run, shared_file
 

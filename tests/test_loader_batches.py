@@ -1,4 +1,4 @@
-"""The training loader's batches (recfb/train/loop.py: ShuffledBatches) must be exactly those
+"""The training loader's batches (recfb/train/fit.py: ShuffledBatches) must be exactly those
 of DataLoader(shuffle=True, generator=seeded) epoch after epoch: it changes their cost only."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from lightning.fabric.utilities.data import _update_dataloader
 from torch.utils.data import DataLoader, DistributedSampler
 
-from recfb.train.loop import PairPositions, ShuffledBatches, _as_batch, _loader
+from recfb.train.fit import PairPositions, ShuffledBatches, as_batch, positions_loader
 
 
 class _Model:
@@ -30,9 +30,9 @@ def test_same_batches_as_a_shuffled_dataloader() -> None:
         batch_size=64,
         shuffle=True,
         generator=torch.Generator().manual_seed(7),
-        collate_fn=_as_batch,
+        collate_fn=as_batch,
     )
-    now = _loader(_Model(), _Cfg())  # type: ignore[arg-type]
+    now = positions_loader(_Model(), _Cfg())  # type: ignore[arg-type]
     assert isinstance(now.batch_sampler, ShuffledBatches)
     for _ in range(3):  # epochs: each draws its own order from the shared generator
         old, new = list(before), list(now)
@@ -49,11 +49,11 @@ def test_same_batches_when_a_trainer_stops_at_len(n: int) -> None:
         batch_size=64,
         shuffle=True,
         generator=torch.Generator().manual_seed(7),
-        collate_fn=_as_batch,
+        collate_fn=as_batch,
     )
     model = _Model()
     model.pos_users = torch.zeros(n)
-    now = _loader(model, _Cfg())  # type: ignore[arg-type]
+    now = positions_loader(model, _Cfg())  # type: ignore[arg-type]
     for _ in range(3):
         old = list(itertools.islice(iter(before), len(before)))
         new = list(itertools.islice(iter(now), len(now)))
@@ -61,10 +61,10 @@ def test_same_batches_when_a_trainer_stops_at_len(n: int) -> None:
 
 
 def test_other_samplers_batch_as_batch_sampler() -> None:
-    loader = _loader(_Model(), _Cfg())  # type: ignore[arg-type]
+    loader = positions_loader(_Model(), _Cfg())  # type: ignore[arg-type]
     sampler = DistributedSampler(PairPositions(1003), num_replicas=2, rank=1, seed=3)
     sharded = _update_dataloader(loader, sampler)  # what Lightning does under DDP
-    plain = DataLoader(PairPositions(1003), batch_size=64, sampler=sampler, collate_fn=_as_batch)
+    plain = DataLoader(PairPositions(1003), batch_size=64, sampler=sampler, collate_fn=as_batch)
     expected = list(plain)
     got = list(sharded)
     assert sum(len(b) for b in got) == 502

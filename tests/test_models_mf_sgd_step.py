@@ -11,7 +11,7 @@ import torch
 from test_models_mf_closed_form import CASES, _model
 
 from recfb.models.base import RowSparseSGD
-from recfb.train.loop import _loader
+from recfb.train.fit import positions_loader
 
 LR = 0.5
 
@@ -83,7 +83,7 @@ def test_several_steps_per_loader_batch_train_as_one_per_batch(optimizer: str) -
             deterministic=True,
         )
         torch.manual_seed(11)
-        trainer.fit(model, _loader(model, _Cfg(), steps))  # type: ignore[arg-type]
+        trainer.fit(model, positions_loader(model, _Cfg(), steps))  # type: ignore[arg-type]
         assert len(model.pos_users) == 742
         assert trainer.global_step == 2 * 12  # every step counts (checkpointing needs it)
         fitted.append((_tables(model), float(trainer.callback_metrics["train/loss"])))
@@ -95,7 +95,7 @@ def test_several_steps_per_loader_batch_train_as_one_per_batch(optimizer: str) -
 
 def test_train_loader_holds_several_steps_on_one_device_only() -> None:
     from recfb.train.config import TrainConfig
-    from recfb.train.loop import STEPS_PER_LOADER_BATCH, train_loader
+    from recfb.train.fit import STEPS_PER_LOADER_BATCH, train_loader
 
     model = _model()
     one = TrainConfig(trainer={"batch_size": 64, "accelerator": "cpu"})

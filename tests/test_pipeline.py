@@ -181,8 +181,8 @@ def test_warm_start_copies_the_previous_vectors_by_id(served_shop, monkeypatch):
     from recfb.errors import RecfbError
     from recfb.train.config import TrainConfig
     from recfb.train.data import Interactions
-    from recfb.train.loop import build_model as build_recommender
-    from recfb.train.loop import warm_start
+    from recfb.train.fit import build_model as build_recommender
+    from recfb.train.fit import warm_start
     from recfb.train.runs import load_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", served_shop["store"])

@@ -22,7 +22,7 @@ from recfb.serving.fetch import resolve
 from recfb.simulate import SimConfig, simulate
 from recfb.train.config import DenoiseConfig, TrainConfig
 from recfb.train.data import Interactions, recency_weighted
-from recfb.train.loop import evaluate_scorer
+from recfb.train.fit import evaluate_scorer
 from recfb.train.runs import load_run
 
 from conftest import CONF, RandomScorer, run
@@ -266,7 +266,7 @@ def test_cold_users_are_served_popularity():
 
 
 def test_item_feature_tower_shares_what_a_category_learned(shop: Path):
-    from recfb.train.loop import item_feature_codes
+    from recfb.train.fit import item_feature_codes
 
     data = Interactions.load(shop)
     codes = item_feature_codes(data, ["category"])["category"].numpy()

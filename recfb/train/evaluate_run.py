@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from recfb import tracking
 from recfb.errors import ConfigError
-from recfb.train.loop import evaluate_scorer, fitted_data, heldout_of
+from recfb.train.fit import evaluate_scorer, heldout_of
+from recfb.train.loop import fitted_data
 from recfb.train.runs import load_run
 
 

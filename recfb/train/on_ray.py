@@ -52,15 +52,15 @@ def _train_worker(config: dict) -> None:
 
     from recfb.etl import Interactions
     from recfb.train.config import TrainConfig
-    from recfb.train.loop import (
-        _finish_fit,
-        _lightning_quiet,
-        _loader,
-        _trainer,
+    from recfb.train.fit import (
         build_model,
         early_stopping,
+        finish_fit,
+        lightning_quiet,
+        lightning_trainer,
+        positions_loader,
     )
-    from recfb.train.loop import warm_start as warm
+    from recfb.train.fit import warm_start as warm
 
     cfg = TrainConfig.model_validate(config["cfg"])
     data = Interactions.load(config["data"])
@@ -74,8 +74,8 @@ def _train_worker(config: dict) -> None:
     # rank's own (empty on the others), removed below
     own_dir = checkpoint.dirpath if checkpoint is not None else None
     gpu = config["gpu"]
-    with _lightning_quiet(True):
-        trainer = _trainer(
+    with lightning_quiet(True):
+        trainer = lightning_trainer(
             cfg,
             callbacks,
             checkpoint,
@@ -88,14 +88,14 @@ def _train_worker(config: dict) -> None:
         )
         trainer = prepare_trainer(trainer)
         if cfg.trainer.max_epochs > 0:
-            trainer.fit(model, _loader(model, cfg, 1))
+            trainer.fit(model, positions_loader(model, cfg, 1))
     if ray.train.get_context().get_world_rank() != 0:
         if own_dir is not None and not cfg.checkpoint_dir:
             shutil.rmtree(own_dir, ignore_errors=True)  # rank 0 alone saves checkpoints
         ray.train.report({})  # and reports the weights
         return
     # the best epoch's weights, as a local fit takes them (no MLflow run here: nothing logged)
-    model, _ = _finish_fit(model, cfg, checkpoint, log_history=False)
+    model, _ = finish_fit(model, cfg, checkpoint, log_history=False)
     out = Path(tempfile.mkdtemp(prefix="recfb-ray-fit-"))
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "state.pt")
     (out / "history.json").write_text(json.dumps(model.history))
@@ -109,7 +109,7 @@ def fit_on_ray(cfg: Any, data: Any, quiet: bool, log_history: bool = True) -> tu
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from recfb.train.loop import _finish_fit, build_model
+    from recfb.train.fit import build_model, finish_fit
 
     if data.directory is None:
         raise ConfigError(
@@ -149,4 +149,4 @@ def fit_on_ray(cfg: Any, data: Any, quiet: bool, log_history: bool = True) -> tu
     model = build_model(cfg, data)
     model.load_state_dict(state, strict=False)
     model.history = history
-    return _finish_fit(model, cfg, None, log_history)  # the history logged, as a local fit
+    return finish_fit(model, cfg, None, log_history)  # the history logged, as a local fit
