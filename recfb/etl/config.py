@@ -75,6 +75,16 @@ class FilterConfig(BaseModel):
     min_user_items: int = Field(0, ge=0, description="k-core: min distinct items per user")
     min_item_users: int = Field(0, ge=0, description="k-core: min distinct users per item")
 
+    @property
+    def k_core(self) -> bool:
+        """Whether a k-core is asked for (either minimum set)."""
+        return bool(self.min_user_items or self.min_item_users)
+
+    @property
+    def active(self) -> bool:
+        """Whether any filter is on (then the rows keep their provenance until applied)."""
+        return self.outlier_users or self.k_core
+
 
 class EtlConfig(BaseModel):
     """The whole ETL configuration."""

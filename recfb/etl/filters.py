@@ -80,7 +80,7 @@ def apply_filters(
         mask = pl.col("user_id").is_in(bots.implode())
         removed.append(("outlier_user", events.filter(mask)))
         events = events.filter(~mask)
-    if cfg.min_user_items or cfg.min_item_users:
+    if cfg.k_core:
         if decided is None:
             core = k_core(events, cfg.min_user_items, cfg.min_item_users)
             users = core["user_id"].unique().implode()

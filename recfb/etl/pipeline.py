@@ -433,7 +433,7 @@ def clean_events(
     events = events.with_columns(pl.col("event").cast(_event_type(smap)))
     (min_dwell,) = _meaning(smap, ["min_dwell_s"])
     noise = pl.col("value").is_not_null() & (pl.col("value") < min_dwell).fill_null(False)
-    filtering = bool(filters.outlier_users or filters.min_user_items or filters.min_item_users)
+    filtering = filters.active
     with timer.stage("deduplicate"):
         events, duplicates, noise_rows = _dedupe(events, noise, [] if filtering else PROVENANCE)
 

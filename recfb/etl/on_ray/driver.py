@@ -32,7 +32,6 @@ from recfb.etl.on_ray.shards import (
     cut_points,
     filter_shard,
     fold_shard,
-    has_filters,
     in_input_order,
     k_core_on_shards,
     outliers,
@@ -129,13 +128,13 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
         for c in cleaned:
             duplicates["same_user_item_event_ts"] += c.duplicates["same_user_item_event_ts"]
         removed = [c.filtered for c in cleaned]
-        if has_filters(cfg):
+        cleaned = [c for c in cleaned if c.path is not None]  # shards with rows left
+        if cfg.filters.active:
             with timer.stage("filters"):
-                cleaned = [c for c in cleaned if c.path is not None]
                 rate, bots = outliers(cleaned, cfg.filters)
                 cores: list[Path | None] = [None] * len(cleaned)
                 core_items = None
-                if cfg.filters.min_user_items or cfg.filters.min_item_users:
+                if cfg.filters.k_core:
                     cores, core_items = k_core_on_shards(
                         cleaned, bots, cfg.filters, peel_task, ray, work
                     )
@@ -149,8 +148,9 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
                 drop_phase(work, "clean", "core")
             cleaned = [CleanShard(path, {}, rows, firsts) for path, rows, firsts in done]
             removed += [c.filtered for c in cleaned]
+            cleaned = [c for c in cleaned if c.path is not None]
         filtered = in_input_order(pl.concat(removed, how="diagonal_relaxed"), inputs)
-        if not any(c.path for c in cleaned):
+        if not cleaned:
             raise InputError(
                 "no usable events left after validation and filters; see quarantine reasons "
                 f"{_counts(quarantine, 'reason')}",
@@ -158,24 +158,22 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
             )
 
         with timer.stage("vocabularies + cut points"):
-            firsts = [c.firsts for c in cleaned if c.firsts is not None]
+            firsts = [c.firsts for c in cleaned]
             users_vocab = extend_vocab(users_vocab, pl.concat([f.users for f in firsts]), "user")
             items_vocab = extend_vocab(items_vocab, pl.concat([f.items for f in firsts]), "item")
-            paths = [c.path for c in cleaned if c.path is not None]
-            cut = cut_points(firsts, paths, cfg.split, ts_task, ray)
+            cut = cut_points(firsts, [c.path for c in cleaned], cfg.split, ts_task, ray)
             vocabs = ray.put((users_vocab, items_vocab))
 
         with timer.stage("users into index ranges"):
-            kept = [c for c in cleaned if c.path is not None]
-            ranges = user_ranges([c.firsts for c in kept], users_vocab, n_shards)
+            ranges = user_ranges(firsts, users_vocab, n_shards)
             written = ray.get(
                 [
                     range_task.remote(c.path, r, work, i)
-                    for i, (c, r) in enumerate(zip(kept, ranges, strict=True))
+                    for i, (c, r) in enumerate(zip(cleaned, ranges, strict=True))
                 ]
             )
             drop_phase(work, "clean", "filtered")
-        del cleaned, kept, ranges
+        del cleaned, ranges
 
         with timer.stage("fold (ranges)"):
             folded: list[FoldedShard] = ray.get(

@@ -19,7 +19,6 @@ from recfb.etl.readers import (
     DatabaseLog,
     file_format,
     read_events,
-    resolve_paths,
 )
 from recfb.etl.signals import SignalMap
 
@@ -52,9 +51,8 @@ def one_input(cfg: InputConfig, spec: str) -> InputConfig:
 def raw_schema(spec: str, cfg: InputConfig) -> tuple[pl.Schema, int | None]:
     """One input's columns as its reader gives them (no rows read where the format says),
     and a parquet file's row count (its metadata), which may split its read."""
-    one = one_input(cfg, spec)
-    schema = read_events(one)[0].collect_schema()
-    (path,) = resolve_paths(one.paths)
+    raw, (path,) = read_events(one_input(cfg, spec))
+    schema = raw.collect_schema()
     if cfg.adapter != "canonical" or file_format(path, cfg.format) != "parquet":
         return schema, None
     return schema, pl.scan_parquet(spec).select(pl.len()).collect().item()

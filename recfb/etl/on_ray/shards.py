@@ -100,11 +100,6 @@ def times_in(path: Path, low: int, high: int) -> pl.Series:
     return ts.collect()["ts"]
 
 
-def has_filters(cfg: EtlConfig) -> bool:
-    f = cfg.filters
-    return bool(f.outlier_users or f.min_user_items or f.min_item_users)
-
-
 def clean_shard(
     sources: list[Path], losers: list[Path], smap: SignalMap, cfg: EtlConfig, out: Path
 ) -> CleanShard:
@@ -117,7 +112,7 @@ def clean_shard(
         lost = pl.concat([pl.read_parquet(p) for p in losers])
         events = events.join(lost, on=ORDER, how="anti", maintain_order="left")
     events = events.drop(ORDER)
-    filtering = has_filters(cfg)
+    filtering = cfg.filters.active
     cleaned = clean_events(events, smap, cfg.filters, StageTimer(quiet=True), not filtering)
     del events
     rows = cleaned.events
@@ -125,8 +120,8 @@ def clean_shard(
         firsts = shard_firsts(rows, cfg.split)
         return CleanShard(keep_rows(rows, out), cleaned.duplicates, cleaned.filtered, firsts)
     rates = user_rates(rows) if cfg.filters.outlier_users else None
-    kcore = cfg.filters.min_user_items or cfg.filters.min_item_users
-    pairs = keep_rows(engaged_pairs(rows), core_path(out.parent, 0, out)) if kcore else None
+    core = cfg.filters.k_core
+    pairs = keep_rows(engaged_pairs(rows), core_path(out.parent, 0, out)) if core else None
     path = keep_rows(rows, out)
     return CleanShard(path, cleaned.duplicates, cleaned.filtered, None, rates, pairs)
 
@@ -222,7 +217,7 @@ def filter_shard(
     the shard's pairs in it and the core's items); its kept events rewritten."""
     events = pl.read_parquet(source)
     decided = FilterDecision(outlier_rate=rate)
-    if cfg.filters.min_user_items or cfg.filters.min_item_users:
+    if cfg.filters.k_core:
         users = pl.read_parquet(core)["user_id"].unique() if core else events["user_id"].clear()
         items = events["item_id"].clear() if core_items is None else core_items
         decided = FilterDecision(rate, users, items.cast(events.schema["item_id"]))
