@@ -62,9 +62,16 @@ class Interactions:
     directory: Path | None = None
 
     @classmethod
-    def load(cls, directory: str | Path, columns: list[str] | None = None) -> Interactions:
+    def load(
+        cls,
+        directory: str | Path,
+        columns: list[str] | None = None,
+        users: tuple[int, int] | None = None,
+    ) -> Interactions:
         """Read an ETL output directory; `columns` restricts the pair tables (e.g. to
-        `PAIR_COLUMNS`, what training needs) where memory matters."""
+        `PAIR_COLUMNS`, what training needs) where memory matters, `users` to the pairs of
+        users `[start, stop)` (a training rank's shard: the tables are sorted by user, so
+        the reader skips the row groups of the others)."""
         directory = Path(directory)
         missing = [n for n in _NEEDED if not (directory / n).is_file()]
         if missing:
@@ -76,7 +83,11 @@ class Interactions:
         spec = stats.get("signal_map_spec")
 
         def pairs(name: str) -> pl.DataFrame:
-            return pl.read_parquet(directory / f"{name}.parquet", columns=columns)
+            if users is None:
+                return pl.read_parquet(directory / f"{name}.parquet", columns=columns)
+            table = pl.scan_parquet(directory / f"{name}.parquet")
+            table = table.select(columns) if columns is not None else table
+            return table.filter(pl.col("user_idx").is_between(*users, closed="left")).collect()
 
         def scan(name: str) -> pl.LazyFrame | None:
             path = directory / f"{name}.parquet"

@@ -35,13 +35,15 @@ Semantics
 * Efficiency: one ``score`` call and one ``topk(max k)`` per batch of users; masked pairs are set
   to -inf by index on a copy of the scores; the labels of the top-k slots are found by a sorted
   search of (row, item) keys among the batch's held-out pairs and shared by all groups.
-  Per-user values are concatenated before averaging, so the result does not depend on the batch
-  size.
+  Per-user values are summed over the batches and divided once at the end (`RankingSums`), so
+  the result does not depend on the batch size, and sums over disjoint sets of users (DDP
+  ranks that each evaluate their own) combine into the whole's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -56,6 +58,7 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 _TARGET_BATCH_CELLS = 2**25  # floats per score batch when batch_users is not given
 _NO_PAIR = -128  # label given to a top-k slot whose item has no usable held-out pair
+_UNSEEN = np.iinfo(np.int64).max  # best slot of an item no list holds
 _PAIR_COLUMNS = ("user_idx", "item_idx", "label")
 
 
@@ -183,6 +186,67 @@ def full_ranking_metrics(
 
     See the module docstring for the exact semantics of masking, relevance and every key.
     """
+    return ranking_sums(score, n_items, heldout, train, level_names, config).metrics()
+
+
+@dataclass
+class RankingSums:
+    """What `full_ranking_metrics` adds up over users before it divides: per group (overall,
+    then each level) the users evaluated and the sums of their metrics, each item's best slot
+    in any list, and the popularity percentiles of the recommended slots. The sums of disjoint
+    sets of users add up (best slots take the minimum) to the sums of their union, so ranks
+    that each evaluate their own users combine exactly (`combined`)."""
+
+    ks: tuple[int, ...]
+    groups: tuple[str, ...]  # key suffixes: "" (overall), "/<level>"
+    users: np.ndarray  # (groups,) float64
+    sums: np.ndarray  # (groups, len(METRICS), len(ks)) float64
+    best_rank: np.ndarray  # (n_items,) int64, _UNSEEN where no list holds the item
+    popularity_sum: np.ndarray  # (len(ks),) float64: percentiles of the recommended slots
+    slots: np.ndarray  # (len(ks),) float64: recommended (unmasked) slots
+
+    def combined(self, all_reduce: Callable[[np.ndarray, str], np.ndarray]) -> RankingSums:
+        """These sums combined with the other ranks' by `all_reduce(array, "sum" | "min")`."""
+        return replace(
+            self,
+            users=all_reduce(self.users, "sum"),
+            sums=all_reduce(self.sums, "sum"),
+            best_rank=all_reduce(self.best_rank, "min"),
+            popularity_sum=all_reduce(self.popularity_sum, "sum"),
+            slots=all_reduce(self.slots, "sum"),
+        )
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for g, suffix in enumerate(self.groups):
+            n = float(self.users[g])
+            out[f"n_users{suffix}"] = n
+            if n == 0:
+                continue
+            means = self.sums[g] / n  # (len(METRICS), len(ks))
+            for m, metric in enumerate(METRICS):
+                for j, k in enumerate(self.ks):
+                    out[f"{metric}@{k}{suffix}"] = float(means[m, j])
+        if self.users[0] > 0:
+            n_items = len(self.best_rank)
+            for j, k in enumerate(self.ks):
+                out[f"coverage@{k}"] = float((self.best_rank < k).sum()) / n_items
+                slots = float(self.slots[j])
+                out[f"popularity@{k}"] = float(self.popularity_sum[j]) / slots if slots > 0 else 0.0
+        return out
+
+
+def ranking_sums(
+    score: ScoreFn,
+    n_items: int,
+    heldout: pl.DataFrame,
+    train: pl.DataFrame,
+    level_names: dict[int, str],
+    config: EvalConfig = EvalConfig(),
+    popularity: np.ndarray | None = None,
+) -> RankingSums:
+    """The sums `full_ranking_metrics` divides. `popularity`: every item's train popularity
+    where `train` holds only some users' pairs (a rank's shard); by default `train`'s."""
     _check_pairs(heldout, "heldout", n_items)
     _check_pairs(train, "train", n_items)
     groups = [("", config.relevant_min_level)]
@@ -202,12 +266,15 @@ def full_ranking_metrics(
     ks = config.ks
     depth = min(ks[-1], n_items)  # columns of the top-k matrix
     at_k = np.array([min(k, depth) - 1 for k in ks])  # column of each cut-off
-    percentile = popularity_percentile(item_popularity(train, n_items))
-    unseen = np.iinfo(np.int64).max
-    best_rank = np.full(n_items, unseen, dtype=np.int64)  # best slot of each item in any list
-    per_user: list[list[np.ndarray]] = [[] for _ in groups]  # (n, 3, len(ks)) per batch
+    if popularity is None:
+        popularity = item_popularity(train, n_items)
+    percentile = popularity_percentile(popularity)
+    best_rank = np.full(n_items, _UNSEEN, dtype=np.int64)  # best slot of each item in any list
+    # per-user values are kept and summed once at the end: the sums (so the metrics) are then
+    # the same whatever the batch size
+    per_user: list[list[np.ndarray]] = [[] for _ in groups]  # (n, len(METRICS), len(ks))
     pop_sum: list[np.ndarray] = []
-    pop_count: list[np.ndarray] = []
+    slots: list[np.ndarray] = []
 
     # The small (B, k) bookkeeping runs in numpy: per-call overhead of torch dominates there.
     mask_rows = None if masked is None else _UserRows.from_frame(masked)
@@ -227,30 +294,20 @@ def full_ranking_metrics(
             per_user[g].append(np.stack([m[name] for name in METRICS], 1))
             if g == 0:
                 kept_top, kept_ok = top[keep], ok[keep]
-                ranks = np.where(kept_ok, np.arange(depth), unseen)
+                ranks = np.where(kept_ok, np.arange(depth), _UNSEEN)
                 np.minimum.at(best_rank, kept_top.ravel(), ranks.ravel())
                 slot_pct = np.where(kept_ok, percentile[kept_top], 0.0)
                 pop_sum.append(np.cumsum(slot_pct, 1)[:, at_k])
-                pop_count.append(np.cumsum(kept_ok, 1, dtype=np.float64)[:, at_k])
-
-    out: dict[str, float] = {}
-    for g, (suffix, _) in enumerate(groups):
-        n = sum(len(v) for v in per_user[g])
-        out[f"n_users{suffix}"] = float(n)
-        if n == 0:
-            continue
-        means = _stacked(per_user[g]).mean(0)  # (3, len(ks))
-        for m, metric in enumerate(METRICS):
-            for j, k in enumerate(ks):
-                out[f"{metric}@{k}{suffix}"] = float(means[m, j])
-    if pop_sum:
-        total_pct = _stacked(pop_sum).sum(0)
-        total_slots = _stacked(pop_count).sum(0)
-        for j, k in enumerate(ks):
-            out[f"coverage@{k}"] = float((best_rank < k).sum()) / n_items
-            slots = float(total_slots[j])
-            out[f"popularity@{k}"] = float(total_pct[j]) / slots if slots > 0 else 0.0
-    return out
+                slots.append(np.cumsum(kept_ok, 1, dtype=np.float64)[:, at_k])
+    return RankingSums(
+        ks=tuple(ks),
+        groups=tuple(suffix for suffix, _ in groups),
+        users=np.array([sum(len(v) for v in rows) for rows in per_user], dtype=np.float64),
+        sums=np.stack([_summed(rows, (len(METRICS), len(ks))) for rows in per_user]),
+        best_rank=best_rank,
+        popularity_sum=_summed(pop_sum, (len(ks),)),
+        slots=_summed(slots, (len(ks),)),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,10 +391,13 @@ def _same_kind(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.device == b.device and a.shape[1:] == b.shape[1:]
 
 
-def _stacked(pieces: list[np.ndarray]) -> np.ndarray:
-    """Per-batch rows in one C-ordered array: a sum over it then has the same rounding
-    whatever the batch size (numpy sums C and F layouts in different orders)."""
-    return np.ascontiguousarray(np.concatenate(pieces))
+def _summed(pieces: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """The per-user rows of `pieces` summed (zeros of `shape` when there are none), over one
+    C-ordered array: the sum then has the same rounding whatever the batch size (numpy sums C
+    and F layouts in different orders)."""
+    if not pieces:
+        return np.zeros(shape)
+    return np.ascontiguousarray(np.concatenate(pieces)).sum(0)
 
 
 def _slot_keys(top_idx: torch.Tensor, n_items: int) -> np.ndarray:

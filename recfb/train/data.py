@@ -5,6 +5,7 @@ the torch helpers training needs stay in this module."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,17 @@ __all__ = [
 ]
 
 
-def recency_weighted(train: pl.DataFrame, half_life_days: float | None) -> pl.DataFrame:
-    """`weight` x 0.5^(age / half-life), age = the newest `last_ts` of the table minus the
-    pair's (unchanged when half_life_days is None). Fast-moving catalogues (short video) are
-    ranked by what is liked now, not by what was liked a week ago."""
+def recency_weighted(
+    train: pl.DataFrame, half_life_days: float | None, newest: datetime | None = None
+) -> pl.DataFrame:
+    """`weight` x 0.5^(age / half-life), age = `newest` (by default the newest `last_ts` of
+    the table; a rank's shard is given the whole table's) minus the pair's (unchanged when
+    half_life_days is None). Fast-moving catalogues (short video) are ranked by what is
+    liked now, not by what was liked a week ago."""
     if half_life_days is None or train.height == 0:
         return train
-    age_days = (pl.col("last_ts").max() - pl.col("last_ts")).dt.total_seconds() / 86_400
+    now = pl.col("last_ts").max() if newest is None else pl.lit(newest).cast(train["last_ts"].dtype)
+    age_days = (now - pl.col("last_ts")).dt.total_seconds() / 86_400
     decay = pl.lit(0.5).pow(age_days / half_life_days)
     return train.with_columns((pl.col("weight") * decay).cast(pl.Float32).alias("weight"))
 

@@ -32,11 +32,19 @@ class PopularityFallback:
 
     @classmethod
     def from_train(
-        cls, scorer: Any, train: pl.DataFrame, n_users: int, n_items: int
+        cls,
+        scorer: Any,
+        train: pl.DataFrame,
+        n_users: int,
+        n_items: int,
+        popularity: np.ndarray | None = None,
     ) -> PopularityFallback:
+        """`popularity`: every item's, where `train` holds only some users' pairs."""
         warm = np.zeros(n_users, dtype=bool)
         warm[warm_users(train).to_numpy()] = True
-        pop = item_popularity(train, n_items).astype(np.float32)
+        if popularity is None:
+            popularity = item_popularity(train, n_items)
+        pop = popularity.astype(np.float32)
         return cls(scorer, torch.as_tensor(warm), torch.as_tensor(pop))
 
     @property

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,18 +17,19 @@ import numpy as np
 import polars as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from recfb import tracking
 from recfb.errors import InputError, RecfbError
 from recfb.etl.interactions import source_label
-from recfb.evaluate import EvalConfig, full_ranking_metrics
+from recfb.evaluate import EvalConfig, ranking_sums
 from recfb.models import EmbeddingRecommender
 from recfb.models.config import family
 from recfb.models.lightgcn import normalized_adjacency
 from recfb.train.config import TrainConfig
 from recfb.train.data import Interactions, csr_by_user, item_attribute, recency_weighted
 from recfb.train.fallback import PopularityFallback
+from recfb.train.shard import TrainTotals
 
 
 def eval_config(cfg: TrainConfig, data: Interactions) -> EvalConfig:
@@ -43,9 +44,11 @@ def eval_config(cfg: TrainConfig, data: Interactions) -> EvalConfig:
     )
 
 
-def training_tensors(data: Interactions, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def training_tensors(
+    data: Interactions, cfg: TrainConfig, totals: TrainTotals
+) -> dict[str, torch.Tensor]:
     """Positives, explicit negatives and per-user lookups as tensors for the model's buffers."""
-    train = recency_weighted(data.train, cfg.recency_half_life_days)
+    train = recency_weighted(data.train, cfg.recency_half_life_days, totals.newest)
     pos = train.filter(pl.col("label") >= cfg.train_min_label)
     if pos.height == 0:
         raise ValueError(f"no train pairs with label >= {cfg.train_min_label} in {data.directory}")
@@ -75,9 +78,14 @@ def training_tensors(data: Interactions, cfg: TrainConfig) -> dict[str, torch.Te
     }
 
 
-def build_model(cfg: TrainConfig, data: Interactions) -> EmbeddingRecommender:
-    tensors = training_tensors(data, cfg)
-    popularity = torch.as_tensor(data.item_popularity(), dtype=torch.float32)
+def build_model(
+    cfg: TrainConfig, data: Interactions, totals: TrainTotals | None = None
+) -> EmbeddingRecommender:
+    """The model of `cfg` over `data`'s train pairs. `totals`: the whole train table's
+    statistics where `data` holds only some users' pairs (a DDP rank's shard)."""
+    totals = totals or TrainTotals.of(data, cfg)
+    tensors = training_tensors(data, cfg, totals)
+    popularity = torch.as_tensor(totals.popularity, dtype=torch.float32)
     kwargs: dict[str, Any] = {}
     if cfg.model.family == "lightgcn":
         edges = data.train.filter(pl.col("label") >= cfg.model.edge_min_label)
@@ -96,12 +104,10 @@ def build_model(cfg: TrainConfig, data: Interactions) -> EmbeddingRecommender:
     if getattr(cfg.model, "item_features", None):
         kwargs["item_feature_codes"] = item_feature_codes(data, cfg.model.item_features)
     if cfg.model.family == "gnolr":
-        labels = tensors["pos_labels"]
-        total = len(labels) * (1 + cfg.model.n_negatives)
-        rates = torch.stack([(labels >= t).sum() for t in range(1, data.n_levels + 1)]) / total
-        kwargs["level_rates"] = rates.float()
-    if cfg.debias.ips and cfg.debias.propensity == "exposure":
-        kwargs["item_exposure"] = torch.as_tensor(data.item_exposure(), dtype=torch.float32)
+        total = totals.positives * (1 + cfg.model.n_negatives)
+        kwargs["level_rates"] = torch.as_tensor(totals.level_counts / total).float()
+    if totals.exposure is not None:
+        kwargs["item_exposure"] = torch.as_tensor(totals.exposure, dtype=torch.float32)
     cls = family(cfg.model.family).load_class()
     model = cls(
         data.n_users,
@@ -147,18 +153,38 @@ def heldout_of(data: Interactions, split: str, cfg: TrainConfig) -> pl.DataFrame
 
 
 def evaluate_scorer(
-    scorer: Any, data: Interactions, heldout: pl.DataFrame, cfg: TrainConfig
+    scorer: Any,
+    data: Interactions,
+    heldout: pl.DataFrame,
+    cfg: TrainConfig,
+    totals: TrainTotals | None = None,
+    combine: Callable[[np.ndarray, str], np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Full-ranking metrics of any object with `score(users)` on a held-out table, served as
-    in production: users without train positives get the popularity fallback."""
-    if heldout.height == 0:
+    in production: users without train positives get the popularity fallback. On a DDP rank
+    that holds only its users' pairs: `totals` (the whole table's popularity) and `combine`
+    (`recfb.train.shard.all_reduce`), which adds every rank's sums before they are divided."""
+    if heldout.height == 0 and combine is None:
         return {}
-    served = PopularityFallback.from_train(scorer, data.train, data.n_users, data.n_items)
-    metrics = full_ranking_metrics(
-        served.score, data.n_items, heldout, data.train, data.level_names, eval_config(cfg, data)
+    popularity = totals.popularity if totals is not None else data.item_popularity()
+    served = PopularityFallback.from_train(
+        scorer, data.train, data.n_users, data.n_items, popularity
+    )
+    sums = ranking_sums(
+        served.score,
+        data.n_items,
+        heldout,
+        data.train,
+        data.level_names,
+        eval_config(cfg, data),
+        popularity,
     )
     users = torch.as_tensor(heldout["user_idx"].unique().to_numpy().astype(np.int64))
-    metrics["cold_user_share"] = float(1 - served.is_warm(users).float().mean())
+    cold = np.array([float((~served.is_warm(users)).sum()), float(len(users))])
+    if combine is not None:
+        sums, cold = sums.combined(combine), combine(cold, "sum")
+    metrics = sums.metrics()
+    metrics["cold_user_share"] = float(cold[0] / cold[1]) if cold[1] else 0.0
     return metrics
 
 
@@ -199,17 +225,27 @@ def warm_start(model: EmbeddingRecommender, cfg: TrainConfig, data: Interactions
 
 
 def early_stopping(
-    model: EmbeddingRecommender, cfg: TrainConfig, data: Interactions
+    model: EmbeddingRecommender,
+    cfg: TrainConfig,
+    data: Interactions,
+    evaluator: Callable[[EmbeddingRecommender], dict[str, float]] | None = None,
 ) -> tuple[list[Any], Any]:
     """Where there is a valid split: the model evaluates itself after each epoch, training
     stops when the monitored metric stops rising, and the best epoch's weights are kept
-    (the callbacks, and the checkpoint callback or None)."""
+    (the callbacks, and the checkpoint callback or None). `evaluator`: how (a DDP rank that
+    holds only its users' pairs evaluates them and combines); by default `evaluate_scorer`
+    on `data`'s valid split, where it has one."""
     monitor = f"valid/{cfg.trainer.monitor}"
     callbacks: list[Any] = []
     checkpoint = None
-    if data.valid.height:
+    if evaluator is None and data.valid.height:
         valid = heldout_of(data, "valid", cfg)
-        model.evaluator = lambda m: evaluate_scorer(m, data, valid, cfg)
+
+        def evaluator(m: EmbeddingRecommender) -> dict[str, float]:
+            return evaluate_scorer(m, data, valid, cfg)
+
+    if evaluator is not None:
+        model.evaluator = evaluator
         callbacks.append(
             EarlyStopping(
                 monitor=monitor,
@@ -350,10 +386,15 @@ def train_loader(model: EmbeddingRecommender, cfg: TrainConfig) -> DataLoader:
     return positions_loader(model, cfg, STEPS_PER_LOADER_BATCH if single else 1)
 
 
-def positions_loader(model: EmbeddingRecommender, cfg: TrainConfig, steps: int = 1) -> DataLoader:
+def positions_loader(
+    model: EmbeddingRecommender, cfg: TrainConfig, steps: int = 1, batches: Sampler | None = None
+) -> DataLoader:
     """Shuffled batches of positive-pair positions (a map-style dataset, so Lightning can
-    shard it with a DistributedSampler under DDP), `steps` x batch_size positions each."""
+    shard it with a DistributedSampler under DDP), `steps` x batch_size positions each;
+    `batches`: another batch sampler over them (a DDP rank's own shard: `PaddedBatches`)."""
     positions = PairPositions(len(model.pos_users))
+    if batches is not None:
+        return DataLoader(positions, batch_sampler=batches, collate_fn=as_batch)
     # one generator for the loader's base seed and the order, drawn in the order that
     # DataLoader(shuffle=True, generator=...) draws them: the same batches as before
     generator = torch.Generator().manual_seed(cfg.seed)
