@@ -144,6 +144,11 @@ def test_the_etl_on_ray_writes_the_local_engines_tables(ray_cluster, tmp_path, s
     assert local.stats["reconciliation"] == rec
     _same_outputs(tmp_path / "local", tmp_path / "ray")
     assert not (tmp_path / "ray" / "_shards").exists()
+    # the large tables in parts, one per range of users (read above as one table each)
+    for name in ("train", "valid", "test", "events"):
+        assert (tmp_path / "local" / f"{name}.parquet").is_file()
+        parts = sorted(p.name for p in (tmp_path / "ray" / f"{name}.parquet").iterdir())
+        assert len(parts) > 1 and parts == [f"part-{i:05d}.parquet" for i in range(len(parts))]
 
 
 def test_the_etl_on_ray_reads_mixed_files_as_the_local_engine(ray_cluster, tmp_path):

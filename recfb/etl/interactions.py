@@ -1,9 +1,12 @@
 """One ETL run's tables, in memory or read from its output directory (the stage contract).
 
 `recfb.etl.run` returns an `Interactions` without touching disk; `Interactions.load` reads a
-directory `recfb etl` wrote; `save` writes the same layout. The event log, the quarantine and
-the filtered rows are lazy (a scan for a loaded directory) so loading stays cheap; the pair
-tables and the vocabularies are frames. No torch here: the server and notebooks import it.
+directory `recfb etl` wrote; `save` writes the same layout. A table is one parquet file or
+(the Ray engine's pair tables and event log) a directory of that name holding its parts in
+order, `part-00000.parquet`, ...; Polars, pyarrow, DuckDB and Spark read either as one
+table. The event log, the quarantine and the filtered rows are lazy (a scan for a loaded
+directory) so loading stays cheap; the pair tables and the vocabularies are frames. No torch
+here: the server and notebooks import it.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class Interactions:
         users `[start, stop)` (a training rank's shard: the tables are sorted by user, so
         the reader skips the row groups of the others)."""
         directory = Path(directory)
-        missing = [n for n in _NEEDED if not (directory / n).is_file()]
+        missing = [n for n in _NEEDED if not (directory / n).exists()]
         if missing:
             raise InputError(
                 f"not an ETL output directory (missing {missing}); run `recfb etl` first",
@@ -91,7 +94,7 @@ class Interactions:
 
         def scan(name: str) -> pl.LazyFrame | None:
             path = directory / f"{name}.parquet"
-            return pl.scan_parquet(path) if path.is_file() else None
+            return pl.scan_parquet(path) if path.exists() else None
 
         quarantine = scan("quarantine")
         return cls(
@@ -129,18 +132,22 @@ class Interactions:
             self.write_into(tmp)
         return path
 
-    def write_into(self, directory: Path, release: bool = False, pairs: bool = True) -> None:
+    def write_into(
+        self, directory: Path, release: bool = False, pairs: bool = True, log: bool = True
+    ) -> None:
         """Every table and `stats.json` into an existing (temporary) directory. `release`
         (for an object thrown away after): each pair table is emptied once written, so it no
         longer holds memory while the event log is sorted and written. `pairs=False`: the
-        pair tables are in `directory` already (`recfb etl` writes them as it folds)."""
+        pair tables are in `directory` already (`recfb etl` writes them as it folds);
+        `log=False`: the event log is too (the Ray engine's parts)."""
         for name in SPLITS if pairs else ():
             getattr(self, name).write_parquet(directory / f"{name}.parquet")
             if release:
                 setattr(self, name, getattr(self, name).clear())
-        self.events.sink_parquet(
-            directory / "events.parquet", compression_level=ZSTD_LEVEL, engine="streaming"
-        )
+        if log:
+            self.events.sink_parquet(
+                directory / "events.parquet", compression_level=ZSTD_LEVEL, engine="streaming"
+            )
         self.users.write_parquet(directory / VOCAB_FILES["user"])
         self.items.write_parquet(directory / VOCAB_FILES["item"])
         self.quarantine.collect().write_parquet(directory / "quarantine.parquet")
@@ -181,7 +188,7 @@ class Interactions:
         if self.directory is not None:
             h = hashlib.sha256((self.directory / "stats.json").read_bytes())
             for name in ("train", "valid", "test", "users", "items"):
-                h.update(str((self.directory / f"{name}.parquet").stat().st_size).encode())
+                h.update(str(table_bytes(self.directory / f"{name}.parquet")).encode())
             return h.hexdigest()[:16]
         stats = {k: v for k, v in self.stats.items() if k != "timings_s"}
         h = hashlib.sha256(json.dumps(stats, sort_keys=True, default=str).encode())
@@ -267,3 +274,13 @@ def as_interactions(
 def source_label(data: Interactions) -> str:
     """Where the data came from, for error messages."""
     return str(data.directory) if data.directory is not None else "<in-memory ETL output>"
+
+
+PART = "part-{:05d}.parquet"  # the name of a table's n-th part, where it is written in parts
+
+
+def table_bytes(path: Path) -> int | list[int]:
+    """A table's size on disk: its file's, or its parts' in order."""
+    if path.is_dir():
+        return [part.stat().st_size for part in sorted(path.glob("*.parquet"))]
+    return path.stat().st_size

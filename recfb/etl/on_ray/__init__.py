@@ -1,7 +1,9 @@
 """`recfb etl` on a Ray cluster (`engine: ray`): shards of users run the local engine's own
 phases (`clean_events`, `fold_events` of recfb/etl/pipeline.py), and the parts that need the
-whole data are explicit reductions between them. The output directory holds the same files,
-with the same rows in the same order, as the local engine's.
+whole data are explicit reductions between them. The output directory holds the same
+tables, with the same rows in the same order, as the local engine's; the pair tables and
+the event log are partitioned parquet (a directory per table, one part per range of users,
+in order), so no step rewrites them whole on the driver.
 
     schemas      [Ray]    per input: its columns; the driver combines them as the local
                           engine's one query over every file does (union, relaxed types)
@@ -27,18 +29,18 @@ with the same rows in the same order, as the local engine's.
                           a quantile falls in (fetched from the shards), or the end of data
     ranges       [Ray]    per shard: its events split by their user's range of consecutive
                           user indices (about equal events each; the driver picks them)
-    fold         [Ray]    per range: index, link, order as the log, split, fold; parts
-                          written to disk
-    concatenate           driver: the ranges' parts one after another (each range sorted
-                          as the local output, the ranges in index order: no merge), the
+    fold         [Ray]    per range: index, link, order as the log, split, fold; its part
+                          of each pair table and of the event log written, final
+    place                 driver: each range's parts moved into the tables' directories
+                          (each range sorted as the local output, the ranges in index
+                          order: their parts in order are its table, no merge); the
                           statistics from added counts and summaries
 
 With filters, the clean phase returns each user's event rate and writes its engaged pairs;
 the driver decides the outlier rate, and the k-core is peeled on the shards with only the
 items' degrees coming back (users are whole in their shard: their degrees are local). The
 driver holds what the reductions need (quarantined rows, each id's first time, hourly
-counts, user rates, item degrees) and streams the concatenation; the events themselves pass
-through workers only. A parquet file over `ray.rows_per_read` rows is read by several tasks;
+counts, user rates, item degrees); the events themselves pass through workers only. A parquet file over `ray.rows_per_read` rows is read by several tasks;
 a CSV or JSONL file is one task.
 """
 

@@ -12,7 +12,7 @@ import polars as pl
 from recfb.distributed.cluster import connect
 from recfb.errors import InputError
 from recfb.etl.config import EtlConfig
-from recfb.etl.interactions import ZSTD_LEVEL, Interactions
+from recfb.etl.interactions import PART, Interactions
 from recfb.etl.on_ray.read import (
     ReadFile,
     combined_schema,
@@ -28,7 +28,6 @@ from recfb.etl.on_ray.shards import (
     CleanShard,
     FoldedShard,
     clean_shard,
-    concatenated,
     cut_points,
     filter_shard,
     fold_shard,
@@ -192,12 +191,13 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
             )
             drop_phase(work, "range")
 
-        parts = [f.out for f in folded]  # in range order: the local engine's order
-        with timer.stage("concatenate pair tables"):
-            for name in SPLITS:
-                concatenated([p / f"{name}.parquet" for p in parts]).sink_parquet(
-                    tmp / f"{name}.parquet", compression_level=ZSTD_LEVEL, engine="streaming"
-                )
+        with timer.stage("place the parts"):
+            # in range order, the local engine's: read as one table, they are its table
+            for name in (*SPLITS, "events"):
+                table = tmp / f"{name}.parquet"
+                table.mkdir()
+                for i, f in enumerate(folded):
+                    (f.out / f"{name}.parquet").rename(table / PART.format(i))
         with timer.stage("statistics"):
             counts = folded[0].counts
             summaries = dict(folded[0].summaries)
@@ -228,20 +228,19 @@ def run_etl_ray(cfg: EtlConfig, quiet: bool = False) -> EtlResult:
                 "read_tasks": len(pieces),
             }
         stats["timings_s"] = timer.seconds
-        log = concatenated([p / "events.parquet" for p in parts])
-        with timer.stage("concatenate log + write"):
+        with timer.stage("write"):
             Interactions(
                 train=pl.DataFrame(),
                 valid=pl.DataFrame(),
                 test=pl.DataFrame(),
                 users=users_vocab,
                 items=items_vocab,
-                events=log,
+                events=pl.LazyFrame(),  # in its parts already
                 quarantine=quarantine.lazy(),
                 filtered=filtered.lazy(),
                 stats=stats,
                 signal_map=smap,
-            ).write_into(tmp, pairs=False)
+            ).write_into(tmp, pairs=False, log=False)
         shutil.rmtree(work)
     return EtlResult(out=out, stats=stats)
 

@@ -11,7 +11,8 @@ import polars as pl
 
 from recfb.etl.config import EtlConfig, FilterConfig, SplitConfig
 from recfb.etl.filters import FilterDecision, engaged_pairs, outlier_rate, user_rates
-from recfb.etl.on_ray.workfiles import ORDER, WORK_COMPRESSION, drop_phase, keep_rows, write_parts
+from recfb.etl.interactions import ZSTD_LEVEL
+from recfb.etl.on_ray.workfiles import ORDER, drop_phase, keep_rows, write_parts
 from recfb.etl.pipeline import EventCounts, _PairSummary, clean_events, finish_filters, fold_events
 from recfb.etl.signals import SignalMap
 from recfb.etl.split import Windows, lower_rank, windows_at
@@ -274,8 +275,9 @@ def fold_shard(
         events, smap, split, extras, vocabs[0], vocabs[1], StageTimer(quiet=True), out, cut
     )
     del events
+    # the output's own part of the event log (the pair tables are written as they fold)
     log = out / "events.parquet"
-    folded.log.sink_parquet(log, compression=WORK_COMPRESSION, engine="streaming")
+    folded.log.sink_parquet(log, compression_level=ZSTD_LEVEL, engine="streaming")
     return FoldedShard(
         out,
         folded.counts,
@@ -283,12 +285,6 @@ def fold_shard(
         folded.cancels,
         {s: t.summary for s, t in folded.pair_tables.items()},
     )
-
-
-def concatenated(paths: list[Path]) -> pl.LazyFrame:
-    """The ranges' parts, one after another: ranges of consecutive user indices, each
-    sorted as the local engine's output, so their concatenation is too (no merge)."""
-    return pl.concat([pl.scan_parquet(p) for p in paths])
 
 
 _REASONS = ("noise_dwell", "outlier_user", "kcore")  # the order the local engine lists them
