@@ -314,8 +314,8 @@ def test_training_on_two_ray_workers_matches_one_process_on_movielens(
 ):
     """MF (the shipped config) on MovieLens 100k, DDP over two Ray Train workers (each
     reading its own users' pairs) against one process, two seeds each. Seed noise, measured
-    over five seeds each (valid NDCG@20, session 30): one process 0.2512 +- 0.0027, two
-    workers 0.2531 +- 0.0032 (sd). The means of two seeds must agree within 0.01 (about
+    over five seeds each (valid NDCG@20, session 32): one process 0.2512 +- 0.0027, two
+    workers 0.2546 +- 0.0047 (sd). The means of two seeds must agree within 0.01 (about
     three standard deviations of their difference)."""
     from mlflow import MlflowClient
 

@@ -84,6 +84,9 @@ def _train_worker(config: dict) -> None:
     model = build_model(cfg, data, totals if shard is not None else None)
     if cfg.init_from_run:
         warm(model, cfg, data)
+    # every rank was seeded alike, for the same initial weights; from here each draws its own
+    # negatives (alike, every rank would sample the same items for its users at each step)
+    L.seed_everything(cfg.seed + rank, workers=True, verbose=False)
     evaluator = batches = None
     if shard is not None:
         if config["has_valid"]:  # this rank's share may be empty: it evaluates still
