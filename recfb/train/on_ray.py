@@ -78,10 +78,11 @@ def _train_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(max(1, int(config["threads"])))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    shard, totals = config["shards"][rank] if config["shards"] else None, config["totals"]
+    shard = config["shards"][rank] if config["shards"] else None
+    totals = config["totals"]  # the whole table's statistics (a shard cannot sum them)
     users = (shard.start, shard.stop) if shard is not None else None
     data = Interactions.load(config["data"], users=users)
-    model = build_model(cfg, data, totals if shard is not None else None)
+    model = build_model(cfg, data, totals)
     if cfg.init_from_run:
         warm(model, cfg, data)
     # every rank was seeded alike, for the same initial weights; from here each draws its own

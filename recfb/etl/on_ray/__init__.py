@@ -40,8 +40,9 @@ With filters, the clean phase returns each user's event rate and writes its enga
 the driver decides the outlier rate, and the k-core is peeled on the shards with only the
 items' degrees coming back (users are whole in their shard: their degrees are local). The
 driver holds what the reductions need (quarantined rows, each id's first time, hourly
-counts, user rates, item degrees); the events themselves pass through workers only. A parquet file over `ray.rows_per_read` rows is read by several tasks;
-a CSV or JSONL file is one task.
+counts, user rates, item degrees); the events themselves pass through workers only. A
+parquet file over `ray.rows_per_read` rows is read by several tasks; a CSV or JSONL file is
+one task.
 """
 
 from recfb.etl.on_ray.driver import run_etl_ray
